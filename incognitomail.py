@@ -339,6 +339,12 @@ class _ConfigReader:
         automatic = self.raw("Prune", "Automatic").lower()
         if automatic not in ("yes", "no", "true", "false", "on", "off", "1", "0"):
             self.fail("Prune", "Automatic", "%r is not yes or no" % automatic)
+        if automatic in ("yes", "true", "on", "1"):
+            if not self.raw("General", "PolicyListen"):
+                self.fail("Prune", "Automatic", "needs [General] PolicyListen: without the policy service every "
+                          "handle looks unused")
+            if not self.raw("Prune", "HandlesUnusedDays") and not self.raw("Prune", "AccountsUnusedDays"):
+                self.fail("Prune", "Automatic", "needs HandlesUnusedDays and/or AccountsUnusedDays")
         return Config(
             path=self.path,
             unix_sock_path=self.file_path("General", "UnixSockPath"),
@@ -547,6 +553,8 @@ class Store:
     def __init__(self, path, readonly=False):
         self.path = path
         try:
+            if not readonly:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
             if readonly:
                 uri = "file:%s?mode=ro" % _sqlite_uri_path(path)
                 self.db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
@@ -561,9 +569,10 @@ class Store:
                 self._migrate()
             else:
                 self._check_version()
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OSError) as e:
             raise StoreError("%s: cannot open the database: %s (check [Persistence] DatabasePath and "
-                             "that user %s may write the file and its folder)" % (path, e, _user_name()))
+                             "that user %s may %s the file and its folder)"
+                             % (path, e, _user_name(), "read" if readonly else "write"))
 
     def close(self):
         self.db.close()
@@ -840,8 +849,10 @@ class PostfixMap:
         self.config_dir = config.postfix_config_dir
         self.indexed_path = self.path + (".lmdb" if self.type == "lmdb" else ".db")
         self.foreign_keys = set()       # keys of the admin's own lines: never handed out
-        self.unflushed = {}             # key -> text line still in the text file, gone from the index
+        self.unflushed = set()          # keys whose lines are still in the text file, gone from the index
+        self.unflushed_since = None     # monotonic time of the oldest unflushed removal
         self._last_second = 0           # hash/btree: whole-second mtime Postfix last saw
+        self._written = None            # fingerprint after our own last write
 
     @property
     def name(self):
@@ -855,7 +866,8 @@ class PostfixMap:
         ``postmap -d`` exits 1 when no key was found, which is not a failure for us: a
         failure is what postmap calls fatal or an error.
         """
-        command = [find_postfix_command("postmap")]
+        # -o: as root, keep root's rights even when the text file belongs to someone else
+        command = [find_postfix_command("postmap"), "-o"]
         if self.config_dir:
             command += ["-c", self.config_dir]
         command += list(args)
@@ -887,14 +899,22 @@ class PostfixMap:
             if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
                 raise PostfixError("%s: file is not readable and writable by user %s; %s" % (path, user, fix))
         find_postfix_command("postmap")
-        if self.config_dir and not os.path.isfile(os.path.join(self.config_dir, "main.cf")):
-            raise PostfixError("%s: no main.cf there ([PostfixConfig] ConfigDir must be Postfix's configuration "
-                               "folder, e.g. /etc/postfix)" % self.config_dir)
+        config_dir = self.config_dir or os.environ.get("MAIL_CONFIG") or "/etc/postfix"
+        if not os.path.isfile(os.path.join(config_dir, "main.cf")):
+            raise PostfixError("%s: no main.cf there, and postmap needs one; set [PostfixConfig] ConfigDir to "
+                               "Postfix's configuration folder, or create it (an empty main.cf will do)" % config_dir)
 
-    def fingerprint(self):
-        """What the files look like now; equal fingerprints mean nobody touched them."""
+    def _identity(self):
         return json.dumps({"map": self.name, "text": _file_identity(self.path),
                            "indexed": _file_identity(self.indexed_path)})
+
+    def fingerprint(self):
+        """What the files look like after our last write, or None if someone else changed them since.
+
+        Stored at a clean stop; the next start trusts the map only if it is still exactly so.
+        """
+        identity = self._identity()
+        return identity if identity == self._written else None
 
     def reconcile(self, entries, clean_fingerprint):
         """Make the map hold exactly ``entries`` plus the admin's lines.
@@ -906,9 +926,10 @@ class PostfixMap:
         if not os.path.exists(self.path):
             _write_atomically(self.path, [MAP_MARKER])
             os.chmod(self.path, 0o644)
-        if clean_fingerprint is not None and clean_fingerprint == self.fingerprint():
+        if clean_fingerprint is not None and clean_fingerprint == self._identity():
             self._read_foreign()
             self._note_visible()
+            self._written = self._identity()
             return False
         self.rebuild(entries)
         return True
@@ -972,7 +993,9 @@ class PostfixMap:
                 if os.path.exists(leftover):
                     os.unlink(leftover)
         self.unflushed.clear()
+        self.unflushed_since = None
         self._note_visible()
+        self._written = self._identity()
         log.info("rebuilt %s with %d handles in %.2f s", self.name, count[0], time.monotonic() - started)
 
     # -- changes at constant cost -----------------------------------------------------------
@@ -984,26 +1007,24 @@ class PostfixMap:
         undo function is returned, for when the database commit that follows fails.
         """
         size_before = os.path.getsize(self.path)
-        unflushed_before = dict(self.unflushed)
+        unflushed_before = (set(self.unflushed), self.unflushed_since)
         appended, removed = [], []
         try:
             if removes:
                 self.postmap("-d", "-", self.name, stdin="".join(k + "\n" for k in removes).encode("utf-8"))
                 removed = list(removes)
-                for key in removes:
-                    self.unflushed[key] = None
+                self.unflushed.update(removes)
+                if self.unflushed_since is None:
+                    self.unflushed_since = time.monotonic()
             if adds:
-                lines = []
-                for key, target in adds:
-                    line = map_line(key, target)
-                    if self.unflushed.get(key, b"") == line:
-                        del self.unflushed[key]     # the old line is still in the text file
-                    else:
-                        lines.append(line)
-                self._append(lines)
+                # A key removed earlier (a handle disabled, now enabled again) still has its
+                # line in the text file: keep that one rather than appending a second.
+                self._append([map_line(k, t) for k, t in adds if k not in self.unflushed])
+                self.unflushed.difference_update(k for k, _ in adds)
                 appended = adds
                 self.postmap("-r", "-i", self.name, stdin=b"".join(map_line(k, t) for k, t in adds))
             self._make_visible()
+            self._written = self._identity()
         except (PostfixError, OSError) as e:
             self._undo(size_before, unflushed_before, appended, removed)
             if isinstance(e, OSError):
@@ -1044,9 +1065,10 @@ class PostfixMap:
                             restore.append(line)
                 self.postmap("-r", "-i", self.name, stdin=b"".join(restore))
             self._make_visible()
+            self._written = self._identity()
         except (PostfixError, OSError) as e:
             log.error("%s: could not undo a failed change (%s); it will be rebuilt at the next start", self.path, e)
-        self.unflushed = unflushed_before
+        self.unflushed, self.unflushed_since = unflushed_before
 
     def _note_visible(self):
         try:
@@ -1090,6 +1112,8 @@ class PostfixMap:
             log.error("%s: cannot rewrite the map text file: %s (will retry)", self.path, _os_reason(e))
             return
         self.unflushed.clear()
+        self.unflushed_since = None
+        self._written = self._identity()
         log.debug("removed %d lines from %s in %.3f s", len(gone), self.path, time.monotonic() - started)
 
     def lookup(self, key):
@@ -1116,7 +1140,8 @@ class SocketmapTable:
         self.path = config.map_file_path
         self.name = "socketmap"
         self.foreign_keys = set()
-        self.unflushed = {}
+        self.unflushed = set()
+        self.unflushed_since = None
 
     def check_access(self):
         pass
@@ -1150,10 +1175,9 @@ def make_table(config):
 # Service
 ###############################################################################
 
-# How long the text map may lag behind removals before it is rewritten, and how many
-# removals force a rewrite sooner.
+# How long the text map may lag behind removals before it is rewritten (one streaming
+# rewrite for all removals of that time).
 TEXT_FLUSH_DELAY = 2.0
-TEXT_FLUSH_MAX_PENDING = 20000
 
 _UNCHANGED = object()
 
@@ -1274,9 +1298,10 @@ class Service:
 
     def _work(self):
         while True:
-            pending = bool(self.table.unflushed)
+            since = self.table.unflushed_since
             try:
-                first = self._queue.get(timeout=TEXT_FLUSH_DELAY if pending else None)
+                first = self._queue.get(timeout=None if since is None else
+                                        max(0.0, since + TEXT_FLUSH_DELAY - time.monotonic()))
             except queue.Empty:
                 self.table.flush_text()
                 continue
@@ -1288,7 +1313,8 @@ class Service:
                     break
             stopping = None in batch
             self._run_batch([item for item in batch if item is not None])
-            if len(self.table.unflushed) >= TEXT_FLUSH_MAX_PENDING:
+            since = self.table.unflushed_since
+            if since is not None and time.monotonic() - since >= TEXT_FLUSH_DELAY:
                 self.table.flush_text()
             if stopping:
                 return
@@ -1379,7 +1405,8 @@ class Service:
         while True:
             local = new_handle_name(self.config.handle_length)
             key = "%s@%s" % (local, domain)
-            if key not in self.table.foreign_keys and not self.store.handle_taken(local, domain):
+            if (key not in self.table.foreign_keys and key not in self.table.unflushed
+                    and not self.store.handle_taken(local, domain)):
                 break
         handle = self.store.add_handle(account.id, local, domain, label, self.clock())
         changes.add(key, account.address)
@@ -1408,8 +1435,8 @@ class Service:
             changes.add(handle.address, account.address)
         elif handle.enabled and not enabled:
             changes.remove(handle.address)
-        log.info("handle %s of account %d: %s, label %r", handle.address, account.id,
-                 "enabled" if enabled else "disabled", new_label)
+        log.info("handle %s of account %d: %s%s", handle.address, account.id,
+                 "enabled" if enabled else "disabled", ", label %r" % new_label if new_label else "")
         return self.store.handle_by_id(handle.id).public()
 
     def _op_list_handles(self, changes, token):
@@ -1688,12 +1715,12 @@ def _peer_uid(sock):
     return struct.unpack("3i", creds)[1]
 
 
-def _prepare_unix_socket_path(path, key):
-    """Make ``path`` ready to bind: a private folder, no stale socket, nothing foreign replaced."""
+def _prepare_unix_socket_path(path, key, folder_mode):
+    """Make ``path`` ready to bind: a folder of ours, no stale socket, nothing foreign replaced."""
     folder = os.path.dirname(path)
     if not os.path.isdir(folder):
         try:
-            os.makedirs(folder, mode=0o700)
+            os.makedirs(folder, mode=folder_mode)
         except OSError as e:
             raise ServerError("%s: cannot create the folder for %s: %s" % (folder, key, _os_reason(e)))
     st = os.stat(folder)
@@ -1716,7 +1743,8 @@ def _prepare_unix_socket_path(path, key):
 
 
 async def _start_unix_server(handler, path, key, mode):
-    _prepare_unix_socket_path(path, key)
+    """Listen on a Unix socket of ``mode``; Postfix's sockets (0666) get a folder it can enter."""
+    _prepare_unix_socket_path(path, key, 0o700 if mode == 0o600 else 0o755)
     old_umask = os.umask(0o777 & ~mode)
     try:
         server = await asyncio.start_unix_server(handler, path, limit=65536)
@@ -2144,14 +2172,15 @@ class Daemon:
     # -- automatic pruning -----------------------------------------------------------------------
 
     async def _prune_daily(self):
+        await asyncio.sleep(60)
         while True:
-            await asyncio.sleep(86400)
             try:
                 removed = await self.service.run("prune", self.config.prune_handles_unused_days,
                                                  self.config.prune_accounts_unused_days, False)
                 log.info("automatic prune removed %d handles and accounts", len(removed))
             except IncognitoMailError as e:
                 log.error("automatic prune failed: %s", e)
+            await asyncio.sleep(86400)
 
 
 ###############################################################################
@@ -2227,6 +2256,18 @@ def _map_drift(table, store):
             "server to rebuild the map from the database" % (len(missing), len(unknown), (missing + unknown)[0]))
 
 
+def _same_endpoint(written, ours):
+    """Does main.cf's ``unix:PATH`` or ``inet:HOST:PORT`` name our listener?
+
+    Chrooted Postfix daemons (Debian's default) need unix paths relative to the queue
+    directory, so a relative path that ends our absolute one counts.
+    """
+    if written == ours:
+        return True
+    kind, _, path = written.partition(":")
+    return kind == "unix" and ours.startswith("unix:/") and not path.startswith("/") and ours.endswith("/" + path)
+
+
 def _postfix_config_problems(config, table):
     """What Postfix's own configuration (postconf) lacks for our map, domains and policy service."""
     names = ["virtual_alias_maps", "canonical_maps", "recipient_canonical_maps", "virtual_alias_domains",
@@ -2249,7 +2290,7 @@ def _postfix_config_problems(config, table):
         return [w for w in re.split(r"[\s,]+", values.get(name, "")) if w]
     where = "main.cf in %s" % (config.postfix_config_dir or "/etc/postfix")
     if config.socketmap_listen:
-        ours = lambda w: w.startswith("socketmap:" + config.socketmap_listen)
+        ours = lambda w: w.startswith("socketmap:") and _same_endpoint(w[10:].rpartition(":")[0], config.socketmap_listen)
         wanted = "socketmap:%s:virtual" % config.socketmap_listen
     else:
         ours = lambda w: w == table.name or (table.type == "hash" and w == table.path)
@@ -2273,8 +2314,9 @@ def _postfix_config_problems(config, table):
                          % (", ".join(missing), setting, where) if missing else None))
     if config.policy_listen:
         endpoint = config.policy_listen
-        referenced = any("check_policy_service" in values.get(n, "") and endpoint in values.get(n, "")
-                         for n in ("smtpd_recipient_restrictions", "smtpd_relay_restrictions"))
+        referenced = any(before == "check_policy_service" and _same_endpoint(word, endpoint)
+                         for n in ("smtpd_recipient_restrictions", "smtpd_relay_restrictions")
+                         for before, word in zip(words(n), words(n)[1:]))
         problems.append(("Postfix asks the policy service", None if referenced else
                          "smtpd_recipient_restrictions in %s lacks check_policy_service %s; see README.md"
                          % (where, endpoint)))
@@ -2377,7 +2419,7 @@ def _normalize_argv(argv):
     wants_json = "--json" in argv
     argv = ["--config" if a == "-config" else "--config=" + a[8:] if a.startswith("-config=") else a
             for a in argv if a != "--json"]
-    return argv + (["--json"] if wants_json else [])
+    return (["--json"] if wants_json else []) + argv
 
 
 class ControlClient:
@@ -2461,7 +2503,8 @@ def run_command(config, args, out=sys.stdout):
         emit(handle, handle["address"])
     elif args.command == "delete" and args.what == "account":
         reply = client.request("delete_account", token=_read_secret(args.secret))
-        emit({"deleted_handles": reply["deleted_handles"]}, "")
+        if args.json:
+            emit({"deleted_handles": reply["deleted_handles"]}, "")
         print("deleted the account and its %d handles" % reply["deleted_handles"], file=sys.stderr)
     elif args.command == "delete":
         client.request("delete_handle", token=_read_secret(args.secret), address=args.handle)
@@ -2493,9 +2536,8 @@ def run_command(config, args, out=sys.stdout):
         try:
             status = client.request("status")["status"]
         except ServerError as e:
-            if args.json:
-                emit({"running": False}, "")
-            raise e
+            emit({"running": False, "message": str(e)}, "not running: %s" % e)
+            return 1
         status["running"] = True
         emit(status, "running (pid %d), version %s\naccounts %d, handles %d (%d enabled)\nmap %s, domains %s" % (
             status["pid"], status["version"], status["accounts"], status["handles"], status["enabled_handles"],
@@ -2510,7 +2552,8 @@ def run_command(config, args, out=sys.stdout):
                              "or set them in [Prune] of %s" % config.path)
         removed = client.request("prune", handles_unused_days=handles_days, accounts_unused_days=accounts_days,
                                  dry_run=args.dry_run)["removed"]
-        emit(removed, "\n".join(removed) if removed else "")
+        if args.json or removed:
+            emit(removed, "\n".join(removed))
         print("%s %d handles and accounts" % ("would remove" if args.dry_run else "removed", len(removed)),
               file=sys.stderr)
     elif args.command == "stop":
