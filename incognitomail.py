@@ -44,7 +44,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from http import HTTPStatus
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 __version__ = "2.0.0"
 
@@ -103,6 +104,30 @@ class PostfixError(IncognitoMailError):
 
 class ServerError(IncognitoMailError):
     """The daemon cannot start, is already running, or cannot be reached."""
+
+
+class PolicyProtocolError(IncognitoMailError):
+    """A policy or socketmap client sent something that is not the protocol."""
+
+
+class WebSocketError(IncognitoMailError):
+    """Base class of the WebSocket layer's errors."""
+
+
+class HandshakeError(WebSocketError):
+    """The opening handshake is refused: answer with HTTP `status` and close."""
+
+    def __init__(self, status: int, reason: str, headers: Sequence[Tuple[str, str]] = ()):
+        super().__init__('%d %s' % (status, reason))
+        self.status, self.reason, self.headers = status, reason, list(headers)
+
+
+class ProtocolError(WebSocketError):
+    """The peer broke RFC 6455: fail the connection with `close_code`."""
+
+    def __init__(self, close_code: int, reason: str):
+        super().__init__('%d %s' % (close_code, reason))
+        self.close_code, self.reason = close_code, reason
 
 
 ###############################################################################
@@ -1597,10 +1622,6 @@ def json_error(request_id, error):
 # Wire formats: Postfix policy delegation and socketmap
 ###############################################################################
 
-class PolicyProtocolError(IncognitoMailError):
-    """A policy or socketmap client sent something that is not the protocol."""
-
-
 class PolicyParser:
     """SMTPD_POLICY_README: ``name=value`` lines, a request ends with an empty line.
 
@@ -1670,6 +1691,342 @@ class NetstringParser:
 
 def netstring(data):
     return b"%d:%s," % (len(data), data)
+
+
+###############################################################################
+# Wire formats: WebSocket handshake and RFC 6455 frames
+###############################################################################
+
+
+_GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11'   # RFC 6455 section 1.3
+_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"         # RFC 7230 section 3.2.6
+_REQUEST_LINE = re.compile(r'(%s) ([\x21-\x7e]+) HTTP/(\d)\.(\d)' % _TOKEN)
+_HEADER_LINE = re.compile(r'(%s):[ \t]*([\t\x20-\x7e\x80-\xff]*?)[ \t]*' % _TOKEN)
+
+
+class Request(NamedTuple):
+    """A parsed HTTP request head. `headers` maps lower-cased names to values; a repeated field's
+    values are joined with ', ' (RFC 7230 section 3.2.2)."""
+    method: str
+    target: str
+    path: str
+    version: Tuple[int, int]
+    headers: Dict[str, str]
+
+
+def parse_request(head: bytes) -> Request:
+    """Parse a request line and header fields, `head` ending with the blank line (CRLF CRLF)."""
+    if not head.endswith(b'\r\n\r\n'):
+        raise HandshakeError(400, 'header section must end with CRLF CRLF')
+    lines = head[:-4].decode('latin-1').split('\r\n')   # latin-1: any byte decodes, none is lost
+    start = _REQUEST_LINE.fullmatch(lines[0])
+    if start is None:
+        raise HandshakeError(400, 'malformed request line')
+    headers: Dict[str, str] = {}
+    for line in lines[1:]:
+        field = _HEADER_LINE.fullmatch(line)
+        if field is None:
+            raise HandshakeError(400, 'malformed header line')
+        name, value = field.group(1).lower(), field.group(2)
+        if name == 'host' and name in headers:
+            raise HandshakeError(400, 'more than one Host header')   # RFC 7230 section 5.4
+        headers[name] = headers[name] + ', ' + value if name in headers else value
+    method, target, major, minor = start.groups()
+    return Request(method, target, target.split('?', 1)[0], (int(major), int(minor)), headers)
+
+
+def _tokens(value: Optional[str]) -> List[str]:
+    """The lower-cased items of a comma-separated header value."""
+    return [item.strip().lower() for item in (value or '').split(',')]
+
+
+def check_upgrade(request: Request, path: str, allowed_origins: Iterable[str] = ()) -> str:
+    """Validate a WebSocket upgrade request for `path`; return its Sec-WebSocket-Key.
+
+    Raises HandshakeError with the status to answer. An empty `allowed_origins` allows any Origin;
+    otherwise the Origin header must be present and equal (ignoring case) to one of them.
+    """
+    if request.path != path:
+        raise HandshakeError(404, 'no WebSocket endpoint at this path')
+    if request.method != 'GET':
+        raise HandshakeError(400, 'WebSocket upgrade needs GET')
+    if request.version[0] != 1 or request.version[1] < 1:
+        raise HandshakeError(400, 'WebSocket upgrade needs HTTP/1.1')
+    headers = request.headers
+    if not headers.get('host'):
+        raise HandshakeError(400, 'missing Host header')
+    if 'websocket' not in _tokens(headers.get('upgrade')) or \
+            'upgrade' not in _tokens(headers.get('connection')):
+        raise HandshakeError(426, 'this endpoint only speaks WebSocket', [('Upgrade', 'websocket')])
+    key = headers.get('sec-websocket-key', '')
+    try:
+        key_ok = len(base64.b64decode(key, validate=True)) == 16
+    except ValueError:   # binascii.Error, or non-ASCII text
+        key_ok = False
+    if not key_ok:
+        raise HandshakeError(400, 'missing or malformed Sec-WebSocket-Key')
+    if headers.get('sec-websocket-version') != '13':
+        raise HandshakeError(426, 'unsupported WebSocket version',
+                             [('Sec-WebSocket-Version', '13')])
+    allowed = {origin.lower() for origin in allowed_origins}
+    if allowed and headers.get('origin', '').lower() not in allowed:
+        raise HandshakeError(403, 'origin not allowed')
+    return key
+
+
+def accept_response(key: str) -> bytes:
+    """The 101 Switching Protocols response that completes the handshake for `key`."""
+    accept = base64.b64encode(hashlib.sha1((key + _GUID).encode('ascii')).digest()).decode('ascii')
+    return ('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n'
+            'Sec-WebSocket-Accept: %s\r\n\r\n' % accept).encode('ascii')
+
+
+def error_response(status: int, reason: str, headers: Sequence[Tuple[str, str]] = ()) -> bytes:
+    """A whole HTTP error response with a short text/plain body; the connection closes after it."""
+    body = (reason + '\n').encode('utf-8')
+    lines = ['HTTP/1.1 %d %s' % (status, HTTPStatus(status).phrase),
+             'Content-Type: text/plain; charset=utf-8',
+             'Content-Length: %d' % len(body),
+             'Connection: close']
+    lines += ['%s: %s' % (name, value) for name, value in headers]
+    return ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1') + body
+
+
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+_OPCODES = frozenset((OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG))
+_LENGTH_BYTES = {126: 2, 127: 8}   # 7-bit length values announcing an extended length
+
+
+class Message(NamedTuple):
+    """A complete data message; text is already decoded."""
+    is_text: bool
+    data: Union[str, bytes]
+
+
+class Ping(NamedTuple):
+    """A ping; WebSocket.recv() answers it with a pong carrying the same payload."""
+    payload: bytes
+
+
+class Pong(NamedTuple):
+    """A pong (unsolicited ones are allowed by RFC 6455 and ignored)."""
+    payload: bytes
+
+
+class Close(NamedTuple):
+    """The peer's close frame; `code` is None when it carried no payload."""
+    code: Optional[int]
+    reason: str
+
+
+Event = Union[Message, Ping, Pong, Close]
+
+
+def is_valid_close_code(code: int) -> bool:
+    """Whether a peer may send `code` in a close frame (RFC 6455 section 7.4). The codes
+    registered with IANA since (1012-1014) are not accepted."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1011 or 3000 <= code <= 4999
+
+
+def _unmask(data: bytes, mask: bytes, offset: int = 0) -> bytes:
+    """XOR `data` with the repeated 4-byte `mask`, starting at mask byte `offset % 4`.
+
+    One big-integer XOR over the whole buffer runs at C speed; a per-byte Python loop would
+    cost about a microsecond per byte.
+    """
+    if not data:
+        return b''
+    shift = offset % 4
+    key = (mask[shift:] + mask[:shift]) * (len(data) // 4 + 1)
+    xored = int.from_bytes(data, 'little') ^ int.from_bytes(key[:len(data)], 'little')
+    return xored.to_bytes(len(data), 'little')
+
+
+def _parse_close(payload: bytes) -> Close:
+    if not payload:
+        return Close(None, '')
+    if len(payload) == 1:
+        raise ProtocolError(1002, 'close frame payload of one byte')
+    code = int.from_bytes(payload[:2], 'big')
+    if not is_valid_close_code(code):
+        raise ProtocolError(1002, 'invalid close code %d' % code)
+    try:
+        return Close(code, payload[2:].decode('utf-8'))
+    except UnicodeDecodeError:
+        raise ProtocolError(1007, 'close reason is not UTF-8') from None
+
+
+class FrameParser:
+    """Turns bytes from a client into events, enforcing RFC 6455 as early as the bytes allow.
+
+    Payload bytes are consumed as they arrive: text is UTF-8-checked incrementally, so an invalid
+    sequence fails the connection before the rest of its frame is sent, and the size limit is
+    checked from the frame header, before any of the payload is buffered. Once the events of a
+    feed are consumed, what stays in memory is at most a partial frame header or control frame
+    and the current message (<= max_message_size). After a close frame, further bytes are ignored.
+    """
+    __slots__ = ('max_message_size', 'closed', '_buf', '_mask', '_fin', '_frame_opcode',
+                 '_remaining', '_offset', '_opcode', '_decoder', '_parts', '_size')
+
+    def __init__(self, max_message_size: int):
+        self.max_message_size = max_message_size
+        self.closed = False
+        self._buf = bytearray()
+        # the frame being read: its mask is set from the end of its header to the end of its payload
+        self._mask: Optional[bytes] = None
+        self._fin = False
+        self._frame_opcode = OP_CONT
+        self._remaining = 0   # payload bytes not yet consumed
+        self._offset = 0      # payload bytes consumed (the mask's phase)
+        # the message being assembled: its opcode is set from its first frame to its last
+        self._opcode: Optional[int] = None
+        self._decoder: Optional[codecs.IncrementalDecoder] = None   # text messages only
+        self._parts: List[Union[str, bytes]] = []
+        self._size = 0        # payload bytes announced so far
+
+    def feed(self, data: bytes) -> Iterator[Event]:
+        """Add bytes from the peer; return an iterator over the events they complete.
+
+        The iterator raises ProtocolError at the offending frame, after yielding the events that
+        came before it (so a message followed by a bad frame is still delivered). Exhaust it
+        before feeding more.
+        """
+        self._buf += data
+        return self._events()
+
+    def _events(self) -> Iterator[Event]:
+        buf = self._buf
+        while not self.closed:
+            if self._mask is None and not self._read_header():
+                return
+            if self._frame_opcode >= OP_CLOSE:   # control frame: at most 125 bytes, wait for all
+                if len(buf) < self._remaining:
+                    return
+                payload = _unmask(self._take(self._remaining), self._mask)
+                self._mask = None
+                yield self._control_event(self._frame_opcode, payload)
+                continue
+            n = min(self._remaining, len(buf))
+            if n:
+                self._add_payload(_unmask(self._take(n), self._mask, self._offset))
+                self._offset += n
+                self._remaining -= n
+            if self._remaining:
+                return
+            self._mask = None
+            if self._fin:
+                yield self._end_message()
+
+    def _take(self, n: int) -> bytearray:
+        chunk = self._buf[:n]
+        del self._buf[:n]   # cheap: a bytearray drops leading bytes by moving its start
+        return chunk
+
+    def _read_header(self) -> bool:
+        """Parse the next frame header if complete; each rule is checked once its bytes are in."""
+        buf = self._buf
+        if len(buf) < 2:
+            return False
+        fin, rsv, opcode = buf[0] & 0x80, buf[0] & 0x70, buf[0] & 0x0F
+        masked, length = buf[1] & 0x80, buf[1] & 0x7F
+        if rsv:
+            raise ProtocolError(1002, 'reserved bits set but no extension negotiated')
+        if opcode not in _OPCODES:
+            raise ProtocolError(1002, 'unknown opcode %d' % opcode)
+        if not masked:
+            raise ProtocolError(1002, 'client frame is not masked')
+        if opcode >= OP_CLOSE:
+            if not fin:
+                raise ProtocolError(1002, 'fragmented control frame')
+            if length > 125:
+                raise ProtocolError(1002, 'control frame payload over 125 bytes')
+        elif opcode == OP_CONT and self._opcode is None:
+            raise ProtocolError(1002, 'continuation frame without a message in progress')
+        elif opcode != OP_CONT and self._opcode is not None:
+            raise ProtocolError(1002, 'new message before the previous one was finished')
+        start = 2 + _LENGTH_BYTES.get(length, 0)
+        if len(buf) < start:
+            return False
+        if start > 2:
+            length = int.from_bytes(buf[2:start], 'big')
+            if length >> 63:
+                raise ProtocolError(1002, 'frame length has its most significant bit set')
+        if opcode < OP_CLOSE and self._size + length > self.max_message_size:
+            raise ProtocolError(1009, 'message larger than %d bytes' % self.max_message_size)
+        if len(buf) < start + 4:
+            return False
+        self._mask = bytes(buf[start:start + 4])
+        del buf[:start + 4]
+        self._fin, self._frame_opcode, self._remaining, self._offset = bool(fin), opcode, length, 0
+        if opcode in (OP_TEXT, OP_BINARY):
+            self._opcode = opcode
+            self._decoder = codecs.getincrementaldecoder('utf-8')() if opcode == OP_TEXT else None
+        if opcode < OP_CLOSE:
+            self._size += length
+        return True
+
+    def _add_payload(self, chunk: bytes) -> None:
+        if self._decoder is None:
+            self._parts.append(chunk)
+            return
+        try:
+            self._parts.append(self._decoder.decode(chunk))
+        except UnicodeDecodeError:
+            raise ProtocolError(1007, 'invalid UTF-8 in text message') from None
+        # CPython's decoder rejects every impossible prefix at once except a surrogate's
+        # (ED A0..BF), which it only rejects when the third byte arrives: check that one here.
+        pending = self._decoder.getstate()[0]
+        if len(pending) > 1 and pending[0] == 0xED and pending[1] >= 0xA0:
+            raise ProtocolError(1007, 'invalid UTF-8 in text message (surrogate)')
+
+    def _end_message(self) -> Message:
+        if self._decoder is not None:
+            try:
+                self._parts.append(self._decoder.decode(b'', final=True))
+            except UnicodeDecodeError:
+                raise ProtocolError(1007, 'text message ends inside a UTF-8 sequence') from None
+            message = Message(True, ''.join(self._parts))
+        else:
+            message = Message(False, b''.join(self._parts))
+        self._opcode, self._decoder, self._parts, self._size = None, None, [], 0
+        return message
+
+    def _control_event(self, opcode: int, payload: bytes) -> Event:
+        if opcode == OP_PING:
+            return Ping(payload)
+        if opcode == OP_PONG:
+            return Pong(payload)
+        event = _parse_close(payload)
+        self.closed = True
+        self._buf.clear()
+        return event
+
+
+def encode_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """A complete unmasked (server-to-client) frame."""
+    first, n = (0x80 if fin else 0) | opcode, len(payload)
+    if n < 126:
+        head = struct.pack('!BB', first, n)
+    elif n < 1 << 16:
+        head = struct.pack('!BBH', first, 126, n)
+    else:
+        head = struct.pack('!BBQ', first, 127, n)
+    return head + payload
+
+
+def encode_message(message: Union[str, bytes]) -> bytes:
+    """A text frame for str, a binary frame for bytes-like."""
+    if isinstance(message, str):
+        return encode_frame(OP_TEXT, message.encode('utf-8'))
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        return encode_frame(OP_BINARY, bytes(message))
+    raise TypeError('WebSocket messages are str or bytes, not %s' % type(message).__name__)
+
+
+def encode_close(code: int, reason: str = '') -> bytes:
+    """A close frame; the reason is cut (on a character boundary) to fit in 125 bytes."""
+    data = reason.encode('utf-8')[:123].decode('utf-8', 'ignore').encode('utf-8')
+    return encode_frame(OP_CLOSE, code.to_bytes(2, 'big') + data)
 
 
 ###############################################################################
@@ -1766,6 +2123,204 @@ async def _start_listener(handler, endpoint, key, unix_mode):
         return await asyncio.start_server(handler, host or None, port)
     except OSError as e:
         raise ServerError("%s: cannot listen on %s: %s" % (key, endpoint, _os_reason(e)))
+
+
+###############################################################################
+# Servers: WebSocket connections over asyncio
+###############################################################################
+
+
+_READ_SIZE = 65536   # bytes asked of the StreamReader per read; nothing is kept between reads
+
+
+class _Deadline:
+    """`with _Deadline(seconds):` cancels the current task after `seconds` (None: never) and
+    swallows that cancellation at the end of the block; `expired` tells whether it fired.
+
+    The stand-in for asyncio.timeout (3.11+) on 3.9: unlike asyncio.wait_for it wraps nothing in
+    a new Task, which matters with thousands of connections idling in recv().
+    """
+    __slots__ = ('expired', '_task', '_handle')
+
+    def __init__(self, delay: Optional[float]):
+        self.expired = False
+        self._task = asyncio.current_task()
+        self._handle = None if delay is None else \
+            asyncio.get_running_loop().call_later(delay, self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
+        self._task.cancel()
+
+    def __enter__(self) -> '_Deadline':
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._handle is not None:
+            self._handle.cancel()
+        if not (self.expired and exc_type is asyncio.CancelledError):
+            return False
+        uncancel = getattr(self._task, 'uncancel', None)   # 3.11+ counts cancel requests:
+        return uncancel is None or uncancel() == 0          # let a foreign one propagate
+
+
+class WebSocket:
+    """A server-side WebSocket connection after a successful handshake.
+
+    One task calls recv() in a loop; any number of tasks may call send() concurrently (each
+    frame is written whole under a lock) and close() may be called from any task. No method
+    lets a network error escape: a vanished peer makes recv() return None and send() False.
+    """
+    __slots__ = ('remote_address', '_reader', '_writer', '_parser', '_events', '_lock',
+                 '_idle_timeout', '_close_timeout', '_close_sent', '_close_received', '_receiving')
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                 max_message_size: int, idle_timeout: Optional[float], close_timeout: float):
+        self.remote_address = writer.get_extra_info('peername')
+        self._reader, self._writer = reader, writer
+        self._parser: Optional[FrameParser] = FrameParser(max_message_size)   # None: unparseable
+        self._events: Iterator[Event] = iter(())   # parsed, not yet handled
+        self._lock = asyncio.Lock()
+        self._idle_timeout, self._close_timeout = idle_timeout, close_timeout
+        self._close_sent = self._close_received = self._receiving = False
+
+    async def recv(self) -> Optional[Union[str, bytes]]:
+        """The next message (str or bytes), or None once the connection is over.
+
+        Pings are answered here, a peer's close frame is echoed, a protocol violation closes
+        with its code, and `idle_timeout` seconds without a byte from the peer close with 1001.
+        """
+        try:
+            while not self._writer.is_closing():
+                event = next(self._events, None)
+                if isinstance(event, Message):
+                    return event.data
+                if isinstance(event, Ping):
+                    await self._write(encode_frame(OP_PONG, event.payload))
+                elif isinstance(event, Close):
+                    self._close_received = True
+                    await self.close(event.code or 1000)
+                elif event is None:
+                    if self._receiving:   # close() in another task is reading the peer's reply
+                        await self._writer.wait_closed()
+                        break
+                    data = None   # stays None if the idle deadline expires
+                    self._receiving = True
+                    try:   # (inlined: each extra coroutine level costs ~0.6 KB per idle connection)
+                        with _Deadline(self._idle_timeout):
+                            data = await self._reader.read(_READ_SIZE)
+                    finally:
+                        self._receiving = False
+                    if data is None:
+                        await self.close(1001, 'idle timeout')
+                    elif not data:
+                        break   # the peer hung up without a close frame
+                    else:
+                        self._events = self._parser.feed(data)
+        except ProtocolError as exc:
+            self._parser = None
+            await self.close(exc.close_code, exc.reason)
+        except OSError:   # ConnectionResetError, BrokenPipeError, ...
+            pass
+        self._writer.close()
+        return None
+
+    async def send(self, message: Union[str, bytes]) -> bool:
+        """Send a text (str) or binary (bytes) message; False if it was not sent (closing)."""
+        frame = encode_message(message)
+        try:
+            return await self._write(frame)
+        except OSError:
+            return False
+
+    async def close(self, code: int = 1000, reason: str = '') -> None:
+        """Closing handshake: send a close frame (unless sent), wait up to close_timeout for the
+        peer's close frame or EOF, then close the transport. Returns once it is closing."""
+        if self._writer.is_closing():
+            return
+        with _Deadline(self._close_timeout) as deadline:
+            try:
+                await self._write(encode_close(code, reason), last=True)
+                if not self._close_received:
+                    if self._writer.can_write_eof():
+                        self._writer.write_eof()   # so a peer we can no longer parse hangs up too
+                    await self._await_peer_close()
+            except OSError:
+                pass
+        if deadline.expired:   # the peer is not reading: don't wait for the buffer to flush
+            self._writer.transport.abort()
+        else:
+            self._writer.close()
+
+    async def _write(self, frame: bytes, last: bool = False) -> bool:
+        """Write one whole frame; nothing goes out after our close frame (`last`)."""
+        async with self._lock:   # also keeps 3.9's drain() from being entered twice
+            if self._close_sent or self._writer.is_closing():
+                return False
+            if last:
+                self._close_sent = True
+            self._writer.write(frame)
+            await self._writer.drain()
+        return True
+
+    async def _await_peer_close(self) -> None:
+        """Read and discard until the peer's close frame or EOF (RFC 6455 section 7.1.1). If
+        recv() is reading in another task, it sees the reply: wait for it to close instead."""
+        while not self._close_received:
+            try:
+                event = next(self._events, None)
+            except ProtocolError:
+                self._parser, event = None, None   # the rest of the stream is noise now
+            if isinstance(event, Close):
+                self._close_received = True
+            elif event is None:
+                if self._receiving:
+                    await self._writer.wait_closed()
+                    return
+                self._receiving = True
+                try:
+                    data = await self._reader.read(_READ_SIZE)
+                finally:
+                    self._receiving = False
+                if not data:
+                    return
+                if self._parser is not None:
+                    self._events = self._parser.feed(data)
+
+
+async def accept_websocket(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                           path: str, allowed_origins: Iterable[str],
+                           max_header_bytes: int = 8192, handshake_timeout: float = 10.0,
+                           max_message_size: int = 65536, idle_timeout: Optional[float] = 300.0,
+                           close_timeout: float = 3.0) -> Optional[WebSocket]:
+    """Run the opening handshake on a fresh connection; the WebSocket, or None if it failed.
+
+    A refused handshake is answered with an HTTP error and closed; a header section over
+    `max_header_bytes` gets 431; one not complete within `handshake_timeout` is just closed.
+    The server's StreamReader `limit` also caps the header section, and what a connection can
+    buffer: start_server(limit=...) of a few times max_header_bytes keeps idle connections small.
+    """
+    websocket = None
+    with _Deadline(handshake_timeout):
+        try:
+            try:
+                head = await reader.readuntil(b'\r\n\r\n')
+            except asyncio.LimitOverrunError:
+                head = b''
+            if not head or len(head) > max_header_bytes:
+                raise HandshakeError(431, 'request header section too large')
+            key = check_upgrade(parse_request(head), path, allowed_origins)
+            writer.write(accept_response(key))
+            await writer.drain()
+            websocket = WebSocket(reader, writer, max_message_size=max_message_size,
+                                  idle_timeout=idle_timeout, close_timeout=close_timeout)
+        except HandshakeError as exc:
+            writer.write(error_response(exc.status, exc.reason, exc.headers))
+        except (asyncio.IncompleteReadError, OSError):
+            pass   # the peer hung up mid-handshake
+    if websocket is None:
+        writer.close()
+    return websocket
 
 
 ###############################################################################
@@ -1890,6 +2445,7 @@ class Daemon:
         loop.set_exception_handler(self._loop_exception)
         servers = [await _start_unix_server(self._serve_control, self.config.unix_sock_path,
                                             "[General] UnixSockPath", 0o600)]
+        background = []
         try:
             if self.config.listen_address:
                 host, port = parse_host_port(self.config.listen_address)
@@ -1909,7 +2465,7 @@ class Daemon:
                      ", ".join(self.config.domains), os.getpid(),
                      "; WebSocket on %s%s%s" % ("wss://" if ssl_context else "ws://", self.config.listen_address,
                                                self.config.listen_path) if self.config.listen_address else "")
-            background = [asyncio.ensure_future(self._write_received_periodically())]
+            background.append(asyncio.ensure_future(self._write_received_periodically()))
             if self.config.auto_prune:
                 background.append(asyncio.ensure_future(self._prune_daily()))
             await self._stop.wait()
@@ -1919,9 +2475,8 @@ class Daemon:
                 server.close()
             if self._requests:
                 await asyncio.wait(set(self._requests), timeout=STOP_GRACE_SECONDS)
-            for websocket in list(self._websockets):
-                await websocket.close(1001, "server stopping")
-            for task in background if "background" in locals() else ():
+            await asyncio.gather(*(websocket.close(1001, "server stopping") for websocket in self._websockets))
+            for task in background:
                 task.cancel()
             await self._flush_received()
             for path in (self.config.unix_sock_path, self.config.socketmap_listen[5:] if
@@ -2067,10 +2622,7 @@ class Daemon:
             reply = await self._answer_json(message, WEBSOCKET_OPERATIONS, client)
         else:
             reply = await self._answer_legacy(message, client)
-        try:
-            await websocket.send(reply)
-        except (ConnectionError, OSError):
-            pass
+        await websocket.send(reply)
 
     async def _answer_legacy(self, message, client):
         """The original add-on's protocol: ``new handle <secret>`` -> address or ``error ...``."""
