@@ -2589,7 +2589,21 @@ class Daemon:
             if websocket is None:
                 return
             self._websockets.add(websocket)
-            await self._websocket_session(websocket, client)
+            # The session loop is inlined: an idle connection costs one coroutine frame less.
+            in_flight = None
+            while True:
+                message = await websocket.recv()
+                if message is None:
+                    break
+                if in_flight is None:
+                    in_flight = set()
+                if len(in_flight) >= 16:       # a client may pipeline, but not without bound
+                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                task = self._track(self._answer_websocket(websocket, message, client))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+            if in_flight:
+                await asyncio.wait(in_flight)
         except Exception:
             log.exception("internal error on a WebSocket connection from %s", client)
         finally:
@@ -2600,20 +2614,6 @@ class Daemon:
             if not self._connections[client]:
                 del self._connections[client]
             writer.close()
-
-    async def _websocket_session(self, websocket, client):
-        in_flight = set()
-        while True:
-            message = await websocket.recv()
-            if message is None:
-                break
-            if len(in_flight) >= 16:       # a client may pipeline, but not without bound
-                await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-            task = self._track(self._answer_websocket(websocket, message, client))
-            in_flight.add(task)
-            task.add_done_callback(in_flight.discard)
-        if in_flight:
-            await asyncio.wait(in_flight)
 
     async def _answer_websocket(self, websocket, message, client):
         if isinstance(message, bytes):
