@@ -435,8 +435,14 @@ _ADDRESS_RE = re.compile(
 
 
 def new_token():
-    """A fresh secret token: 256 random bits, URL-safe, so it survives a copy and paste."""
-    return secrets.token_urlsafe(32)
+    """A fresh secret token: 256 random bits, URL-safe, so it survives a copy and paste.
+
+    Never starting with "-", so that it reads as an argument, not an option, on a command line.
+    """
+    while True:
+        token = secrets.token_urlsafe(32)
+        if not token.startswith("-"):
+            return token
 
 
 def token_digest(token):
@@ -463,7 +469,7 @@ def check_address(text):
         raise BadRequest("an address is required, e.g. me@example.org")
     if len(text) > MAX_ADDRESS_LENGTH:
         raise BadRequest("address is longer than %d characters" % MAX_ADDRESS_LENGTH)
-    match = _ADDRESS_RE.match(text)
+    match = _ADDRESS_RE.fullmatch(text)
     if not match or len(match.group("local")) > 64:
         raise BadRequest("%r is not a single valid address like me@example.org (no spaces, commas, "
                          "quotes or control characters)" % text)
@@ -825,13 +831,18 @@ def _write_atomically(path, chunks, like=None):
     """
     folder = os.path.dirname(path)
     temp = os.path.join(folder, ".%s.incognitomail-tmp" % os.path.basename(path))
-    with open(temp, "wb") as f:
-        for chunk in chunks:
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    _copy_ownership(like or path, temp)
-    os.replace(temp, path)
+    try:
+        with open(temp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        _copy_ownership(like or path, temp)
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.unlink(temp)
+        raise
     _fsync_folder(folder)
 
 
@@ -1286,7 +1297,8 @@ class Service:
             self._thread = None
         self._lookups.shutdown(wait=True)
         self.table.flush_text()
-        fingerprint = self.table.fingerprint()
+        # A text file still holding removed handles (a failed rewrite) must be rebuilt next time.
+        fingerprint = None if self.table.unflushed else self.table.fingerprint()
         with self.store.transaction():
             self.store.set_meta("clean_stop", fingerprint)
 
@@ -1632,6 +1644,11 @@ class PolicyParser:
 
     def __init__(self):
         self._buffer = b""
+
+    @property
+    def incomplete(self):
+        """Bytes of a request that has not ended yet (when the client hangs up: a bad client)."""
+        return bool(self._buffer)
 
     def feed(self, data):
         self._buffer += data
@@ -2512,8 +2529,13 @@ class Daemon:
             uid = _peer_uid(writer.get_extra_info("socket"))
             if uid not in (0, os.geteuid()):
                 log.warning("refused a command-line connection from user %s", _user_name(uid))
+                try:    # read the request first, so the refusal reaches a client still sending
+                    await asyncio.wait_for(reader.readline(), 5)
+                except (asyncio.TimeoutError, ValueError):
+                    pass
                 writer.write((json_error(None, Unauthorized(
                     "only root and user %s may use this socket" % _user_name())) + "\n").encode())
+                await writer.drain()
                 return
             while not self._stop.is_set():
                 try:
@@ -2650,6 +2672,8 @@ class Daemon:
             while True:
                 data = await reader.read(4096)
                 if not data:
+                    if parser.incomplete:
+                        log.warning("policy service: a client hung up in the middle of a request (no empty line)")
                     return
                 for request in parser.feed(data):
                     action = await self._track(self._policy_action(request))
@@ -2966,12 +2990,36 @@ def build_parser():
     return parser
 
 
-def _normalize_argv(argv):
-    """Accept the original's Go-style ``-config PATH`` and ``--json`` anywhere."""
+_DASH_PROTECTED = "\x00"
+
+
+def _normalize_argv(argv, parser):
+    """Accept the original's Go-style ``-config PATH``, ``--json`` anywhere, and arguments
+    that start with "-" without being options (a label, an old secret token)."""
     wants_json = "--json" in argv
+    options = set()
+    for action in _all_actions(parser):
+        options.update(action.option_strings)
     argv = ["--config" if a == "-config" else "--config=" + a[8:] if a.startswith("-config=") else a
             for a in argv if a != "--json"]
+    argv = [_DASH_PROTECTED + a if a.startswith("-") and a != "-" and a.split("=", 1)[0] not in options else a
+            for a in argv]
     return (["--json"] if wants_json else []) + argv
+
+
+def _all_actions(parser):
+    for action in parser._actions:
+        yield action
+        for sub in getattr(action, "choices", None) or {}:
+            if isinstance(action.choices, dict) and isinstance(action.choices[sub], argparse.ArgumentParser):
+                yield from _all_actions(action.choices[sub])
+
+
+def _unprotect(args):
+    for name, value in vars(args).items():
+        if isinstance(value, str) and value.startswith(_DASH_PROTECTED):
+            setattr(args, name, value[len(_DASH_PROTECTED):])
+    return args
 
 
 class ControlClient:
@@ -2999,7 +3047,10 @@ class ControlClient:
         with sock:
             self._check_server(sock)
             fields.update(op=op)
-            sock.sendall((json.dumps(fields) + "\n").encode("utf-8"))
+            try:
+                sock.sendall((json.dumps(fields) + "\n").encode("utf-8"))
+            except (BrokenPipeError, ConnectionResetError):
+                pass    # the server refused early; its reply says why
             data = b""
             while not data.endswith(b"\n"):
                 chunk = sock.recv(65536)
@@ -3138,7 +3189,8 @@ def setup_logging(config=None):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(_normalize_argv(sys.argv[1:] if argv is None else list(argv)))
+    parser = build_parser()
+    args = _unprotect(parser.parse_args(_normalize_argv(sys.argv[1:] if argv is None else list(argv), parser)))
     setup_logging()
     try:
         config = load_config(args.config)

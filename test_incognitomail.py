@@ -1,0 +1,4266 @@
+"""IncognitoMail's specification, as tests.
+
+Run from the repository's folder:
+
+    python3 -m unittest -v test_incognitomail
+
+Standard library only. Each TestCase class is one capability; each test's name states the
+behaviour it checks. Read the classes top to bottom:
+
+    configuration       ConfigurationTest, ExampleConfigTest
+    names and secrets   TokensAndHandleNamesTest, AddressValidationTest, NewHandleNamesTest
+    store               StoreTest
+    Postfix map         MapFileTest, LmdbMapFileTest, HashVisibilityTest, ReconcileTest, RollbackTest
+    batching            ServiceBatchingTest
+    daemon              DaemonLifecycleTest, ControlSocketAccessTest
+    command line        CommandLineTest, StatusWhenStoppedTest
+    real Postfix        EndToEndDeliveryTest, CreateThenSendHashTest, CreateThenSendLmdbTest
+    issue 4             PolicyServiceTest, PruneTest, CheckCommandTest
+    issue 5             SocketmapTest
+    WebSocket format    ParseRequestTest ... AcceptWebSocketHandshakeTest (byte strings, loopback)
+    WebSocket endpoint  WebSocketListeningTest, ListenAddressTest, WebSocketTlsTest,
+                        LegacyAddOnProtocolTest, JsonProtocolTest, WebSocketRobustnessTest,
+                        RateLimitTest, RateLimitsOffTest, TokenBucketTest
+
+Postfix: tests that need ``postmap`` (and, for a private running instance on loopback,
+root) skip when it is missing, unless ``INCOGNITOMAIL_REQUIRE_POSTFIX`` is set: then they
+fail instead (CI sets it). A private instance never touches /etc/postfix/main.cf or port 25;
+every instance and daemon a test starts is stopped in its cleanup and in tearDownModule.
+"""
+
+import asyncio
+import base64
+import calendar
+import collections
+import email.utils
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import smtplib
+import socket
+import sqlite3
+import ssl
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+import uuid
+from unittest import mock
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODULE = os.path.join(HERE, "incognitomail.py")
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import incognitomail as im  # noqa: E402
+
+REQUIRE_POSTFIX_VARIABLE = "INCOGNITOMAIL_REQUIRE_POSTFIX"
+NOBODY_UID = 65534
+# A Python that user nobody may run (this one may live under /root): the system's.
+OTHER_USERS_PYTHON = "/usr/bin/python3"
+
+
+###############################################################################
+# Test support: Postfix availability
+###############################################################################
+
+_SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
+
+
+def _which(name):
+    """A Postfix program even when PATH lacks the sbin folders; None if absent."""
+    path = shutil.which(name)
+    if path:
+        return path
+    for folder in _SBIN_DIRS:
+        candidate = os.path.join(folder, name)
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def _backdate(*paths):
+    """Postfix re-reads a main.cf (or texthash: file) younger than ~2 s for ~2 s: back-date it."""
+    then = time.time() - 60
+    for path in paths:
+        if os.path.exists(path):
+            os.utime(path, (then, then))
+
+
+_map_types_cache = None
+
+
+def supported_map_types():
+    """``postconf -m`` against an empty config folder (/etc/postfix/main.cf may be absent)."""
+    global _map_types_cache
+    if _map_types_cache is None:
+        _map_types_cache = set()
+        postconf = _which("postconf")
+        if postconf:
+            folder = tempfile.mkdtemp(prefix="incognitomail-test-maps-")
+            try:
+                open(os.path.join(folder, "main.cf"), "w").close()
+                _backdate(os.path.join(folder, "main.cf"))
+                done = subprocess.run([postconf, "-c", folder, "-m"], stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL, universal_newlines=True, timeout=30)
+                if done.returncode == 0:
+                    _map_types_cache = set(done.stdout.split())
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+    return _map_types_cache
+
+
+def require(condition, problem):
+    """Skip when ``condition`` is false, or fail when INCOGNITOMAIL_REQUIRE_POSTFIX is set."""
+    if condition:
+        return
+    if os.environ.get(REQUIRE_POSTFIX_VARIABLE):
+        raise AssertionError("%s, and %s is set, so this fails instead of skipping" % (problem, REQUIRE_POSTFIX_VARIABLE))
+    raise unittest.SkipTest(problem)
+
+
+def require_root_tools(*programs):
+    """Root, and the given programs (e.g. runuser, /usr/bin/python3 for another user)."""
+    require(os.geteuid() == 0, "acting as another user needs root")
+    for program in programs:
+        path = program if os.path.isabs(program) else _which(program)
+        require(path and os.access(path, os.X_OK), "%s is not installed" % program)
+
+
+def require_postfix(instance=False, map_type="hash"):
+    """Skip (or, with INCOGNITOMAIL_REQUIRE_POSTFIX set, fail) when Postfix can't be used.
+
+    ``instance=False``: postmap and postconf are enough. ``instance=True``: a private
+    running Postfix, which needs the postfix command and root.
+    """
+    problem = None
+    for program in ("postmap", "postconf") + (("postfix",) if instance else ()):
+        if not _which(program):
+            problem = "Postfix's %s is not installed (apt-get install postfix postfix-lmdb)" % program
+            break
+    if problem is None and instance and os.geteuid() != 0:
+        problem = "a private Postfix instance needs root"
+    if problem is None and map_type not in supported_map_types():
+        problem = "Postfix lacks the %s map type (apt-get install postfix-%s)" % (map_type, map_type)
+    require(problem is None, problem)
+
+
+###############################################################################
+# Test support: temp folders, configuration files, sites
+###############################################################################
+
+_LIVE_DAEMONS = set()
+_LIVE_INSTANCES = set()
+
+
+def make_folder(testcase=None, prefix="incognitomail-test-"):
+    """A temp folder every user may traverse (Postfix's daemons run as postfix and nobody)."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    os.chmod(folder, 0o755)
+    if testcase is not None:
+        testcase.addCleanup(shutil.rmtree, folder, True)
+    return folder
+
+
+def write_ini(path, sections):
+    """Write an INI file from {section: {key: value}}; a value of None leaves the key out."""
+    lines = []
+    for section, keys in sections.items():
+        lines.append("[%s]" % section)
+        lines += ["%s = %s" % (key, value) for key, value in keys.items() if value is not None]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def write_postfix_config_dir(folder, main_cf=""):
+    """A folder with a main.cf, enough for postmap -c and postconf -c."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "main.cf")
+    with open(path, "w") as f:
+        f.write(main_cf)
+    _backdate(path)
+    return folder
+
+
+class Site:
+    """One installation in a folder: config file, database, map and Postfix config dir.
+
+    By default the map is ``FOLDER/postfix/virtual`` with its own minimal main.cf in
+    ``FOLDER/postfix`` (all postmap needs); give ``map_path``/``config_dir`` to use a
+    private Postfix instance's. ``sections`` overrides or adds keys: {section: {key: value}}.
+    """
+
+    def __init__(self, folder, map_type="hash", map_path=None, config_dir=None,
+                 domains="incognito.test, @other.test", sections=None, admin_lines=None):
+        self.folder = folder
+        if config_dir is None:
+            config_dir = write_postfix_config_dir(os.path.join(folder, "postfix"))
+        if map_path is None:
+            map_path = os.path.join(config_dir, "virtual")
+        if admin_lines is not None:
+            with open(map_path, "wb") as f:
+                f.write(admin_lines)
+        self.config_path = os.path.join(folder, "incognitomail.ini")
+        ini = {
+            "General": {"UnixSockPath": "run/incognitomail.sock", "LockFilePath": "run/incognitomail.lock",
+                        "ListenAddress": "", "LogLevel": "info"},
+            "Persistence": {"DatabasePath": "incognitomail.sqlite3"},
+            "PostfixConfig": {"Domain": domains, "MapFilePath": "%s:%s" % (map_type, map_path),
+                              "ConfigDir": config_dir},
+        }
+        for section, keys in (sections or {}).items():
+            ini.setdefault(section, {}).update(keys)
+        write_ini(self.config_path, ini)
+        self.config = im.load_config(self.config_path)
+
+    @classmethod
+    def from_config_file(cls, config_path):
+        """A site for a configuration file written elsewhere (e.g. the shipped example)."""
+        site = cls.__new__(cls)
+        site.folder, site.config_path = os.path.dirname(config_path), config_path
+        site.config = im.load_config(config_path)
+        return site
+
+    @property
+    def map_path(self):
+        return self.config.map_file_path
+
+    @property
+    def indexed_path(self):
+        return self.map_path + (".lmdb" if self.config.map_type == "lmdb" else ".db")
+
+    @property
+    def socket_path(self):
+        return self.config.unix_sock_path
+
+    def map_text(self):
+        with open(self.map_path, "rb") as f:
+            return f.read()
+
+    def our_lines(self):
+        """The map's lines below IncognitoMail's marker, as a set of str."""
+        text = self.map_text()
+        self_part = text.split(im.MAP_MARKER, 1)[1] if im.MAP_MARKER in text else b""
+        return set(line for line in self_part.decode().splitlines() if line.strip())
+
+    def postmap(self, *args, stdin=None):
+        """Run the real postmap with this site's config dir."""
+        command = [_which("postmap"), "-c", self.config.postfix_config_dir] + list(args)
+        return subprocess.run(command, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=60)
+
+    def query(self, key):
+        """What Postfix sees for ``key``: ``postmap -q``; None when absent."""
+        done = self.postmap("-q", key, "%s:%s" % (self.config.map_type, self.map_path))
+        if done.returncode == 0:
+            return done.stdout.strip()
+        if done.returncode == 1:
+            return None
+        raise AssertionError("postmap -q failed: %s" % done.stderr)
+
+
+def failing_postmap_folder(testcase, mode="fail-when-flagged"):
+    """A folder holding a ``postmap`` that fails (or is slow) while a flag file exists.
+
+    Put it first in PATH: incognitomail finds postmap through PATH (find_postfix_command).
+    Returns (folder, fail_flag, slow_flag); the flags start absent, except with
+    ``mode="always-fail"``. A slow postmap touches ``slow_flag + ".started"`` first.
+    """
+    folder = make_folder(testcase, prefix="incognitomail-test-bin-")
+    fail_flag, slow_flag = os.path.join(folder, "fail"), os.path.join(folder, "slow")
+    script = os.path.join(folder, "postmap")
+    with open(script, "w") as f:
+        f.write("#!/bin/sh\n"
+                "if [ -e %s ]; then echo 'postmap: fatal: simulated failure for a test' >&2; exit 75; fi\n"
+                "if [ -e %s ]; then touch %s.started; sleep 1.5; fi\n"
+                "exec %s \"$@\"\n" % (fail_flag, slow_flag, slow_flag, _which("postmap") or "/usr/sbin/postmap"))
+    os.chmod(script, 0o755)
+    if mode == "always-fail":
+        open(fail_flag, "w").close()
+    return folder, fail_flag, slow_flag
+
+
+def path_with(folder):
+    return folder + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin")
+
+
+def wait_until(predicate, timeout=10.0, interval=0.02):
+    """Poll ``predicate`` until it returns something true; return that, or the last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+###############################################################################
+# Test support: running the module (command line, daemon) in subprocesses
+###############################################################################
+
+def run_module(*argv, input=None, env=None, timeout=120):
+    """``python3 incognitomail.py ARGV...`` -> CompletedProcess with text stdout and stderr."""
+    return subprocess.run([sys.executable, MODULE] + list(argv), input=input, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, env=env, timeout=timeout,
+                          cwd=HERE)
+
+
+def cli(site, *args, **kwargs):
+    """The command line against ``site``: ``incognitomail.py -c CONFIG ARGS...``."""
+    return run_module("-c", site.config_path, *args, **kwargs)
+
+
+class DaemonProcess:
+    """``python3 incognitomail.py -c CONFIG`` in the background, its stderr in a file."""
+
+    def __init__(self, site, env=None):
+        self.site = site
+        self.env = env
+        self.proc = None
+        self.log_path = None
+        self._log_file = None
+        self.returncode = None
+
+    def start(self, wait=True):
+        number = len([n for n in os.listdir(self.site.folder) if n.startswith("daemon-")])
+        self.log_path = os.path.join(self.site.folder, "daemon-%d.log" % number)
+        self._log_file = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, MODULE, "-c", self.site.config_path],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=self._log_file, env=self.env, cwd=HERE)
+        self.returncode = None
+        _LIVE_DAEMONS.add(self)
+        if wait:
+            self.wait_ready()
+        return self
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def wait_ready(self, timeout=30):
+        """Until the control socket accepts connections; fail with the log if it exits."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self._finished()
+                raise AssertionError("the daemon exited with %s before it was ready:\n%s"
+                                     % (self.proc.returncode, self.log()))
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.connect(self.site.socket_path)
+                return
+            except OSError:
+                time.sleep(0.01)
+        raise AssertionError("the daemon was not ready within %d s:\n%s" % (timeout, self.log()))
+
+    def wait_exit(self, timeout=30):
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            self._finished()
+            raise AssertionError("the daemon did not exit within %d s:\n%s" % (timeout, self.log()))
+        self._finished()
+        return self.returncode
+
+    def send_signal(self, signum):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signum)
+
+    def stop(self, signum=signal.SIGTERM, timeout=30):
+        """Stop it (SIGTERM) and return its exit status; a no-op when it has exited."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+        return self.wait_exit(timeout)
+
+    def kill(self):
+        return self.stop(signal.SIGKILL)
+
+    def _finished(self):
+        self.returncode = self.proc.returncode
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        _LIVE_DAEMONS.discard(self)
+
+    def log(self):
+        if not self.log_path or not os.path.exists(self.log_path):
+            return ""
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+
+def start_daemon(testcase, site, env=None):
+    daemon = DaemonProcess(site, env=env).start()
+    testcase.addCleanup(daemon.stop)
+    return daemon
+
+
+class ServiceFixture:
+    """An in-process Service on a site, with an injectable clock."""
+
+    def __init__(self, testcase, site, clock=time.time):
+        self.site = site
+        self.store = im.Store(site.config.database_path)
+        self.table = im.make_table(site.config)
+        self.service = im.Service(site.config, self.store, self.table, clock=clock)
+        self.stopped = False
+        testcase.addCleanup(self.close)
+
+    def start(self):
+        self.service.start()
+        return self
+
+    def call(self, operation, *args):
+        return self.service.call(operation, *args)
+
+    def stop(self):
+        if not self.stopped:
+            self.stopped = True
+            self.service.stop()
+
+    def close(self):
+        try:
+            self.stop()
+        finally:
+            self.store.close()
+
+
+###############################################################################
+# Test support: a private, throw-away Postfix instance on loopback
+# (from the Postfix lab's harness: postfix -c DIR, no chroot, no DNS, no port 25)
+###############################################################################
+
+_MASTER_SERVICES = """\
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+local     unix  -       n       n       -       -       local
+virtual   unix  -       n       n       -       -       virtual
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _decode(data):
+    return data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+
+
+class PostfixInstance:
+    """A private Postfix living under ``root_dir``, listening on 127.0.0.1:PORT only.
+
+    mode "virtual": DOMAIN in virtual_alias_domains, ``virtual_alias_maps = TYPE:ROOT/etc/virtual``.
+    Targets USER@mbox.test are virtual(8) mailboxes ROOT/vmail/USER (no system users needed).
+    ``extra_main_cf`` lines are appended to main.cf (later lines win in Postfix).
+    Postfix logs to ROOT/maillog. Everything needs root (master runs as root).
+    """
+
+    MAILBOX_DOMAIN = "mbox.test"
+
+    def __init__(self, root_dir, map_type="hash", domain="incognito.test", extra_main_cf=(),
+                 users=("alice", "bob", "carol", "dave")):
+        self.root_dir = os.path.abspath(root_dir)
+        self.port = free_port()
+        self.map_type = map_type
+        self.domain = domain
+        self.extra_main_cf = list(extra_main_cf)
+        self.users = tuple(users)
+        self._daemon_dir = None
+
+    @property
+    def config_dir(self):
+        return os.path.join(self.root_dir, "etc")
+
+    @property
+    def map_path(self):
+        return os.path.join(self.config_dir, "virtual")
+
+    @property
+    def map_spec(self):
+        return "%s:%s" % (self.map_type, self.map_path)
+
+    @property
+    def maillog_path(self):
+        return os.path.join(self.root_dir, "maillog")
+
+    @property
+    def pid_file(self):
+        return os.path.join(self.root_dir, "spool", "pid", "master.pid")
+
+    def address(self, user):
+        return "%s@%s" % (user, self.MAILBOX_DOMAIN)
+
+    def _main_cf(self):
+        r, c = self.root_dir, self.config_dir
+        lines = [
+            "compatibility_level = 3.6",
+            "queue_directory = %s/spool" % r,
+            "data_directory = %s/data" % r,
+            "maillog_file_prefixes = %s" % r,
+            "maillog_file = %s/maillog" % r,
+            "myhostname = mail.pflab.test",
+            "mydomain = pflab.test",
+            "myorigin = $myhostname",
+            "mydestination = localhost, $myhostname",
+            "inet_interfaces = loopback-only",
+            "inet_protocols = ipv4",
+            "mynetworks = 127.0.0.0/8",
+            "relayhost =",
+            "default_transport = error:5.7.1 off-machine delivery disabled in test instance",
+            "relay_transport = error:5.7.1 off-machine delivery disabled in test instance",
+            "smtp_dns_support_level = disabled",
+            "smtpd_peername_lookup = no",
+            "alias_maps = hash:%s/aliases" % c,
+            "alias_database = hash:%s/aliases" % c,
+            "mail_spool_directory = %s/mail" % r,
+            "biff = no",
+            "virtual_mailbox_domains = %s" % self.MAILBOX_DOMAIN,
+            "virtual_mailbox_base = %s/vmail" % r,
+            "virtual_mailbox_maps = texthash:%s/vmailbox" % c,
+            "virtual_uid_maps = static:65534",
+            "virtual_gid_maps = static:65534",
+            "smtpd_reject_unlisted_recipient = yes",
+            "queue_run_delay = 1s",
+            "minimal_backoff_time = 1s",
+            "maximal_backoff_time = 2s",
+            "virtual_alias_domains = %s" % self.domain,
+            "virtual_alias_maps = %s" % self.map_spec,
+        ] + self.extra_main_cf
+        return "\n".join(lines) + "\n"
+
+    def _write(self, name, text, backdate=True):
+        path = os.path.join(self.config_dir, name)
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.chmod(path + ".tmp", 0o644)
+        os.replace(path + ".tmp", path)
+        if backdate:
+            _backdate(path)
+        return path
+
+    def run(self, program, *args, check=True, **kwargs):
+        """``PROGRAM -c ETC ARGS...`` (postmap, postfix, postalias, postconf)."""
+        kwargs.setdefault("stdout", subprocess.PIPE)
+        kwargs.setdefault("stderr", subprocess.PIPE)
+        kwargs.setdefault("universal_newlines", True)
+        kwargs.setdefault("timeout", 60)
+        done = subprocess.run([_which(program) or program, "-c", self.config_dir] + list(args), **kwargs)
+        if check and done.returncode != 0:
+            raise AssertionError("%s %s failed (rc=%d): %s" % (program, " ".join(args), done.returncode,
+                                                                done.stderr.strip()))
+        return done
+
+    def query(self, key):
+        done = self.run("postmap", "-q", key, self.map_spec, check=False)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    def create(self, map_text=""):
+        """Write config, mailbox map and the map under test (``map_text``), make the spool."""
+        os.makedirs(self.root_dir, exist_ok=True)
+        os.chmod(self.root_dir, 0o755)
+        for folder in ("etc", "spool", "mail", "vmail"):
+            os.makedirs(os.path.join(self.root_dir, folder), exist_ok=True)
+        os.chmod(self.config_dir, 0o755)
+        os.chmod(os.path.join(self.root_dir, "mail"), 0o1777)
+        os.chown(os.path.join(self.root_dir, "vmail"), NOBODY_UID, NOBODY_UID)
+        self._write("main.cf", self._main_cf())
+        self._write("master.cf", "127.0.0.1:%d inet n - n - - smtpd\n" % self.port + _MASTER_SERVICES)
+        self._write("aliases", "postmaster: root\n", backdate=False)
+        self._write("vmailbox", "".join("%s %s\n" % (self.address(u), u) for u in self.users))
+        self._write("virtual", map_text, backdate=False)
+        self.run("postalias", "hash:%s" % os.path.join(self.config_dir, "aliases"))
+        self.run("postmap", self.map_spec)
+        self.run("postfix", "check")
+        return self
+
+    def start(self, timeout=20.0):
+        _LIVE_INSTANCES.add(self)
+        done = self.run("postfix", "start", check=False)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+                    if s.recv(512).startswith(b"220"):
+                        s.sendall(b"QUIT\r\n")
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.01)
+        self.stop()
+        raise AssertionError("Postfix did not start (postfix start rc=%d: %s)\n%s"
+                             % (done.returncode, done.stderr, self.maillog()[-3000:]))
+
+    def master_pid(self):
+        try:
+            with open(self.pid_file) as f:
+                pid = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if _pid_alive(pid) else None
+
+    def _master_lock_free(self):
+        if self._daemon_dir is None:
+            done = self.run("postconf", "-h", "daemon_directory", check=False)
+            self._daemon_dir = done.stdout.strip() or "/usr/lib/postfix/sbin"
+        env = dict(os.environ, MAIL_CONFIG=self.config_dir)
+        return subprocess.run([os.path.join(self._daemon_dir, "master"), "-t"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30).returncode == 0
+
+    def _instance_pids(self):
+        needle = ("MAIL_CONFIG=%s" % self.config_dir).encode()
+        pids = []
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    with open("/proc/%s/environ" % name, "rb") as f:
+                        if needle in f.read().split(b"\0") and _pid_alive(int(name)):
+                            pids.append(int(name))
+                except OSError:
+                    pass
+        return pids
+
+    def stop(self, timeout=10.0):
+        """SIGTERM the master, wait until its lock is free and no process of it is left."""
+        _LIVE_INSTANCES.discard(self)
+        if not os.path.isdir(self.config_dir):
+            return
+        pid = self.master_pid()
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        while pid is not None and _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.002)
+        while not self._master_lock_free() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        while True:
+            left = self._instance_pids()
+            if not left:
+                return
+            if time.monotonic() > deadline:
+                for leftover in left:
+                    try:
+                        os.kill(leftover, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                return
+            time.sleep(0.005)
+
+    def destroy(self):
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.root_dir, ignore_errors=True)
+
+    # -- SMTP, always over a NEW connection --------------------------------------------------
+
+    def send(self, rcpt, sender="sender@example.org", timeout=30):
+        """Send one message; ``(ok, code, text, mark)``: code/text of RCPT when refused, else of DATA.
+
+        ``mark`` is unique and in the Subject and body; look for it with ``wait_for_mail``.
+        """
+        mark = uuid.uuid4().hex
+        message = ("From: %s\r\nTo: %s\r\nSubject: %s\r\nMessage-ID: <%s@pflab.test>\r\nDate: %s\r\n\r\n"
+                   "body %s\r\n" % (sender, rcpt, mark, mark, email.utils.formatdate(), mark))
+        try:
+            client = smtplib.SMTP("127.0.0.1", self.port, local_hostname="client.pflab.test", timeout=timeout)
+        except (OSError, smtplib.SMTPException) as e:
+            return False, None, "connect failed: %s" % e, mark
+        try:
+            client.ehlo()
+            code, text = client.mail(sender)
+            if code != 250:
+                return False, code, _decode(text), mark
+            code, text = client.rcpt(rcpt)
+            if code not in (250, 251):
+                return False, code, _decode(text), mark
+            code, text = client.data(message)
+            return code == 250, code, _decode(text), mark
+        except smtplib.SMTPResponseException as e:
+            return False, e.smtp_code, _decode(e.smtp_error), mark
+        except (OSError, smtplib.SMTPException) as e:
+            return False, None, "%s: %s" % (type(e).__name__, e), mark
+        finally:
+            try:
+                client.quit()
+            except (OSError, smtplib.SMTPException):
+                client.close()
+
+    def rcpt_check(self, rcpt, sender="sender@example.org", timeout=30):
+        """MAIL + RCPT on a new connection, nothing queued: ``(code, text)``."""
+        try:
+            with smtplib.SMTP("127.0.0.1", self.port, local_hostname="client.pflab.test", timeout=timeout) as s:
+                s.ehlo()
+                s.mail(sender)
+                code, text = s.rcpt(rcpt)
+                s.rset()
+                return code, _decode(text)
+        except smtplib.SMTPResponseException as e:
+            return e.smtp_code, _decode(e.smtp_error)
+        except (OSError, smtplib.SMTPException) as e:
+            return None, "%s: %s" % (type(e).__name__, e)
+
+    def mailbox(self, user):
+        try:
+            with open(os.path.join(self.root_dir, "vmail", user), encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def wait_for_mail(self, user, mark, timeout=10):
+        return bool(wait_until(lambda: mark in self.mailbox(user), timeout, 0.005))
+
+    def maillog(self):
+        try:
+            with open(self.maillog_path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+
+def start_postfix_instance(cls, map_type="hash", map_text="", extra_main_cf=()):
+    """One private Postfix for a TestCase class (setUpClass); destroyed in tearDownClass."""
+    folder = make_folder(prefix="incognitomail-test-postfix-")
+    instance = PostfixInstance(os.path.join(folder, "pf"), map_type=map_type, extra_main_cf=extra_main_cf)
+    try:
+        instance.create(map_text).start()
+    except BaseException:
+        instance.destroy()
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    cls.addClassCleanup(shutil.rmtree, folder, True)
+    cls.addClassCleanup(instance.destroy)
+    return instance
+
+
+def tearDownModule():
+    """Never leave a daemon or a Postfix running, whatever happened."""
+    for daemon in list(_LIVE_DAEMONS):
+        try:
+            daemon.kill()
+        except Exception:
+            pass
+    for instance in list(_LIVE_INSTANCES):
+        try:
+            instance.stop()
+        except Exception:
+            pass
+
+
+###############################################################################
+# Configuration
+###############################################################################
+
+# The original's sample configuration file, verbatim from its README (seed/original-README.txt).
+ORIGINAL_SAMPLE_CONFIG = """\
+[General] ; Make sure to include the section name before that section's keys!
+MailSystem = "postfix" ; For future reference only. Currently not used (server assumes postfix, will fail with any other value)
+UnixSockPath = "/tmp/incognito.sock" ; Address of the unix socket used for communication between the daemon process and the cli utility
+LockFilePath = "/var/lock/incognito.lock" ; Path to the file used to prevent two server processes from running at the same time
+ListenPath = "/incognitomail" ; Path where the HTTP server will listen for websocket connections
+ListenAddress = ":9090" ; Address for the HTTP server to listen. Always include the port number with the ":" prefix. An empty address (as in this case) will listen on all interfaces
+TLSCertFile = "server.pem" ; If using HTTPS, path to the server certificate. If signed by a CA, this file needs to be the concatenation of the server's certificate, any intermediates and the CA's certificate
+TLSKeyFile = "server.key" ; If using HTTPS, path to the private key file corresponding to the server certificate
+[Persistence]
+Type = "boltdb" ; For future reference only. Currently not used (server assumes boltdb, will fail with any other value)
+DatabasePath = "incognito.db" ; Path to the file where all the information about accounts and handles is stored
+[PostfixConfig]
+Domain = "@sidhion.com" ; The same domain configured in Postfix
+MapFilePath = "/tmp/postfix/canonical" ; Path to the map file used in Postfix. Can be either the canonical or the virtual alias map
+"""
+
+
+def minimal_ini_sections(folder):
+    """A valid configuration (no Postfix needed to load it)."""
+    return {
+        "General": {"UnixSockPath": "run/incognitomail.sock", "LockFilePath": "run/incognitomail.lock",
+                    "ListenAddress": ""},
+        "Persistence": {"Type": "sqlite", "DatabasePath": "incognitomail.sqlite3"},
+        "PostfixConfig": {"Domain": "incognito.test", "MapFilePath": "virtual"},
+    }
+
+
+class ConfigurationTest(unittest.TestCase):
+    """INI file of the original, with its keys, plus the few new ones; clear one-line errors."""
+
+    def setUp(self):
+        self.folder = make_folder(self)
+
+    def write(self, text, name="incognitomail.ini"):
+        path = os.path.join(self.folder, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def write_sections(self, changes=(), remove=()):
+        """The minimal valid file with (section, key, value) changes and (section, key) removals."""
+        sections = minimal_ini_sections(self.folder)
+        for section, key, value in changes:
+            sections.setdefault(section, {})[key] = value
+        for section, key in remove:
+            del sections[section][key]
+        path = os.path.join(self.folder, "incognitomail.ini")
+        write_ini(path, sections)
+        return path
+
+    def test_original_sample_config_loads_unchanged(self):
+        path = self.write(ORIGINAL_SAMPLE_CONFIG)
+        with self.assertLogs(im.log, logging.WARNING):
+            config = im.load_config(path)
+        self.assertEqual(config.unix_sock_path, "/tmp/incognito.sock")
+        self.assertEqual(config.lock_file_path, "/var/lock/incognito.lock")
+        self.assertEqual(config.listen_path, "/incognitomail")
+        self.assertEqual(config.listen_address, ":9090")
+        self.assertEqual(config.tls_cert_file, os.path.join(self.folder, "server.pem"))
+        self.assertEqual(config.tls_key_file, os.path.join(self.folder, "server.key"))
+        self.assertEqual(config.database_path, os.path.join(self.folder, "incognito.db"))
+        self.assertEqual(config.domains, ("sidhion.com",))
+        self.assertEqual(config.default_domain, "sidhion.com")
+        self.assertEqual(config.map_type, "hash")
+        self.assertEqual(config.map_file_path, "/tmp/postfix/canonical")
+
+    def test_boltdb_store_type_is_read_as_the_default_store_with_a_warning(self):
+        path = self.write(ORIGINAL_SAMPLE_CONFIG)
+        with self.assertLogs(im.log, logging.WARNING) as logged:
+            im.load_config(path)
+        self.assertTrue(any("boltdb" in line and "[Persistence] Type" in line for line in logged.output),
+                        logged.output)
+        # As a program: the warning is printed, and the command goes on past the configuration
+        # (here to "not running", as nothing listens on the sample's socket path).
+        done = run_module("-c", path, "status")
+        self.assertIn("boltdb", done.stderr)
+        self.assertIn("not running", done.stdout + done.stderr)
+        self.assertNotIn("Traceback", done.stderr)
+
+    def test_several_domains_with_optional_at_the_first_is_the_default(self):
+        path = self.write_sections([("PostfixConfig", "Domain", '"@Mail.Example.org, example.net,@example.com ,'
+                                                                ' mail.example.org"')])
+        config = im.load_config(path)
+        self.assertEqual(config.domains, ("mail.example.org", "example.net", "example.com"))
+        self.assertEqual(config.default_domain, "mail.example.org")
+
+    def test_paths_are_relative_to_the_config_files_folder(self):
+        path = self.write_sections([
+            ("PostfixConfig", "MapFilePath", "lmdb:postfix/virtual"),
+            ("PostfixConfig", "ConfigDir", "postfix"),
+            ("General", "TLSCertFile", "tls/cert.pem"),
+            ("General", "TLSKeyFile", "tls/key.pem"),
+            ("General", "PolicyListen", "unix:run/policy.sock"),
+            ("General", "SocketmapListen", "unix:run/socketmap.sock"),
+        ])
+        cwd = os.getcwd()
+        os.chdir("/")
+        try:
+            config = im.load_config(os.path.relpath(path, "/"))
+        finally:
+            os.chdir(cwd)
+        join = lambda *parts: os.path.join(self.folder, *parts)
+        self.assertEqual(config.path, path)
+        self.assertEqual(config.unix_sock_path, join("run", "incognitomail.sock"))
+        self.assertEqual(config.lock_file_path, join("run", "incognitomail.lock"))
+        self.assertEqual(config.database_path, join("incognitomail.sqlite3"))
+        self.assertEqual((config.map_type, config.map_file_path), ("lmdb", join("postfix", "virtual")))
+        self.assertEqual(config.postfix_config_dir, join("postfix"))
+        self.assertEqual((config.tls_cert_file, config.tls_key_file), (join("tls", "cert.pem"), join("tls", "key.pem")))
+        self.assertEqual(config.policy_listen, "unix:" + join("run", "policy.sock"))
+        self.assertEqual(config.socketmap_listen, "unix:" + join("run", "socketmap.sock"))
+
+    def test_map_type_defaults_to_hash_and_may_be_given_as_a_postfix_prefix(self):
+        self.assertEqual(im.load_config(self.write_sections()).map_type, "hash")
+        for map_type in ("hash", "lmdb", "btree"):
+            config = im.load_config(self.write_sections([("PostfixConfig", "MapFilePath", "%s:/etc/postfix/virtual" % map_type)]))
+            self.assertEqual((config.map_type, config.map_file_path), (map_type, "/etc/postfix/virtual"))
+
+    def test_new_keys_have_documented_defaults(self):
+        config = im.load_config(self.write_sections())
+        self.assertEqual(config.handle_length, 16)
+        self.assertEqual(config.log_level, "info")
+        self.assertEqual(config.log_target, "stderr")
+        self.assertEqual(config.policy_listen, "")
+        self.assertEqual(config.socketmap_listen, "")
+        self.assertEqual(config.postfix_config_dir, "")
+        config = im.load_config(self.write_sections([("PostfixConfig", "HandleLength", "24"),
+                                                      ("General", "LogLevel", "DEBUG"),
+                                                      ("General", "LogTarget", "syslog")]))
+        self.assertEqual((config.handle_length, config.log_level, config.log_target), (24, "debug", "syslog"))
+
+    def test_unknown_key_is_a_warning_naming_it_not_an_error(self):
+        path = self.write_sections([("General", "FrobnicateLevel", "3")])
+        with self.assertLogs(im.log, logging.WARNING) as logged:
+            im.load_config(path)
+        self.assertTrue(any("frobnicatelevel" in line.lower() and "[General]" in line for line in logged.output))
+
+    BAD_VALUES = [
+        # (section, key, value or None to leave the key out, key the message must name)
+        ("General", "MailSystem", "exim", "MailSystem"),
+        ("Persistence", "Type", '"mysql"', "Type"),
+        ("PostfixConfig", "Domain", "not a domain", "Domain"),
+        ("PostfixConfig", "Domain", "incognito.test, bad_domain!", "Domain"),
+        ("PostfixConfig", "Domain", '""', "Domain"),
+        ("PostfixConfig", "Domain", None, "Domain"),
+        ("PostfixConfig", "MapFilePath", None, "MapFilePath"),
+        ("PostfixConfig", "MapFilePath", "regexp:/etc/postfix/virtual", "MapFilePath"),
+        ("PostfixConfig", "MapFilePath", "hash:", "MapFilePath"),
+        ("PostfixConfig", "HandleLength", "sixteen", "HandleLength"),
+        ("PostfixConfig", "HandleLength", "4", "HandleLength"),
+        ("General", "LogLevel", "loud", "LogLevel"),
+        ("General", "LogTarget", "file", "LogTarget"),
+        ("General", "ListenAddress", "localhost", "ListenAddress"),
+        ("General", "ListenAddress", "127.0.0.1:99999", "ListenAddress"),
+        ("General", "ListenAddress", "::1:9090", "ListenAddress"),
+        ("General", "ListenPath", "incognitomail", "ListenPath"),
+        ("General", "TLSCertFile", "server.pem", "TLSKeyFile"),
+        ("General", "TLSKeyFile", "server.key", "TLSCertFile"),
+        ("General", "PolicyListen", "tcp:127.0.0.1:10040", "PolicyListen"),
+        ("General", "PolicyListen", "inet:127.0.0.1", "PolicyListen"),
+        ("General", "SocketmapListen", "inet:127.0.0.1:9999", "SocketmapListen"),
+        ("Limits", "MaxMessageSize", "10", "MaxMessageSize"),
+        ("Limits", "IdleTimeout", "-1", "IdleTimeout"),
+        ("Prune", "HandlesUnusedDays", "-3", "HandlesUnusedDays"),
+        ("Prune", "AccountsUnusedDays", "soon", "AccountsUnusedDays"),
+        ("Prune", "Automatic", "maybe", "Automatic"),
+    ]
+
+    def assertOneLineError(self, done, *words):
+        self.assertEqual(done.returncode, 1, done)
+        self.assertNotIn("Traceback", done.stderr)
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        self.assertEqual(len(lines), 1, "expected one line on stderr, got:\n%s" % done.stderr)
+        for word in words:
+            self.assertIn(word, lines[0])
+        return lines[0]
+
+    def test_every_bad_value_is_one_line_naming_file_section_and_key_with_exit_code_1(self):
+        for section, key, value, named in self.BAD_VALUES:
+            with self.subTest(section=section, key=key, value=value):
+                if value is None:
+                    path = self.write_sections(remove=[(section, key)])
+                else:
+                    path = self.write_sections([(section, key, value)])
+                done = run_module("-c", path, "status")
+                self.assertOneLineError(done, path, "[%s]" % section, named)
+
+    def test_bad_values_are_config_errors_in_process_too(self):
+        for section, key, value, named in self.BAD_VALUES:
+            with self.subTest(section=section, key=key, value=value):
+                path = (self.write_sections(remove=[(section, key)]) if value is None
+                        else self.write_sections([(section, key, value)]))
+                with self.assertRaises(im.ConfigError) as caught:
+                    im.load_config(path)
+                self.assertIn("[%s] %s" % (section, named), str(caught.exception))
+
+    def test_missing_or_unparsable_file_is_one_line_with_exit_code_1(self):
+        missing = os.path.join(self.folder, "nowhere.ini")
+        self.assertOneLineError(run_module("-c", missing, "status"), missing, "not found")
+        garbage = self.write("Domain = incognito.test\n[General\n", name="garbage.ini")
+        self.assertOneLineError(run_module("-c", garbage, "status"), garbage)
+        binary = os.path.join(self.folder, "binary.ini")
+        with open(binary, "wb") as f:
+            f.write(b"[General]\nListenPath = \xff\xfe\n")
+        self.assertOneLineError(run_module("-c", binary, "status"), binary)
+
+
+###############################################################################
+# Names and secrets
+###############################################################################
+
+class TokensAndHandleNamesTest(unittest.TestCase):
+    """Tokens: >= 256 random bits, URL-safe. Handles: lowercase letters and digits, no bias."""
+
+    def test_token_has_at_least_256_bits_and_is_url_safe(self):
+        tokens = [im.new_token() for _ in range(200)]
+        self.assertEqual(len(set(tokens)), len(tokens))
+        for token in tokens:
+            self.assertRegex(token, r"^[A-Za-z0-9_-]+$")
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+            self.assertGreaterEqual(len(raw) * 8, 256)
+
+    def test_token_never_starts_with_a_dash_so_it_can_be_given_as_an_argument(self):
+        # "new handle <secret>": a secret like "-Nzx..." would be read as an option (exit 2).
+        # token_urlsafe starts with "-" once in 64; 3000 tokens all miss it by chance ~1e-21.
+        dashed = sum(1 for _ in range(3000) if im.new_token().startswith("-"))
+        self.assertEqual(dashed, 0, "%d of 3000 tokens start with '-'" % dashed)
+
+    def test_handle_names_are_lowercase_letters_and_digits_of_the_asked_length(self):
+        for length in (12, 16, 40):
+            for _ in range(200):
+                name = im.new_handle_name(length)
+                self.assertRegex(name, r"^[a-z0-9]{%d}$" % length)
+
+    def test_handle_names_are_random(self):
+        names = [im.new_handle_name(16) for _ in range(2000)]
+        self.assertEqual(len(set(names)), len(names))
+        # every character of the alphabet turns up, letters and digits alike
+        self.assertEqual(set("".join(names)), set(im.HANDLE_ALPHABET))
+
+    def test_handle_characters_are_drawn_without_modulo_bias(self):
+        # byte % 36 would make 4 characters 8/7 as likely as the others (+14 %); with
+        # ~9000 draws per character the noise is about 1 %, so 8 % apart is a clear signal.
+        counts = collections.Counter("".join(im.new_handle_name(16) for _ in range(20000)))
+        self.assertEqual(len(counts), 36)
+        self.assertLess(max(counts.values()) / min(counts.values()), 1.08, counts)
+
+
+class AddressValidationTest(unittest.TestCase):
+    """An account's target is one valid local@domain: nothing that could add a map line."""
+
+    def test_plain_address_is_accepted_and_its_domain_lowercased(self):
+        self.assertEqual(im.check_address("Me.Too+tag@Example.ORG"), "Me.Too+tag@example.org")
+        self.assertEqual(im.check_address("a@b.c"), "a@b.c")
+
+    def test_whitespace_commas_control_characters_and_newlines_are_refused(self):
+        for bad in ("me @example.org", "me@example.org evil@example.net", "me\t@example.org",
+                    "me@example.org,evil@example.net", "me@example.org, evil@example.net",
+                    "me@exam\x00ple.org", "me\x7f@example.org", "me@example.org\x1b",
+                    "me@example.org\nevil@incognito.test other@example.net",
+                    "me@example.org\n", "me@example.org\r\n", "\nme@example.org", "me@example.org\r",
+                    " me@example.org", "me@example.org ", "", "me", "@example.org", "me@",
+                    "a@b@example.org", '"me"@example.org', "me@example.org#x", "me@exa mple.org",
+                    "me@-example.org", "me@example..org", "me..x@example.org"):
+            with self.subTest(address=bad):
+                with self.assertRaises(im.BadRequest):
+                    im.check_address(bad)
+
+    def test_address_longer_than_254_characters_is_refused(self):
+        local = "a" * 64
+        label = "b" * 63
+        at_254 = local + "@" + ".".join([label, label, label[:57], "org"])
+        self.assertEqual(len(at_254), 254)
+        self.assertEqual(im.check_address(at_254), at_254)
+        at_255 = local + "@" + ".".join([label, label, label[:58], "org"])
+        self.assertEqual(len(at_255), 255)
+        with self.assertRaises(im.BadRequest):
+            im.check_address(at_255)
+        with self.assertRaises(im.BadRequest):
+            im.check_address("a" * 65 + "@example.org")
+
+    def test_handle_is_named_with_or_without_its_domain(self):
+        domains = ("incognito.test", "other.test")
+        self.assertEqual(im.split_handle("abc123", domains), ("abc123", "incognito.test"))
+        self.assertEqual(im.split_handle("abc123@other.test", domains), ("abc123", "other.test"))
+        self.assertEqual(im.split_handle("ABC123@Incognito.TEST", domains), ("abc123", "incognito.test"))
+        with self.assertRaises(im.NotFound):
+            im.split_handle("abc123@elsewhere.test", domains)
+        for bad in ("abc-123", "abc 123", "", "@incognito.test", "abc,def"):
+            with self.subTest(handle=bad):
+                with self.assertRaises(im.BadRequest):
+                    im.split_handle(bad, domains)
+
+
+###############################################################################
+# Store
+###############################################################################
+
+def socketmap_site(testcase, **kwargs):
+    """A site whose Service needs no Postfix at all (SocketmapListen: nothing is written)."""
+    folder = make_folder(testcase)
+    sections = {"General": {"SocketmapListen": "unix:run/socketmap.sock"}}
+    for section, keys in kwargs.pop("sections", {}).items():
+        sections.setdefault(section, {}).update(keys)
+    return Site(folder, config_dir="", map_path=os.path.join(folder, "virtual"), sections=sections, **kwargs)
+
+
+class StoreTest(unittest.TestCase):
+    """sqlite in WAL mode, versioned schema migrated forward, tokens kept only as SHA-256."""
+
+    def setUp(self):
+        self.folder = make_folder(self)
+        self.path = os.path.join(self.folder, "store.sqlite3")
+
+    def open(self, path=None):
+        store = im.Store(path or self.path)
+        self.addCleanup(store.close)
+        return store
+
+    def test_database_is_in_wal_mode_at_the_current_schema_version(self):
+        self.open()
+        db = sqlite3.connect(self.path)
+        try:
+            self.assertEqual(db.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], im.SCHEMA_VERSION)
+        finally:
+            db.close()
+
+    def test_older_schema_is_migrated_forward_on_open_keeping_the_data(self):
+        store = self.open()
+        account = store.add_account("me@example.org", im.token_digest("t"), 100)
+        store.close()
+        added = "ALTER TABLE accounts ADD COLUMN note TEXT; UPDATE accounts SET note = 'migrated'"
+        newer = im.SCHEMA_VERSION + 1
+        with mock.patch.object(im, "_MIGRATIONS", im._MIGRATIONS + (added,)), \
+                mock.patch.object(im, "SCHEMA_VERSION", newer):
+            with self.assertLogs(im.log, logging.INFO) as logged:
+                store = self.open()
+            self.assertEqual(store.schema_version(), newer)
+            self.assertEqual(store.db.execute("SELECT address, note FROM accounts WHERE id = ?", (account,)).fetchone(),
+                             ("me@example.org", "migrated"))
+        self.assertTrue(any("migrating" in line for line in logged.output), logged.output)
+
+    def test_empty_file_is_migrated_from_version_0(self):
+        open(self.path, "wb").close()
+        store = self.open()
+        self.assertEqual(store.schema_version(), im.SCHEMA_VERSION)
+        self.assertEqual(store.counts(), {"accounts": 0, "handles": 0, "enabled_handles": 0})
+
+    def test_database_of_a_newer_version_is_refused_with_a_clear_error(self):
+        db = sqlite3.connect(self.path)
+        db.execute("PRAGMA user_version = %d" % (im.SCHEMA_VERSION + 1))
+        db.close()
+        with self.assertRaises(im.StoreError) as caught:
+            im.Store(self.path)
+        message = str(caught.exception)
+        self.assertIn(self.path, message)
+        self.assertIn("newer", message)
+        self.assertIn(str(im.SCHEMA_VERSION + 1), message)
+
+    def test_handles_are_unique_case_insensitively_per_domain(self):
+        store = self.open()
+        account = store.add_account("me@example.org", im.token_digest("t"), 100)
+        store.add_handle(account, "abc123", "incognito.test", None, 100)
+        with self.assertRaises(sqlite3.IntegrityError):
+            store.add_handle(account, "ABC123", "incognito.test", None, 100)
+        with self.assertRaises(sqlite3.IntegrityError):
+            store.add_handle(account, "abc123", "INCOGNITO.test", None, 100)
+        store.add_handle(account, "abc123", "other.test", None, 100)
+        self.assertTrue(store.handle_taken("AbC123", "incognito.TEST"))
+        self.assertFalse(store.handle_taken("abc124", "incognito.test"))
+
+    def test_deleting_an_account_deletes_its_handles(self):
+        store = self.open()
+        mine = store.add_account("me@example.org", im.token_digest("a"), 100)
+        other = store.add_account("you@example.org", im.token_digest("b"), 100)
+        store.add_handle(mine, "aaa111", "incognito.test", None, 100)
+        store.add_handle(mine, "aaa222", "incognito.test", None, 100)
+        store.add_handle(other, "bbb111", "incognito.test", None, 100)
+        store.delete_account(mine)
+        self.assertEqual(store.handles_of(mine), [])
+        self.assertEqual([h.local for h in store.handles_of(other)], ["bbb111"])
+        self.assertEqual(store.counts()["handles"], 1)
+
+    def test_token_is_stored_only_as_its_sha256(self):
+        site = socketmap_site(self)
+        fixture = ServiceFixture(self, site).start()
+        token = fixture.call("new_account", "me@example.org")
+        fixture.call("new_handle", token, "shop", None)
+        raw = b""
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(site.config.database_path + suffix):
+                with open(site.config.database_path + suffix, "rb") as f:
+                    raw += f.read()
+        self.assertIn(hashlib.sha256(token.encode()).digest(), raw)
+        self.assertNotIn(token.encode(), raw)
+        self.assertNotIn(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)), raw)
+        fixture.stop()
+        self.assertEqual(fixture.store.db.execute("SELECT count(*) FROM accounts WHERE token_sha256 = ?",
+                                                  (hashlib.sha256(token.encode()).digest(),)).fetchone()[0], 1)
+
+    def test_account_remembers_target_created_and_last_used_times(self):
+        now = [1700000000.0]
+        site = socketmap_site(self)
+        fixture = ServiceFixture(self, site, clock=lambda: now[0]).start()
+        token = fixture.call("new_account", "me@example.org")
+        account = fixture.store.account_by_digest(im.token_digest(token))
+        self.assertEqual((account.address, account.created, account.last_used), ("me@example.org", 1700000000, None))
+        now[0] += 60
+        handle = fixture.call("new_handle", token, "shop.example.com", None)
+        account = fixture.store.account_by_digest(im.token_digest(token))
+        self.assertEqual(account.last_used, 1700000060)
+        self.assertEqual(handle["label"], "shop.example.com")
+        self.assertEqual(handle["created"], "2023-11-14T22:14:20Z")
+        self.assertEqual((handle["enabled"], handle["received"], handle["last_received"]), (True, 0, None))
+
+
+###############################################################################
+# Postfix map: names never taken twice, the text file, the index, reconciliation
+###############################################################################
+
+# An admin's own lines in the map file: odd bytes, CRLF, tabs, blank and continued lines.
+ADMIN_LINES = (b"# the admin's own aliases: caf\xe9 in latin-1, \xf0\x9f\x93\xab in UTF-8\r\n"
+               b"postmaster@incognito.test\troot@example.org\n"
+               b"\n"
+               b"   # an indented comment\n"
+               b"sales@incognito.test   alice@example.org,\n"
+               b"\tbob@example.org\n"
+               b"info@other.test carol@example.org\n")
+
+
+class PostmapTestCase(unittest.TestCase):
+    """Base: a real postmap (no running Postfix), a fresh site and Service per test."""
+
+    MAP_TYPE = "hash"
+
+    @classmethod
+    def setUpClass(cls):
+        require_postfix(map_type=cls.MAP_TYPE)
+
+    def make_site(self, **kwargs):
+        kwargs.setdefault("map_type", self.MAP_TYPE)
+        return Site(make_folder(self), **kwargs)
+
+    def start_service(self, site, clock=time.time):
+        return ServiceFixture(self, site, clock).start()
+
+    def new_account(self, fixture, address="me@example.org"):
+        return fixture.call("new_account", address)
+
+    def new_handle(self, fixture, token, label=None, domain=None):
+        return fixture.call("new_handle", token, label, domain)["address"]
+
+
+class NewHandleNamesTest(PostmapTestCase):
+    """A new handle never equals a handle in the database or a key of the admin's lines."""
+
+    def test_new_handle_skips_a_name_already_in_the_database(self):
+        site = self.make_site()
+        fixture = self.start_service(site)
+        token = self.new_account(fixture)
+        with mock.patch.object(im, "new_handle_name", side_effect=["takentakentaken1"]):
+            self.assertEqual(self.new_handle(fixture, token), "takentakentaken1@incognito.test")
+        with mock.patch.object(im, "new_handle_name", side_effect=["takentakentaken1", "freshfreshfresh1"]) as names:
+            self.assertEqual(self.new_handle(fixture, self.new_account(fixture, "you@example.org")),
+                             "freshfreshfresh1@incognito.test")
+        self.assertEqual(names.call_count, 2)
+        self.assertEqual(site.query("takentakentaken1@incognito.test"), "me@example.org")
+
+    def test_new_handle_skips_a_key_of_the_admins_own_map_lines(self):
+        site = self.make_site(admin_lines=b"adminadminadmin1@incognito.test root@example.org\n")
+        fixture = self.start_service(site)
+        token = self.new_account(fixture)
+        with mock.patch.object(im, "new_handle_name", side_effect=["adminadminadmin1", "freshfreshfresh1"]):
+            self.assertEqual(self.new_handle(fixture, token), "freshfreshfresh1@incognito.test")
+        self.assertEqual(site.query("adminadminadmin1@incognito.test"), "root@example.org")
+
+    def test_same_name_in_another_domain_is_a_different_handle(self):
+        site = self.make_site()
+        fixture = self.start_service(site)
+        token = self.new_account(fixture)
+        with mock.patch.object(im, "new_handle_name", return_value="samesamesamesame"):
+            self.assertEqual(self.new_handle(fixture, token), "samesamesamesame@incognito.test")
+            self.assertEqual(self.new_handle(fixture, token, domain="@Other.test"), "samesamesamesame@other.test")
+
+    def test_handle_length_follows_the_configuration(self):
+        site = self.make_site(sections={"PostfixConfig": {"HandleLength": "21"}})
+        fixture = self.start_service(site)
+        self.assertRegex(self.new_handle(fixture, self.new_account(fixture)), r"^[a-z0-9]{21}@incognito\.test$")
+
+    def test_new_handle_in_a_domain_not_served_is_refused(self):
+        site = self.make_site()
+        fixture = self.start_service(site)
+        token = self.new_account(fixture)
+        with self.assertRaises(im.BadRequest) as caught:
+            self.new_handle(fixture, token, domain="elsewhere.test")
+        self.assertIn("incognito.test", str(caught.exception))
+        self.assertEqual(fixture.call("list_handles", token), [])
+
+
+class MapFileTest(PostmapTestCase):
+    """The text map and its index: admin lines kept byte for byte, our lines in step, at once."""
+
+    def marker_prefix(self, admin=ADMIN_LINES):
+        return admin + im.MAP_MARKER
+
+    def test_admin_lines_above_the_marker_survive_add_delete_and_rebuild_byte_for_byte(self):
+        site = self.make_site(admin_lines=ADMIN_LINES)
+        fixture = self.start_service(site)
+        self.assertEqual(site.map_text(), self.marker_prefix())
+        token = self.new_account(fixture)
+        handles = [self.new_handle(fixture, token) for _ in range(3)]
+        fixture.call("delete_handle", token, handles[0])
+        fixture.call("update_handle", token, handles[1], im._UNCHANGED, False)
+        self.assertTrue(site.map_text().startswith(self.marker_prefix()))
+        fixture.stop()
+        self.assertEqual(site.map_text(), self.marker_prefix() + ("%s me@example.org\n" % handles[2]).encode())
+        os.unlink(site.indexed_path)            # force a full rebuild at the next start
+        fixture = self.start_service(site)
+        self.assertEqual(site.map_text(), self.marker_prefix() + ("%s me@example.org\n" % handles[2]).encode())
+        self.assertEqual(site.query("postmaster@incognito.test"), "root@example.org")
+        self.assertIn("bob@example.org", site.query("sales@incognito.test"))
+        self.assertEqual(site.query("info@other.test"), "carol@example.org")
+        self.assertEqual(site.query(handles[2]), "me@example.org")
+
+    def test_admin_file_without_a_trailing_newline_keeps_every_byte(self):
+        admin = b"info@other.test carol@example.org\r\n# last line, no newline: \xff\xfe"
+        site = self.make_site(admin_lines=admin)
+        fixture = self.start_service(site)
+        token = self.new_account(fixture)
+        handle = self.new_handle(fixture, token)
+        fixture.stop()
+        text = site.map_text()
+        self.assertTrue(text.startswith(admin), text)
+        self.assertEqual(text[len(admin):], b"\n" + im.MAP_MARKER + ("%s me@example.org\n" % handle).encode())
+
+    def test_new_handle_is_in_the_text_file_and_visible_to_postmap_at_once(self):
+        site = self.make_site()
+        fixture = self.start_service(site)
+        token = self.new_account(fixture, "Me@Example.ORG")
+        handle = self.new_handle(fixture, token)
+        self.assertEqual(site.query(handle), "Me@example.org")
+        self.assertEqual(site.query(handle.upper()), "Me@example.org")
+        self.assertIn("%s Me@example.org" % handle, site.our_lines())
+
+    def test_additions_are_appended_without_rewriting_the_text_file(self):
+        site = self.make_site(admin_lines=ADMIN_LINES)
+        fixture = self.start_service(site)
+        token = self.new_account(fixture)
+        before = os.stat(site.map_path)
+        text_before = site.map_text()
+        handle = self.new_handle(fixture, token)
+        after = os.stat(site.map_path)
+        self.assertEqual(after.st_ino, before.st_ino)
+        self.assertEqual(site.map_text(), text_before + ("%s me@example.org\n" % handle).encode())
+
+    def test_deletions_are_coalesced_into_one_later_rewrite_of_the_text_file(self):
+        site = self.make_site()
+        fixture = self.start_service(site)
+        token = self.new_account(fixture)
+        handles = [self.new_handle(fixture, token) for _ in range(5)]
+        inode = os.stat(site.map_path).st_ino
+        with mock.patch.object(im, "_write_atomically", wraps=im._write_atomically) as rewrite:
+            for handle in handles[:4]:
+                fixture.call("delete_handle", token, handle)
+                self.assertIsNone(site.query(handle))
+            self.assertEqual(os.stat(site.map_path).st_ino, inode, "a deletion rewrote the whole text file")
+            fixture.stop()
+        self.assertEqual(rewrite.call_count, 1)
+        self.assertEqual(site.our_lines(), {"%s me@example.org" % handles[4]})
+
+    def test_text_file_drops_deleted_lines_soon_without_a_stop(self):
+        site = self.make_site()
+        with mock.patch.object(im, "TEXT_FLUSH_DELAY", 0.3):
+            fixture = self.start_service(site)
+            token = self.new_account(fixture)
+            keep, gone = self.new_handle(fixture, token), self.new_handle(fixture, token)
+            fixture.call("delete_handle", token, gone)
+            converged = wait_until(lambda: site.our_lines() == {"%s me@example.org" % keep}, timeout=10)
+        self.assertTrue(converged, site.our_lines())
+
+    def test_deleted_handle_is_gone_from_postmap_at_once_and_from_the_text_file_after_a_clean_stop(self):
+        site = self.make_site()
+        fixture = self.start_service(site)
+        token = self.new_account(fixture)
+        keep, gone = self.new_handle(fixture, token), self.new_handle(fixture, token)
+        fixture.call("delete_handle", token, gone)
+        self.assertIsNone(site.query(gone))
+        self.assertEqual(site.query(keep), "me@example.org")
+        fixture.stop()
+        self.assertEqual(site.our_lines(), {"%s me@example.org" % keep})
+
+    def test_text_file_holds_exactly_the_enabled_handles_after_a_clean_stop(self):
+        site = self.make_site(admin_lines=ADMIN_LINES)
+        fixture = self.start_service(site)
+        mine, yours = self.new_account(fixture), self.new_account(fixture, "you@example.org")
+        a, b, c = (self.new_handle(fixture, mine) for _ in range(3))
+        d = self.new_handle(fixture, yours, domain="other.test")
+        fixture.call("delete_handle", mine, a)
+        fixture.call("update_handle", mine, b, im._UNCHANGED, False)
+        e = self.new_handle(fixture, mine)
+        fixture.stop()
+        self.assertEqual(site.our_lines(), {"%s me@example.org" % c, "%s you@example.org" % d, "%s me@example.org" % e})
+
+    def test_disabled_handle_is_absent_from_the_map_and_back_once_enabled(self):
+        site = self.make_site()
+        fixture = self.start_service(site)
+        token = self.new_account(fixture)
+        handle = self.new_handle(fixture, token)
+        result = fixture.call("update_handle", token, handle, im._UNCHANGED, False)
+        self.assertFalse(result["enabled"])
+        self.assertIsNone(site.query(handle))
+        self.assertEqual([h["enabled"] for h in fixture.call("list_handles", token)], [False])
+        fixture.call("update_handle", token, handle, im._UNCHANGED, True)
+        self.assertEqual(site.query(handle), "me@example.org")
+
+    def test_disable_then_enable_keeps_the_handles_line_in_the_text_file(self):
+        site = self.make_site()
+        fixture = self.start_service(site)
+        token = self.new_account(fixture)
+        handle = self.new_handle(fixture, token)
+        fixture.call("update_handle", token, handle, im._UNCHANGED, False)
+        fixture.call("update_handle", token, handle, im._UNCHANGED, True)
+        fixture.stop()
+        self.assertEqual(site.query(handle), "me@example.org")
+        self.assertEqual(site.our_lines(), {"%s me@example.org" % handle},
+                         "the text map lost an enabled handle: a manual postmap of it would drop the handle")
+
+    def test_delete_handle_removes_only_that_handle_not_others_sharing_its_prefix(self):
+        site = self.make_site()
+        fixture = self.start_service(site)
+        token = self.new_account(fixture)
+        with mock.patch.object(im, "new_handle_name", side_effect=["prefixprefixpre1", "prefixprefixpre12",
+                                                                  "prefixprefixpre"]):
+            short, longer, shorter = (self.new_handle(fixture, token) for _ in range(3))
+        fixture.call("delete_handle", token, short)
+        self.assertIsNone(site.query(short))
+        self.assertEqual(site.query(longer), "me@example.org")
+        self.assertEqual(site.query(shorter), "me@example.org")
+        fixture.stop()
+        self.assertEqual(site.our_lines(), {"%s me@example.org" % longer, "%s me@example.org" % shorter})
+
+    def test_delete_account_removes_all_its_handles_from_the_map(self):
+        site = self.make_site()
+        fixture = self.start_service(site)
+        mine, yours = self.new_account(fixture), self.new_account(fixture, "you@example.org")
+        my_handles = [self.new_handle(fixture, mine) for _ in range(3)]
+        your_handle = self.new_handle(fixture, yours)
+        self.assertEqual(fixture.call("delete_account", mine), {"handles": 3})
+        for handle in my_handles:
+            self.assertIsNone(site.query(handle))
+        self.assertEqual(site.query(your_handle), "you@example.org")
+        with self.assertRaises(im.Unauthorized):
+            fixture.call("list_handles", mine)
+        fixture.stop()
+        self.assertEqual(site.our_lines(), {"%s you@example.org" % your_handle})
+
+    def test_rewrites_keep_the_owner_and_mode_of_the_map_files(self):
+        require_root_tools()
+        site = self.make_site(admin_lines=ADMIN_LINES)
+        self.assertEqual(site.postmap("%s:%s" % (site.config.map_type, site.map_path)).returncode, 0)
+        for path in (site.map_path, site.indexed_path):
+            os.chown(path, NOBODY_UID, NOBODY_UID)
+            os.chmod(path, 0o640)
+
+        def assert_kept(when):
+            for path in (site.map_path, site.indexed_path):
+                st = os.stat(path)
+                self.assertEqual((st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)), (NOBODY_UID, NOBODY_UID, 0o640),
+                                 "%s %s" % (path, when))
+        fixture = self.start_service(site)                      # full rebuild: no clean stop yet
+        assert_kept("after the rebuild at start")
+        token = self.new_account(fixture)
+        handles = [self.new_handle(fixture, token) for _ in range(2)]
+        fixture.call("delete_handle", token, handles[0])
+        assert_kept("after postmap -i and -d")
+        fixture.stop()                                          # rewrites the text file
+        assert_kept("after the text file was rewritten")
+        with open(site.map_path, "ab") as f:                    # drift: rebuilt at the next start
+            f.write(b"ghost@incognito.test evil@example.net\n")
+        self.start_service(site)
+        assert_kept("after a rebuild that replaced both files")
+
+    def test_text_file_is_replaced_atomically_by_rename(self):
+        site = self.make_site(admin_lines=ADMIN_LINES)
+        fixture = self.start_service(site)
+        token = self.new_account(fixture)
+        keep, gone = self.new_handle(fixture, token), self.new_handle(fixture, token)
+        fixture.call("delete_handle", token, gone)
+        old_text = site.map_text()
+        old_inode = os.stat(site.map_path).st_ino
+        with open(site.map_path, "rb") as reader:              # a reader of the old file ...
+            fixture.stop()
+            self.assertEqual(reader.read(), old_text)           # ... reads it whole, never half
+        self.assertNotEqual(os.stat(site.map_path).st_ino, old_inode)
+        self.assertEqual(site.map_text(), self.marker_prefix() + ("%s me@example.org\n" % keep).encode())
+        self.assertEqual(sorted(n for n in os.listdir(os.path.dirname(site.map_path)) if "incognitomail" in n), [])
+
+    def test_failed_rewrite_leaves_the_old_text_file_intact(self):
+        site = self.make_site(admin_lines=ADMIN_LINES)
+        fixture = self.start_service(site)
+        token = self.new_account(fixture)
+        keep, gone = self.new_handle(fixture, token), self.new_handle(fixture, token)
+        fixture.call("delete_handle", token, gone)
+        old_text, old_inode = site.map_text(), os.stat(site.map_path).st_ino
+        with mock.patch("os.replace", side_effect=OSError(28, "No space left on device")), \
+                self.assertLogs(im.log, logging.ERROR) as logged:
+            fixture.stop()
+        self.assertEqual(site.map_text(), old_text)
+        self.assertEqual(os.stat(site.map_path).st_ino, old_inode)
+        self.assertTrue(any(site.map_path in line and "No space left" in line for line in logged.output), logged.output)
+        self.assertIsNone(site.query(gone))
+        self.assertEqual(site.query(keep), "me@example.org")
+
+    def test_text_file_left_stale_by_a_failed_rewrite_is_repaired_at_the_next_start(self):
+        site = self.make_site()
+        fixture = self.start_service(site)
+        token = self.new_account(fixture)
+        keep, gone = self.new_handle(fixture, token), self.new_handle(fixture, token)
+        fixture.call("delete_handle", token, gone)
+        with mock.patch("os.replace", side_effect=OSError(28, "No space left on device")), \
+                self.assertLogs(im.log, logging.ERROR):
+            fixture.stop()
+        fixture = self.start_service(site)
+        fixture.stop()
+        self.assertEqual(site.our_lines(), {"%s me@example.org" % keep},
+                         "a deleted handle stayed in the text map, so a manual postmap would bring it back")
+
+class LmdbMapFileTest(MapFileTest):
+    """The same promises with an lmdb: map."""
+    MAP_TYPE = "lmdb"
+
+    def test_lmdb_index_is_the_file_postfix_reads(self):
+        site = self.make_site()
+        fixture = self.start_service(site)
+        handle = self.new_handle(fixture, self.new_account(fixture))
+        self.assertTrue(os.path.exists(site.map_path + ".lmdb"))
+        self.assertFalse(os.path.exists(site.map_path + ".db"))
+        self.assertEqual(site.query(handle), "me@example.org")
+
+
+class HashVisibilityTest(PostmapTestCase):
+    """hash: maps: running Postfix daemons re-open a table only when its mtime's second moves."""
+
+    def test_index_mtime_moves_to_a_new_whole_second_on_every_change(self):
+        site = self.make_site()
+        fixture = self.start_service(site)
+        token = self.new_account(fixture)
+        seconds = [int(os.stat(site.indexed_path).st_mtime)]
+        handles = []
+        for _ in range(3):
+            handles.append(self.new_handle(fixture, token))
+            seconds.append(int(os.stat(site.indexed_path).st_mtime))
+        fixture.call("delete_handle", token, handles[0])
+        seconds.append(int(os.stat(site.indexed_path).st_mtime))
+        fixture.call("update_handle", token, handles[1], im._UNCHANGED, False)
+        seconds.append(int(os.stat(site.indexed_path).st_mtime))
+        self.assertEqual(seconds, sorted(set(seconds)), "two changes shared a second: Postfix would miss one")
+
+
+class ReconcileTest(PostmapTestCase):
+    """At start the map is made to match the database; an in-step map is left alone."""
+
+    def make_stopped_site(self):
+        site = self.make_site(admin_lines=ADMIN_LINES)
+        fixture = self.start_service(site)
+        token = self.new_account(fixture)
+        handles = [self.new_handle(fixture, token) for _ in range(3)]
+        fixture.call("delete_handle", token, handles.pop())
+        fixture.stop()
+        return site, token, handles
+
+    def assert_in_step(self, site, handles):
+        self.assertEqual(site.our_lines(), {"%s me@example.org" % h for h in handles})
+        self.assertTrue(site.map_text().startswith(ADMIN_LINES + im.MAP_MARKER))
+        for handle in handles:
+            self.assertEqual(site.query(handle), "me@example.org")
+        self.assertEqual(site.query("postmaster@incognito.test"), "root@example.org")
+
+    def identity(self, site):
+        return [(s.st_ino, s.st_size, s.st_mtime_ns) for s in (os.stat(site.map_path), os.stat(site.indexed_path))]
+
+    def test_in_step_map_is_left_alone_at_start(self):
+        site, token, handles = self.make_stopped_site()
+        before = self.identity(site)
+        with mock.patch.object(im.PostfixMap, "rebuild", side_effect=AssertionError("rebuilt an in-step map")):
+            fixture = self.start_service(site)
+        self.assertEqual(self.identity(site), before)
+        self.assert_in_step(site, handles)
+        self.assertEqual(self.new_handle(fixture, token).split("@")[1], "incognito.test")
+
+    def test_missing_map_is_rebuilt_from_the_database_at_start(self):
+        site, token, handles = self.make_stopped_site()
+        os.unlink(site.map_path)
+        os.unlink(site.indexed_path)
+        self.start_service(site)
+        self.assertEqual(site.our_lines(), {"%s me@example.org" % h for h in handles})
+        for handle in handles:
+            self.assertEqual(site.query(handle), "me@example.org")
+
+    def test_missing_index_is_rebuilt_at_start(self):
+        site, token, handles = self.make_stopped_site()
+        os.unlink(site.indexed_path)
+        self.start_service(site)
+        self.assert_in_step(site, handles)
+
+    def test_map_with_drift_is_rebuilt_at_start(self):
+        site, token, handles = self.make_stopped_site()
+        spec = "%s:%s" % (site.config.map_type, site.map_path)
+        site.postmap("-d", handles[0], spec)                                      # an acknowledged handle lost
+        with open(site.map_path, "ab") as f:                                      # a line nobody made
+            f.write(b"ghost@incognito.test evil@example.net\n")
+        site.postmap("-i", spec, stdin="ghost@incognito.test evil@example.net\n")
+        self.assertIsNone(site.query(handles[0]))
+        self.assertEqual(site.query("ghost@incognito.test"), "evil@example.net")
+        self.start_service(site)
+        self.assert_in_step(site, handles)
+        self.assertIsNone(site.query("ghost@incognito.test"))
+
+    def test_map_is_rebuilt_when_the_last_stop_was_not_clean(self):
+        site, token, handles = self.make_stopped_site()
+        spec = "%s:%s" % (site.config.map_type, site.map_path)
+        store = im.Store(site.config.database_path)
+        with store.transaction():
+            store.set_meta("clean_stop", None)                  # as after a crash
+        store.close()
+        site.postmap("-d", handles[0], spec)
+        self.start_service(site)
+        self.assert_in_step(site, handles)
+
+
+class RollbackTest(PostmapTestCase):
+    """A failing postmap or map write undoes the database change; the service keeps working."""
+
+    def setUp(self):
+        self.site = self.make_site(admin_lines=ADMIN_LINES)
+        self.fixture = self.start_service(self.site)
+        self.token = self.new_account(self.fixture)
+        self.handle = self.new_handle(self.fixture, self.token)
+        self.bin, self.fail_flag, _ = failing_postmap_folder(self, mode="always-fail")
+
+    def failing_postmap(self):
+        return mock.patch.dict(os.environ, {"PATH": path_with(self.bin)})
+
+    def handles_in_store(self):
+        return sorted(h["address"] for h in self.fixture.call("list_handles", self.token))
+
+    def assert_still_working(self):
+        handle = self.new_handle(self.fixture, self.token)
+        self.assertEqual(self.site.query(handle), "me@example.org")
+        self.assertEqual(self.site.query(self.handle), "me@example.org")
+
+    def test_failing_postmap_rolls_back_a_new_handle_with_a_clear_error(self):
+        text_before = self.site.map_text()
+        with self.failing_postmap(), self.assertLogs(im.log, logging.ERROR):
+            with self.assertRaises(im.PostfixError) as caught:
+                self.new_handle(self.fixture, self.token)
+        self.assertIn("postmap", str(caught.exception))
+        self.assertIn("simulated failure", str(caught.exception))
+        self.assertEqual(self.handles_in_store(), [self.handle])
+        self.assertEqual(self.site.map_text(), text_before)
+        self.assert_still_working()
+
+    def test_failing_postmap_rolls_back_a_delete_and_the_handle_keeps_routing(self):
+        with self.failing_postmap(), self.assertLogs(im.log, logging.ERROR):
+            with self.assertRaises(im.PostfixError):
+                self.fixture.call("delete_handle", self.token, self.handle)
+        self.assertEqual(self.handles_in_store(), [self.handle])
+        self.assertEqual(self.site.query(self.handle), "me@example.org")
+        self.assert_still_working()
+        self.fixture.stop()
+        self.assertIn("%s me@example.org" % self.handle, self.site.our_lines())
+
+    def test_failing_postmap_rolls_back_a_disable(self):
+        with self.failing_postmap(), self.assertLogs(im.log, logging.ERROR):
+            with self.assertRaises(im.PostfixError):
+                self.fixture.call("update_handle", self.token, self.handle, im._UNCHANGED, False)
+        self.assertEqual([h["enabled"] for h in self.fixture.call("list_handles", self.token)], [True])
+        self.assertEqual(self.site.query(self.handle), "me@example.org")
+        self.assert_still_working()
+
+    def test_failing_postmap_rolls_back_a_delete_account(self):
+        with self.failing_postmap(), self.assertLogs(im.log, logging.ERROR):
+            with self.assertRaises(im.PostfixError):
+                self.fixture.call("delete_account", self.token)
+        self.assertEqual(self.handles_in_store(), [self.handle])
+        self.assertEqual(self.site.query(self.handle), "me@example.org")
+
+    def test_postfix_config_dir_without_main_cf_rolls_back_and_names_main_cf(self):
+        empty = make_folder(self)
+        self.fixture.table.config_dir = empty
+        with self.assertLogs(im.log, logging.ERROR):
+            with self.assertRaises(im.PostfixError) as caught:
+                self.new_handle(self.fixture, self.token)
+        self.assertIn("main.cf", str(caught.exception))
+        self.assertEqual(self.handles_in_store(), [self.handle])
+        self.fixture.table.config_dir = self.site.config.postfix_config_dir
+        self.assert_still_working()
+
+    def test_unwritable_map_file_rolls_back_and_names_the_file(self):
+        saved = self.site.map_text()
+        os.rename(self.site.map_path, self.site.map_path + ".saved")
+        os.mkdir(self.site.map_path)                     # root may write anything but this
+        try:
+            with self.assertLogs(im.log, logging.ERROR):
+                with self.assertRaises(im.PostfixError) as caught:
+                    self.new_handle(self.fixture, self.token)
+        finally:
+            os.rmdir(self.site.map_path)
+            os.rename(self.site.map_path + ".saved", self.site.map_path)
+        self.assertIn(self.site.map_path, str(caught.exception))
+        self.assertEqual(self.handles_in_store(), [self.handle])
+        self.assertEqual(self.site.map_text(), saved)
+        self.assert_still_working()
+
+    def test_failed_commit_after_the_map_update_undoes_the_map_change(self):
+        text_before = self.site.map_text()
+        names = ["undoneundoneund1"]
+        with mock.patch.object(im, "new_handle_name", side_effect=names), \
+                mock.patch.object(self.fixture.store, "commit", side_effect=sqlite3.OperationalError("disk I/O error")), \
+                self.assertLogs(im.log, logging.ERROR):
+            with self.assertRaises(im.StoreError) as caught:
+                self.new_handle(self.fixture, self.token)
+        self.assertIn("disk I/O error", str(caught.exception))
+        self.assertIsNone(self.site.query("undoneundoneund1@incognito.test"))
+        self.assertEqual(self.site.map_text(), text_before)
+        self.assertEqual(self.handles_in_store(), [self.handle])
+        self.assert_still_working()
+
+
+###############################################################################
+# Service: batching
+###############################################################################
+
+class ServiceBatchingTest(PostmapTestCase):
+    """Requests arriving together are one transaction and one postmap; a bad one fails alone."""
+
+    def setUp(self):
+        self.site = self.make_site()
+        self.fixture = self.start_service(self.site)
+        self.service = self.fixture.service
+        self.token = self.new_account(self.fixture)
+
+    def hold_worker(self):
+        """Occupy the worker with a request that waits on an event; return (future, release)."""
+        entered, release = threading.Event(), threading.Event()
+
+        def blocked_status(changes):
+            entered.set()
+            release.wait(30)
+            return {}
+        patcher = mock.patch.object(self.service, "_op_status", blocked_status, create=True)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        self.addCleanup(release.set)
+        future = self.service.submit("status")
+        self.assertTrue(entered.wait(10))
+        return future, release
+
+    def test_requests_queued_together_are_one_batch_with_one_postmap_insert(self):
+        held, release = self.hold_worker()
+        futures = [self.service.submit("new_handle", self.token, None, None) for _ in range(30)]
+        batches = self.service.batches
+        with mock.patch.object(self.fixture.table, "postmap", wraps=self.fixture.table.postmap) as postmap:
+            release.set()
+            handles = [f.result(30)["address"] for f in futures]
+        self.assertEqual(self.service.batches, batches + 1)
+        self.assertEqual([c.args[:2] for c in postmap.call_args_list if c.args[0] != "-q"], [("-r", "-i")])
+        self.assertEqual(len(set(handles)), 30)
+        for handle in handles[::7]:
+            self.assertEqual(self.site.query(handle), "me@example.org")
+
+    def test_many_concurrent_clients_end_in_fewer_batches(self):
+        clients = 40
+        barrier = threading.Barrier(clients)
+        results, errors = [], []
+
+        def client():
+            try:
+                barrier.wait(10)
+                results.append(self.service.call("new_handle", self.token, None, None)["address"])
+            except Exception as e:                  # reported below
+                errors.append(e)
+        before = self.service.batches
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        self.assertEqual(errors, [])
+        self.assertEqual(len(set(results)), clients)
+        self.assertLess(self.service.batches - before, clients // 2)
+        for handle in results:
+            self.assertEqual(self.site.query(handle), "me@example.org")
+
+    def test_one_bad_request_in_a_batch_fails_alone(self):
+        other = self.new_account(self.fixture, "you@example.org")
+        foreign_handle = self.new_handle(self.fixture, other)
+        held, release = self.hold_worker()
+        good = [self.service.submit("new_handle", self.token, "shop", None) for _ in range(2)]
+        bad_token = self.service.submit("new_handle", "not-a-token", None, None)
+        bad_address = self.service.submit("new_account", "me@example.org, evil@example.net")
+        not_mine = self.service.submit("delete_handle", self.token, foreign_handle)
+        bad_domain = self.service.submit("new_handle", self.token, None, "elsewhere.test")
+        new_account = self.service.submit("new_account", "them@example.org")
+        good.append(self.service.submit("new_handle", self.token, None, "other.test"))
+        batches = self.service.batches
+        release.set()
+        handles = [f.result(30)["address"] for f in good]
+        self.assertIsInstance(bad_token.exception(30), im.Unauthorized)
+        self.assertIsInstance(bad_address.exception(30), im.BadRequest)
+        self.assertIsInstance(not_mine.exception(30), im.NotFound)
+        self.assertIsInstance(bad_domain.exception(30), im.BadRequest)
+        self.assertIsInstance(new_account.result(30), str)
+        self.assertEqual(self.service.batches, batches + 1)
+        for handle in handles:
+            self.assertEqual(self.site.query(handle), "me@example.org")
+        self.assertEqual(self.site.query(foreign_handle), "you@example.org")
+        self.assertEqual(len(self.fixture.call("list_handles", self.token)), 3)
+
+    def test_each_change_is_a_postmap_insert_or_delete_never_a_full_rebuild(self):
+        with mock.patch.object(self.fixture.table, "postmap", wraps=self.fixture.table.postmap) as postmap, \
+                mock.patch.object(self.fixture.table, "rebuild", side_effect=AssertionError("full rebuild")):
+            handle = self.new_handle(self.fixture, self.token)
+            self.fixture.call("update_handle", self.token, handle, im._UNCHANGED, False)
+            self.fixture.call("update_handle", self.token, handle, im._UNCHANGED, True)
+            self.fixture.call("delete_handle", self.token, handle)
+        kinds = [next(a for a in c.args if a in ("-i", "-d")) for c in postmap.call_args_list]
+        self.assertEqual(kinds, ["-i", "-d", "-i", "-d"])
+
+
+###############################################################################
+# Daemon: one per lock file, graceful stop, crash recovery, start-up checks
+###############################################################################
+
+class ExampleConfigTest(PostmapTestCase):
+    """incognitomail.ini.example starts a working server as is, everything beside itself."""
+
+    def test_example_config_starts_a_working_server_as_is(self):
+        example = os.path.join(HERE, "incognitomail.ini.example")
+        self.assertTrue(os.path.exists(example), "incognitomail.ini.example is missing")
+        folder = make_folder(self)
+        with open(example) as f:
+            text = f.read()
+        with socket.socket() as probe:                  # only if someone else holds its port
+            if probe.connect_ex(("127.0.0.1", 9090)) == 0:
+                text = text.replace("127.0.0.1:9090", "127.0.0.1:%d" % free_port())
+        with open(os.path.join(folder, "incognitomail.ini"), "w") as f:
+            f.write(text)
+        site = Site.from_config_file(os.path.join(folder, "incognitomail.ini"))
+        # postmap reads Postfix's main.cf; MAIL_CONFIG says where, as for every Postfix command
+        env = dict(os.environ, MAIL_CONFIG=write_postfix_config_dir(os.path.join(folder, "postfix")))
+        daemon = start_daemon(self, site, env=env)
+        for path in (site.config.database_path, site.config.map_file_path, site.config.unix_sock_path):
+            self.assertTrue(path.startswith(folder + os.sep), path)
+        token = cli(site, "new", "account", "me@example.net").stdout.strip()
+        done = cli(site, "new", "handle", "-", "--label", "shop.example.com", input=token + "\n")
+        self.assertEqual(done.returncode, 0, done.stderr + daemon.log())
+        handle = done.stdout.strip()
+        self.assertRegex(handle, r"^[a-z0-9]{16}@")
+        query = subprocess.run([_which("postmap"), "-q", handle, "%s:%s" % (site.config.map_type, site.map_path)],
+                               stdout=subprocess.PIPE, universal_newlines=True, env=env)
+        self.assertEqual(query.stdout.strip(), "me@example.net")
+        self.assertEqual(cli(site, "stop").returncode, 0)
+        self.assertEqual(daemon.wait_exit(), 0)
+
+
+class DaemonLifecycleTest(PostmapTestCase):
+    """``incognitomail.py -c CONFIG`` runs the server in the foreground."""
+
+    def setUp(self):
+        self.site = self.make_site(admin_lines=ADMIN_LINES)
+
+    def assert_gone(self):
+        self.assertFalse(os.path.exists(self.site.socket_path), "socket left behind")
+        self.assertFalse(os.path.exists(self.site.config.lock_file_path), "lock file left behind")
+
+    def test_second_server_with_the_same_lock_file_is_refused_naming_pid_and_lock(self):
+        first = start_daemon(self, self.site)
+        second = DaemonProcess(self.site).start(wait=False)
+        self.addCleanup(second.stop)
+        self.assertEqual(second.wait_exit(), 1)
+        self.assertIn("already running (pid %d, lock %s)" % (first.pid, self.site.config.lock_file_path), second.log())
+        self.assertNotIn("Traceback", second.log())
+        self.assertEqual(cli(self.site, "status").returncode, 0, "the first server was disturbed")
+        self.assertEqual(im.running_pid(self.site.config), first.pid)
+
+    def test_sigterm_stops_gracefully_removing_socket_and_lock(self):
+        daemon = start_daemon(self, self.site)
+        self.assertTrue(os.path.exists(self.site.config.lock_file_path))
+        self.assertEqual(daemon.stop(signal.SIGTERM), 0)
+        self.assert_gone()
+        self.assertIn("stopped", daemon.log())
+        self.assertNotIn("Traceback", daemon.log())
+
+    def test_sigint_stops_gracefully_too(self):
+        daemon = start_daemon(self, self.site)
+        self.assertEqual(daemon.stop(signal.SIGINT), 0)
+        self.assert_gone()
+
+    def test_stop_command_stops_the_server(self):
+        daemon = start_daemon(self, self.site)
+        done = cli(self.site, "stop")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn(str(daemon.pid), done.stderr)
+        self.assertEqual(daemon.wait_exit(), 0)
+        self.assert_gone()
+
+    def test_request_in_flight_when_sigterm_arrives_is_finished(self):
+        folder, _, slow_flag = failing_postmap_folder(self)
+        daemon = start_daemon(self, self.site, env=dict(os.environ, PATH=path_with(folder)))
+        token = cli(self.site, "new", "account", "me@example.org").stdout.strip()
+        open(slow_flag, "w").close()
+        command = subprocess.Popen([sys.executable, MODULE, "-c", self.site.config_path, "new", "handle", token],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+        self.addCleanup(command.wait)
+        self.addCleanup(command.kill)
+        self.assertTrue(wait_until(lambda: os.path.exists(slow_flag + ".started"), 20), "postmap never ran")
+        daemon.send_signal(signal.SIGTERM)
+        out, err = command.communicate(timeout=60)
+        self.assertEqual(command.returncode, 0, err)
+        handle = out.strip()
+        self.assertRegex(handle, r"^[a-z0-9]{16}@incognito\.test$")
+        self.assertEqual(daemon.wait_exit(), 0)
+        self.assertEqual(self.site.query(handle), "me@example.org")
+        self.assertIn("%s me@example.org" % handle, self.site.our_lines())
+
+    def test_stale_socket_left_by_a_crash_is_handled_at_the_next_start(self):
+        daemon = start_daemon(self, self.site)
+        token = cli(self.site, "new", "account", "me@example.org").stdout.strip()
+        handle = cli(self.site, "new", "handle", token).stdout.strip()
+        daemon.kill()
+        self.assertTrue(stat.S_ISSOCK(os.lstat(self.site.socket_path).st_mode), "no stale socket to test with")
+        again = start_daemon(self, self.site)
+        done = cli(self.site, "list", token)
+        self.assertEqual(done.returncode, 0, done.stderr + again.log())
+        self.assertEqual(done.stdout.split()[0], handle)
+        self.assertEqual(self.site.query(handle), "me@example.org")
+        self.assertEqual(im.running_pid(self.site.config), again.pid)
+
+    def test_crash_during_a_change_leaves_the_map_matching_the_database(self):
+        daemon = start_daemon(self, self.site)
+        token = cli(self.site, "new", "account", "me@example.org").stdout.strip()
+        handles = [cli(self.site, "new", "handle", token).stdout.strip() for _ in range(2)]
+        cli(self.site, "delete", "handle", handles[0], token)
+        daemon.kill()                                   # the text file still has the deleted line
+        start_daemon(self, self.site)
+        self.assertIsNone(self.site.query(handles[0]))
+        self.assertEqual(self.site.query(handles[1]), "me@example.org")
+        self.assertEqual(self.site.our_lines(), {"%s me@example.org" % handles[1]})
+
+    def test_database_of_a_newer_version_stops_the_start_with_a_clear_error(self):
+        db = sqlite3.connect(self.site.config.database_path)
+        db.execute("PRAGMA user_version = %d" % (im.SCHEMA_VERSION + 1))
+        db.close()
+        daemon = DaemonProcess(self.site).start(wait=False)
+        self.addCleanup(daemon.stop)
+        self.assertEqual(daemon.wait_exit(), 1)
+        self.assertIn("newer than this program understands", daemon.log())
+        self.assertIn(self.site.config.database_path, daemon.log())
+        self.assertNotIn("Traceback", daemon.log())
+        self.assertIsNone(im.running_pid(self.site.config))
+
+    def test_start_fails_clearly_when_the_maps_folder_is_missing(self):
+        missing = os.path.join(self.site.folder, "no-such-folder")
+        site = Site(self.site.folder, map_path=os.path.join(missing, "virtual"),
+                    config_dir=self.site.config.postfix_config_dir)
+        daemon = DaemonProcess(site).start(wait=False)
+        self.addCleanup(daemon.stop)
+        self.assertEqual(daemon.wait_exit(), 1)
+        self.assertIn(missing, daemon.log())
+        self.assertIn("MapFilePath", daemon.log())
+        self.assertNotIn("Traceback", daemon.log())
+
+    def test_start_fails_clearly_when_the_postfix_config_dir_has_no_main_cf(self):
+        empty = make_folder(self)
+        site = Site(self.site.folder, map_path=self.site.map_path, config_dir=empty)
+        daemon = DaemonProcess(site).start(wait=False)
+        self.addCleanup(daemon.stop)
+        self.assertEqual(daemon.wait_exit(), 1)
+        self.assertIn("main.cf", daemon.log())
+        self.assertIn("ConfigDir", daemon.log())
+        self.assertNotIn("Traceback", daemon.log())
+
+    def test_start_fails_clearly_when_postmap_fails(self):
+        folder, _, _ = failing_postmap_folder(self, mode="always-fail")
+        daemon = DaemonProcess(self.site, env=dict(os.environ, PATH=path_with(folder))).start(wait=False)
+        self.addCleanup(daemon.stop)
+        self.assertEqual(daemon.wait_exit(), 1)
+        self.assertIn("simulated failure", daemon.log())
+        self.assertIn(self.site.map_path, daemon.log())
+        self.assertNotIn("Traceback", daemon.log())
+        self.assertIsNone(im.running_pid(self.site.config))
+
+    def test_start_as_a_user_who_cannot_write_the_maps_folder_fails_naming_path_user_and_fix(self):
+        python, runuser = OTHER_USERS_PYTHON, _which("runuser")
+        require_root_tools("runuser", python)
+        home = os.path.join(self.site.folder, "nobody")
+        os.mkdir(home)
+        os.chown(home, NOBODY_UID, NOBODY_UID)
+        site = Site(home, map_path=self.site.map_path, config_dir=self.site.config.postfix_config_dir)
+        module = os.path.join(home, "incognitomail.py")
+        shutil.copy(MODULE, module)
+        os.chmod(module, 0o644)
+        done = subprocess.run([runuser, "-u", "nobody", "--", python, module, "-c", site.config_path],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                              timeout=60, cwd="/")
+        self.assertEqual(done.returncode, 1, done.stderr)
+        self.assertNotIn("Traceback", done.stderr)
+        folder = os.path.dirname(self.site.map_path)
+        self.assertIn(folder, done.stderr)
+        self.assertIn("nobody", done.stderr)
+        self.assertIn("chmod", done.stderr)                 # the fix
+        self.assertEqual(self.site.map_text(), ADMIN_LINES, "the map was changed before the check")
+
+    def test_failing_postmap_is_an_error_for_the_command_and_the_server_keeps_running(self):
+        folder, fail_flag, _ = failing_postmap_folder(self)
+        daemon = start_daemon(self, self.site, env=dict(os.environ, PATH=path_with(folder)))
+        token = cli(self.site, "new", "account", "me@example.org").stdout.strip()
+        open(fail_flag, "w").close()
+        done = cli(self.site, "new", "handle", token)
+        self.assertEqual(done.returncode, 1)
+        self.assertEqual(done.stdout, "")
+        self.assertIn("simulated failure", done.stderr)
+        os.unlink(fail_flag)
+        self.assertEqual(cli(self.site, "list", token).stdout, "")
+        done = cli(self.site, "new", "handle", token)
+        self.assertEqual(done.returncode, 0, done.stderr + daemon.log())
+        self.assertEqual(self.site.query(done.stdout.strip()), "me@example.org")
+        self.assertIsNone(daemon.proc.poll())
+
+
+def run_as_user(uid, function):
+    """Run ``function()`` in a forked child that became ``uid``; its result or error as text."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                                        # the child
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            try:
+                result = "ok: %s" % (function(),)
+            except BaseException as e:
+                result = "%s: %s" % (type(e).__name__, e)
+            os.write(write_end, result.encode("utf-8", "replace")[:60000])
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    chunks = []
+    while True:
+        chunk = os.read(read_end, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+class ControlSocketAccessTest(PostmapTestCase):
+    """The control socket: mode 0600 in the server's own folder, and a SO_PEERCRED check."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        require_root_tools()
+
+    def setUp(self):
+        self.site = self.make_site()
+
+    def test_control_socket_is_mode_0600_in_a_folder_the_server_owns(self):
+        start_daemon(self, self.site)
+        folder = os.stat(os.path.dirname(self.site.socket_path))
+        self.assertEqual(folder.st_uid, os.geteuid())
+        self.assertEqual(stat.S_IMODE(folder.st_mode) & 0o022, 0, "others may write to the socket's folder")
+        sock = os.stat(self.site.socket_path)
+        self.assertTrue(stat.S_ISSOCK(sock.st_mode))
+        self.assertEqual(stat.S_IMODE(sock.st_mode), 0o600)
+
+    def run_cli_as_nobody(self, *args):
+        """The command line as user nobody (runuser), from a copy of the module it may read."""
+        python, runuser = OTHER_USERS_PYTHON, _which("runuser")
+        require_root_tools("runuser", python)
+        module = os.path.join(self.site.folder, "incognitomail.py")
+        shutil.copy(MODULE, module)
+        os.chmod(module, 0o644)
+        return subprocess.run([runuser, "-u", "nobody", "--", python, module, "-c", self.site.config_path] + list(args),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=60,
+                              cwd="/")
+
+    def open_socket_folder(self):
+        folder = os.path.dirname(self.site.socket_path)
+        os.makedirs(folder, mode=0o755)
+        os.chmod(folder, 0o755)
+
+    def test_another_users_command_line_cannot_open_the_socket(self):
+        self.open_socket_folder()                         # only the socket's own mode stops them
+        start_daemon(self, self.site)
+        done = self.run_cli_as_nobody("new", "account", "mallory@example.org")
+        self.assertEqual(done.returncode, 1, done)
+        self.assertIn("permission denied", done.stderr)
+        result = run_as_user(NOBODY_UID, lambda: im.ControlClient(self.site.config).request("status"))
+        self.assertTrue(result.startswith("ServerError"), result)
+        self.assertEqual(im.ControlClient(self.site.config).request("status")["status"]["accounts"], 0)
+
+    def test_another_user_is_refused_by_the_server_even_when_the_file_lets_them_in(self):
+        self.open_socket_folder()
+        daemon = start_daemon(self, self.site)
+        os.chmod(self.site.socket_path, 0o666)                  # as a careless admin might
+        for op, fields in (("status", {}), ("new_account", {"address": "mallory@example.org"})):
+            result = run_as_user(NOBODY_UID, lambda: im.ControlClient(self.site.config).request(op, **fields))
+            self.assertFalse(result.startswith("ok"), result)
+        done = self.run_cli_as_nobody("new", "account", "mallory@example.org")
+        self.assertEqual(done.returncode, 1, done)
+        self.assertEqual(done.stdout, "")
+        status = im.ControlClient(self.site.config).request("status")["status"]
+        self.assertEqual(status["accounts"], 0)
+        self.assertIn("refused a command-line connection from user nobody", daemon.log())
+
+    def test_refused_user_is_told_why_every_time(self):
+        self.open_socket_folder()
+        start_daemon(self, self.site)
+        os.chmod(self.site.socket_path, 0o666)
+        results = [run_as_user(NOBODY_UID, lambda: im.ControlClient(self.site.config).request("status"))
+                   for _ in range(20)]
+        told = [r for r in results if r.startswith("Unauthorized") and "only root and user" in r]
+        self.assertEqual(len(told), len(results), "refused without the reason: %s" % sorted(set(results)))
+        done = self.run_cli_as_nobody("status")
+        self.assertIn("only root and user", done.stderr)
+
+
+###############################################################################
+# Command line: the original's syntax, output for people and scripts, exit codes
+###############################################################################
+
+class CommandLineTest(PostmapTestCase):
+    """Every command against one running server; each test makes its own accounts."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        folder = make_folder()
+        cls.addClassCleanup(shutil.rmtree, folder, True)
+        cls.site = Site(folder, admin_lines=ADMIN_LINES)
+        cls.daemon = DaemonProcess(cls.site).start()
+        cls.addClassCleanup(cls.daemon.stop)
+
+    def run_cli(self, *args, input=None, rc=0):
+        done = cli(self.site, *args, input=input)
+        self.assertEqual(done.returncode, rc, "%s -> stdout %r, stderr %r" % (args, done.stdout, done.stderr))
+        self.assertNotIn("Traceback", done.stderr)
+        return done
+
+    def new_account(self, address="me@example.org"):
+        return self.run_cli("new", "account", address).stdout.strip()
+
+    def new_handle(self, token, *options):
+        return self.run_cli("new", "handle", token, *options).stdout.strip()
+
+    def listed(self, token):
+        return [line.split()[0] for line in self.run_cli("list", token).stdout.splitlines()]
+
+    # -- the original's commands ---------------------------------------------------------
+
+    def test_new_account_prints_only_the_token(self):
+        done = self.run_cli("new", "account", "me@example.org")
+        self.assertRegex(done.stdout, r"^[A-Za-z0-9_-]{43,}\n$")
+        self.assertIn("secret token", done.stderr)
+
+    def test_new_handle_prints_only_the_address(self):
+        token = self.new_account()
+        done = self.run_cli("new", "handle", token)
+        self.assertRegex(done.stdout, r"^[a-z0-9]{16}@incognito\.test\n$")
+        self.assertEqual(self.site.query(done.stdout.strip()), "me@example.org")
+
+    def test_list_prints_one_line_per_handle_starting_with_its_address_newest_first(self):
+        token = self.new_account()
+        handles = [self.new_handle(token) for _ in range(3)]
+        lines = self.run_cli("list", token).stdout.splitlines()
+        self.assertEqual([line.split()[0] for line in lines], handles[::-1])
+        for line in lines:
+            self.assertIn("enabled", line)
+            self.assertIn("received 0", line)
+
+    def test_list_of_an_account_without_handles_prints_nothing_on_stdout(self):
+        done = self.run_cli("list", self.new_account())
+        self.assertEqual(done.stdout, "")
+        self.assertIn("no handles", done.stderr)
+
+    def test_delete_handle_removes_it_from_the_map(self):
+        token = self.new_account()
+        keep, gone = self.new_handle(token), self.new_handle(token)
+        done = self.run_cli("delete", "handle", gone, token)
+        self.assertEqual(done.stdout, "")
+        self.assertIsNone(self.site.query(gone))
+        self.assertEqual(self.site.query(keep), "me@example.org")
+        self.assertEqual(self.listed(token), [keep])
+
+    def test_delete_handle_accepts_the_handle_with_or_without_its_domain(self):
+        token = self.new_account()
+        first, second = self.new_handle(token), self.new_handle(token, "--domain", "other.test")
+        self.run_cli("delete", "handle", first.split("@")[0], token)
+        self.run_cli("delete", "handle", second.upper(), token)
+        self.assertEqual(self.listed(token), [])
+        self.assertIsNone(self.site.query(first))
+        self.assertIsNone(self.site.query(second))
+
+    def test_delete_handle_with_another_accounts_secret_is_refused_and_changes_nothing(self):
+        mine, theirs = self.new_account(), self.new_account("them@example.org")
+        handle = self.new_handle(mine)
+        their_handle = self.new_handle(theirs)
+        for name in (handle, handle.split("@")[0]):
+            done = self.run_cli("delete", "handle", name, theirs, rc=1)
+            self.assertIn("no handle", done.stderr)
+        self.assertEqual(self.listed(mine), [handle])
+        self.assertEqual(self.listed(theirs), [their_handle])
+        self.assertEqual(self.site.query(handle), "me@example.org")
+        self.assertIn("%s me@example.org" % handle, self.site.our_lines())
+
+    def test_delete_account_removes_the_account_and_its_handles(self):
+        token = self.new_account()
+        handles = [self.new_handle(token) for _ in range(2)]
+        done = self.run_cli("delete", "account", token)
+        self.assertEqual(done.stdout.strip(), "")
+        self.assertIn("2 handles", done.stderr)
+        for handle in handles:
+            self.assertIsNone(self.site.query(handle))
+        self.run_cli("list", token, rc=1)
+
+    def test_stop_takes_no_arguments(self):
+        # stopping itself is tested on servers of their own in DaemonLifecycleTest
+        done = cli(self.site, "stop", "now")
+        self.assertEqual(done.returncode, 2)
+        self.assertIsNone(self.daemon.proc.poll())
+
+    # -- what an owner needs beyond the original --------------------------------------------
+
+    def test_new_handle_takes_a_label_and_a_domain(self):
+        token = self.new_account()
+        handle = self.new_handle(token, "--label", "shop.example.com", "--domain", "other.test")
+        self.assertRegex(handle, r"^[a-z0-9]{16}@other\.test$")
+        self.assertRegex(self.new_handle(token, "--domain", "@Other.Test"), r"@other\.test$")
+        line = self.run_cli("list", token).stdout.splitlines()[-1]
+        self.assertTrue(line.startswith(handle + "\t"), line)
+        self.assertTrue(line.endswith("shop.example.com"), line)
+
+    def test_new_handle_in_a_domain_not_served_is_an_error_naming_the_served_ones(self):
+        done = self.run_cli("new", "handle", self.new_account(), "--domain", "elsewhere.test", rc=1)
+        self.assertIn("incognito.test", done.stderr)
+        self.assertEqual(done.stdout, "")
+
+    def test_disable_and_enable_handle_change_what_postfix_sees(self):
+        token = self.new_account()
+        handle = self.new_handle(token)
+        done = self.run_cli("disable", "handle", handle, token)
+        self.assertTrue(done.stdout.startswith(handle + "\tdisabled"), done.stdout)
+        self.assertIsNone(self.site.query(handle))
+        done = self.run_cli("enable", "handle", handle.split("@")[0], token)
+        self.assertTrue(done.stdout.startswith(handle + "\tenabled"), done.stdout)
+        self.assertEqual(self.site.query(handle), "me@example.org")
+
+    def test_label_handle_sets_the_label_shown_by_list(self):
+        token = self.new_account()
+        handle = self.new_handle(token)
+        self.run_cli("label", "handle", handle, token, "newsletter of shop.example.com")
+        handles = json.loads(self.run_cli("list", token, "--json").stdout)
+        self.assertEqual(handles[0]["label"], "newsletter of shop.example.com")
+        self.run_cli("label", "handle", handle, token, "line\nbreak", rc=1)
+
+    def test_rotate_prints_a_new_token_and_the_old_one_no_longer_works(self):
+        old = self.new_account()
+        handle = self.new_handle(old)
+        done = self.run_cli("rotate", old)
+        new = done.stdout.strip()
+        self.assertRegex(done.stdout, r"^[A-Za-z0-9_-]{43,}\n$")
+        self.assertNotEqual(new, old)
+        self.run_cli("list", old, rc=1)
+        self.assertEqual(self.listed(new), [handle])
+        self.assertEqual(self.site.query(handle), "me@example.org")
+
+    def test_secret_dash_is_read_from_standard_input(self):
+        token = self.new_account()
+        secret = token + "\n"
+        handle = self.run_cli("new", "handle", "-", input=secret).stdout.strip()
+        self.assertRegex(handle, r"@incognito\.test$")
+        self.assertEqual(self.run_cli("list", "-", input=secret).stdout.split()[0], handle)
+        self.run_cli("label", "handle", handle, "-", "shop", input=secret)
+        self.run_cli("disable", "handle", handle, "-", input=secret)
+        self.run_cli("enable", "handle", handle, "-", input=secret)
+        self.run_cli("delete", "handle", handle, "-", input=secret)
+        self.assertEqual(self.listed(token), [])
+        new = self.run_cli("rotate", "-", input=secret).stdout.strip()
+        self.run_cli("delete", "account", "-", input=new + "\n")
+        self.run_cli("list", new, rc=1)
+        self.run_cli("list", "-", input="", rc=1)
+
+    def test_secret_starting_with_a_dash_is_accepted_as_an_argument(self):
+        token = "-" + im.new_token()[1:]            # an account whose token begins with "-"
+        db = sqlite3.connect(self.site.config.database_path, timeout=10)
+        db.execute("INSERT INTO accounts (address, token_sha256, created) VALUES (?, ?, ?)",
+                   ("dash@example.org", im.token_digest(token), int(time.time())))
+        db.commit()
+        db.close()
+        handle = self.new_handle(token)
+        self.assertEqual(self.listed(token), [handle])
+        self.run_cli("delete", "handle", handle, token)
+        self.assertEqual(self.listed(token), [])
+
+    def test_json_is_accepted_anywhere_on_the_command_line(self):
+        token = self.new_account()
+        config = self.site.config_path
+        for argv in (["--json", "-c", config, "new", "handle", token],
+                     ["-c", config, "--json", "new", "handle", token],
+                     ["-c", config, "new", "--json", "handle", token],
+                     ["-c", config, "new", "handle", "--json", token],
+                     ["-c", config, "new", "handle", token, "--json"]):
+            with self.subTest(argv=argv):
+                done = run_module(*argv)
+                self.assertEqual(done.returncode, 0, done.stderr)
+                self.assertRegex(json.loads(done.stdout)["address"], r"^[a-z0-9]{16}@incognito\.test$")
+
+    def test_json_output_of_each_command(self):
+        token = json.loads(self.run_cli("--json", "new", "account", "me@example.org").stdout)["token"]
+        handle = json.loads(self.run_cli("--json", "new", "handle", token, "--label", "shop").stdout)
+        self.assertEqual(set(handle), {"address", "label", "enabled", "created", "received", "last_received"})
+        self.assertEqual((handle["label"], handle["enabled"], handle["received"], handle["last_received"]),
+                         ("shop", True, 0, None))
+        self.assertRegex(handle["created"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        listed = json.loads(self.run_cli("--json", "list", token).stdout)
+        self.assertEqual(listed, [handle])
+        disabled = json.loads(self.run_cli("--json", "disable", "handle", handle["address"], token).stdout)
+        self.assertEqual(disabled["enabled"], False)
+        self.assertEqual(json.loads(self.run_cli("--json", "delete", "handle", handle["address"], token).stdout), {})
+        new = json.loads(self.run_cli("--json", "rotate", token).stdout)["token"]
+        self.assertEqual(json.loads(self.run_cli("--json", "delete", "account", new).stdout), {"deleted_handles": 0})
+        error = self.run_cli("--json", "list", token, rc=1)
+        self.assertEqual(json.loads(error.stdout)["ok"], False)
+
+    def test_list_json_gives_an_empty_array_for_an_account_without_handles(self):
+        self.assertEqual(json.loads(self.run_cli("list", self.new_account(), "--json").stdout), [])
+
+    def test_original_go_style_config_flags_are_accepted(self):
+        for argv in (["-config", self.site.config_path, "status"], ["-config=" + self.site.config_path, "status"],
+                     ["--config", self.site.config_path, "status"], ["--config=" + self.site.config_path, "status"],
+                     ["-c", self.site.config_path, "status"]):
+            with self.subTest(argv=argv):
+                done = run_module(*argv)
+                self.assertEqual(done.returncode, 0, done.stderr)
+                self.assertIn("pid %d" % self.daemon.pid, done.stdout)
+
+    def test_status_reports_pid_counts_and_version(self):
+        status = json.loads(self.run_cli("status", "--json").stdout)
+        self.assertEqual((status["running"], status["pid"], status["version"]), (True, self.daemon.pid, im.__version__))
+        self.assertEqual(status["domains"], ["incognito.test", "other.test"])
+        self.assertEqual(status["map"], "hash:%s" % self.site.map_path)
+        token = self.new_account()
+        self.new_handle(token)
+        after = json.loads(self.run_cli("--json", "status").stdout)
+        self.assertEqual(after["accounts"], status["accounts"] + 1)
+        self.assertEqual(after["handles"], status["handles"] + 1)
+        self.assertEqual(after["enabled_handles"], status["enabled_handles"] + 1)
+        text = self.run_cli("status").stdout
+        self.assertIn("running (pid %d)" % self.daemon.pid, text)
+        self.assertIn(im.__version__, text)
+        self.assertIn("accounts %d" % after["accounts"], text)
+
+    # -- errors and exit codes ------------------------------------------------------------
+
+    def test_errors_exit_1_with_a_message_and_nothing_on_stdout(self):
+        for args in (["new", "account", "me@example.org, evil@example.net"],
+                     ["new", "account", "me@example.org\nevil@incognito.test mallory@example.net"],
+                     ["new", "handle", "no-such-token"],
+                     ["list", "no-such-token"],
+                     ["delete", "handle", "abc", "no-such-token"],
+                     ["delete", "handle", "not a handle!", self.new_account()]):
+            with self.subTest(args=args):
+                done = self.run_cli(*args, rc=1)
+                self.assertEqual(done.stdout, "")
+                self.assertTrue(done.stderr.startswith("incognitomail: error: "), done.stderr)
+
+    def test_wrong_secret_is_not_repeated_in_the_error(self):
+        wrong = "Zx9-wrong-secret-" + uuid.uuid4().hex
+        done = self.run_cli("list", wrong, rc=1)
+        self.assertIn("unknown secret token", done.stderr)
+        self.assertNotIn(wrong, done.stderr + done.stdout)
+        self.assertNotIn(wrong, self.daemon.log())
+
+    def test_wrong_usage_exits_2(self):
+        for args in (["new"], ["new", "thing", "x"], ["new", "handle"], ["frobnicate"], ["list"], ["list", "a", "b"],
+                     ["delete", "handle", "only-one"], ["delete", "account"], ["label", "handle", "h", "secret"],
+                     ["enable", "account", "x"], ["prune", "--handles-unused-days", "soon"], ["--no-such-flag"]):
+            with self.subTest(args=args):
+                done = cli(self.site, *args)
+                self.assertEqual(done.returncode, 2, done)
+                self.assertIn("usage", done.stderr)
+                self.assertEqual(done.stdout, "")
+
+    def test_prune_without_the_policy_service_is_refused_naming_PolicyListen(self):
+        token = self.new_account()
+        handle = self.new_handle(token)
+        done = self.run_cli("prune", "--handles-unused-days", "0", rc=1)
+        self.assertIn("PolicyListen", done.stderr)
+        self.assertIn("policy service", done.stderr)
+        self.assertEqual(self.listed(token), [handle])
+
+    # -- logging ------------------------------------------------------------------------
+
+    def test_every_change_is_logged_at_info_without_the_token(self):
+        token = self.new_account("logged@example.org")
+        handle = self.new_handle(token, "--label", "shop")
+        other = self.new_handle(token)
+        self.run_cli("label", "handle", handle, token, "renamed")
+        self.run_cli("disable", "handle", handle, token)
+        self.run_cli("enable", "handle", handle, token)
+        self.run_cli("delete", "handle", other, token)
+        new = self.run_cli("rotate", token).stdout.strip()
+        self.run_cli("delete", "account", new)
+        log = self.daemon.log()
+        info = [line for line in log.splitlines() if " INFO " in line]
+        expectations = [("new account", "logged@example.org"), ("new handle " + handle, "logged@example.org"),
+                        ("new handle " + other, ""), ("handle " + handle, "renamed"), ("handle " + handle, "disabled"),
+                        ("handle " + handle, "enabled"), ("deleted handle " + other, ""),
+                        ("new secret token", "logged@example.org"), ("deleted account", "logged@example.org")]
+        for words in expectations:
+            with self.subTest(words=words):
+                self.assertTrue(any(all(w in line for w in words) for line in info), "no INFO line with %s" % (words,))
+        for secret in (token, new):
+            self.assertNotIn(secret, log)
+
+
+class StatusWhenStoppedTest(unittest.TestCase):
+    """With no server: status says so, commands say how to start it (no Postfix needed)."""
+
+    def setUp(self):
+        folder = make_folder(self)
+        self.config = os.path.join(folder, "incognitomail.ini")
+        write_ini(self.config, minimal_ini_sections(folder))
+
+    def test_status_exits_1_saying_not_running(self):
+        done = run_module("-c", self.config, "status")
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("not running", done.stdout + done.stderr)
+        self.assertNotIn("Traceback", done.stderr)
+
+    def test_status_json_is_one_json_document_saying_not_running(self):
+        done = run_module("-c", self.config, "--json", "status")
+        self.assertEqual(done.returncode, 1)
+        self.assertEqual(json.loads(done.stdout).get("running"), False, done.stdout)
+
+    def test_commands_say_how_to_start_the_server(self):
+        done = run_module("-c", self.config, "new", "account", "me@example.org")
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("not running", done.stderr)
+        self.assertIn("UnixSockPath", done.stderr)
+        self.assertIn(self.config, done.stderr)
+
+
+###############################################################################
+# End to end: a real private Postfix on loopback
+###############################################################################
+
+# An admin's own line in the map Postfix uses: it must survive everything and keep routing.
+FOREIGN_LINE = b"admin@incognito.test bob@mbox.test\n"
+
+
+class PostfixInstanceTestCase(unittest.TestCase):
+    """Base: one private Postfix per class; a fresh daemon and database per test."""
+
+    MAP_TYPE = "hash"
+
+    @classmethod
+    def setUpClass(cls):
+        require_postfix(instance=True, map_type=cls.MAP_TYPE)
+        cls.pf = start_postfix_instance(cls, cls.MAP_TYPE, FOREIGN_LINE.decode(), cls.extra_main_cf())
+
+    @classmethod
+    def extra_main_cf(cls):
+        return []
+
+    def daemon_sections(self):
+        return {}
+
+    def make_site(self):
+        return Site(make_folder(self), map_type=self.pf.map_type, map_path=self.pf.map_path,
+                    config_dir=self.pf.config_dir, domains="incognito.test", sections=self.daemon_sections())
+
+    def start(self, env=None):
+        site = self.make_site()
+        return site, start_daemon(self, site, env=env)
+
+    def run_cli(self, site, *args, input=None, rc=0):
+        done = cli(site, *args, input=input)
+        self.assertEqual(done.returncode, rc, "%s -> %r %r" % (args, done.stdout, done.stderr))
+        return done.stdout.strip()
+
+    def assert_delivered(self, rcpt, user):
+        ok, code, text, mark = self.pf.send(rcpt)
+        self.assertTrue(ok, "mail to %s refused: %s %s" % (rcpt, code, text))
+        self.assertTrue(self.pf.wait_for_mail(user, mark), "mail to %s never reached %s:\n%s"
+                        % (rcpt, user, self.pf.maillog()[-2000:]))
+        return mark
+
+    def assert_rejected_at_rcpt(self, rcpt, code=550):
+        ok, got, text, mark = self.pf.send(rcpt)
+        self.assertFalse(ok, "mail to %s was accepted" % rcpt)
+        self.assertEqual(got, code, text)
+        return text
+
+    def assert_foreign_line_kept(self):
+        with open(self.pf.map_path, "rb") as f:
+            self.assertTrue(f.read().startswith(FOREIGN_LINE))
+        self.assert_delivered("admin@incognito.test", "bob")
+
+
+class EndToEndDeliveryTest(PostfixInstanceTestCase):
+    """Handles made through the command line route real mail; removed ones are refused at RCPT."""
+
+    def test_handle_made_through_the_command_line_receives_mail_and_once_deleted_is_rejected_at_rcpt(self):
+        site, daemon = self.start()
+        self.assert_foreign_line_kept()
+        token = self.run_cli(site, "new", "account", "alice@mbox.test")
+        handle = self.run_cli(site, "new", "handle", token)
+        self.assert_delivered(handle, "alice")
+        self.assert_foreign_line_kept()
+        self.run_cli(site, "delete", "handle", handle, token)
+        text = self.assert_rejected_at_rcpt(handle)
+        self.assertIn("User unknown", text)
+        self.assert_foreign_line_kept()
+
+    def test_handle_in_use_receives_mail_with_its_original_recipient_recorded(self):
+        site, daemon = self.start()
+        token = self.run_cli(site, "new", "account", "carol@mbox.test")
+        handle = self.run_cli(site, "new", "handle", "-", "--label", "shop", input=token + "\n")
+        mark = self.assert_delivered(handle, "carol")
+        message = self.pf.mailbox("carol").split(mark)[0].rsplit("\nFrom ", 1)[-1]
+        self.assertIn("X-Original-To: %s" % handle, message)
+
+    def test_disabled_handle_is_rejected_at_rcpt_and_receives_again_once_enabled(self):
+        site, daemon = self.start()
+        token = self.run_cli(site, "new", "account", "alice@mbox.test")
+        handle = self.run_cli(site, "new", "handle", token)
+        self.run_cli(site, "disable", "handle", handle, token)
+        self.assert_rejected_at_rcpt(handle)
+        self.run_cli(site, "enable", "handle", handle, token)
+        self.assert_delivered(handle, "alice")
+
+    def test_deleted_account_leaves_its_handles_rejected(self):
+        site, daemon = self.start()
+        token = self.run_cli(site, "new", "account", "alice@mbox.test")
+        handles = [self.run_cli(site, "new", "handle", token) for _ in range(2)]
+        self.run_cli(site, "delete", "account", token)
+        for handle in handles:
+            self.assert_rejected_at_rcpt(handle)
+        self.assert_foreign_line_kept()
+
+    def test_foreign_line_and_handles_survive_restarts_and_rebuilds(self):
+        site, daemon = self.start()
+        token = self.run_cli(site, "new", "account", "dave@mbox.test")
+        handle = self.run_cli(site, "new", "handle", token)
+        self.assertEqual(daemon.stop(), 0)
+        DaemonProcess(site).start().stop()                  # in step: left alone
+        self.assert_foreign_line_kept()
+        os.unlink(self.pf.map_path + (".lmdb" if self.MAP_TYPE == "lmdb" else ".db"))
+        again = start_daemon(self, site)                    # index missing: rebuilt
+        self.assertIn("rebuilt", again.log())
+        self.assert_delivered(handle, "dave")
+        self.assert_foreign_line_kept()
+        again.kill()                                        # a crash: rebuilt at the next start
+        start_daemon(self, site)
+        self.assert_delivered(handle, "dave")
+        self.assert_foreign_line_kept()
+
+
+class CreateThenSendTests:
+    """Mixin: visibility at once, the whole-second mtime trap of hash: maps included."""
+
+    ROUNDS = 20
+
+    def test_new_handles_receive_mail_sent_the_moment_they_are_made(self):
+        site, daemon = self.start()
+        client = im.ControlClient(site.config)
+        token = client.request("new_account", address="carol@mbox.test")["token"]
+        marks = []
+        for round in range(self.ROUNDS):
+            handle = client.request("new_handle", token=token)["handle"]["address"]
+            ok, code, text, mark = self.pf.send(handle)
+            self.assertTrue(ok, "round %d: %s refused right after it was made: %s %s" % (round, handle, code, text))
+            marks.append((handle, mark))
+        for handle, mark in marks:
+            self.assertTrue(self.pf.wait_for_mail("carol", mark),
+                            "accepted but not delivered (bounced by a stale cleanup?): %s" % handle)
+        self.assert_foreign_line_kept()
+
+    def test_deleted_handles_are_rejected_the_moment_they_are_deleted(self):
+        site, daemon = self.start()
+        client = im.ControlClient(site.config)
+        token = client.request("new_account", address="carol@mbox.test")["token"]
+        for round in range(self.ROUNDS):
+            handle = client.request("new_handle", token=token)["handle"]["address"]
+            self.assertEqual(self.pf.rcpt_check(handle)[0], 250, "round %d: new %s refused" % (round, handle))
+            client.request("delete_handle", token=token, address=handle)
+            code, text = self.pf.rcpt_check(handle)
+            self.assertEqual(code, 550, "round %d: deleted %s still accepted: %s" % (round, handle, text))
+        self.assert_foreign_line_kept()
+
+    def test_disabled_handles_are_rejected_at_once_and_accepted_at_once_when_enabled(self):
+        site, daemon = self.start()
+        client = im.ControlClient(site.config)
+        token = client.request("new_account", address="carol@mbox.test")["token"]
+        handle = client.request("new_handle", token=token)["handle"]["address"]
+        for round in range(self.ROUNDS // 2):
+            client.request("update_handle", token=token, address=handle, enabled=False)
+            self.assertEqual(self.pf.rcpt_check(handle)[0], 550, "round %d: disabled handle accepted" % round)
+            client.request("update_handle", token=token, address=handle, enabled=True)
+            self.assertEqual(self.pf.rcpt_check(handle)[0], 250, "round %d: enabled handle refused" % round)
+
+
+class CreateThenSendHashTest(CreateThenSendTests, PostfixInstanceTestCase):
+    MAP_TYPE = "hash"
+
+
+class CreateThenSendLmdbTest(CreateThenSendTests, PostfixInstanceTestCase):
+    MAP_TYPE = "lmdb"
+
+
+###############################################################################
+# Issue 4: the policy service (what each handle receives), pruning, check
+###############################################################################
+
+def policy_request(recipient, state="RCPT", instance=None, **extra):
+    fields = dict(request="smtpd_access_policy", protocol_state=state, protocol_name="ESMTP",
+                  client_address="127.0.0.1", sender="sender@example.org", recipient=recipient,
+                  instance=instance or uuid.uuid4().hex, **extra)
+    return "".join("%s=%s\n" % item for item in fields.items()).encode() + b"\n"
+
+
+def read_policy_answer(sock):
+    data = b""
+    while not data.endswith(b"\n\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+class PolicyServiceTest(PostfixInstanceTestCase):
+    """Postfix asks the daemon about every recipient: counts, disabled handles, mail keeps flowing."""
+
+    @classmethod
+    def extra_main_cf(cls):
+        cls.policy_port = free_port()
+        endpoint = "inet:127.0.0.1:%d" % cls.policy_port
+        return ["smtpd_recipient_restrictions = check_policy_service %s" % endpoint,
+                # Postfix asks again at the end of the message: that must not count twice
+                "smtpd_end_of_data_restrictions = check_policy_service %s" % endpoint,
+                "smtpd_policy_service_default_action = DUNNO"]
+
+    def daemon_sections(self):
+        return {"General": {"PolicyListen": "inet:127.0.0.1:%d" % self.policy_port}}
+
+    def handles(self, site, token):
+        return {h["address"]: h for h in json.loads(self.run_cli(site, "list", token, "--json"))}
+
+    def wait_received(self, site, token, handle, count):
+        got = wait_until(lambda: self.handles(site, token)[handle]["received"] >= count, timeout=15, interval=0.1)
+        self.assertTrue(got, "received never reached %d" % count)
+        return self.handles(site, token)[handle]
+
+    def test_mail_to_a_handle_is_counted_once_per_message_in_list_and_list_json(self):
+        site, daemon = self.start()
+        token = self.run_cli(site, "new", "account", "alice@mbox.test")
+        handle, quiet = self.run_cli(site, "new", "handle", token), self.run_cli(site, "new", "handle", token)
+        started = time.time()
+        for _ in range(2):
+            self.assert_delivered(handle, "alice")
+        counted = self.wait_received(site, token, handle, 2)
+        time.sleep(im.RECEIVED_FLUSH_SECONDS + 0.5)          # any late double count would land by now
+        counted = self.handles(site, token)[handle]
+        self.assertEqual(counted["received"], 2)
+        last = counted["last_received"]
+        self.assertRegex(last, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        when = calendar.timegm(time.strptime(last, "%Y-%m-%dT%H:%M:%SZ"))
+        self.assertLessEqual(abs(when - started), 120)
+        self.assertEqual((self.handles(site, token)[quiet]["received"], self.handles(site, token)[quiet]["last_received"]),
+                         (0, None))
+        line = next(l for l in self.run_cli(site, "list", token).splitlines() if l.startswith(handle))
+        self.assertIn("received 2", line)
+        self.assertIn(last, line)
+
+    def test_disabled_handle_is_rejected_with_550_by_the_policy_service_and_not_counted(self):
+        site, daemon = self.start()
+        token = self.run_cli(site, "new", "account", "alice@mbox.test")
+        handle = self.run_cli(site, "new", "handle", token)
+        self.run_cli(site, "disable", "handle", handle, token)
+        text = self.assert_rejected_at_rcpt(handle, 550)
+        self.assertIn("disabled", text)
+        self.run_cli(site, "enable", "handle", handle, token)
+        self.assert_delivered(handle, "alice")
+        self.wait_received(site, token, handle, 1)
+        time.sleep(im.RECEIVED_FLUSH_SECONDS + 0.5)
+        self.assertEqual(self.handles(site, token)[handle]["received"], 1)
+
+    def test_counts_survive_a_daemon_restart(self):
+        site, daemon = self.start()
+        token = self.run_cli(site, "new", "account", "alice@mbox.test")
+        handle = self.run_cli(site, "new", "handle", token)
+        self.assert_delivered(handle, "alice")
+        self.assertEqual(daemon.stop(), 0)               # at once: before the periodic write
+        start_daemon(self, site)
+        self.assertEqual(self.handles(site, token)[handle]["received"], 1)
+
+    def test_postfix_keeps_delivering_while_the_daemon_is_stopped(self):
+        site, daemon = self.start()
+        token = self.run_cli(site, "new", "account", "alice@mbox.test")
+        handle = self.run_cli(site, "new", "handle", token)
+        self.assertEqual(daemon.stop(), 0)
+        self.assert_delivered(handle, "alice")
+        self.assert_rejected_at_rcpt("nosuch@incognito.test")
+
+    def test_prune_removes_never_used_handles_and_keeps_used_ones(self):
+        site, daemon = self.start()
+        token = self.run_cli(site, "new", "account", "alice@mbox.test")
+        used, unused = self.run_cli(site, "new", "handle", token), self.run_cli(site, "new", "handle", token)
+        self.assert_delivered(used, "alice")
+        self.wait_received(site, token, used, 1)
+        self.assertEqual(self.run_cli(site, "prune", "--handles-unused-days", "0", "--dry-run"), unused)
+        self.assertEqual(set(self.handles(site, token)), {used, unused})
+        self.assertEqual(self.run_cli(site, "prune", "--handles-unused-days", "0"), unused)
+        self.assertEqual(set(self.handles(site, token)), {used})
+        self.assertEqual(self.pf.rcpt_check(unused)[0], 550)
+        self.assert_delivered(used, "alice")
+        self.assertEqual(self.run_cli(site, "prune", "--handles-unused-days", "0"), "")
+
+    def test_policy_protocol_many_requests_per_connection_and_bad_ones_close_only_their_own(self):
+        site, daemon = self.start()
+        token = self.run_cli(site, "new", "account", "alice@mbox.test")
+        handle = self.run_cli(site, "new", "handle", token)
+        good = socket.create_connection(("127.0.0.1", self.policy_port), timeout=10)
+        self.addCleanup(good.close)
+        good.sendall(policy_request(handle) + policy_request("nosuch@incognito.test") + policy_request("x@example.org"))
+        answers = b""
+        while answers.count(b"\n\n") < 3:
+            chunk = good.recv(4096)
+            self.assertTrue(chunk, "connection closed early")
+            answers += chunk
+        self.assertEqual(answers, b"action=DUNNO\n\n" * 3)
+        for garbage in (b"\x00\xff\xfe binary garbage\n\n", b"no equals sign here\n\n", b"recipient=" + b"x" * 70000):
+            with self.subTest(garbage=garbage[:20]):
+                bad = socket.create_connection(("127.0.0.1", self.policy_port), timeout=10)
+                self.addCleanup(bad.close)
+                try:
+                    bad.sendall(garbage)
+                    self.assertEqual(bad.recv(4096), b"", "a malformed request got an answer")
+                except ConnectionResetError:
+                    pass
+                good.sendall(policy_request(handle))
+                self.assertEqual(read_policy_answer(good), b"action=DUNNO\n\n")
+        self.assertIn("policy service", daemon.log())
+        self.assertIsNone(daemon.proc.poll())
+
+
+class PruneTest(PostmapTestCase):
+    """Pruning with a clock the test sets: exactly the never-used old handles and accounts."""
+
+    DAY = 86400
+
+    def make_pruning_site(self, policy=True):
+        return self.make_site(sections={"General": {"PolicyListen": "inet:127.0.0.1:10040" if policy else ""}})
+
+    def setUp(self):
+        self.now = [1700000000.0]
+        self.site = self.make_pruning_site()
+        self.fixture = self.start_service(self.site, clock=lambda: self.now[0])
+        call = self.fixture.call
+        # 30 days ago
+        self.now[0] -= 30 * self.DAY
+        self.used_account = call("new_account", "used@example.org")
+        self.old_unused_handle = call("new_handle", self.used_account, None, None)["address"]
+        self.old_used_handle = call("new_handle", self.used_account, None, None)["address"]
+        self.old_disabled_unused = call("new_handle", self.used_account, None, None)["address"]
+        call("update_handle", self.used_account, self.old_disabled_unused, im._UNCHANGED, False)
+        call("new_account", "never@example.org")
+        call("record_received", [(self.old_used_handle, self.now[0] + self.DAY)])
+        # an old account whose token was never used, but which has a handle made for it
+        self.kept_account = call("new_account", "kept@example.org")
+        self.kept_handle = call("new_handle", self.kept_account, None, None)["address"]
+        call("record_received", [(self.kept_handle, self.now[0])])
+        self.fixture.store.db.execute("UPDATE accounts SET last_used = NULL WHERE address = 'kept@example.org'")
+        # yesterday
+        self.now[0] += 29 * self.DAY
+        call("new_account", "young@example.org")
+        self.young_unused_handle = call("new_handle", self.used_account, None, None)["address"]
+        self.now[0] += self.DAY
+
+    def all_addresses(self):
+        db = self.fixture.store.db
+        return (set(a for (a,) in db.execute("SELECT address FROM accounts")),
+                set("%s@%s" % row for row in db.execute("SELECT local, domain FROM handles")))
+
+    def test_dry_run_lists_what_would_go_and_removes_nothing(self):
+        before = self.all_addresses()
+        removed = self.fixture.call("prune", 7, 7, True)
+        self.assertEqual(sorted(removed), sorted([self.old_unused_handle, self.old_disabled_unused, "never@example.org"]))
+        self.assertEqual(self.all_addresses(), before)
+        self.assertEqual(self.site.query(self.old_unused_handle), "used@example.org")
+
+    def test_prune_removes_exactly_the_never_used_old_handles_and_accounts(self):
+        removed = self.fixture.call("prune", 7, 7, False)
+        self.assertEqual(sorted(removed), sorted([self.old_unused_handle, self.old_disabled_unused, "never@example.org"]))
+        accounts, handles = self.all_addresses()
+        self.assertEqual(accounts, {"used@example.org", "kept@example.org", "young@example.org"})
+        self.assertEqual(handles, {self.old_used_handle, self.kept_handle, self.young_unused_handle})
+        self.assertIsNone(self.site.query(self.old_unused_handle))
+        for handle in (self.old_used_handle, self.young_unused_handle):
+            self.assertEqual(self.site.query(handle), "used@example.org")
+        self.fixture.stop()
+        self.assertEqual(self.site.our_lines(), {"%s used@example.org" % self.old_used_handle,
+                                                 "%s kept@example.org" % self.kept_handle,
+                                                 "%s used@example.org" % self.young_unused_handle})
+
+    def test_zero_days_means_every_never_used_handle_whatever_its_age(self):
+        removed = self.fixture.call("prune", 0, None, False)
+        self.assertEqual(sorted(removed), sorted([self.old_unused_handle, self.old_disabled_unused,
+                                                  self.young_unused_handle]))
+        self.assertEqual(self.all_addresses()[1], {self.old_used_handle, self.kept_handle})
+
+    def test_handles_and_accounts_have_their_own_ages(self):
+        self.assertEqual(self.fixture.call("prune", None, 7, False), ["never@example.org"])
+        self.assertEqual(self.fixture.call("prune", 60, None, False), [])
+        self.now[0] += 40 * self.DAY                        # the old ones are 70 days old, the young 41
+        self.assertEqual(sorted(self.fixture.call("prune", 60, None, False)),
+                         sorted([self.old_unused_handle, self.old_disabled_unused]))
+        self.assertEqual(sorted(self.fixture.call("prune", 30, 30, False)),
+                         sorted([self.young_unused_handle, "young@example.org"]))
+
+    def test_prune_without_the_policy_service_is_refused_naming_PolicyListen(self):
+        site = self.make_pruning_site(policy=False)
+        fixture = self.start_service(site)
+        token = fixture.call("new_account", "me@example.org")
+        handle = fixture.call("new_handle", token, None, None)["address"]
+        with self.assertRaises(im.BadRequest) as caught:
+            fixture.call("prune", 0, 0, False)
+        self.assertIn("PolicyListen", str(caught.exception))
+        self.assertIn("policy service", str(caught.exception))
+        self.assertEqual([h["address"] for h in fixture.call("list_handles", token)], [handle])
+
+
+class CheckCommandTest(PostmapTestCase):
+    """``check`` passes on a good setup and names the fault on each broken one."""
+
+    GOOD_MAIN_CF = ("virtual_alias_domains = incognito.test, other.test\n"
+                    "virtual_alias_maps = hash:{map}\n"
+                    "smtpd_recipient_restrictions = check_policy_service inet:127.0.0.1:{port}\n")
+
+    def setUp(self):
+        self.port = free_port()
+        self.site = self.make_site(sections={"General": {"PolicyListen": "inet:127.0.0.1:%d" % self.port}})
+        self.set_main_cf(self.GOOD_MAIN_CF)
+
+    def set_main_cf(self, template):
+        write_postfix_config_dir(self.site.config.postfix_config_dir,
+                                 template.format(map=self.site.map_path, port=self.port))
+
+    def check(self, rc):
+        done = cli(self.site, "check")
+        self.assertEqual(done.returncode, rc, done.stdout + done.stderr)
+        self.assertNotIn("Traceback", done.stderr)
+        lines = done.stdout.splitlines()
+        self.assertTrue(lines)
+        for line in lines:
+            self.assertRegex(line, r"^(OK|FAIL) ")
+        return [line for line in lines if line.startswith("FAIL")]
+
+    def start_with_handles(self):
+        daemon = start_daemon(self, self.site)
+        token = cli(self.site, "new", "account", "me@example.org").stdout.strip()
+        handles = [cli(self.site, "new", "handle", token).stdout.strip() for _ in range(2)]
+        return daemon, token, handles
+
+    def test_check_passes_on_a_good_setup(self):
+        self.start_with_handles()
+        self.assertEqual(self.check(0), [])
+        results = json.loads(cli(self.site, "--json", "check").stdout)
+        self.assertTrue(all(r["ok"] for r in results), results)
+        self.assertGreaterEqual(len(results), 7)
+
+    def test_check_passes_with_a_recipient_canonical_map_too(self):
+        self.set_main_cf("mydestination = localhost, incognito.test, other.test\n"
+                         "recipient_canonical_maps = hash:{map}\n"
+                         "smtpd_recipient_restrictions = check_policy_service inet:127.0.0.1:{port}\n")
+        self.start_with_handles()
+        self.assertEqual(self.check(0), [])
+
+    def test_check_names_a_map_missing_from_main_cf(self):
+        self.set_main_cf("virtual_alias_domains = incognito.test, other.test\n"
+                         "smtpd_recipient_restrictions = check_policy_service inet:127.0.0.1:{port}\n")
+        self.start_with_handles()
+        failed = self.check(1)
+        self.assertEqual(len(failed), 1, failed)
+        self.assertIn("virtual_alias_maps", failed[0])
+        self.assertIn("hash:%s" % self.site.map_path, failed[0])
+
+    def test_check_names_a_map_out_of_step(self):
+        daemon, token, handles = self.start_with_handles()
+        self.site.postmap("-d", handles[0], "hash:%s" % self.site.map_path)
+        failed = self.check(1)
+        self.assertEqual(len(failed), 1, failed)
+        self.assertIn("in step", failed[0])
+        self.assertIn(handles[0], failed[0])
+
+    def test_check_names_a_map_entry_the_database_does_not_know(self):
+        self.start_with_handles()
+        self.site.postmap("-i", "hash:%s" % self.site.map_path, stdin="ghost1234ghost12@incognito.test evil@example.net\n")
+        failed = self.check(1)
+        self.assertEqual(len(failed), 1, failed)
+        self.assertIn("in step", failed[0])
+        self.assertIn("ghost1234ghost12@incognito.test", failed[0])
+
+    def test_check_names_a_domain_not_routed(self):
+        self.set_main_cf("virtual_alias_domains = incognito.test\n"
+                         "virtual_alias_maps = hash:{map}\n"
+                         "smtpd_recipient_restrictions = check_policy_service inet:127.0.0.1:{port}\n")
+        self.start_with_handles()
+        failed = self.check(1)
+        self.assertEqual(len(failed), 1, failed)
+        self.assertIn("other.test", failed[0])
+        self.assertIn("virtual_alias_domains", failed[0])
+
+    def test_check_names_a_policy_service_postfix_does_not_ask(self):
+        self.set_main_cf("virtual_alias_domains = incognito.test, other.test\nvirtual_alias_maps = hash:{map}\n")
+        self.start_with_handles()
+        failed = self.check(1)
+        self.assertEqual(len(failed), 1, failed)
+        self.assertIn("check_policy_service", failed[0])
+
+    def test_check_names_a_server_that_is_not_running(self):
+        daemon, token, handles = self.start_with_handles()
+        daemon.stop()
+        failed = self.check(1)
+        self.assertEqual(len(failed), 1, failed)
+        self.assertIn("not running", failed[0])
+
+
+###############################################################################
+# Issue 5: socketmap lookups, straight from the database
+###############################################################################
+
+class SocketmapTest(PostfixInstanceTestCase):
+    """``SocketmapListen``: Postfix asks the daemon; a change is visible with no postmap at all."""
+
+    @classmethod
+    def extra_main_cf(cls):
+        folder = make_folder(prefix="incognitomail-test-socketmap-")
+        cls.addClassCleanup(shutil.rmtree, folder, True)
+        cls.socket_path = os.path.join(folder, "run", "socketmap.sock")
+        return ["virtual_alias_maps = socketmap:unix:%s:virtual" % cls.socket_path]
+
+    def daemon_sections(self):
+        return {"General": {"SocketmapListen": "unix:%s" % self.socket_path}}
+
+    def start_without_postmap(self):
+        folder, _, _ = failing_postmap_folder(self, mode="always-fail")
+        return self.start(env=dict(os.environ, PATH=path_with(folder)))
+
+    def ask(self, sock, key, name="virtual"):
+        sock.sendall(im.netstring(("%s %s" % (name, key)).encode()))
+        data = b""
+        while not (data and data.endswith(b",") and data.split(b":", 1)[0].isdigit()
+                   and len(data) >= len(data.split(b":", 1)[0]) + 2 + int(data.split(b":", 1)[0])):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    def test_new_handles_receive_mail_sent_the_moment_they_are_made_with_no_postmap(self):
+        site, daemon = self.start_without_postmap()
+        client = im.ControlClient(site.config)
+        token = client.request("new_account", address="dave@mbox.test")["token"]
+        marks = []
+        for round in range(20):
+            handle = client.request("new_handle", token=token)["handle"]["address"]
+            ok, code, text, mark = self.pf.send(handle)
+            self.assertTrue(ok, "round %d: %s refused right after it was made: %s %s" % (round, handle, code, text))
+            marks.append(mark)
+        for mark in marks:
+            self.assertTrue(self.pf.wait_for_mail("dave", mark))
+
+    def test_deleted_and_disabled_handles_are_rejected_at_once(self):
+        site, daemon = self.start_without_postmap()
+        client = im.ControlClient(site.config)
+        token = client.request("new_account", address="dave@mbox.test")["token"]
+        for round in range(10):
+            handle = client.request("new_handle", token=token)["handle"]["address"]
+            self.assertEqual(self.pf.rcpt_check(handle)[0], 250)
+            client.request("update_handle", token=token, address=handle, enabled=False)
+            self.assertEqual(self.pf.rcpt_check(handle)[0], 550, "round %d: disabled handle accepted" % round)
+            client.request("update_handle", token=token, address=handle, enabled=True)
+            self.assertEqual(self.pf.rcpt_check(handle)[0], 250, "round %d: enabled handle refused" % round)
+            client.request("delete_handle", token=token, address=handle)
+            self.assertEqual(self.pf.rcpt_check(handle)[0], 550, "round %d: deleted handle accepted" % round)
+
+    def test_socketmap_protocol_answers_ok_or_notfound_and_survives_garbage(self):
+        site, daemon = self.start_without_postmap()
+        client = im.ControlClient(site.config)
+        token = client.request("new_account", address="dave@mbox.test")["token"]
+        handle = client.request("new_handle", token=token)["handle"]["address"]
+        disabled = client.request("new_handle", token=token)["handle"]["address"]
+        client.request("update_handle", token=token, address=disabled, enabled=False)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        sock.settimeout(10)
+        sock.connect(self.socket_path)
+        self.assertEqual(self.ask(sock, handle), im.netstring(b"OK dave@mbox.test"))
+        self.assertEqual(self.ask(sock, handle.upper()), im.netstring(b"OK dave@mbox.test"))
+        self.assertEqual(self.ask(sock, disabled), im.netstring(b"NOTFOUND "))
+        self.assertEqual(self.ask(sock, "nosuch@incognito.test"), im.netstring(b"NOTFOUND "))
+        self.assertEqual(self.ask(sock, handle.split("@")[0] + "@elsewhere.test"), im.netstring(b"NOTFOUND "))
+        bad = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(bad.close)
+        bad.settimeout(10)
+        bad.connect(self.socket_path)
+        bad.sendall(b"xyz:not a netstring")
+        try:
+            self.assertEqual(bad.recv(4096), b"")
+        except ConnectionResetError:
+            pass
+        self.assertEqual(self.ask(sock, handle), im.netstring(b"OK dave@mbox.test"))
+        done = self.pf.run("postmap", "-q", handle, "socketmap:unix:%s:virtual" % self.socket_path, check=False)
+        self.assertEqual(done.stdout.strip(), "dave@mbox.test")
+
+    def test_stopped_daemon_means_a_temporary_failure_not_a_bounce(self):
+        site, daemon = self.start_without_postmap()
+        client = im.ControlClient(site.config)
+        token = client.request("new_account", address="dave@mbox.test")["token"]
+        handle = client.request("new_handle", token=token)["handle"]["address"]
+        self.assertEqual(daemon.stop(), 0)
+        self.assertFalse(os.path.exists(self.socket_path), "socketmap socket left behind")
+        code, text = self.pf.rcpt_check(handle)
+        self.assertEqual(code // 100, 4, text)
+
+
+###############################################################################
+###############################################################################
+# WebSocket wire format (sans-I/O) and connection layer, with byte strings and loopback sockets
+###############################################################################
+
+MASK = b'\x37\xfa\x21\x3d'
+KEY = 'dGhlIHNhbXBsZSBub25jZQ=='   # the RFC 6455 section 1.3 example
+
+
+def client_frame(opcode: int, payload: bytes = b'', fin: bool = True, rsv: int = 0,
+                 masked: bool = True, length: int = None) -> bytes:
+    """A client-to-server frame, masked with a plain per-byte loop (independent of the module's own)."""
+    n = len(payload) if length is None else length
+    first = (0x80 if fin else 0) | rsv << 4 | opcode
+    mask_bit = 0x80 if masked else 0
+    if n < 126:
+        head = struct.pack('!BB', first, mask_bit | n)
+    elif n < 1 << 16:
+        head = struct.pack('!BBH', first, mask_bit | 126, n)
+    else:
+        head = struct.pack('!BBQ', first, mask_bit | 127, n)
+    if not masked:
+        return head + payload
+    return head + MASK + bytes(b ^ MASK[i % 4] for i, b in enumerate(payload))
+
+
+def upgrade_head(target: str = '/ws', **overrides: str) -> bytes:
+    """An upgrade request head; overrides use header names with '_' for '-', None drops one."""
+    headers = {'Host': 'localhost', 'Upgrade': 'websocket', 'Connection': 'Upgrade',
+               'Sec-WebSocket-Key': KEY, 'Sec-WebSocket-Version': '13'}
+    request_line = overrides.pop('request_line', 'GET %s HTTP/1.1' % target)
+    for name, value in overrides.items():
+        headers[name.replace('_', '-')] = value
+    lines = [request_line] + ['%s: %s' % (k, v) for k, v in headers.items() if v is not None]
+    return ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1')
+
+
+def events(parser: im.FrameParser, *chunks: bytes) -> list:
+    result = []
+    for chunk in chunks:
+        result.extend(parser.feed(chunk))
+    return result
+
+
+class ProtocolErrorAssertions(unittest.TestCase):
+    def assertProtocolError(self, code: int, parser: im.FrameParser, *chunks: bytes) -> im.ProtocolError:
+        with self.assertRaises(im.ProtocolError) as ctx:
+            events(parser, *chunks)
+        self.assertEqual(ctx.exception.close_code, code)
+        return ctx.exception
+
+
+# --------------------------------------------------------------------------------------------------
+# Opening handshake
+# --------------------------------------------------------------------------------------------------
+
+class ParseRequestTest(unittest.TestCase):
+    def test_request_line_and_headers_are_parsed_with_lowercased_names(self):
+        request = im.parse_request(upgrade_head('/ws?token=1', X_Thing='  spaced value \t'))
+        self.assertEqual(request.method, 'GET')
+        self.assertEqual(request.target, '/ws?token=1')
+        self.assertEqual(request.path, '/ws')
+        self.assertEqual(request.version, (1, 1))
+        self.assertEqual(request.headers['host'], 'localhost')
+        self.assertEqual(request.headers['x-thing'], 'spaced value')
+
+    def test_repeated_header_values_are_joined_with_commas(self):
+        head = b'GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\nconnection: Upgrade\r\n\r\n'
+        self.assertEqual(im.parse_request(head).headers['connection'], 'keep-alive, Upgrade')
+
+    def test_malformed_request_line_is_400(self):
+        for line in ('GET /ws', 'GET /ws HTTP/1.1 extra', 'GET  /ws HTTP/1.1', 'GET /ws HTTP/one',
+                     '/ws HTTP/1.1', 'G(T /ws HTTP/1.1', ''):
+            with self.subTest(line=line), self.assertRaises(im.HandshakeError) as ctx:
+                im.parse_request(upgrade_head(request_line=line))
+            self.assertEqual(ctx.exception.status, 400)
+
+    def test_malformed_header_lines_are_400(self):
+        for line in (b'NoColon', b'Bad Name: x', b': empty name', b' folded: continuation',
+                     b'X: control\x01char', b'X: bare\nnewline', b'X: del\x7f'):
+            head = b'GET / HTTP/1.1\r\nHost: a\r\n' + line + b'\r\n\r\n'
+            with self.subTest(line=line), self.assertRaises(im.HandshakeError) as ctx:
+                im.parse_request(head)
+            self.assertEqual(ctx.exception.status, 400)
+
+    def test_head_without_blank_line_is_400(self):
+        with self.assertRaises(im.HandshakeError) as ctx:
+            im.parse_request(b'GET / HTTP/1.1\r\nHost: a\r\n')
+        self.assertEqual(ctx.exception.status, 400)
+
+    def test_duplicate_host_is_400(self):
+        with self.assertRaises(im.HandshakeError) as ctx:
+            im.parse_request(b'GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n')
+        self.assertEqual(ctx.exception.status, 400)
+
+    def test_non_ascii_header_bytes_are_kept_as_latin1(self):
+        request = im.parse_request(b'GET / HTTP/1.1\r\nX: caf\xc3\xa9\r\n\r\n')
+        self.assertEqual(request.headers['x'].encode('latin-1'), b'caf\xc3\xa9')
+
+
+class CheckUpgradeTest(unittest.TestCase):
+    def status(self, head: bytes, path: str = '/ws', origins=()) -> im.HandshakeError:
+        with self.assertRaises(im.HandshakeError) as ctx:
+            im.check_upgrade(im.parse_request(head), path, origins)
+        return ctx.exception
+
+    def test_valid_upgrade_returns_the_key(self):
+        self.assertEqual(im.check_upgrade(im.parse_request(upgrade_head()), '/ws', ()), KEY)
+
+    def test_query_string_is_ignored_when_matching_the_path(self):
+        self.assertEqual(im.check_upgrade(im.parse_request(upgrade_head('/ws?a=b')), '/ws', ()), KEY)
+
+    def test_other_path_is_404(self):
+        self.assertEqual(self.status(upgrade_head('/other')).status, 404)
+        self.assertEqual(self.status(upgrade_head('/ws/')).status, 404)
+
+    def test_plain_get_to_the_path_is_426_with_upgrade_header(self):
+        error = self.status(upgrade_head(Upgrade=None, Connection='keep-alive'))
+        self.assertEqual(error.status, 426)
+        self.assertIn(('Upgrade', 'websocket'), error.headers)
+
+    def test_missing_connection_upgrade_token_is_426(self):
+        self.assertEqual(self.status(upgrade_head(Connection='keep-alive')).status, 426)
+        self.assertEqual(self.status(upgrade_head(Upgrade='h2c')).status, 426)
+
+    def test_connection_token_list_and_case_are_accepted(self):
+        head = upgrade_head(Connection='keep-alive, Upgrade', Upgrade='WebSocket')
+        self.assertEqual(im.check_upgrade(im.parse_request(head), '/ws', ()), KEY)
+        head = upgrade_head(Connection='UPGRADE,keep-alive')
+        self.assertEqual(im.check_upgrade(im.parse_request(head), '/ws', ()), KEY)
+
+    def test_method_other_than_get_is_400(self):
+        self.assertEqual(self.status(upgrade_head(request_line='POST /ws HTTP/1.1')).status, 400)
+
+    def test_http_version_other_than_1_1_or_later_1_x_is_400(self):
+        for version in ('1.0', '0.9', '2.0'):
+            line = 'GET /ws HTTP/%s' % version
+            with self.subTest(version=version):
+                self.assertEqual(self.status(upgrade_head(request_line=line)).status, 400)
+        head = upgrade_head(request_line='GET /ws HTTP/1.2')
+        self.assertEqual(im.check_upgrade(im.parse_request(head), '/ws', ()), KEY)
+
+    def test_missing_host_is_400(self):
+        self.assertEqual(self.status(upgrade_head(Host=None)).status, 400)
+
+    def test_missing_or_malformed_key_is_400(self):
+        short = base64.b64encode(b'x' * 15).decode()
+        bad_keys = (None, '', short, 'not base64 at all!!!!!!=', KEY[:-2], KEY + 'AAAA', 'Zé' * 12)
+        for key in bad_keys:
+            with self.subTest(key=key):
+                self.assertEqual(self.status(upgrade_head(Sec_WebSocket_Key=key)).status, 400)
+
+    def test_websocket_version_other_than_13_is_426_naming_13(self):
+        for version in ('8', '14', None):
+            with self.subTest(version=version):
+                error = self.status(upgrade_head(Sec_WebSocket_Version=version))
+                self.assertEqual(error.status, 426)
+                self.assertIn(('Sec-WebSocket-Version', '13'), error.headers)
+
+    def test_origin_not_in_allowed_list_is_403(self):
+        head = upgrade_head(Origin='https://evil.example')
+        self.assertEqual(self.status(head, origins=['https://mail.example']).status, 403)
+        self.assertEqual(self.status(upgrade_head(), origins=['https://mail.example']).status, 403)
+        prefix = upgrade_head(Origin='https://mail.example.evil')
+        self.assertEqual(self.status(prefix, origins=['https://mail.example']).status, 403)
+
+    def test_origin_is_compared_case_insensitively(self):
+        head = upgrade_head(Origin='HTTPS://Mail.Example')
+        self.assertEqual(im.check_upgrade(im.parse_request(head), '/ws', ['https://mail.example']), KEY)
+
+    def test_empty_allowed_list_accepts_any_origin(self):
+        head = upgrade_head(Origin='https://anything.example')
+        self.assertEqual(im.check_upgrade(im.parse_request(head), '/ws', []), KEY)
+
+
+class ResponsesTest(unittest.TestCase):
+    def test_accept_response_carries_the_rfc_example_accept_value(self):
+        response = im.accept_response(KEY)
+        self.assertTrue(response.startswith(b'HTTP/1.1 101 Switching Protocols\r\n'))
+        self.assertIn(b'\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n', response)
+        self.assertIn(b'\r\nUpgrade: websocket\r\n', response)
+        self.assertIn(b'\r\nConnection: Upgrade\r\n', response)
+        self.assertTrue(response.endswith(b'\r\n\r\n'))
+
+    def test_error_response_has_status_length_close_and_extra_headers(self):
+        response = im.error_response(426, 'use WebSocket', [('Sec-WebSocket-Version', '13')])
+        head, body = response.split(b'\r\n\r\n', 1)
+        lines = head.split(b'\r\n')
+        self.assertEqual(lines[0], b'HTTP/1.1 426 Upgrade Required')
+        self.assertIn(b'Content-Length: %d' % len(body), lines)
+        self.assertIn(b'Connection: close', lines)
+        self.assertIn(b'Content-Type: text/plain; charset=utf-8', lines)
+        self.assertIn(b'Sec-WebSocket-Version: 13', lines)
+        self.assertEqual(body, b'use WebSocket\n')
+
+
+# --------------------------------------------------------------------------------------------------
+# Framing: decoding
+# --------------------------------------------------------------------------------------------------
+
+class FrameParserMessagesTest(unittest.TestCase):
+    def test_rfc_example_masked_hello_is_a_text_message(self):
+        frame = bytes([0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58])
+        self.assertEqual(events(im.FrameParser(100), frame), [im.Message(True, 'Hello')])
+
+    def test_binary_message_is_bytes(self):
+        self.assertEqual(events(im.FrameParser(100), client_frame(2, b'\x00\xff')),
+                         [im.Message(False, b'\x00\xff')])
+
+    def test_empty_text_and_binary_messages_are_delivered(self):
+        self.assertEqual(events(im.FrameParser(10), client_frame(1), client_frame(2)),
+                         [im.Message(True, ''), im.Message(False, b'')])
+
+    def test_16_and_64_bit_extended_lengths_are_decoded(self):
+        for size in (126, 65535, 65536, 70000):
+            payload = os.urandom(size)
+            with self.subTest(size=size):
+                self.assertEqual(events(im.FrameParser(size), client_frame(2, payload)),
+                                 [im.Message(False, payload)])
+
+    def test_fragmented_message_is_reassembled(self):
+        frames = client_frame(1, b'Hel', fin=False) + client_frame(0, b'lo', fin=False) + \
+            client_frame(0, b'!')
+        self.assertEqual(events(im.FrameParser(100), frames), [im.Message(True, 'Hello!')])
+
+    def test_control_frames_may_interleave_with_fragments(self):
+        frames = [client_frame(2, b'ab', fin=False), client_frame(9, b'p'), client_frame(10, b'q'),
+                  client_frame(0, b'cd')]
+        self.assertEqual(events(im.FrameParser(100), *frames),
+                         [im.Ping(b'p'), im.Pong(b'q'), im.Message(False, b'abcd')])
+
+    def test_feeding_byte_by_byte_gives_the_same_events(self):
+        data = client_frame(1, 'κόσμε'.encode(), fin=False) + client_frame(9, b'x') + \
+            client_frame(0, os.urandom(300).hex().encode()) + client_frame(2, os.urandom(70000))
+        whole = events(im.FrameParser(1 << 20), data)
+        single = events(im.FrameParser(1 << 20), *(data[i:i + 1] for i in range(len(data))))
+        self.assertEqual(single, whole)
+        self.assertEqual(len(whole), 3)
+
+    def test_events_before_a_bad_frame_are_yielded_first(self):
+        iterator = im.FrameParser(100).feed(client_frame(1, b'ok') + client_frame(3))
+        self.assertEqual(next(iterator), im.Message(True, 'ok'))
+        with self.assertRaises(im.ProtocolError):
+            next(iterator)
+
+
+class FrameParserProtocolErrorsTest(ProtocolErrorAssertions):
+    def test_unmasked_client_frame_is_protocol_error_1002(self):
+        self.assertProtocolError(1002, im.FrameParser(100), client_frame(1, b'hi', masked=False))
+
+    def test_unmasked_frame_fails_on_its_first_two_bytes(self):
+        self.assertProtocolError(1002, im.FrameParser(100), client_frame(1, b'hi', masked=False)[:2])
+
+    def test_reserved_bits_are_protocol_error_1002(self):
+        for rsv in (1, 2, 4, 7):
+            with self.subTest(rsv=rsv):
+                self.assertProtocolError(1002, im.FrameParser(100), client_frame(1, b'x', rsv=rsv))
+
+    def test_unknown_opcodes_are_protocol_error_1002(self):
+        for opcode in (3, 4, 5, 6, 7, 11, 12, 13, 14, 15):
+            with self.subTest(opcode=opcode):
+                self.assertProtocolError(1002, im.FrameParser(100), client_frame(opcode))
+
+    def test_fragmented_control_frame_is_protocol_error_1002(self):
+        for opcode in (8, 9, 10):
+            with self.subTest(opcode=opcode):
+                self.assertProtocolError(1002, im.FrameParser(100), client_frame(opcode, fin=False))
+
+    def test_control_payload_over_125_is_protocol_error_1002(self):
+        self.assertEqual(events(im.FrameParser(10), client_frame(9, b'x' * 125)), [im.Ping(b'x' * 125)])
+        self.assertProtocolError(1002, im.FrameParser(1000), client_frame(9, b'x' * 126)[:4])
+
+    def test_continuation_without_a_message_is_protocol_error_1002(self):
+        self.assertProtocolError(1002, im.FrameParser(100), client_frame(0, b'x'))
+        self.assertProtocolError(1002, im.FrameParser(100),
+                                 client_frame(1, b'a'), client_frame(0, b'b'))
+
+    def test_new_data_frame_during_a_message_is_protocol_error_1002(self):
+        for opcode in (1, 2):
+            with self.subTest(opcode=opcode):
+                self.assertProtocolError(1002, im.FrameParser(100), client_frame(1, b'a', fin=False),
+                                         client_frame(opcode, b'b'))
+
+    def test_64_bit_length_with_most_significant_bit_is_protocol_error_1002(self):
+        header = bytes([0x82, 0xFF]) + struct.pack('!Q', 1 << 63)
+        self.assertProtocolError(1002, im.FrameParser(1 << 70), header)
+
+
+class FrameParserUtf8Test(ProtocolErrorAssertions):
+    EURO = '€'.encode()   # e2 82 ac
+
+    def test_invalid_utf8_text_is_1007(self):
+        self.assertProtocolError(1007, im.FrameParser(100), client_frame(1, b'\xff'))
+        surrogate = b'\xed\xa0\x80'
+        self.assertProtocolError(1007, im.FrameParser(100), client_frame(1, surrogate))
+
+    def test_code_point_split_across_fragments_is_valid(self):
+        frames = [client_frame(1, b'a' + self.EURO[:1], fin=False),
+                  client_frame(0, self.EURO[1:2], fin=False), client_frame(0, self.EURO[2:] + b'b')]
+        self.assertEqual(events(im.FrameParser(100), *frames), [im.Message(True, 'a€b')])
+
+    def test_code_point_split_across_reads_within_a_frame_is_valid(self):
+        frame = client_frame(1, self.EURO * 3)
+        self.assertEqual(events(im.FrameParser(100), *(frame[i:i + 1] for i in range(len(frame)))),
+                         [im.Message(True, '€€€')])
+
+    def test_invalid_fragment_fails_before_the_message_is_finished(self):
+        parser = im.FrameParser(100)
+        self.assertEqual(events(parser, client_frame(1, 'κόσμε'.encode(), fin=False)), [])
+        # F4 90 would encode a code point above U+10FFFF: known invalid at its second byte
+        self.assertProtocolError(1007, parser, client_frame(0, b'\xf4\x90', fin=False))
+
+    def test_invalid_bytes_fail_before_the_rest_of_their_frame_arrives(self):
+        payload = b'valid \xf4\x90\x80\x80' + b' then much more text' * 5
+        frame = client_frame(1, payload)
+        bad = 6 + payload.index(b'\x90')   # after the 2-byte header and the 4-byte mask
+        parser = im.FrameParser(1000)
+        self.assertEqual(events(parser, frame[:bad]), [])
+        self.assertProtocolError(1007, parser, frame[bad:bad + 1])
+
+    def test_surrogate_prefix_fails_at_its_second_byte(self):
+        parser = im.FrameParser(100)
+        self.assertEqual(events(parser, client_frame(1, b'ab\xed', fin=False)), [])
+        self.assertProtocolError(1007, parser, client_frame(0, b'\xa0', fin=False))
+
+    def test_message_ending_inside_a_code_point_is_1007(self):
+        self.assertProtocolError(1007, im.FrameParser(100), client_frame(1, self.EURO[:2]))
+        self.assertProtocolError(1007, im.FrameParser(100), client_frame(1, self.EURO[:2], fin=False),
+                                 client_frame(0, b''))
+
+    def test_binary_messages_are_not_utf8_checked(self):
+        self.assertEqual(events(im.FrameParser(100), client_frame(2, b'\xff\xfe')),
+                         [im.Message(False, b'\xff\xfe')])
+
+
+class FrameParserCloseTest(ProtocolErrorAssertions):
+    def test_empty_close_has_no_code(self):
+        self.assertEqual(events(im.FrameParser(100), client_frame(8)), [im.Close(None, '')])
+
+    def test_close_code_and_utf8_reason_are_decoded(self):
+        payload = struct.pack('!H', 1001) + 'bye ✓'.encode()
+        self.assertEqual(events(im.FrameParser(100), client_frame(8, payload)),
+                         [im.Close(1001, 'bye ✓')])
+
+    def test_close_payload_of_one_byte_is_1002(self):
+        self.assertProtocolError(1002, im.FrameParser(100), client_frame(8, b'\x03'))
+
+    def test_invalid_close_codes_are_1002(self):
+        for code in (0, 999, 1004, 1005, 1006, 1012, 1015, 1016, 2000, 2999, 5000, 65535):
+            with self.subTest(code=code):
+                frame = client_frame(8, struct.pack('!H', code))
+                self.assertProtocolError(1002, im.FrameParser(100), frame)
+
+    def test_invalid_utf8_close_reason_is_1007(self):
+        payload = struct.pack('!H', 1000) + b'\xce\xba\xff'
+        self.assertProtocolError(1007, im.FrameParser(100), client_frame(8, payload))
+
+    def test_bytes_after_close_are_ignored(self):
+        parser = im.FrameParser(100)
+        data = client_frame(8, struct.pack('!H', 1000)) + client_frame(1, b'late') + client_frame(3)
+        self.assertEqual(events(parser, data, b'\x00garbage'), [im.Close(1000, '')])
+        self.assertTrue(parser.closed)
+
+
+class IsValidCloseCodeTest(unittest.TestCase):
+    def test_1000_to_1003_1007_to_1011_and_3000_to_4999_are_valid(self):
+        for code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 3999, 4000, 4999):
+            self.assertTrue(im.is_valid_close_code(code), code)
+
+    def test_reserved_and_unassigned_codes_are_invalid(self):
+        for code in (0, 999, 1004, 1005, 1006, 1012, 1013, 1014, 1015, 1016, 2999, 5000, 65535):
+            self.assertFalse(im.is_valid_close_code(code), code)
+
+
+class FrameParserSizeLimitTest(ProtocolErrorAssertions):
+    def test_oversize_announced_length_is_1009_before_the_payload_is_fed(self):
+        header16 = client_frame(2, b'x' * 200)[:4]                        # no mask, no payload
+        self.assertProtocolError(1009, im.FrameParser(199), header16)
+        header64 = bytes([0x82, 0xFF]) + struct.pack('!Q', 1 << 40)     # 1 TiB announced
+        self.assertProtocolError(1009, im.FrameParser(1 << 20), header64)
+
+    def test_message_total_over_the_limit_across_fragments_is_1009(self):
+        parser = im.FrameParser(10)
+        self.assertEqual(events(parser, client_frame(1, b'123456', fin=False)), [])
+        self.assertProtocolError(1009, parser, client_frame(0, b'12345')[:2])
+
+    def test_message_of_exactly_the_limit_is_accepted(self):
+        frames = [client_frame(2, b'12345', fin=False), client_frame(0, b'67890')]
+        self.assertEqual(events(im.FrameParser(10), *frames), [im.Message(False, b'1234567890')])
+
+    def test_limit_applies_per_message_not_per_connection(self):
+        frames = [client_frame(2, b'x' * 10)] * 5
+        self.assertEqual(len(events(im.FrameParser(10), *frames)), 5)
+
+    def test_control_frames_do_not_count_against_the_limit(self):
+        self.assertEqual(events(im.FrameParser(4), client_frame(9, b'pingpong')), [im.Ping(b'pingpong')])
+
+
+# --------------------------------------------------------------------------------------------------
+# Framing: encoding
+# --------------------------------------------------------------------------------------------------
+
+class EncodingTest(unittest.TestCase):
+    def test_payload_length_uses_7_16_or_64_bits_as_needed(self):
+        self.assertEqual(im.encode_frame(1, b''), b'\x81\x00')
+        self.assertEqual(im.encode_frame(2, b'x' * 125)[:2], b'\x82\x7d')
+        self.assertEqual(im.encode_frame(2, b'x' * 126)[:4], b'\x82\x7e\x00\x7e')
+        self.assertEqual(im.encode_frame(2, b'x' * 65535)[:4], b'\x82\x7e\xff\xff')
+        self.assertEqual(im.encode_frame(2, b'x' * 65536)[:10], b'\x82\x7f' + struct.pack('!Q', 65536))
+        self.assertEqual(len(im.encode_frame(2, b'x' * 65536)), 65546)
+
+    def test_server_frames_are_unmasked_and_fin_is_optional(self):
+        self.assertEqual(im.encode_frame(1, b'Hello'), b'\x81\x05Hello')
+        self.assertEqual(im.encode_frame(1, b'Hel', fin=False), b'\x01\x03Hel')
+
+    def test_encode_message_picks_the_opcode_from_the_type(self):
+        self.assertEqual(im.encode_message('é'), b'\x81\x02\xc3\xa9')
+        self.assertEqual(im.encode_message(b'\x00'), b'\x82\x01\x00')
+        self.assertEqual(im.encode_message(bytearray(b'\x00')), b'\x82\x01\x00')
+        with self.assertRaises(TypeError):
+            im.encode_message(42)
+
+    def test_encode_close_carries_code_and_reason(self):
+        self.assertEqual(im.encode_close(1000), b'\x88\x02\x03\xe8')
+        self.assertEqual(im.encode_close(1001, 'bye'), b'\x88\x05\x03\xe9bye')
+
+    def test_long_close_reason_is_cut_on_a_character_boundary(self):
+        frame = im.encode_close(1000, '€' * 100)
+        self.assertEqual(frame[1], 2 + 123)
+        frame[4:].decode('utf-8')   # 41 whole euro signs, no partial one
+
+    def test_server_frames_round_trip_through_the_parser_once_masked(self):
+        for message in ('text ✓', b'\x00bin', 'x' * 70000):
+            frame = im.encode_message(message)
+            header_size = {126: 4, 127: 10}.get(frame[1] & 0x7F, 2)
+            masked = client_frame(frame[0] & 0x0F, frame[header_size:])
+            self.assertEqual(events(im.FrameParser(1 << 20), masked),
+                             [im.Message(isinstance(message, str), message)])
+
+
+class UnmaskTest(unittest.TestCase):
+    def test_big_int_unmask_matches_a_per_byte_xor_at_every_mask_phase(self):
+        for size in (0, 1, 3, 4, 5, 1000):
+            data = os.urandom(size)
+            for offset in range(5):
+                expected = bytes(b ^ MASK[(offset + i) % 4] for i, b in enumerate(data))
+                self.assertEqual(im._unmask(data, MASK, offset), expected)
+
+
+# --------------------------------------------------------------------------------------------------
+# asyncio layer over real loopback sockets
+# --------------------------------------------------------------------------------------------------
+
+async def read_frame(reader: asyncio.StreamReader):
+    """(opcode, payload) of the next server frame; asserts the server did not mask it."""
+    first, second = await reader.readexactly(2)
+    assert not second & 0x80, 'server frames must not be masked'
+    n = second & 0x7F
+    if n == 126:
+        n = struct.unpack('!H', await reader.readexactly(2))[0]
+    elif n == 127:
+        n = struct.unpack('!Q', await reader.readexactly(8))[0]
+    return first & 0x0F, await reader.readexactly(n)
+
+
+class LoopbackTestCase(unittest.IsolatedAsyncioTestCase):
+    """Starts an echo server on 127.0.0.1; each test talks to it with raw bytes."""
+    accept_options = {}
+    echo = True   # False: the handler only accepts and parks the WebSocket
+
+    async def asyncSetUp(self):
+        self.server_results = []   # what each connection's recv() loop ended with
+        self.sockets = []
+        self.client_writers = []
+        options = dict(path='/ws', allowed_origins=(), max_message_size=1 << 20,
+                       idle_timeout=5.0, close_timeout=1.0)
+        options.update(self.accept_options)
+
+        async def handler(reader, writer):
+            websocket = await im.accept_websocket(reader, writer, **options)
+            self.sockets.append(websocket)
+            if websocket is None or not self.echo:
+                return
+            while True:
+                message = await websocket.recv()
+                if message is None:
+                    self.server_results.append(None)
+                    return
+                await websocket.send(message)
+
+        self.server = await asyncio.start_server(handler, '127.0.0.1', 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def asyncTearDown(self):
+        for writer in self.client_writers:   # 3.12+ wait_closed() waits for every connection
+            writer.close()
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def connect(self, head: bytes = None):
+        reader, writer = await asyncio.open_connection('127.0.0.1', self.port)
+        self.client_writers.append(writer)
+        writer.write(upgrade_head() if head is None else head)
+        return reader, writer
+
+    async def open(self):
+        reader, writer = await self.connect()
+        response = await asyncio.wait_for(reader.readuntil(b'\r\n\r\n'), 5)
+        self.assertTrue(response.startswith(b'HTTP/1.1 101 '), response)
+        return reader, writer
+
+    async def wait_until(self, condition, seconds: float = 2.0):
+        for _ in range(int(seconds * 100)):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        self.fail('condition still false after %s s' % seconds)
+
+    async def wait_for_eof(self, reader):
+        self.assertEqual(await asyncio.wait_for(reader.read(), 5), b'')
+
+
+class WebSocketEchoTest(LoopbackTestCase):
+    async def test_handshake_then_text_and_binary_are_echoed(self):
+        reader, writer = await self.open()
+        self.assertIsNotNone(self.sockets[0].remote_address)
+        writer.write(client_frame(1, 'héllo'.encode()) + client_frame(2, b'\x00\x01'))
+        self.assertEqual(await read_frame(reader), (1, 'héllo'.encode()))
+        self.assertEqual(await read_frame(reader), (2, b'\x00\x01'))
+
+    async def test_large_fragmented_message_is_echoed_whole(self):
+        reader, writer = await self.open()
+        payload = os.urandom(300000)
+        writer.write(client_frame(2, payload[:100], fin=False) + client_frame(0, payload[100:]))
+        self.assertEqual(await read_frame(reader), (2, payload))
+
+    async def test_ping_gets_pong_with_the_same_payload(self):
+        reader, writer = await self.open()
+        writer.write(client_frame(9, b'are you there'))
+        self.assertEqual(await read_frame(reader), (10, b'are you there'))
+
+    async def test_concurrent_sends_write_whole_frames(self):
+        reader, writer = await self.open()
+        websocket = self.sockets[0]
+        messages = [bytes([i]) * 100000 for i in range(20)]
+
+        async def read_all():
+            return [await read_frame(reader) for _ in messages]
+
+        results = await asyncio.gather(read_all(), *(websocket.send(m) for m in messages))
+        self.assertEqual(results[1:], [True] * len(messages))
+        self.assertEqual(sorted(payload for _, payload in results[0]), messages)
+
+
+class WebSocketClosingTest(LoopbackTestCase):
+    async def test_close_frame_is_echoed_then_the_server_closes_tcp(self):
+        reader, writer = await self.open()
+        writer.write(client_frame(8, struct.pack('!H', 1001) + b'bye'))
+        self.assertEqual(await read_frame(reader), (8, struct.pack('!H', 1001)))
+        await self.wait_for_eof(reader)
+        self.assertEqual(self.server_results, [None])
+
+    async def test_empty_close_is_answered_with_1000(self):
+        reader, writer = await self.open()
+        writer.write(client_frame(8))
+        self.assertEqual(await read_frame(reader), (8, struct.pack('!H', 1000)))
+        await self.wait_for_eof(reader)
+
+    async def test_protocol_error_sends_its_close_code_then_hangs_up(self):
+        reader, writer = await self.open()
+        writer.write(client_frame(1, b'ok') + client_frame(1, b'x', masked=False))
+        self.assertEqual(await read_frame(reader), (1, b'ok'))
+        opcode, payload = await read_frame(reader)
+        self.assertEqual((opcode, payload[:2]), (8, struct.pack('!H', 1002)))
+        await self.wait_for_eof(reader)   # the server half-closed: a client then hangs up
+        writer.close()
+        await self.wait_until(lambda: self.server_results == [None])
+
+    async def test_oversize_message_is_refused_with_1009_from_its_header_alone(self):
+        reader, writer = await self.open()
+        writer.write(client_frame(2, length=2 << 20)[:14])   # header + mask of a 2 MiB frame
+        opcode, payload = await read_frame(reader)
+        self.assertEqual((opcode, payload[:2]), (8, struct.pack('!H', 1009)))
+
+    async def test_server_close_from_another_task_while_recv_waits(self):
+        reader, writer = await self.open()
+        await asyncio.sleep(0.05)   # let the handler block in recv()
+        closing = asyncio.ensure_future(self.sockets[0].close(4000, 'shutting down'))
+        self.assertEqual(await read_frame(reader), (8, struct.pack('!H', 4000) + b'shutting down'))
+        writer.write(client_frame(8, struct.pack('!H', 4000)))
+        await asyncio.wait_for(closing, 5)
+        await self.wait_for_eof(reader)
+        self.assertEqual(self.server_results, [None])
+        self.assertFalse(await self.sockets[0].send('too late'))
+
+    async def test_peer_vanishing_makes_recv_return_none_and_send_false(self):
+        reader, writer = await self.open()
+        writer.transport.abort()
+        await self.wait_until(lambda: self.server_results == [None])
+        self.assertFalse(await self.sockets[0].send(b'anyone?'))
+
+
+class WebSocketCloseWithoutReceiverTest(LoopbackTestCase):
+    """close() called while no task is in recv(): close() itself reads the peer's reply."""
+    accept_options = {'close_timeout': 0.3}
+    echo = False
+
+    async def test_close_returns_once_the_peer_answers(self):
+        reader, writer = await self.open()
+        await self.wait_until(lambda: self.sockets)
+        closing = asyncio.ensure_future(self.sockets[0].close())
+        self.assertEqual(await read_frame(reader), (8, struct.pack('!H', 1000)))
+        writer.write(client_frame(1, b'late message is discarded') +
+                     client_frame(8, struct.pack('!H', 1000)))
+        await asyncio.wait_for(closing, 0.25)   # well before close_timeout
+        await self.wait_for_eof(reader)
+        self.assertIsNone(await self.sockets[0].recv())
+
+    async def test_close_gives_up_on_a_silent_peer_after_close_timeout(self):
+        reader, writer = await self.open()
+        await self.wait_until(lambda: self.sockets)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.wait_for(self.sockets[0].close(), 5)
+        self.assertLess(loop.time() - started, 2)
+        self.assertEqual(await read_frame(reader), (8, struct.pack('!H', 1000)))
+        await self.wait_for_eof(reader)
+
+
+class WebSocketIdleTimeoutTest(LoopbackTestCase):
+    accept_options = {'idle_timeout': 0.2}
+
+    async def test_idle_connection_is_closed_with_1001(self):
+        reader, writer = await self.open()
+        opcode, payload = await asyncio.wait_for(read_frame(reader), 5)
+        self.assertEqual((opcode, payload[:2]), (8, struct.pack('!H', 1001)))
+        writer.write(client_frame(8, struct.pack('!H', 1001)))
+        await self.wait_for_eof(reader)
+        await self.wait_until(lambda: self.server_results == [None])
+
+    async def test_pings_keep_the_connection_alive(self):
+        reader, writer = await self.open()
+        for _ in range(4):
+            await asyncio.sleep(0.1)
+            writer.write(client_frame(9))
+            self.assertEqual(await read_frame(reader), (10, b''))
+        self.assertEqual(self.server_results, [])
+
+
+class AcceptWebSocketHandshakeTest(LoopbackTestCase):
+    accept_options = {'max_header_bytes': 300, 'handshake_timeout': 0.3}
+
+    async def response(self, head: bytes) -> bytes:
+        reader, _ = await self.connect(head)
+        return await asyncio.wait_for(reader.read(), 5)   # the server closes after answering
+
+    async def test_refused_handshakes_get_their_status_and_are_closed(self):
+        cases = [(upgrade_head('/nope'), b'404'), (upgrade_head(Upgrade=None), b'426'),
+                 (upgrade_head(Sec_WebSocket_Key='short'), b'400'),
+                 (upgrade_head(Sec_WebSocket_Version='8'), b'426'),
+                 (b'garbage\r\n\r\n', b'400')]
+        for head, status in cases:
+            with self.subTest(status=status):
+                response = await self.response(head)
+                self.assertTrue(response.startswith(b'HTTP/1.1 ' + status + b' '), response)
+                self.assertIn(b'Connection: close', response)
+        self.assertEqual(self.sockets, [None] * len(cases))
+
+    async def test_too_large_header_section_is_431(self):
+        response = await self.response(upgrade_head(X_Padding='p' * 400))
+        self.assertTrue(response.startswith(b'HTTP/1.1 431 '), response)
+
+    async def test_slow_handshake_is_closed_without_an_answer(self):
+        reader, writer = await self.connect(upgrade_head()[:20])
+        self.assertEqual(await asyncio.wait_for(reader.read(), 5), b'')
+        self.assertEqual(self.sockets, [None])
+
+    async def test_peer_hanging_up_mid_handshake_is_harmless(self):
+        reader, writer = await self.connect(upgrade_head()[:20])
+        writer.close()
+        await self.wait_until(lambda: self.sockets == [None])
+
+
+###############################################################################
+# WebSocket endpoint of the daemon: listening, TLS, the add-on protocols, limits
+###############################################################################
+
+def mask_frame(opcode, payload, fin=True, mask=b"\x01\x02\x03\x04", rsv=0):
+    """A client frame as RFC 6455 requires it: masked."""
+    n = len(payload)
+    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+class WsClient:
+    """A blocking WebSocket client for tests: what a browser add-on does, byte by byte."""
+
+    def __init__(self, port, path="/incognitomail", host="127.0.0.1", source=None, origin=None,
+                 tls_context=None, timeout=10):
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
+        if tls_context is not None:
+            self.sock = tls_context.wrap_socket(self.sock, server_hostname="localhost")
+        self.buffer = b""
+        key = base64.b64encode(os.urandom(16)).decode()
+        request = ("GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n" % (path, host, port, key))
+        if origin:
+            request += "Origin: %s\r\n" % origin
+        self.sock.sendall((request + "\r\n").encode())
+        self.status_line, self.headers = self._read_head()
+        self.status = int(self.status_line.split()[1])
+        if self.status == 101:
+            expected = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11")
+                                                     .encode()).digest()).decode()
+            assert self.headers.get("sec-websocket-accept") == expected, self.headers
+
+    def _read_head(self):
+        while b"\r\n\r\n" not in self.buffer:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("closed during the handshake: %r" % self.buffer)
+            self.buffer += chunk
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        return lines[0], headers
+
+    def _read(self, n):
+        while len(self.buffer) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("connection closed")
+            self.buffer += chunk
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    def send_raw(self, data):
+        self.sock.sendall(data)
+
+    def send(self, text):
+        self.send_raw(mask_frame(0x1, text.encode("utf-8")))
+
+    def send_json(self, **request):
+        self.send(json.dumps(request))
+
+    def recv_frame(self):
+        """(opcode, payload) of the next server frame; server frames must not be masked."""
+        first, second = self._read(2)
+        assert not second & 0x80, "server frames must not be masked"
+        n = second & 0x7F
+        if n == 126:
+            n = int.from_bytes(self._read(2), "big")
+        elif n == 127:
+            n = int.from_bytes(self._read(8), "big")
+        return first & 0x0F, self._read(n)
+
+    def recv(self):
+        opcode, payload = self.recv_frame()
+        assert opcode == 0x1, (opcode, payload)
+        return payload.decode("utf-8")
+
+    def recv_json(self):
+        return json.loads(self.recv())
+
+    def request(self, **request):
+        self.send_json(**request)
+        return self.recv_json()
+
+    def close_code(self):
+        """Read frames until the server's close frame; its status code."""
+        while True:
+            opcode, payload = self.recv_frame()
+            if opcode == 0x8:
+                return int.from_bytes(payload[:2], "big") if payload else None
+
+    def close(self):
+        try:
+            self.send_raw(mask_frame(0x8, (1000).to_bytes(2, "big")))
+            self.close_code()
+        except (OSError, ConnectionError, AssertionError):
+            pass
+        self.sock.close()
+
+
+class WebSocketDaemonTestCase(unittest.TestCase):
+    """A daemon with its WebSocket endpoint on a free loopback port, plus one account."""
+
+    limits = {}
+    general = {}
+
+    def setUp(self):
+        require_postfix()
+        self.folder = make_folder(self)
+        self.port = free_port()
+        general = {"ListenAddress": "127.0.0.1:%d" % self.port}
+        general.update(self.general)
+        self.site = Site(self.folder, sections={"General": general, "Limits": dict(self.limits)})
+        self.daemon = start_daemon(self, self.site)
+        self.token = cli(self.site, "new", "account", "alice@example.org").stdout.strip()
+
+    def client(self, **kwargs):
+        client = WsClient(self.port, **kwargs)
+        self.addCleanup(client.close)
+        return client
+
+    def raw_http(self, request):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+            s.sendall(request)
+            data = b""
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    return data.decode("latin-1")
+                data += chunk
+
+
+class WebSocketListeningTest(WebSocketDaemonTestCase):
+
+    general = {"AllowedOrigins": "moz-extension://abc-123, chrome-extension://xyz"}
+
+    def test_other_paths_get_404(self):
+        self.assertEqual(self.client(path="/elsewhere", origin="moz-extension://abc-123").status, 404)
+
+    def test_plain_get_to_listen_path_gets_426_naming_websocket(self):
+        reply = self.raw_http(b"GET /incognitomail HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(reply.startswith("HTTP/1.1 426"), reply)
+        self.assertRegex(reply, r"(?i)\r\nUpgrade: websocket\r\n")
+
+    def test_malformed_key_gets_400(self):
+        reply = self.raw_http(b"GET /incognitomail HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                              b"Connection: Upgrade\r\nSec-WebSocket-Key: short\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        self.assertTrue(reply.startswith("HTTP/1.1 400"), reply)
+
+    def test_wrong_version_gets_426_with_version_13(self):
+        key = base64.b64encode(os.urandom(16))
+        reply = self.raw_http(b"GET /incognitomail HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                              b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 8\r\n\r\n")
+        self.assertTrue(reply.startswith("HTTP/1.1 426"), reply)
+        self.assertIn("Sec-WebSocket-Version: 13", reply)
+
+    def test_post_gets_400(self):
+        reply = self.raw_http(b"POST /incognitomail HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                              b"Connection: Upgrade\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(reply.startswith("HTTP/1.1 400"), reply)
+
+    def test_huge_header_section_is_cut_off(self):
+        reply = self.raw_http(b"GET /incognitomail HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"a" * 100000 + b"\r\n\r\n")
+        self.assertRegex(reply, r"^HTTP/1.1 (431|400)")
+
+    def test_origin_not_allowed_gets_403(self):
+        self.assertEqual(self.client(origin="https://evil.example").status, 403)
+
+    def test_allowed_extension_origin_connects(self):
+        client = self.client(origin="moz-extension://abc-123")
+        self.assertEqual(client.status, 101)
+        client.send("new handle " + self.token)
+        self.assertTrue(client.recv().endswith("@incognito.test"))
+
+
+class ListenAddressTest(unittest.TestCase):
+
+    def test_colon_port_listens_on_all_interfaces(self):
+        self.assertEqual(im.parse_host_port(":9090"), ("", 9090))
+
+    def test_ipv6_in_brackets(self):
+        self.assertEqual(im.parse_host_port("[::1]:9090"), ("::1", 9090))
+
+    def test_bad_listen_address_names_the_key(self):
+        folder = make_folder(self)
+        with self.assertRaises(im.ConfigError) as caught:
+            Site(folder, sections={"General": {"ListenAddress": "localhost"}})
+        self.assertIn("[General] ListenAddress", str(caught.exception))
+
+    def test_daemon_serves_websocket_on_ipv6_loopback(self):
+        require_postfix()
+        if not socket.has_ipv6:
+            self.skipTest("no IPv6")
+        folder = make_folder(self)
+        port = free_port()
+        site = Site(folder, sections={"General": {"ListenAddress": "[::1]:%d" % port}})
+        start_daemon(self, site)
+        token = cli(site, "new", "account", "alice@example.org").stdout.strip()
+        client = WsClient(port, host="::1")
+        self.addCleanup(client.close)
+        client.send("new handle " + token)
+        self.assertTrue(client.recv().endswith("@incognito.test"))
+
+
+def make_certificate(folder, name="server"):
+    """A self-signed certificate for localhost made with Debian's openssl: (cert, key) paths."""
+    cert, key = os.path.join(folder, name + ".pem"), os.path.join(folder, name + ".key")
+    done = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                           "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                           "-keyout", key, "-out", cert], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if done.returncode != 0:
+        raise AssertionError("openssl failed: %s" % done.stderr.decode())
+    return cert, key
+
+
+class WebSocketTlsTest(unittest.TestCase):
+
+    def setUp(self):
+        require_postfix()
+        if not shutil.which("openssl"):
+            if os.environ.get(REQUIRE_POSTFIX_VARIABLE):
+                raise AssertionError("openssl is not installed")
+            self.skipTest("openssl is not installed")
+        self.folder = make_folder(self)
+        self.port = free_port()
+        self.cert, self.key = make_certificate(self.folder)
+
+    def site(self, cert, key):
+        return Site(self.folder, sections={"General": {"ListenAddress": "127.0.0.1:%d" % self.port,
+                                                       "TLSCertFile": cert, "TLSKeyFile": key}})
+
+    def test_wss_serves_the_original_add_on_protocol(self):
+        site = self.site(self.cert, self.key)
+        start_daemon(self, site)
+        token = cli(site, "new", "account", "alice@example.org").stdout.strip()
+        context = ssl.create_default_context(cafile=self.cert)
+        client = WsClient(self.port, tls_context=context)
+        self.addCleanup(client.close)
+        client.send("new handle " + token)
+        address = client.recv()
+        self.assertTrue(address.endswith("@incognito.test"))
+        self.assertEqual(site.query(address), "alice@example.org")
+
+    def test_plain_ws_is_refused_when_tls_is_on(self):
+        site = self.site(self.cert, self.key)
+        start_daemon(self, site)
+        with self.assertRaises((ConnectionError, OSError, ValueError, IndexError)):
+            WsClient(self.port, timeout=3)
+
+    def test_mismatched_key_fails_at_start_naming_both_files(self):
+        _, other_key = make_certificate(self.folder, "other")
+        site = self.site(self.cert, other_key)
+        done = cli(site)
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("TLSCertFile", done.stderr)
+        self.assertIn(other_key, done.stderr)
+        self.assertNotIn("Traceback", done.stderr)
+
+    def test_unreadable_certificate_fails_at_start(self):
+        site = self.site(os.path.join(self.folder, "missing.pem"), self.key)
+        done = cli(site)
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("missing.pem", done.stderr)
+        self.assertNotIn("Traceback", done.stderr)
+
+
+class LegacyAddOnProtocolTest(WebSocketDaemonTestCase):
+    """The published add-on: send ``new handle <secret>``, read one text message."""
+
+    def test_new_handle_returns_a_routable_address(self):
+        client = self.client()
+        client.send("new handle " + self.token)
+        address = client.recv()
+        self.assertRegex(address, r"^[a-z0-9]{16}@incognito\.test$")
+        self.assertEqual(self.site.query(address), "alice@example.org")
+
+    def test_a_new_connection_per_handle_works_again_and_again(self):
+        addresses = set()
+        for _ in range(5):
+            client = WsClient(self.port)
+            client.send("new handle " + self.token)
+            addresses.add(client.recv())
+            client.close()
+        self.assertEqual(len(addresses), 5)
+
+    def test_unknown_secret_gets_an_error_message(self):
+        client = self.client()
+        client.send("new handle not-a-real-token")
+        reply = client.recv()
+        self.assertTrue(reply.startswith("error"), reply)
+        self.assertNotIn("not-a-real-token", reply)
+
+    def test_account_commands_are_refused_over_the_websocket(self):
+        client = self.client()
+        for command in ("new account bob@example.org", "delete account " + self.token, "list " + self.token):
+            client.send(command)
+            self.assertTrue(client.recv().startswith("error"), command)
+        self.assertEqual(cli(self.site, "list", self.token).stdout, "")
+
+
+class JsonProtocolTest(WebSocketDaemonTestCase):
+
+    def test_new_handle_with_label_returns_the_handle_object(self):
+        reply = self.client().request(id=1, op="new_handle", token=self.token, label="shop.example.com")
+        self.assertEqual(reply["id"], 1)
+        self.assertTrue(reply["ok"])
+        handle = reply["handle"]
+        self.assertEqual(set(handle), {"address", "label", "enabled", "created", "received", "last_received"})
+        self.assertEqual(handle["label"], "shop.example.com")
+        self.assertTrue(handle["enabled"])
+        self.assertEqual(handle["received"], 0)
+        self.assertIsNone(handle["last_received"])
+        self.assertRegex(handle["created"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+
+    def test_new_handle_in_another_served_domain(self):
+        reply = self.client().request(id="a", op="new_handle", token=self.token, domain="other.test")
+        self.assertTrue(reply["handle"]["address"].endswith("@other.test"))
+
+    def test_list_handles_newest_first(self):
+        client = self.client()
+        first = client.request(id=1, op="new_handle", token=self.token)["handle"]["address"]
+        second = client.request(id=2, op="new_handle", token=self.token)["handle"]["address"]
+        handles = client.request(id=3, op="list_handles", token=self.token)["handles"]
+        self.assertEqual([h["address"] for h in handles], [second, first])
+
+    def test_update_handle_disables_and_relabels(self):
+        client = self.client()
+        address = client.request(id=1, op="new_handle", token=self.token)["handle"]["address"]
+        reply = client.request(id=2, op="update_handle", token=self.token, address=address,
+                               enabled=False, label="spam now")
+        self.assertEqual((reply["handle"]["enabled"], reply["handle"]["label"]), (False, "spam now"))
+        self.assertIsNone(self.site.query(address))
+        reply = client.request(id=3, op="update_handle", token=self.token, address=address, enabled=True)
+        self.assertTrue(reply["handle"]["enabled"])
+        self.assertEqual(reply["handle"]["label"], "spam now")
+        self.assertEqual(self.site.query(address), "alice@example.org")
+
+    def test_delete_handle_returns_empty_success(self):
+        client = self.client()
+        address = client.request(id=1, op="new_handle", token=self.token)["handle"]["address"]
+        self.assertEqual(client.request(id=2, op="delete_handle", token=self.token, address=address),
+                         {"id": 2, "ok": True})
+        self.assertIsNone(self.site.query(address))
+
+    def test_account_describes_the_account(self):
+        client = self.client()
+        client.request(id=1, op="new_handle", token=self.token)
+        account = client.request(id=2, op="account", token=self.token)["account"]
+        self.assertEqual(account["address"], "alice@example.org")
+        self.assertEqual(account["domains"], ["incognito.test", "other.test"])
+        self.assertEqual(account["handles"], 1)
+        self.assertRegex(account["created"], r"Z$")
+
+    def test_rotate_token_kills_the_old_token_at_once(self):
+        client = self.client()
+        new = client.request(id=1, op="rotate_token", token=self.token)["token"]
+        self.assertGreaterEqual(len(new), 43)
+        self.assertEqual(client.request(id=2, op="account", token=self.token)["error"], "unauthorized")
+        self.assertTrue(client.request(id=3, op="account", token=new)["ok"])
+
+    def test_error_codes(self):
+        client = self.client()
+        other = cli(self.site, "new", "account", "bob@example.org").stdout.strip()
+        bobs = client.request(id=0, op="new_handle", token=other)["handle"]["address"]
+        cases = [
+            ({"id": 1, "op": "no_such_op", "token": self.token}, "bad_request"),
+            ({"id": 2, "op": "new_handle"}, "bad_request"),
+            ({"id": 3, "op": "new_handle", "token": self.token, "label": 5}, "bad_request"),
+            ({"id": 4, "op": "new_handle", "token": self.token, "domain": "elsewhere.test"}, "bad_request"),
+            ({"id": 5, "op": "new_account", "address": "x@example.org"}, "bad_request"),
+            ({"id": 6, "op": "list_handles", "token": "wrong"}, "unauthorized"),
+            ({"id": 7, "op": "delete_handle", "token": self.token, "address": bobs}, "not_found"),
+            ({"id": 8, "op": "update_handle", "token": self.token, "address": "nosuch", "enabled": True}, "not_found"),
+            ({"id": 9, "op": "update_handle", "token": self.token, "address": bobs, "enabled": "no"}, "bad_request"),
+        ]
+        for request, code in cases:
+            reply = client.request(**request)
+            self.assertEqual((reply["id"], reply["ok"], reply["error"]), (request["id"], False, code), reply)
+            self.assertTrue(reply["message"])
+        self.assertEqual(self.site.query(bobs), "bob@example.org")
+
+    def test_malformed_json_is_bad_request_and_the_connection_stays_usable(self):
+        client = self.client()
+        client.send("{not json")
+        reply = client.recv_json()
+        self.assertEqual((reply["id"], reply["error"]), (None, "bad_request"))
+        self.assertTrue(client.request(id=1, op="account", token=self.token)["ok"])
+
+    def test_several_requests_in_flight_are_answered_by_id(self):
+        client = self.client()
+        for number in range(8):
+            client.send_json(id=number, op="new_handle", token=self.token)
+        replies = [client.recv_json() for _ in range(8)]
+        self.assertEqual(sorted(r["id"] for r in replies), list(range(8)))
+        self.assertEqual(len({r["handle"]["address"] for r in replies}), 8)
+
+    def test_binary_message_is_refused_with_bad_request(self):
+        client = self.client()
+        client.send_raw(mask_frame(0x2, b"\x00\x01"))
+        self.assertEqual(client.recv_json()["error"], "bad_request")
+
+
+class WebSocketRobustnessTest(WebSocketDaemonTestCase):
+
+    limits = {"MaxMessageSize": "2048", "IdleTimeout": "1"}
+
+    def test_unmasked_frame_closes_with_1002_and_others_are_served(self):
+        bad = self.client()
+        bad.send_raw(b"\x81\x05hello")
+        self.assertEqual(bad.close_code(), 1002)
+        good = self.client()
+        good.send("new handle " + self.token)
+        self.assertTrue(good.recv().endswith("@incognito.test"))
+
+    def test_message_above_max_message_size_closes_with_1009(self):
+        client = self.client()
+        client.send_raw(mask_frame(0x1, b"x" * 4096))
+        self.assertEqual(client.close_code(), 1009)
+
+    def test_invalid_utf8_closes_with_1007(self):
+        client = self.client()
+        client.send_raw(mask_frame(0x1, b"new handle \xff"))
+        self.assertEqual(client.close_code(), 1007)
+
+    def test_ping_gets_pong(self):
+        client = self.client()
+        client.send_raw(mask_frame(0x9, b"are you there"))
+        self.assertEqual(client.recv_frame(), (0xA, b"are you there"))
+
+    def test_idle_connection_is_closed(self):
+        client = self.client()
+        started = time.monotonic()
+        self.assertIn(client.close_code(), (1000, 1001))
+        self.assertLess(time.monotonic() - started, 5)
+
+    def test_garbage_instead_of_a_handshake_gets_400(self):
+        reply = self.raw_http(b"\x16\x03\x01\x00\xa5garbage\r\n\r\n")
+        self.assertTrue(reply.startswith("HTTP/1.1 400"), reply)
+        self.assertEqual(self.client().status, 101)
+
+
+class RateLimitTest(WebSocketDaemonTestCase):
+
+    limits = {"HandlesPerMinutePerClient": "3", "HandlesPerMinutePerAccount": "5",
+              "FailedTokensPerMinutePerClient": "2", "MaxConnectionsPerClient": "4", "MaxConnections": "6"}
+
+    def new_handle(self, client, token=None):
+        return client.request(id=1, op="new_handle", token=token or self.token)
+
+    def test_client_bucket_empties_with_rate_limited_and_retry_after(self):
+        client = self.client(source="127.0.0.2")
+        for _ in range(3):
+            self.assertTrue(self.new_handle(client)["ok"])
+        reply = self.new_handle(client)
+        self.assertEqual(reply["error"], "rate_limited")
+        self.assertGreaterEqual(reply["retry_after"], 1)
+
+    def test_legacy_protocol_says_error_rate_limited(self):
+        client = self.client(source="127.0.0.2")
+        for _ in range(3):
+            client.send("new handle " + self.token)
+            self.assertFalse(client.recv().startswith("error"))
+        client.send("new handle " + self.token)
+        self.assertTrue(client.recv().startswith("error rate limited"))
+
+    def test_each_source_address_is_its_own_client(self):
+        first, second = self.client(source="127.0.0.2"), self.client(source="127.0.0.3")
+        for _ in range(3):
+            self.assertTrue(self.new_handle(first)["ok"])
+        self.assertEqual(self.new_handle(first)["error"], "rate_limited")
+        self.assertTrue(self.new_handle(second)["ok"])
+
+    def test_account_bucket_limits_across_clients(self):
+        clients = [self.client(source="127.0.0.%d" % n) for n in (2, 3)]
+        results = [self.new_handle(clients[i % 2])["ok"] for i in range(6)]
+        self.assertEqual(results, [True] * 5 + [False])
+
+    def test_failed_tokens_slow_a_client_down(self):
+        client = self.client(source="127.0.0.4")
+        for _ in range(2):
+            self.assertEqual(self.new_handle(client, "wrong")["error"], "unauthorized")
+        self.assertEqual(client.request(id=2, op="account", token=self.token)["error"], "rate_limited")
+        other = self.client(source="127.0.0.5")
+        self.assertTrue(other.request(id=3, op="account", token=self.token)["ok"])
+
+    def test_connections_per_client_are_capped(self):
+        held = [self.client(source="127.0.0.6") for _ in range(4)]
+        self.assertTrue(all(c.status == 101 for c in held))
+        self.assertEqual(self.client(source="127.0.0.6").status, 503)
+        self.assertEqual(self.client(source="127.0.0.7").status, 101)
+
+    def test_connections_in_total_are_capped(self):
+        held = [self.client(source="127.0.0.%d" % (10 + n)) for n in range(6)]
+        self.assertTrue(all(c.status == 101 for c in held))
+        self.assertEqual(self.client(source="127.0.0.30").status, 503)
+
+    def test_command_line_has_no_rate_limit(self):
+        for _ in range(8):
+            self.assertEqual(cli(self.site, "new", "handle", self.token).returncode, 0)
+
+
+class RateLimitsOffTest(WebSocketDaemonTestCase):
+
+    limits = {"HandlesPerMinutePerClient": "0", "HandlesPerMinutePerAccount": "0"}
+
+    def test_zero_turns_the_limits_off(self):
+        client = self.client()
+        for number in range(40):
+            self.assertTrue(client.request(id=number, op="new_handle", token=self.token)["ok"])
+
+
+class TokenBucketTest(unittest.TestCase):
+
+    def test_bucket_refills_with_time(self):
+        now = [0.0]
+        bucket = im.TokenBucket(6, clock=lambda: now[0])
+        self.assertEqual([bucket.take("a") for _ in range(6)], [0] * 6)
+        self.assertEqual(bucket.take("a"), 10)
+        now[0] += 10
+        self.assertEqual(bucket.take("a"), 0)
+
+    def test_zero_per_minute_never_limits(self):
+        bucket = im.TokenBucket(0)
+        self.assertEqual({bucket.take("a") for _ in range(1000)}, {0})
