@@ -20,7 +20,7 @@ behaviour it checks. Read the classes top to bottom:
     WebSocket format    ParseRequestTest ... AcceptWebSocketHandshakeTest (byte strings, loopback)
     WebSocket endpoint  WebSocketListeningTest, ListenAddressTest, WebSocketTlsTest,
                         LegacyAddOnProtocolTest, JsonProtocolTest, WebSocketRobustnessTest,
-                        RateLimitTest, RateLimitsOffTest, TokenBucketTest
+                        RateLimitTest, RateLimitsOffTest, TokenBucketTest, RealBrowserTest
 
 Postfix: tests that need ``postmap`` (and, for a private running instance on loopback,
 root) skip when it is missing, unless ``INCOGNITOMAIL_REQUIRE_POSTFIX`` is set: then they
@@ -4264,3 +4264,53 @@ class TokenBucketTest(unittest.TestCase):
     def test_zero_per_minute_never_limits(self):
         bucket = im.TokenBucket(0)
         self.assertEqual({bucket.take("a") for _ in range(1000)}, {0})
+
+
+BROWSER_VARIABLE = "INCOGNITOMAIL_REQUIRE_BROWSER"
+_BROWSER_PAGE = """<html><body><script>
+const url = 'ws://127.0.0.1:%(port)d/incognitomail';
+const legacy = new WebSocket(url);
+legacy.onopen = () => legacy.send('new handle %(token)s');
+legacy.onmessage = (e) => {
+  const json = new WebSocket(url);
+  json.onopen = () => json.send(JSON.stringify({id: 1, op: 'new_handle', token: '%(token)s',
+                                                label: 'browser saw ' + e.data}));
+  json.onmessage = () => { legacy.close(); json.close(1000); };
+};
+</script></body></html>
+"""
+
+
+class RealBrowserTest(unittest.TestCase):
+    """A real browser's WebSocket (headless Chromium) speaks both protocols with the daemon."""
+
+    def test_chromium_makes_a_handle_with_each_protocol(self):
+        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+        if not chromium:
+            if os.environ.get(BROWSER_VARIABLE):
+                raise AssertionError("chromium is not installed, and %s is set" % BROWSER_VARIABLE)
+            self.skipTest("chromium is not installed (apt-get install chromium)")
+        require_postfix()
+        folder = make_folder(self)
+        port = free_port()
+        site = Site(folder, sections={"General": {"ListenAddress": "127.0.0.1:%d" % port}})
+        start_daemon(self, site)
+        token = cli(site, "new", "account", "alice@example.org").stdout.strip()
+        page = os.path.join(folder, "page.html")
+        with open(page, "w") as f:
+            f.write(_BROWSER_PAGE % {"port": port, "token": token})
+        browser = subprocess.Popen(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--user-data-dir=" + os.path.join(folder, "profile"), "--remote-debugging-port=0", "file://" + page],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(browser.wait)
+        self.addCleanup(browser.kill)
+
+        def handles():
+            return json.loads(cli(site, "--json", "list", token).stdout or "[]")
+        found = wait_until(lambda: len(handles()) == 2, timeout=30, interval=0.2)
+        self.assertTrue(found, "the browser did not make two handles")
+        labelled, legacy = handles()
+        self.assertEqual(labelled["label"], "browser saw " + legacy["address"])
+        self.assertEqual(site.query(legacy["address"]), "alice@example.org")
