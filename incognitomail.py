@@ -1715,10 +1715,10 @@ def netstring(data):
 ###############################################################################
 
 
-_GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11'   # RFC 6455 section 1.3
+_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"   # RFC 6455 section 1.3
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"         # RFC 7230 section 3.2.6
-_REQUEST_LINE = re.compile(r'(%s) ([\x21-\x7e]+) HTTP/(\d)\.(\d)' % _TOKEN)
-_HEADER_LINE = re.compile(r'(%s):[ \t]*([\t\x20-\x7e\x80-\xff]*?)[ \t]*' % _TOKEN)
+_REQUEST_LINE = re.compile(r"(%s) ([\x21-\x7e]+) HTTP/(\d)\.(\d)" % _TOKEN)
+_HEADER_LINE = re.compile(r"(%s):[ \t]*([\t\x20-\x7e\x80-\xff]*?)[ \t]*" % _TOKEN)
 
 
 class Request(NamedTuple):
@@ -1733,28 +1733,28 @@ class Request(NamedTuple):
 
 def parse_request(head: bytes) -> Request:
     """Parse a request line and header fields, `head` ending with the blank line (CRLF CRLF)."""
-    if not head.endswith(b'\r\n\r\n'):
-        raise HandshakeError(400, 'header section must end with CRLF CRLF')
-    lines = head[:-4].decode('latin-1').split('\r\n')   # latin-1: any byte decodes, none is lost
+    if not head.endswith(b"\r\n\r\n"):
+        raise HandshakeError(400, "header section must end with CRLF CRLF")
+    lines = head[:-4].decode("latin-1").split("\r\n")   # latin-1: any byte decodes, none is lost
     start = _REQUEST_LINE.fullmatch(lines[0])
     if start is None:
-        raise HandshakeError(400, 'malformed request line')
+        raise HandshakeError(400, "malformed request line")
     headers: Dict[str, str] = {}
     for line in lines[1:]:
         field = _HEADER_LINE.fullmatch(line)
         if field is None:
-            raise HandshakeError(400, 'malformed header line')
+            raise HandshakeError(400, "malformed header line")
         name, value = field.group(1).lower(), field.group(2)
-        if name == 'host' and name in headers:
-            raise HandshakeError(400, 'more than one Host header')   # RFC 7230 section 5.4
-        headers[name] = headers[name] + ', ' + value if name in headers else value
+        if name == "host" and name in headers:
+            raise HandshakeError(400, "more than one Host header")   # RFC 7230 section 5.4
+        headers[name] = headers[name] + ", " + value if name in headers else value
     method, target, major, minor = start.groups()
-    return Request(method, target, target.split('?', 1)[0], (int(major), int(minor)), headers)
+    return Request(method, target, target.split("?", 1)[0], (int(major), int(minor)), headers)
 
 
 def _tokens(value: Optional[str]) -> List[str]:
     """The lower-cased items of a comma-separated header value."""
-    return [item.strip().lower() for item in (value or '').split(',')]
+    return [item.strip().lower() for item in (value or "").split(",")]
 
 
 def check_upgrade(request: Request, path: str, allowed_origins: Iterable[str] = ()) -> str:
@@ -1764,49 +1764,49 @@ def check_upgrade(request: Request, path: str, allowed_origins: Iterable[str] = 
     otherwise the Origin header must be present and equal (ignoring case) to one of them.
     """
     if request.path != path:
-        raise HandshakeError(404, 'no WebSocket endpoint at this path')
-    if request.method != 'GET':
-        raise HandshakeError(400, 'WebSocket upgrade needs GET')
+        raise HandshakeError(404, "no WebSocket endpoint at this path")
+    if request.method != "GET":
+        raise HandshakeError(400, "WebSocket upgrade needs GET")
     if request.version[0] != 1 or request.version[1] < 1:
-        raise HandshakeError(400, 'WebSocket upgrade needs HTTP/1.1')
+        raise HandshakeError(400, "WebSocket upgrade needs HTTP/1.1")
     headers = request.headers
-    if not headers.get('host'):
-        raise HandshakeError(400, 'missing Host header')
-    if 'websocket' not in _tokens(headers.get('upgrade')) or \
-            'upgrade' not in _tokens(headers.get('connection')):
-        raise HandshakeError(426, 'this endpoint only speaks WebSocket', [('Upgrade', 'websocket')])
-    key = headers.get('sec-websocket-key', '')
+    if not headers.get("host"):
+        raise HandshakeError(400, "missing Host header")
+    if "websocket" not in _tokens(headers.get("upgrade")) or \
+            "upgrade" not in _tokens(headers.get("connection")):
+        raise HandshakeError(426, "this endpoint only speaks WebSocket", [("Upgrade", "websocket")])
+    key = headers.get("sec-websocket-key", "")
     try:
         key_ok = len(base64.b64decode(key, validate=True)) == 16
     except ValueError:   # binascii.Error, or non-ASCII text
         key_ok = False
     if not key_ok:
-        raise HandshakeError(400, 'missing or malformed Sec-WebSocket-Key')
-    if headers.get('sec-websocket-version') != '13':
-        raise HandshakeError(426, 'unsupported WebSocket version',
-                             [('Sec-WebSocket-Version', '13')])
+        raise HandshakeError(400, "missing or malformed Sec-WebSocket-Key")
+    if headers.get("sec-websocket-version") != "13":
+        raise HandshakeError(426, "unsupported WebSocket version",
+                             [("Sec-WebSocket-Version", "13")])
     allowed = {origin.lower() for origin in allowed_origins}
-    if allowed and headers.get('origin', '').lower() not in allowed:
-        raise HandshakeError(403, 'origin not allowed')
+    if allowed and headers.get("origin", "").lower() not in allowed:
+        raise HandshakeError(403, "origin not allowed")
     return key
 
 
 def accept_response(key: str) -> bytes:
     """The 101 Switching Protocols response that completes the handshake for `key`."""
-    accept = base64.b64encode(hashlib.sha1((key + _GUID).encode('ascii')).digest()).decode('ascii')
-    return ('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n'
-            'Sec-WebSocket-Accept: %s\r\n\r\n' % accept).encode('ascii')
+    accept = base64.b64encode(hashlib.sha1((key + _GUID).encode("ascii")).digest()).decode("ascii")
+    return ("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Accept: %s\r\n\r\n" % accept).encode("ascii")
 
 
 def error_response(status: int, reason: str, headers: Sequence[Tuple[str, str]] = ()) -> bytes:
     """A whole HTTP error response with a short text/plain body; the connection closes after it."""
-    body = (reason + '\n').encode('utf-8')
-    lines = ['HTTP/1.1 %d %s' % (status, HTTPStatus(status).phrase),
-             'Content-Type: text/plain; charset=utf-8',
-             'Content-Length: %d' % len(body),
-             'Connection: close']
-    lines += ['%s: %s' % (name, value) for name, value in headers]
-    return ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1') + body
+    body = (reason + "\n").encode("utf-8")
+    lines = ["HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase),
+             "Content-Type: text/plain; charset=utf-8",
+             "Content-Length: %d" % len(body),
+             "Connection: close"]
+    lines += ["%s: %s" % (name, value) for name, value in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -1852,25 +1852,25 @@ def _unmask(data: bytes, mask: bytes, offset: int = 0) -> bytes:
     cost about a microsecond per byte.
     """
     if not data:
-        return b''
+        return b""
     shift = offset % 4
     key = (mask[shift:] + mask[:shift]) * (len(data) // 4 + 1)
-    xored = int.from_bytes(data, 'little') ^ int.from_bytes(key[:len(data)], 'little')
-    return xored.to_bytes(len(data), 'little')
+    xored = int.from_bytes(data, "little") ^ int.from_bytes(key[:len(data)], "little")
+    return xored.to_bytes(len(data), "little")
 
 
 def _parse_close(payload: bytes) -> Close:
     if not payload:
-        return Close(None, '')
+        return Close(None, "")
     if len(payload) == 1:
-        raise ProtocolError(1002, 'close frame payload of one byte')
-    code = int.from_bytes(payload[:2], 'big')
+        raise ProtocolError(1002, "close frame payload of one byte")
+    code = int.from_bytes(payload[:2], "big")
     if not is_valid_close_code(code):
-        raise ProtocolError(1002, 'invalid close code %d' % code)
+        raise ProtocolError(1002, "invalid close code %d" % code)
     try:
-        return Close(code, payload[2:].decode('utf-8'))
+        return Close(code, payload[2:].decode("utf-8"))
     except UnicodeDecodeError:
-        raise ProtocolError(1007, 'close reason is not UTF-8') from None
+        raise ProtocolError(1007, "close reason is not UTF-8") from None
 
 
 class FrameParser:
@@ -1882,8 +1882,8 @@ class FrameParser:
     feed are consumed, what stays in memory is at most a partial frame header or control frame
     and the current message (<= max_message_size). After a close frame, further bytes are ignored.
     """
-    __slots__ = ('max_message_size', 'closed', '_buf', '_mask', '_fin', '_frame_opcode',
-                 '_remaining', '_offset', '_opcode', '_decoder', '_parts', '_size')
+    __slots__ = ("max_message_size", "closed", "_buf", "_mask", "_fin", "_frame_opcode",
+                 "_remaining", "_offset", "_opcode", "_decoder", "_parts", "_size")
 
     def __init__(self, max_message_size: int):
         self.max_message_size = max_message_size
@@ -1947,29 +1947,29 @@ class FrameParser:
         fin, rsv, opcode = buf[0] & 0x80, buf[0] & 0x70, buf[0] & 0x0F
         masked, length = buf[1] & 0x80, buf[1] & 0x7F
         if rsv:
-            raise ProtocolError(1002, 'reserved bits set but no extension negotiated')
+            raise ProtocolError(1002, "reserved bits set but no extension negotiated")
         if opcode not in _OPCODES:
-            raise ProtocolError(1002, 'unknown opcode %d' % opcode)
+            raise ProtocolError(1002, "unknown opcode %d" % opcode)
         if not masked:
-            raise ProtocolError(1002, 'client frame is not masked')
+            raise ProtocolError(1002, "client frame is not masked")
         if opcode >= OP_CLOSE:
             if not fin:
-                raise ProtocolError(1002, 'fragmented control frame')
+                raise ProtocolError(1002, "fragmented control frame")
             if length > 125:
-                raise ProtocolError(1002, 'control frame payload over 125 bytes')
+                raise ProtocolError(1002, "control frame payload over 125 bytes")
         elif opcode == OP_CONT and self._opcode is None:
-            raise ProtocolError(1002, 'continuation frame without a message in progress')
+            raise ProtocolError(1002, "continuation frame without a message in progress")
         elif opcode != OP_CONT and self._opcode is not None:
-            raise ProtocolError(1002, 'new message before the previous one was finished')
+            raise ProtocolError(1002, "new message before the previous one was finished")
         start = 2 + _LENGTH_BYTES.get(length, 0)
         if len(buf) < start:
             return False
         if start > 2:
-            length = int.from_bytes(buf[2:start], 'big')
+            length = int.from_bytes(buf[2:start], "big")
             if length >> 63:
-                raise ProtocolError(1002, 'frame length has its most significant bit set')
+                raise ProtocolError(1002, "frame length has its most significant bit set")
         if opcode < OP_CLOSE and self._size + length > self.max_message_size:
-            raise ProtocolError(1009, 'message larger than %d bytes' % self.max_message_size)
+            raise ProtocolError(1009, "message larger than %d bytes" % self.max_message_size)
         if len(buf) < start + 4:
             return False
         self._mask = bytes(buf[start:start + 4])
@@ -1977,7 +1977,7 @@ class FrameParser:
         self._fin, self._frame_opcode, self._remaining, self._offset = bool(fin), opcode, length, 0
         if opcode in (OP_TEXT, OP_BINARY):
             self._opcode = opcode
-            self._decoder = codecs.getincrementaldecoder('utf-8')() if opcode == OP_TEXT else None
+            self._decoder = codecs.getincrementaldecoder("utf-8")() if opcode == OP_TEXT else None
         if opcode < OP_CLOSE:
             self._size += length
         return True
@@ -1989,22 +1989,22 @@ class FrameParser:
         try:
             self._parts.append(self._decoder.decode(chunk))
         except UnicodeDecodeError:
-            raise ProtocolError(1007, 'invalid UTF-8 in text message') from None
+            raise ProtocolError(1007, "invalid UTF-8 in text message") from None
         # CPython's decoder rejects every impossible prefix at once except a surrogate's
         # (ED A0..BF), which it only rejects when the third byte arrives: check that one here.
         pending = self._decoder.getstate()[0]
         if len(pending) > 1 and pending[0] == 0xED and pending[1] >= 0xA0:
-            raise ProtocolError(1007, 'invalid UTF-8 in text message (surrogate)')
+            raise ProtocolError(1007, "invalid UTF-8 in text message (surrogate)")
 
     def _end_message(self) -> Message:
         if self._decoder is not None:
             try:
-                self._parts.append(self._decoder.decode(b'', final=True))
+                self._parts.append(self._decoder.decode(b"", final=True))
             except UnicodeDecodeError:
-                raise ProtocolError(1007, 'text message ends inside a UTF-8 sequence') from None
-            message = Message(True, ''.join(self._parts))
+                raise ProtocolError(1007, "text message ends inside a UTF-8 sequence") from None
+            message = Message(True, "".join(self._parts))
         else:
-            message = Message(False, b''.join(self._parts))
+            message = Message(False, b"".join(self._parts))
         self._opcode, self._decoder, self._parts, self._size = None, None, [], 0
         return message
 
@@ -2023,27 +2023,27 @@ def encode_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
     """A complete unmasked (server-to-client) frame."""
     first, n = (0x80 if fin else 0) | opcode, len(payload)
     if n < 126:
-        head = struct.pack('!BB', first, n)
+        head = struct.pack("!BB", first, n)
     elif n < 1 << 16:
-        head = struct.pack('!BBH', first, 126, n)
+        head = struct.pack("!BBH", first, 126, n)
     else:
-        head = struct.pack('!BBQ', first, 127, n)
+        head = struct.pack("!BBQ", first, 127, n)
     return head + payload
 
 
 def encode_message(message: Union[str, bytes]) -> bytes:
     """A text frame for str, a binary frame for bytes-like."""
     if isinstance(message, str):
-        return encode_frame(OP_TEXT, message.encode('utf-8'))
+        return encode_frame(OP_TEXT, message.encode("utf-8"))
     if isinstance(message, (bytes, bytearray, memoryview)):
         return encode_frame(OP_BINARY, bytes(message))
-    raise TypeError('WebSocket messages are str or bytes, not %s' % type(message).__name__)
+    raise TypeError("WebSocket messages are str or bytes, not %s" % type(message).__name__)
 
 
-def encode_close(code: int, reason: str = '') -> bytes:
+def encode_close(code: int, reason: str = "") -> bytes:
     """A close frame; the reason is cut (on a character boundary) to fit in 125 bytes."""
-    data = reason.encode('utf-8')[:123].decode('utf-8', 'ignore').encode('utf-8')
-    return encode_frame(OP_CLOSE, code.to_bytes(2, 'big') + data)
+    data = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
+    return encode_frame(OP_CLOSE, code.to_bytes(2, "big") + data)
 
 
 ###############################################################################
@@ -2157,7 +2157,7 @@ class _Deadline:
     The stand-in for asyncio.timeout (3.11+) on 3.9: unlike asyncio.wait_for it wraps nothing in
     a new Task, which matters with thousands of connections idling in recv().
     """
-    __slots__ = ('expired', '_task', '_handle')
+    __slots__ = ("expired", "_task", "_handle")
 
     def __init__(self, delay: Optional[float]):
         self.expired = False
@@ -2169,7 +2169,7 @@ class _Deadline:
         self.expired = True
         self._task.cancel()
 
-    def __enter__(self) -> '_Deadline':
+    def __enter__(self) -> "_Deadline":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -2177,7 +2177,7 @@ class _Deadline:
             self._handle.cancel()
         if not (self.expired and exc_type is asyncio.CancelledError):
             return False
-        uncancel = getattr(self._task, 'uncancel', None)   # 3.11+ counts cancel requests:
+        uncancel = getattr(self._task, "uncancel", None)   # 3.11+ counts cancel requests:
         return uncancel is None or uncancel() == 0          # let a foreign one propagate
 
 
@@ -2188,12 +2188,12 @@ class WebSocket:
     frame is written whole under a lock) and close() may be called from any task. No method
     lets a network error escape: a vanished peer makes recv() return None and send() False.
     """
-    __slots__ = ('remote_address', '_reader', '_writer', '_parser', '_events', '_lock',
-                 '_idle_timeout', '_close_timeout', '_close_sent', '_close_received', '_receiving')
+    __slots__ = ("remote_address", "_reader", "_writer", "_parser", "_events", "_lock",
+                 "_idle_timeout", "_close_timeout", "_close_sent", "_close_received", "_receiving")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                  max_message_size: int, idle_timeout: Optional[float], close_timeout: float):
-        self.remote_address = writer.get_extra_info('peername')
+        self.remote_address = writer.get_extra_info("peername")
         self._reader, self._writer = reader, writer
         self._parser: Optional[FrameParser] = FrameParser(max_message_size)   # None: unparseable
         self._events: Iterator[Event] = iter(())   # parsed, not yet handled
@@ -2229,7 +2229,7 @@ class WebSocket:
                     finally:
                         self._receiving = False
                     if data is None:
-                        await self.close(1001, 'idle timeout')
+                        await self.close(1001, "idle timeout")
                     elif not data:
                         break   # the peer hung up without a close frame
                     else:
@@ -2250,7 +2250,7 @@ class WebSocket:
         except OSError:
             return False
 
-    async def close(self, code: int = 1000, reason: str = '') -> None:
+    async def close(self, code: int = 1000, reason: str = "") -> None:
         """Closing handshake: send a close frame (unless sent), wait up to close_timeout for the
         peer's close frame or EOF, then close the transport. Returns once it is closing."""
         if self._writer.is_closing():
@@ -2321,11 +2321,11 @@ async def accept_websocket(reader: asyncio.StreamReader, writer: asyncio.StreamW
     with _Deadline(handshake_timeout):
         try:
             try:
-                head = await reader.readuntil(b'\r\n\r\n')
+                head = await reader.readuntil(b"\r\n\r\n")
             except asyncio.LimitOverrunError:
-                head = b''
+                head = b""
             if not head or len(head) > max_header_bytes:
-                raise HandshakeError(431, 'request header section too large')
+                raise HandshakeError(431, "request header section too large")
             key = check_upgrade(parse_request(head), path, allowed_origins)
             writer.write(accept_response(key))
             await writer.drain()
