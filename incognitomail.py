@@ -1042,7 +1042,10 @@ class PostfixMap:
         On failure everything done so far is undone and PostfixError raised. On success an
         undo function is returned, for when the database commit that follows fails.
         """
-        size_before = os.path.getsize(self.path)
+        try:
+            size_before = os.path.getsize(self.path)
+        except OSError as e:
+            raise PostfixError("%s: cannot read the map: %s" % (self.path, _os_reason(e)))
         unflushed_before = (set(self.unflushed), self.unflushed_since)
         appended, removed = [], []
         try:
@@ -1349,7 +1352,14 @@ class Service:
                 except queue.Empty:
                     break
             stopping = None in batch
-            self._run_batch([item for item in batch if item is not None])
+            items = [item for item in batch if item is not None]
+            try:
+                self._run_batch(items)
+            except Exception:       # never let one batch stop the worker: nobody would be answered
+                log.exception("internal error in the service worker")
+                for future, _, _ in items:
+                    if not future.done():
+                        future.set_exception(IncognitoMailError("internal error; the server log has details"))
             since = self.table.unflushed_since
             if since is not None and time.monotonic() - since >= TEXT_FLUSH_DELAY:
                 self.table.flush_text()
@@ -1395,10 +1405,14 @@ class Service:
             except sqlite3.Error as e:
                 undo()
                 raise StoreError("the database could not be written: %s; nothing was changed" % e)
-        except IncognitoMailError as e:
-            log.error("%s", e)
+        except Exception as e:
+            error = e
+            if not isinstance(error, IncognitoMailError):
+                log.exception("internal error while writing a batch")
+                error = IncognitoMailError("internal error; the server log has details")
+            log.error("%s", error)
             self.store.rollback()
-            outcomes = [(future, result if isinstance(result, IncognitoMailError) else e)
+            outcomes = [(future, result if isinstance(result, IncognitoMailError) else error)
                         for future, result in outcomes]
         for future, result in outcomes:
             if isinstance(result, BaseException):

@@ -1700,6 +1700,18 @@ class RollbackTest(PostmapTestCase):
         self.fixture.table.config_dir = self.site.config.postfix_config_dir
         self.assert_still_working()
 
+    def test_map_file_removed_while_running_gives_a_clear_error_and_the_service_keeps_answering(self):
+        os.rename(self.site.map_path, self.site.map_path + ".saved")
+        try:
+            with self.assertLogs(im.log, logging.ERROR):
+                with self.assertRaises(im.PostfixError) as caught:
+                    self.new_handle(self.fixture, self.token)
+        finally:
+            os.rename(self.site.map_path + ".saved", self.site.map_path)
+        self.assertIn(self.site.map_path, str(caught.exception))
+        self.assertEqual(self.handles_in_store(), [self.handle])
+        self.assert_still_working()
+
     def test_unwritable_map_file_rolls_back_and_names_the_file(self):
         saved = self.site.map_text()
         os.rename(self.site.map_path, self.site.map_path + ".saved")
