@@ -4253,6 +4253,52 @@ class RateLimitTest(WebSocketDaemonTestCase):
             self.assertEqual(cli(self.site, "new", "handle", self.token).returncode, 0)
 
 
+class FileDescriptorExhaustionTest(unittest.TestCase):
+    """Running out of file descriptors is logged once; the server recovers when they close."""
+
+    def test_out_of_file_descriptors_is_logged_once_and_the_server_recovers(self):
+        require_postfix()
+        import resource
+        folder = make_folder(self)
+        port = free_port()
+        site = Site(folder, sections={"General": {"ListenAddress": "127.0.0.1:%d" % port},
+                                      "Limits": {"MaxConnections": "0", "MaxConnectionsPerClient": "0"}})
+        log_path = os.path.join(folder, "daemon.log")
+        with open(log_path, "wb") as log_file:
+            daemon = subprocess.Popen(
+                [sys.executable, MODULE, "-c", site.config_path], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=log_file,
+                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128)))
+        self.addCleanup(daemon.wait)
+        self.addCleanup(daemon.terminate)
+        self.assertTrue(wait_until(lambda: os.path.exists(site.socket_path)), "the daemon did not start")
+        token = cli(site, "new", "account", "alice@example.org").stdout.strip()
+        held = []
+        try:
+            for _ in range(300):
+                held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            time.sleep(2.5)     # asyncio retries accept() every second while out of descriptors
+        finally:
+            for sock in held:
+                sock.close()
+        client = wait_until(lambda: _try_ws_client(port), timeout=10)
+        self.assertTrue(client, "the server did not recover once descriptors were free")
+        client.send("new handle " + token)
+        self.assertTrue(client.recv().endswith("@incognito.test"))
+        client.close()
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        self.assertEqual(text.count("out of file descriptors"), 1, text[-2000:])
+        self.assertNotIn("Traceback", text)
+
+
+def _try_ws_client(port):
+    try:
+        return WsClient(port, timeout=2)
+    except (OSError, ConnectionError):
+        return None
+
+
 class RateLimitsOffTest(WebSocketDaemonTestCase):
 
     limits = {"HandlesPerMinutePerClient": "0", "HandlesPerMinutePerAccount": "0"}
