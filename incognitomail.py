@@ -106,8 +106,8 @@ class ServerError(IncognitoMailError):
     """The daemon cannot start, is already running, or cannot be reached."""
 
 
-class PolicyProtocolError(IncognitoMailError):
-    """A policy or socketmap client sent something that is not the protocol."""
+class PostfixProtocolError(IncognitoMailError):
+    """A policy or socketmap client (Postfix) sent something that is not the protocol."""
 
 
 class WebSocketError(IncognitoMailError):
@@ -1652,7 +1652,7 @@ class PolicyParser:
     """SMTPD_POLICY_README: ``name=value`` lines, a request ends with an empty line.
 
     ``feed(bytes)`` returns the complete requests as dicts. Oversized requests, lines
-    without ``=`` and non-UTF-8 bytes raise PolicyProtocolError.
+    without ``=`` and non-UTF-8 bytes raise PostfixProtocolError.
     """
     MAX_REQUEST = 16384
 
@@ -1671,20 +1671,20 @@ class PolicyParser:
             end = self._buffer.find(b"\n\n")
             if end < 0:
                 if len(self._buffer) > self.MAX_REQUEST:
-                    raise PolicyProtocolError("policy request longer than %d bytes" % self.MAX_REQUEST)
+                    raise PostfixProtocolError("policy request longer than %d bytes" % self.MAX_REQUEST)
                 return requests
             block, self._buffer = self._buffer[:end], self._buffer[end + 2:]
             if len(block) > self.MAX_REQUEST:
-                raise PolicyProtocolError("policy request longer than %d bytes" % self.MAX_REQUEST)
+                raise PostfixProtocolError("policy request longer than %d bytes" % self.MAX_REQUEST)
             request = {}
             for line in block.split(b"\n"):
                 name, sep, value = line.partition(b"=")
                 if not sep or not name:
-                    raise PolicyProtocolError("policy request line without name=value: %r" % line[:80])
+                    raise PostfixProtocolError("policy request line without name=value: %r" % line[:80])
                 try:
                     request[name.decode("ascii")] = value.decode("utf-8")
                 except UnicodeDecodeError:
-                    raise PolicyProtocolError("policy request is not text: %r" % line[:80])
+                    raise PostfixProtocolError("policy request is not text: %r" % line[:80])
             requests.append(request)
 
 
@@ -1699,6 +1699,10 @@ class NetstringParser:
     def __init__(self):
         self._buffer = b""
 
+    @property
+    def incomplete(self):
+        return bool(self._buffer)
+
     def feed(self, data):
         self._buffer += data
         strings = []
@@ -1706,16 +1710,16 @@ class NetstringParser:
             colon = self._buffer.find(b":")
             if colon < 0:
                 if len(self._buffer) > 10:
-                    raise PolicyProtocolError("netstring length too long")
+                    raise PostfixProtocolError("netstring length too long")
                 return strings
             digits = self._buffer[:colon]
             if not digits.isdigit() or len(digits) > 6 or int(digits) > self.MAX_LENGTH:
-                raise PolicyProtocolError("bad netstring length %r" % digits[:12])
+                raise PostfixProtocolError("bad netstring length %r" % digits[:12])
             length = int(digits)
             if len(self._buffer) < colon + 1 + length + 1:
                 return strings
             if self._buffer[colon + 1 + length:colon + 2 + length] != b",":
-                raise PolicyProtocolError("netstring not terminated by a comma")
+                raise PostfixProtocolError("netstring not terminated by a comma")
             strings.append(self._buffer[colon + 1:colon + 1 + length])
             self._buffer = self._buffer[colon + 2 + length:]
 
@@ -2681,24 +2685,29 @@ class Daemon:
     # -- policy service: what mail each handle receives -----------------------------------------
 
     async def _serve_policy(self, reader, writer):
-        parser = PolicyParser()
+        await self._serve_postfix(reader, writer, PolicyParser(), self._policy_answer, "policy service")
+
+    async def _serve_postfix(self, reader, writer, parser, answer, name):
+        """Postfix's side of the policy and socketmap protocols: many requests per connection."""
         try:
             while True:
                 data = await reader.read(4096)
                 if not data:
                     if parser.incomplete:
-                        log.warning("policy service: a client hung up in the middle of a request (no empty line)")
+                        log.warning("%s: a client hung up in the middle of a request", name)
                     return
                 for request in parser.feed(data):
-                    action = await self._track(self._policy_action(request))
-                    writer.write(policy_response(action))
+                    writer.write(await self._track(answer(request)))
                 await writer.drain()
-        except PolicyProtocolError as e:
-            log.warning("policy service: closing a connection: %s", e)
+        except PostfixProtocolError as e:
+            log.warning("%s: closing a connection: %s", name, e)
         except (ConnectionError, OSError):
             pass
         finally:
             writer.close()
+
+    async def _policy_answer(self, request):
+        return policy_response(await self._policy_action(request))
 
     async def _policy_action(self, request):
         recipient = request.get("recipient", "").strip().lower()
@@ -2738,26 +2747,15 @@ class Daemon:
     # -- socketmap: Postfix asks the daemon -----------------------------------------------------
 
     async def _serve_socketmap(self, reader, writer):
-        parser = NetstringParser()
-        try:
-            while True:
-                data = await reader.read(4096)
-                if not data:
-                    return
-                for request in parser.feed(data):
-                    name, _, key = request.decode("utf-8", "replace").partition(" ")
-                    found = await self.service.lookup(key.strip())
-                    if found is not None and found[1]:
-                        writer.write(netstring(b"OK " + found[0].encode("utf-8")))
-                    else:
-                        writer.write(netstring(b"NOTFOUND "))
-                await writer.drain()
-        except PolicyProtocolError as e:
-            log.warning("socketmap: closing a connection: %s", e)
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.close()
+        await self._serve_postfix(reader, writer, NetstringParser(), self._socketmap_answer, "socketmap")
+
+    async def _socketmap_answer(self, request):
+        """``name key`` -> ``OK target`` for an enabled handle, else ``NOTFOUND ``."""
+        _, _, key = request.decode("utf-8", "replace").partition(" ")
+        found = await self.service.lookup(key.strip())
+        if found is not None and found[1]:
+            return netstring(b"OK " + found[0].encode("utf-8"))
+        return netstring(b"NOTFOUND ")
 
     # -- automatic pruning -----------------------------------------------------------------------
 

@@ -15,7 +15,8 @@ behaviour it checks. Read the classes top to bottom:
     daemon              DaemonLifecycleTest, ControlSocketAccessTest
     command line        CommandLineTest, StatusWhenStoppedTest
     real Postfix        EndToEndDeliveryTest, CreateThenSendHashTest, CreateThenSendLmdbTest
-    issue 4             PolicyServiceTest, PruneTest, CheckCommandTest
+    issue 4             PolicyProtocolTest, SocketmapProtocolTest, JsonRequestFormatTest,
+                        PolicyServiceTest, PruneTest, CheckCommandTest
     issue 5             SocketmapTest
     WebSocket format    ParseRequestTest ... AcceptWebSocketHandshakeTest (byte strings, loopback)
     WebSocket endpoint  WebSocketListeningTest, ListenAddressTest, WebSocketTlsTest,
@@ -2659,6 +2660,111 @@ def read_policy_answer(sock):
             break
         data += chunk
     return data
+
+
+class PolicyProtocolTest(unittest.TestCase):
+    """SMTPD_POLICY_README's format, with byte strings."""
+
+    REQUEST = (b"request=smtpd_access_policy\nprotocol_state=RCPT\ninstance=12.ab.1\n"
+               b"recipient=k3v9@incognito.test\nsender=s@example.org\n\n")
+
+    def test_a_request_ends_with_an_empty_line(self):
+        parser = im.PolicyParser()
+        self.assertEqual(parser.feed(self.REQUEST[:-1]), [])
+        self.assertTrue(parser.incomplete)
+        [request] = parser.feed(b"\n")
+        self.assertEqual(request["recipient"], "k3v9@incognito.test")
+        self.assertEqual(request["protocol_state"], "RCPT")
+        self.assertFalse(parser.incomplete)
+
+    def test_requests_split_anywhere_and_several_per_feed(self):
+        parser = im.PolicyParser()
+        data = self.REQUEST * 3
+        requests = []
+        for i in range(0, len(data), 7):
+            requests += parser.feed(data[i:i + 7])
+        self.assertEqual(len(requests), 3)
+
+    def test_empty_values_are_kept(self):
+        [request] = im.PolicyParser().feed(b"sender=\nrecipient=a@b.c\n\n")
+        self.assertEqual(request["sender"], "")
+
+    def test_oversized_request_is_refused_before_its_end(self):
+        parser = im.PolicyParser()
+        with self.assertRaises(im.PostfixProtocolError):
+            parser.feed(b"name=" + b"x" * (im.PolicyParser.MAX_REQUEST + 1))
+
+    def test_line_without_equals_sign_is_refused(self):
+        with self.assertRaises(im.PostfixProtocolError):
+            im.PolicyParser().feed(b"garbage\n\n")
+
+    def test_binary_garbage_is_refused(self):
+        with self.assertRaises(im.PostfixProtocolError):
+            im.PolicyParser().feed(b"recipient=\xff\xfe\n\n")
+
+    def test_response_is_an_action_line_and_an_empty_line(self):
+        self.assertEqual(im.policy_response("DUNNO"), b"action=DUNNO\n\n")
+
+
+class SocketmapProtocolTest(unittest.TestCase):
+    """socketmap_table(5)'s netstrings, with byte strings."""
+
+    def test_netstrings_split_anywhere(self):
+        parser = im.NetstringParser()
+        data = b"27:virtual k3v9@incognito.test,3:x y,"
+        strings = []
+        for byte in range(len(data)):
+            strings += parser.feed(data[byte:byte + 1])
+        self.assertEqual(strings, [b"virtual k3v9@incognito.test", b"x y"])
+        self.assertFalse(parser.incomplete)
+
+    def test_missing_comma_is_refused(self):
+        with self.assertRaises(im.PostfixProtocolError):
+            im.NetstringParser().feed(b"3:abc;")
+
+    def test_bad_or_huge_length_is_refused_before_the_payload(self):
+        for data in (b"x:abc,", b"-1:a,", b"9999999:", b"12345678901"):
+            with self.assertRaises(im.PostfixProtocolError, msg=data):
+                im.NetstringParser().feed(data)
+
+    def test_reply_is_a_netstring(self):
+        self.assertEqual(im.netstring(b"OK alice@example.org"), b"20:OK alice@example.org,")
+        self.assertEqual(im.netstring(b"NOTFOUND "), b"9:NOTFOUND ,")
+
+
+class JsonRequestFormatTest(unittest.TestCase):
+    """The JSON request format shared by the WebSocket and the control socket."""
+
+    def parse(self, text, allowed=im.WEBSOCKET_OPERATIONS):
+        return im.parse_json_request(text, allowed)
+
+    def test_fields_become_the_operations_arguments(self):
+        request = self.parse('{"id": [1, "x"], "op": "new_handle", "token": "t", "label": "shop"}')
+        self.assertEqual(request, im.JsonRequest([1, "x"], "new_handle", ("t", "shop", None)))
+
+    def test_update_handle_leaves_absent_fields_unchanged(self):
+        request = self.parse('{"id": 1, "op": "update_handle", "token": "t", "address": "a", "enabled": false}')
+        self.assertEqual(request.args, ("t", "a", im._UNCHANGED, False))
+
+    def test_control_only_operations_are_unknown_over_the_websocket(self):
+        with self.assertRaises(im.BadRequest) as caught:
+            self.parse('{"id": 5, "op": "new_account", "address": "a@b.c"}')
+        self.assertEqual(caught.exception.request_id, 5)
+        self.assertEqual(self.parse('{"op": "new_account", "address": "a@b.c"}', im.CONTROL_OPERATIONS).args,
+                         ("a@b.c",))
+
+    def test_wrong_types_are_bad_requests(self):
+        for text in ('{"op": "new_handle", "token": 7}', '{"op": "update_handle", "token": "t", "address": "a", '
+                     '"enabled": 1}', '[1, 2]', '"op"', '{"op": "prune", "handles_unused_days": true}'):
+            with self.assertRaises(im.BadRequest, msg=text):
+                self.parse(text, im.CONTROL_OPERATIONS)
+
+    def test_replies_carry_the_id_and_the_result_under_its_name(self):
+        self.assertEqual(json.loads(im.json_reply("x", "rotate_token", "new")), {"id": "x", "ok": True, "token": "new"})
+        self.assertEqual(json.loads(im.json_reply(2, "delete_handle", {})), {"id": 2, "ok": True})
+        error = json.loads(im.json_error(3, im.RateLimited("slow down", 12)))
+        self.assertEqual(error, {"id": 3, "ok": False, "error": "rate_limited", "message": "slow down",
+                                 "retry_after": 12})
 
 
 class PolicyServiceTest(PostfixInstanceTestCase):

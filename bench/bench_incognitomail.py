@@ -49,8 +49,8 @@ SEND_COUNT = 200
 
 # -- a minimal WebSocket client, as the add-on uses it ----------------------------------------
 
-async def ws_connect(port):
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=65536)
+async def ws_connect(port, source="127.0.0.1"):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=65536, local_addr=(source, 0))
     key = base64.b64encode(os.urandom(16)).decode()
     writer.write(("GET /incognitomail HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\n"
                   "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -236,7 +236,10 @@ async def create_then_send(port, token, postfix):
 async def hold_idle_connections(port, server, token, count):
     held = []
     for start in range(0, count, 500):
-        results = await asyncio.gather(*(ws_connect(port) for _ in range(min(500, count - start))),
+        # Spread over 127.0.0.2-21 as distinct browsers would be: one source address would make
+        # the kernel hunt for a free ephemeral port on every later connection from 127.0.0.1.
+        source = "127.0.0.%d" % (2 + start // 500 % 20)
+        results = await asyncio.gather(*(ws_connect(port, source) for _ in range(min(500, count - start))),
                                        return_exceptions=True)
         held += [r for r in results if not isinstance(r, BaseException)]
     await asyncio.sleep(1)
@@ -257,6 +260,7 @@ def main():
     args = parser.parse_args()
     if os.geteuid() != 0 or not shutil.which("postfix", path=os.environ.get("PATH", "") + ":/usr/sbin"):
         sys.exit("bench: needs root and Postfix (apt-get install postfix postfix-lmdb)")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("bench: stopped by SIGTERM"))   # still clean up
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
 
