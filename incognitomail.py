@@ -706,14 +706,14 @@ class Store:
         """Add ``counts[(local, domain)]`` messages to each handle, at the given times."""
         self.db.executemany(
             "UPDATE handles SET received = received + ?, last_received = max(coalesce(last_received, 0), ?) "
-            "WHERE local = ? AND domain = ?",
+            "WHERE local = ? COLLATE NOCASE AND domain = ? COLLATE NOCASE",
             [(n, int(now_by_key[key]), key[0], key[1]) for key, n in counts.items()])
 
     def lookup_target(self, local, domain):
         """The target address of an enabled handle, for Postfix's lookups (socketmap, policy)."""
         row = self.db.execute(
             "SELECT a.address, h.enabled FROM handles h JOIN accounts a ON a.id = h.account_id "
-            "WHERE h.local = ? AND h.domain = ?", (local, domain)).fetchone()
+            "WHERE h.local = ? COLLATE NOCASE AND h.domain = ? COLLATE NOCASE", (local, domain)).fetchone()
         return row  # (target, enabled) or None
 
     def map_entries(self):
@@ -806,6 +806,10 @@ def find_postfix_command(name):
 
 def map_line(key, target):
     return ("%s %s\n" % (key, target)).encode("utf-8")
+
+
+def is_marker(line):
+    return line.rstrip(b"\r\n") == MAP_MARKER.rstrip(b"\n")
 
 
 def map_line_key(line):
@@ -939,6 +943,8 @@ class PostfixMap:
         if not os.path.isfile(os.path.join(config_dir, "main.cf")):
             raise PostfixError("%s: no main.cf there, and postmap needs one; set [PostfixConfig] ConfigDir to "
                                "Postfix's configuration folder, or create it (an empty main.cf will do)" % config_dir)
+        if os.path.exists(self.indexed_path):
+            self.postmap("-q", "incognitomail-start-probe", self.name)     # does postmap run at all?
 
     def _identity(self):
         return json.dumps({"map": self.name, "text": _file_identity(self.path),
@@ -975,7 +981,7 @@ class PostfixMap:
         foreign, keys = [], set()
         with open(self.path, "rb") as f:
             for line in f:
-                if line == MAP_MARKER or line.rstrip(b"\r\n") == MAP_MARKER.rstrip(b"\n"):
+                if is_marker(line):
                     break
                 foreign.append(line)
                 key = map_line_key(line)
@@ -1042,6 +1048,8 @@ class PostfixMap:
         On failure everything done so far is undone and PostfixError raised. On success an
         undo function is returned, for when the database commit that follows fails.
         """
+        if not adds and not removes:
+            return lambda: None
         try:
             size_before = os.path.getsize(self.path)
         except OSError as e:
@@ -1098,7 +1106,7 @@ class PostfixMap:
                 with open(self.path, "rb") as f:
                     seen_marker = False
                     for line in f:
-                        if line == MAP_MARKER:
+                        if is_marker(line):
                             seen_marker = True
                         elif seen_marker and map_line_key(line) in wanted:
                             restore.append(line)
@@ -1107,6 +1115,7 @@ class PostfixMap:
             self._written = self._identity()
         except (PostfixError, OSError) as e:
             log.error("%s: could not undo a failed change (%s); it will be rebuilt at the next start", self.path, e)
+            self._written = None
         self.unflushed, self.unflushed_since = unflushed_before
 
     def _note_visible(self):
@@ -1142,11 +1151,14 @@ class PostfixMap:
                 for line in f:
                     if seen_marker and map_line_key(line) in gone:
                         continue
-                    if line == MAP_MARKER:
+                    if is_marker(line):
                         seen_marker = True
                     yield line
         try:
             _write_atomically(self.path, kept())
+            # Not newer than the indexed file, or Postfix warns that the database is out of date.
+            indexed_mtime = os.stat(self.indexed_path).st_mtime
+            os.utime(self.path, (indexed_mtime, indexed_mtime))
         except OSError as e:
             log.error("%s: cannot rewrite the map text file: %s (will retry)", self.path, _os_reason(e))
             return
@@ -1155,17 +1167,98 @@ class PostfixMap:
         self._written = self._identity()
         log.debug("removed %d lines from %s in %.3f s", len(gone), self.path, time.monotonic() - started)
 
-    def lookup(self, key):
-        """Ask Postfix's own tool what the indexed map answers for ``key`` (for checks)."""
-        done = self.postmap("-q", key, self.name)
-        return done.stdout.decode("utf-8", "replace").strip() if done.returncode == 0 else None
-
     def dump(self):
         """Every (key, value) in the indexed file, as Postfix sees them (``postmap -s``)."""
         done = self.postmap("-s", self.name)
         for line in done.stdout.decode("utf-8", "replace").splitlines():
             key, _, value = line.partition("\t") if "\t" in line else line.partition(" ")
             yield key.strip().lower(), value.strip()
+
+    def drift(self, store):
+        """None when the indexed map holds exactly the store's enabled handles, else what differs.
+
+        The admin's own lines are not ours and are left out of the comparison.
+        """
+        try:
+            self._read_foreign()
+            expected = {key: target for key, target in store.map_entries() if key not in self.foreign_keys}
+            indexed = {key: value for key, value in self.dump() if key not in self.foreign_keys}
+        except (OSError, IncognitoMailError) as e:
+            return str(e)
+        missing = [k for k, t in expected.items() if indexed.get(k) != t]
+        unknown = [k for k in indexed if k not in expected]
+        if not missing and not unknown:
+            return None
+        return ("%d handles missing or wrong, %d entries the database does not know (e.g. %s); restart the "
+                "server to rebuild the map from the database" % (len(missing), len(unknown), (missing + unknown)[0]))
+
+
+def _same_endpoint(written, ours, queue_directory):
+    """Does main.cf's ``unix:PATH`` or ``inet:HOST:PORT`` name our listener?
+
+    Chrooted Postfix daemons (Debian's default) need unix paths relative to the queue
+    directory, so such a relative path counts when it leads to our socket.
+    """
+    if written == ours:
+        return True
+    kind, _, path = written.partition(":")
+    return kind == "unix" and ours == "unix:" + os.path.normpath(os.path.join(queue_directory, path))
+
+
+def postfix_config_problems(config, table):
+    """What Postfix's own configuration (postconf) lacks for our map, domains and policy service."""
+    names = ["virtual_alias_maps", "canonical_maps", "recipient_canonical_maps", "virtual_alias_domains",
+             "mydestination", "smtpd_recipient_restrictions", "smtpd_relay_restrictions", "queue_directory"]
+    command = [find_postfix_command("postconf")]
+    if config.postfix_config_dir:
+        command += ["-c", config.postfix_config_dir]
+    try:
+        done = subprocess.run(command + ["-x"] + names, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    except (OSError, subprocess.TimeoutExpired, IncognitoMailError) as e:
+        return [("Postfix configuration readable", str(e))]
+    if done.returncode != 0:
+        return [("Postfix configuration readable", done.stderr.decode("utf-8", "replace").strip())]
+    values = {}
+    for line in done.stdout.decode("utf-8", "replace").splitlines():
+        name, _, value = line.partition("=")
+        values[name.strip()] = value.strip()
+
+    def words(name):
+        return [w for w in re.split(r"[\s,]+", values.get(name, "")) if w]
+    queue = values.get("queue_directory", "/var/spool/postfix")
+    where = "main.cf in %s" % (config.postfix_config_dir or "/etc/postfix")
+    if config.socketmap_listen:
+        ours = lambda w: w.startswith("socketmap:") and _same_endpoint(w[10:].rpartition(":")[0], config.socketmap_listen, queue)
+        wanted = "socketmap:%s:virtual" % config.socketmap_listen
+    else:
+        ours = lambda w: w == table.name or (table.type == "hash" and w == table.path)
+        wanted = table.name
+    problems = []
+    if any(ours(w) for w in words("virtual_alias_maps")):
+        domains = set(words("virtual_alias_domains")) | set(words("mydestination"))
+        role = "virtual_alias_maps"
+    elif any(ours(w) for w in words("canonical_maps") + words("recipient_canonical_maps")):
+        domains = set(words("mydestination")) | set(words("virtual_alias_domains"))
+        role = "canonical"
+    else:
+        problems.append(("Postfix uses the map", "neither virtual_alias_maps nor (recipient_)canonical_maps in %s "
+                         "lists %s; add it, e.g. virtual_alias_maps = %s, then postfix reload" % (where, wanted, wanted)))
+        role = None
+    if role:
+        problems.append(("Postfix uses the map (%s)" % role, None))
+        missing = [d for d in config.domains if d not in domains]
+        setting = "virtual_alias_domains" if role == "virtual_alias_maps" else "mydestination"
+        problems.append(("Postfix routes every domain", "%s not in %s (%s); add them there, then postfix reload"
+                         % (", ".join(missing), setting, where) if missing else None))
+    if config.policy_listen:
+        endpoint = config.policy_listen
+        referenced = any(before == "check_policy_service" and _same_endpoint(word, endpoint, queue)
+                         for n in ("smtpd_recipient_restrictions", "smtpd_relay_restrictions")
+                         for before, word in zip(words(n), words(n)[1:]))
+        problems.append(("Postfix asks the policy service", None if referenced else
+                         "smtpd_recipient_restrictions in %s lacks check_policy_service %s; see README.md"
+                         % (where, endpoint)))
+    return problems
 
 
 class SocketmapTable:
@@ -1214,9 +1307,11 @@ def make_table(config):
 # Service
 ###############################################################################
 
-# How long the text map may lag behind removals before it is rewritten (one streaming
-# rewrite for all removals of that time).
+# Removed handles leave the text map in one streaming rewrite, once the service has been idle
+# this long, or at the latest this long after the first removal (a rewrite of a million-line
+# map holds up batches for about 0.7 s).
 TEXT_FLUSH_DELAY = 2.0
+TEXT_FLUSH_MAX_DELAY = 60.0
 
 _UNCHANGED = object()
 
@@ -1288,6 +1383,11 @@ class Service:
         clean = self.store.get_meta("clean_stop")
         with self.store.transaction():
             self.store.set_meta("clean_stop", None)
+            # Received counts mean "unused" only for the time the policy service has been counting.
+            if not self.config.policy_listen:
+                self.store.set_meta("counting_since", None)
+            elif self.store.get_meta("counting_since") is None:
+                self.store.set_meta("counting_since", str(int(self.clock())))
         self.table.reconcile(self.store.map_entries(), clean)
         self._thread = threading.Thread(target=self._work, name="incognitomail-service", daemon=True)
         self._thread.start()
@@ -1299,6 +1399,9 @@ class Service:
             self._thread.join()
             self._thread = None
         self._lookups.shutdown(wait=True)
+        if self._lookup_store is not None:
+            self._lookup_store.close()
+            self._lookup_store = None
         self.table.flush_text()
         # A text file still holding removed handles (a failed rewrite) must be rebuilt next time.
         fingerprint = None if self.table.unflushed else self.table.fingerprint()
@@ -1337,11 +1440,10 @@ class Service:
     # -- the worker -------------------------------------------------------------------------
 
     def _work(self):
+        last_batch = time.monotonic()
         while True:
-            since = self.table.unflushed_since
             try:
-                first = self._queue.get(timeout=None if since is None else
-                                        max(0.0, since + TEXT_FLUSH_DELAY - time.monotonic()))
+                first = self._queue.get(timeout=self._flush_wait(last_batch))
             except queue.Empty:
                 self.table.flush_text()
                 continue
@@ -1351,28 +1453,38 @@ class Service:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            stopping = None in batch
-            items = [item for item in batch if item is not None]
+            items = [item for item in batch if item is not None and item[0].set_running_or_notify_cancel()]
             try:
                 self._run_batch(items)
             except Exception:       # never let one batch stop the worker: nobody would be answered
                 log.exception("internal error in the service worker")
+                self.store.rollback()
                 for future, _, _ in items:
                     if not future.done():
                         future.set_exception(IncognitoMailError("internal error; the server log has details"))
-            since = self.table.unflushed_since
-            if since is not None and time.monotonic() - since >= TEXT_FLUSH_DELAY:
+            last_batch = time.monotonic()
+            if self.table.unflushed_since is not None and last_batch - self.table.unflushed_since >= TEXT_FLUSH_MAX_DELAY:
                 self.table.flush_text()
-            if stopping:
+            if None in batch:
                 return
 
-    def _run_batch(self, items):
-        items = [item for item in items if item[0].set_running_or_notify_cancel()]
+    def _flush_wait(self, last_batch):
+        """Seconds until the text map should drop removed lines: when idle, or when too old."""
+        since = self.table.unflushed_since
+        if since is None:
+            return None
+        due = min(last_batch + TEXT_FLUSH_DELAY, since + TEXT_FLUSH_MAX_DELAY)
+        return max(0.0, due - time.monotonic())
+
+    def _run_batch(self, items, retrying=False):
+        """One transaction, one map update, one commit for every item; see the class docstring.
+
+        When the map update or the commit fails, every operation that changed the map fails
+        with that error; the others are run again in a transaction of their own.
+        """
         if not items:
             return
         self.batches += 1
-        changes = _MapChanges()
-        outcomes = []
         try:
             self.store.begin()
         except sqlite3.Error as e:
@@ -1380,24 +1492,25 @@ class Service:
             for future, _, _ in items:
                 future.set_exception(error)
             return
-        for future, method, args in items:
+        changes = _MapChanges()
+        outcomes = []           # (item, result or error, changed the map)
+        for item in items:
+            future, method, args = item
             op_changes = _MapChanges()
             try:
                 with self.store.savepoint():
                     result = method(op_changes, *args)
             except IncognitoMailError as e:
-                outcomes.append((future, e))
-                continue
+                result = e
             except sqlite3.Error as e:
                 log.error("database error in %s: %s", method.__name__[4:], e)
-                outcomes.append((future, StoreError("the database could not be written: %s" % e)))
-                continue
+                result = StoreError("the database could not be written: %s" % e)
             except Exception:
                 log.exception("internal error in %s", method.__name__[4:])
-                outcomes.append((future, IncognitoMailError("internal error; the server log has details")))
-                continue
-            changes.merge(op_changes)
-            outcomes.append((future, result))
+                result = IncognitoMailError("internal error; the server log has details")
+            else:
+                changes.merge(op_changes)
+            outcomes.append((item, result, bool(op_changes.entries)))
         try:
             undo = self.table.apply(changes.adds, changes.removes)
             try:
@@ -1412,9 +1525,17 @@ class Service:
                 error = IncognitoMailError("internal error; the server log has details")
             log.error("%s", error)
             self.store.rollback()
-            outcomes = [(future, result if isinstance(result, IncognitoMailError) else error)
-                        for future, result in outcomes]
-        for future, result in outcomes:
+            retry = [item for item, result, changed in outcomes
+                     if not changed and not isinstance(result, IncognitoMailError)]
+            for item, result, changed in outcomes:
+                if isinstance(result, IncognitoMailError):
+                    item[0].set_exception(result)
+                elif changed or retrying:
+                    item[0].set_exception(error)
+            if not retrying:
+                self._run_batch(retry, retrying=True)
+            return
+        for (future, _, _), result, _ in outcomes:
             if isinstance(result, BaseException):
                 future.set_exception(result)
             else:
@@ -1540,6 +1661,11 @@ class Service:
         now = self.clock()
         removed = []
         if handles_days is not None:
+            counting_since = int(self.store.get_meta("counting_since") or now)
+            if handles_days and counting_since > now - handles_days * 86400:
+                raise BadRequest("the policy service has counted mail only since %s, so a handle cannot yet be known "
+                                 "to be unused for %d days; prune from %s on, or give a shorter time"
+                                 % (iso_time(counting_since), handles_days, iso_time(counting_since + handles_days * 86400)))
             for handle in self.store.unused_handles(now - handles_days * 86400):
                 removed.append(handle.address)
                 if not dry_run:
@@ -1552,7 +1678,8 @@ class Service:
                 if not dry_run:
                     self.store.delete_account(account.id)
         if removed and not dry_run:
-            log.info("pruned %d never-used handles and accounts: %s", len(removed), ", ".join(removed))
+            log.info("pruned %d never-used handles and accounts", len(removed))
+            log.debug("pruned: %s", ", ".join(removed))
         return removed
 
 
@@ -1579,8 +1706,8 @@ def parse_json_request(text, allowed):
     """
     try:
         message = json.loads(text)
-    except ValueError as e:
-        raise _with_id(BadRequest("not valid JSON: %s" % e), None)
+    except (ValueError, RecursionError) as e:
+        raise _with_id(BadRequest("not valid JSON: %s" % (e if isinstance(e, ValueError) else "nested too deeply")), None)
     if not isinstance(message, dict):
         raise _with_id(BadRequest("a request must be a JSON object"), None)
     request_id = message.get("id")
@@ -1736,7 +1863,8 @@ def netstring(data):
 _GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"   # RFC 6455 section 1.3
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"         # RFC 7230 section 3.2.6
 _REQUEST_LINE = re.compile(r"(%s) ([\x21-\x7e]+) HTTP/(\d)\.(\d)" % _TOKEN)
-_HEADER_LINE = re.compile(r"(%s):[ \t]*([\t\x20-\x7e\x80-\xff]*?)[ \t]*" % _TOKEN)
+_HEADER_NAME = re.compile(_TOKEN)
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")    # linear: no backtracking on hostile input
 
 
 class Request(NamedTuple):
@@ -1759,10 +1887,11 @@ def parse_request(head: bytes) -> Request:
         raise HandshakeError(400, "malformed request line")
     headers: Dict[str, str] = {}
     for line in lines[1:]:
-        field = _HEADER_LINE.fullmatch(line)
-        if field is None:
+        name, colon, value = line.partition(":")
+        value = value.strip(" \t")
+        if not colon or not _HEADER_NAME.fullmatch(name) or not _HEADER_VALUE.fullmatch(value):
             raise HandshakeError(400, "malformed header line")
-        name, value = field.group(1).lower(), field.group(2)
+        name = name.lower()
         if name == "host" and name in headers:
             raise HandshakeError(400, "more than one Host header")   # RFC 7230 section 5.4
         headers[name] = headers[name] + ", " + value if name in headers else value
@@ -2364,6 +2493,8 @@ async def accept_websocket(reader: asyncio.StreamReader, writer: asyncio.StreamW
 
 STOP_GRACE_SECONDS = 20
 RECEIVED_FLUSH_SECONDS = 1.0
+MAX_UNWRITTEN_RECEIVED = 100000     # counts kept for a retry while the database cannot be written
+FD_SHORTAGE_LOG_SECONDS = 60        # a shortage of file descriptors is logged again after this quiet time
 
 
 class _LockFile:
@@ -2375,20 +2506,30 @@ class _LockFile:
 
     def acquire(self):
         folder = os.path.dirname(self.path)
-        try:
-            os.makedirs(folder, mode=0o755, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise ServerError("%s: cannot open the lock file ([General] LockFilePath): %s" % (self.path, _os_reason(e)))
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            pid = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
-            os.close(fd)
-            raise ServerError("already running (pid %s, lock %s)" % (pid, self.path))
-        os.ftruncate(fd, 0)
-        os.write(fd, b"%d\n" % os.getpid())
-        self.fd = fd
+        for attempt in range(20):
+            try:
+                os.makedirs(folder, mode=0o755, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise ServerError("%s: cannot open the lock file ([General] LockFilePath): %s"
+                                  % (self.path, _os_reason(e)))
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                pid = os.read(fd, 32).decode("ascii", "replace").strip()
+                os.close(fd)
+                if (pid.isdigit() and _process_exists(int(pid))) or attempt == 19:
+                    raise ServerError("already running (pid %s, lock %s)" % (pid or "unknown", self.path))
+                time.sleep(0.01)    # a reader's brief shared lock (status, check): try again
+                continue
+            if _file_identity(self.path) is None or os.fstat(fd).st_ino != os.stat(self.path).st_ino:
+                os.close(fd)        # a stopping server removed the file we locked: lock the new one
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, b"%d\n" % os.getpid())
+            self.fd = fd
+            return
+        raise ServerError("%s: could not take the lock file" % self.path)
 
     def release(self):
         if self.fd is not None:
@@ -2398,6 +2539,16 @@ class _LockFile:
                 pass
             os.close(self.fd)
             self.fd = None
+
+
+def _process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def running_pid(config):
@@ -2433,7 +2584,8 @@ class Daemon:
         self._failures_per_client = TokenBucket(config.failed_tokens_per_minute_per_client)
         self._received = []             # (address, time) from the policy service, not yet written
         self._counted = {}              # (instance, recipient) already counted: once per message
-        self._fd_exhaustion_logged = False
+        self._postfix_clients = set()   # policy and socketmap connections, closed at stop
+        self._fd_shortage_logged = float("-inf")   # when a shortage of descriptors was last seen
 
     def run(self):
         """Run in the foreground until SIGTERM, SIGINT or ``stop``; raise ServerError on failure."""
@@ -2511,6 +2663,8 @@ class Daemon:
             if self._requests:
                 await asyncio.wait(set(self._requests), timeout=STOP_GRACE_SECONDS)
             await asyncio.gather(*(websocket.close(1001, "server stopping") for websocket in self._websockets))
+            for writer in self._postfix_clients:
+                writer.close()      # Postfix reconnects to the next server; nothing is counted after this
             for task in background:
                 task.cancel()
             await self._flush_received()
@@ -2526,10 +2680,11 @@ class Daemon:
     def _loop_exception(self, loop, context):
         error = context.get("exception")
         if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE):
-            if not self._fd_exhaustion_logged:
+            # asyncio retries accept() every second: one line per shortage, not one per retry
+            if time.monotonic() - self._fd_shortage_logged > FD_SHORTAGE_LOG_SECONDS:
                 log.error("out of file descriptors (%s): new connections are refused until some close; "
                           "raise the limit (ulimit -n) or lower [Limits] MaxConnections", error)
-                self._fd_exhaustion_logged = True
+            self._fd_shortage_logged = time.monotonic()
             return
         loop.default_exception_handler(context)
 
@@ -2689,6 +2844,7 @@ class Daemon:
 
     async def _serve_postfix(self, reader, writer, parser, answer, name):
         """Postfix's side of the policy and socketmap protocols: many requests per connection."""
+        self._postfix_clients.add(writer)
         try:
             while True:
                 data = await reader.read(4096)
@@ -2704,10 +2860,15 @@ class Daemon:
         except (ConnectionError, OSError):
             pass
         finally:
+            self._postfix_clients.discard(writer)
             writer.close()
 
     async def _policy_answer(self, request):
-        return policy_response(await self._policy_action(request))
+        try:
+            return policy_response(await self._policy_action(request))
+        except (IncognitoMailError, sqlite3.Error) as e:
+            log.error("policy service: lookup failed (%s); answering DUNNO", e)
+            return policy_response("DUNNO")
 
     async def _policy_action(self, request):
         recipient = request.get("recipient", "").strip().lower()
@@ -2736,13 +2897,16 @@ class Daemon:
             await self._flush_received()
 
     async def _flush_received(self):
+        """Write the counts gathered since the last time; keep them for the next try on failure."""
         if not self._received:
             return
         events, self._received = self._received, []
         try:
-            await self.service.run("record_received", events)
+            # shielded: a stop cancelling the periodic writer must not drop a write under way
+            await asyncio.shield(self.service.run("record_received", events))
         except IncognitoMailError as e:
-            log.error("could not record %d received messages: %s", len(events), e)
+            log.error("could not record %d received messages (will retry): %s", len(events), e)
+            self._received[:0] = events[-MAX_UNWRITTEN_RECEIVED:]
 
     # -- socketmap: Postfix asks the daemon -----------------------------------------------------
 
@@ -2752,7 +2916,11 @@ class Daemon:
     async def _socketmap_answer(self, request):
         """``name key`` -> ``OK target`` for an enabled handle, else ``NOTFOUND ``."""
         _, _, key = request.decode("utf-8", "replace").partition(" ")
-        found = await self.service.lookup(key.strip())
+        try:
+            found = await self.service.lookup(key.strip())
+        except (IncognitoMailError, sqlite3.Error) as e:
+            log.error("socketmap: lookup failed (%s); answering TEMP", e)
+            return netstring(b"TEMP lookup failed")
         if found is not None and found[1]:
             return netstring(b"OK " + found[0].encode("utf-8"))
         return netstring(b"NOTFOUND ")
@@ -2810,8 +2978,8 @@ def run_check(config, args, out=sys.stdout):
         report("database readable", str(e))
         store = None
     if store is not None and isinstance(table, PostfixMap):
-        report("map %s in step with the database" % table.name, _map_drift(table, store))
-    for name, problem in _postfix_config_problems(config, table):
+        report("map %s in step with the database" % table.name, table.drift(store))
+    for name, problem in postfix_config_problems(config, table):
         report(name, problem)
     pid = running_pid(config)
     try:
@@ -2825,90 +2993,6 @@ def run_check(config, args, out=sys.stdout):
     if args.json:
         print(json.dumps(results, indent=2), file=out)
     return 0 if all(r["ok"] for r in results) else 1
-
-
-def _map_drift(table, store):
-    """None when the map holds exactly the store's enabled handles, else what differs."""
-    try:
-        foreign = table._read_foreign()
-        del foreign
-        expected = {key: target for key, target in store.map_entries() if key not in table.foreign_keys}
-        indexed = {key: value for key, value in table.dump() if key not in table.foreign_keys}
-    except (OSError, IncognitoMailError) as e:
-        return str(e)
-    missing = [k for k, t in expected.items() if indexed.get(k) != t]
-    unknown = [k for k in indexed if k not in expected]
-    if not missing and not unknown:
-        return None
-    return ("%d handles missing or wrong, %d entries the database does not know (e.g. %s); restart the "
-            "server to rebuild the map from the database" % (len(missing), len(unknown), (missing + unknown)[0]))
-
-
-def _same_endpoint(written, ours):
-    """Does main.cf's ``unix:PATH`` or ``inet:HOST:PORT`` name our listener?
-
-    Chrooted Postfix daemons (Debian's default) need unix paths relative to the queue
-    directory, so a relative path that ends our absolute one counts.
-    """
-    if written == ours:
-        return True
-    kind, _, path = written.partition(":")
-    return kind == "unix" and ours.startswith("unix:/") and not path.startswith("/") and ours.endswith("/" + path)
-
-
-def _postfix_config_problems(config, table):
-    """What Postfix's own configuration (postconf) lacks for our map, domains and policy service."""
-    names = ["virtual_alias_maps", "canonical_maps", "recipient_canonical_maps", "virtual_alias_domains",
-             "mydestination", "smtpd_recipient_restrictions", "smtpd_relay_restrictions"]
-    command = [find_postfix_command("postconf")]
-    if config.postfix_config_dir:
-        command += ["-c", config.postfix_config_dir]
-    try:
-        done = subprocess.run(command + ["-x"] + names, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
-    except (OSError, subprocess.TimeoutExpired, IncognitoMailError) as e:
-        return [("Postfix configuration readable", str(e))]
-    if done.returncode != 0:
-        return [("Postfix configuration readable", done.stderr.decode("utf-8", "replace").strip())]
-    values = {}
-    for line in done.stdout.decode("utf-8", "replace").splitlines():
-        name, _, value = line.partition("=")
-        values[name.strip()] = value.strip()
-
-    def words(name):
-        return [w for w in re.split(r"[\s,]+", values.get(name, "")) if w]
-    where = "main.cf in %s" % (config.postfix_config_dir or "/etc/postfix")
-    if config.socketmap_listen:
-        ours = lambda w: w.startswith("socketmap:") and _same_endpoint(w[10:].rpartition(":")[0], config.socketmap_listen)
-        wanted = "socketmap:%s:virtual" % config.socketmap_listen
-    else:
-        ours = lambda w: w == table.name or (table.type == "hash" and w == table.path)
-        wanted = table.name
-    problems = []
-    if any(ours(w) for w in words("virtual_alias_maps")):
-        domains = set(words("virtual_alias_domains")) | set(words("mydestination"))
-        role = "virtual_alias_maps"
-    elif any(ours(w) for w in words("canonical_maps") + words("recipient_canonical_maps")):
-        domains = set(words("mydestination")) | set(words("virtual_alias_domains"))
-        role = "canonical"
-    else:
-        problems.append(("Postfix uses the map", "neither virtual_alias_maps nor (recipient_)canonical_maps in %s "
-                         "lists %s; add it, e.g. virtual_alias_maps = %s, then postfix reload" % (where, wanted, wanted)))
-        role = None
-    if role:
-        problems.append(("Postfix uses the map (%s)" % role, None))
-        missing = [d for d in config.domains if d not in domains]
-        setting = "virtual_alias_domains" if role == "virtual_alias_maps" else "mydestination"
-        problems.append(("Postfix routes every domain", "%s not in %s (%s); add them there, then postfix reload"
-                         % (", ".join(missing), setting, where) if missing else None))
-    if config.policy_listen:
-        endpoint = config.policy_listen
-        referenced = any(before == "check_policy_service" and _same_endpoint(word, endpoint)
-                         for n in ("smtpd_recipient_restrictions", "smtpd_relay_restrictions")
-                         for before, word in zip(words(n), words(n)[1:]))
-        problems.append(("Postfix asks the policy service", None if referenced else
-                         "smtpd_recipient_restrictions in %s lacks check_policy_service %s; see README.md"
-                         % (where, endpoint)))
-    return problems
 
 
 _DESCRIPTION = """\
@@ -3064,12 +3148,15 @@ class ControlClient:
             except (BrokenPipeError, ConnectionResetError):
                 pass    # the server refused early; its reply says why
             data = b""
-            while not data.endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    raise ServerError("the server closed the connection without answering; see its log")
-                data += chunk
-        reply = json.loads(data.decode("utf-8"))
+            try:
+                while not data.endswith(b"\n"):
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        raise ServerError("the server closed the connection without answering; see its log")
+                    data += chunk
+                reply = json.loads(data.decode("utf-8"))
+            except (OSError, ValueError) as e:
+                raise ServerError("no valid answer from the server on %s (%s); see its log" % (path, e))
         if not reply.get("ok"):
             error = {"bad_request": BadRequest, "unauthorized": Unauthorized, "not_found": NotFound}.get(
                 reply.get("error"), IncognitoMailError)(reply.get("message", "unknown error"))

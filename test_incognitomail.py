@@ -2892,12 +2892,11 @@ class PruneTest(PostmapTestCase):
         return self.make_site(sections={"General": {"PolicyListen": "inet:127.0.0.1:10040" if policy else ""}})
 
     def setUp(self):
-        self.now = [1700000000.0]
+        # 30 days ago: the policy service starts counting, handles are made
+        self.now = [1700000000.0 - 30 * self.DAY]
         self.site = self.make_pruning_site()
         self.fixture = self.start_service(self.site, clock=lambda: self.now[0])
         call = self.fixture.call
-        # 30 days ago
-        self.now[0] -= 30 * self.DAY
         self.used_account = call("new_account", "used@example.org")
         self.old_unused_handle = call("new_handle", self.used_account, None, None)["address"]
         self.old_used_handle = call("new_handle", self.used_account, None, None)["address"]
@@ -2942,6 +2941,20 @@ class PruneTest(PostmapTestCase):
                                                  "%s kept@example.org" % self.kept_handle,
                                                  "%s used@example.org" % self.young_unused_handle})
 
+    def test_handles_are_not_called_unused_before_the_policy_service_has_counted_that_long(self):
+        site = self.make_pruning_site()
+        now = [1700000000.0]
+        fixture = self.start_service(site, clock=lambda: now[0])
+        token = fixture.call("new_account", "late@example.org")
+        fixture.store.db.execute("UPDATE meta SET value = ? WHERE name = 'counting_since'", (str(int(now[0])),))
+        now[0] += 3 * self.DAY
+        with self.assertRaises(im.BadRequest) as caught:
+            fixture.call("prune", 7, None, False)
+        self.assertIn("counted mail only since", str(caught.exception))
+        self.assertEqual(len(fixture.call("list_handles", token)), 0)
+        now[0] += 5 * self.DAY
+        self.assertEqual(fixture.call("prune", 7, None, False), [])
+
     def test_zero_days_means_every_never_used_handle_whatever_its_age(self):
         removed = self.fixture.call("prune", 0, None, False)
         self.assertEqual(sorted(removed), sorted([self.old_unused_handle, self.old_disabled_unused,
@@ -2950,7 +2963,8 @@ class PruneTest(PostmapTestCase):
 
     def test_handles_and_accounts_have_their_own_ages(self):
         self.assertEqual(self.fixture.call("prune", None, 7, False), ["never@example.org"])
-        self.assertEqual(self.fixture.call("prune", 60, None, False), [])
+        with self.assertRaises(im.BadRequest):              # counted for 30 days only, so far
+            self.fixture.call("prune", 60, None, False)
         self.now[0] += 40 * self.DAY                        # the old ones are 70 days old, the young 41
         self.assertEqual(sorted(self.fixture.call("prune", 60, None, False)),
                          sorted([self.old_unused_handle, self.old_disabled_unused]))
