@@ -1383,6 +1383,20 @@ class MapFileTest(PostmapTestCase):
             converged = wait_until(lambda: site.our_lines() == {"%s me@example.org" % keep}, timeout=10)
         self.assertTrue(converged, site.our_lines())
 
+    def test_rewritten_text_file_is_never_newer_than_its_index(self):
+        site = self.make_site()
+        fixture = self.start_service(site)
+        token = self.new_account(fixture)
+        keep, gone = self.new_handle(fixture, token), self.new_handle(fixture, token)
+        fixture.call("delete_handle", token, gone)
+        fixture.stop()                              # rewrites the text file
+        self.assertLessEqual(os.stat(site.map_path).st_mtime, os.stat(site.indexed_path).st_mtime)
+        old = time.time() - 200                     # make a Postfix reader look at ages at all
+        os.utime(site.map_path, (old, old))
+        os.utime(site.indexed_path, (old, old))
+        done = site.postmap("-q", keep, "%s:%s" % (site.config.map_type, site.map_path))
+        self.assertEqual((done.stdout.strip(), done.stderr), ("me@example.org", ""))
+
     def test_deleted_handle_is_gone_from_postmap_at_once_and_from_the_text_file_after_a_clean_stop(self):
         site = self.make_site()
         fixture = self.start_service(site)
@@ -1748,6 +1762,28 @@ class RollbackTest(PostmapTestCase):
 # Service: batching
 ###############################################################################
 
+class StoreQueryPlanTest(unittest.TestCase):
+    """Per-request queries use an index: their cost must not grow with the number of handles."""
+
+    def test_handle_lookups_and_counting_use_the_address_index(self):
+        folder = make_folder(self)
+        store = im.Store(os.path.join(folder, "db.sqlite3"))
+        self.addCleanup(store.close)
+        traced = []
+        store.db.set_trace_callback(traced.append)
+        store.handle("abc", "incognito.test")
+        store.handle_taken("abc", "incognito.test")
+        store.lookup_target("abc", "incognito.test")
+        store.record_received({("abc", "incognito.test"): 1}, {("abc", "incognito.test"): 1})
+        store.db.set_trace_callback(None)
+        queries = [q for q in traced if q.lstrip().upper().startswith(("SELECT", "UPDATE"))]
+        self.assertEqual(len(queries), 4, traced)
+        for query in queries:
+            plan = " ".join(row[-1] for row in store.db.execute("EXPLAIN QUERY PLAN " + query))
+            self.assertIn("handles_by_address", plan, query)
+            self.assertNotRegex(plan, r"SCAN (h|handles)\b", query)
+
+
 class ServiceBatchingTest(PostmapTestCase):
     """Requests arriving together are one transaction and one postmap; a bad one fails alone."""
 
@@ -1808,6 +1844,18 @@ class ServiceBatchingTest(PostmapTestCase):
         self.assertLess(self.service.batches - before, clients // 2)
         for handle in results:
             self.assertEqual(self.site.query(handle), "me@example.org")
+
+    def test_a_failing_map_update_fails_only_the_requests_that_change_the_map(self):
+        bin_folder, _, _ = failing_postmap_folder(self, mode="always-fail")
+        held, release = self.hold_worker()
+        with mock.patch.dict(os.environ, {"PATH": path_with(bin_folder)}), self.assertLogs(im.log, logging.ERROR):
+            creating = self.service.submit("new_handle", self.token, None, None)
+            listing = self.service.submit("list_handles", self.token)
+            release.set()
+            with self.assertRaises(im.PostfixError):
+                creating.result(10)
+            self.assertEqual(listing.result(10), [])
+        held.result(10)
 
     def test_one_bad_request_in_a_batch_fails_alone(self):
         other = self.new_account(self.fixture, "you@example.org")
@@ -3268,6 +3316,16 @@ class ParseRequestTest(unittest.TestCase):
             im.parse_request(b'GET / HTTP/1.1\r\nHost: a\r\n')
         self.assertEqual(ctx.exception.status, 400)
 
+    def test_hostile_header_lines_are_refused_in_linear_time(self):
+        line = b"X: a" + b" " * 8000 + b"\x01"
+        head = b"GET / HTTP/1.1\r\nHost: x\r\n" + line + b"\r\n\r\n"
+        started = time.monotonic()
+        for _ in range(20):        # a backtracking pattern took 0.27 s for each of these
+            with self.assertRaises(im.HandshakeError) as caught:
+                im.parse_request(head)
+            self.assertEqual(caught.exception.status, 400)
+        self.assertLess(time.monotonic() - started, 1.0)
+
     def test_duplicate_host_is_400(self):
         with self.assertRaises(im.HandshakeError) as ctx:
             im.parse_request(b'GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n')
@@ -4295,6 +4353,13 @@ class WebSocketRobustnessTest(WebSocketDaemonTestCase):
         client = self.client()
         client.send_raw(mask_frame(0x1, b"new handle \xff"))
         self.assertEqual(client.close_code(), 1007)
+
+    def test_deeply_nested_json_is_a_bad_request_without_a_traceback(self):
+        client = self.client()
+        client.send("{\"a\":" + "[" * 1500)
+        self.assertEqual(client.recv_json()["error"], "bad_request")
+        self.assertTrue(client.request(id=1, op="account", token=self.token)["ok"])
+        self.assertNotIn("Traceback", self.daemon.log())
 
     def test_ping_gets_pong(self):
         client = self.client()
