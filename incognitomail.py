@@ -609,7 +609,7 @@ class Store:
         self.db.close()
 
     def _check_version(self):
-        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        version = self.schema_version()
         if version > SCHEMA_VERSION:
             raise StoreError("%s: database schema version %d is newer than this program understands (%d); "
                              "use a newer incognitomail.py" % (self.path, version, SCHEMA_VERSION))
@@ -1009,19 +1009,12 @@ class PostfixMap:
                     count[0] += 1
                     yield map_line(key, target)
         try:
-            with open(temp, "wb") as f:
-                buffer = []
-                for line in lines():
-                    buffer.append(line)
-                    if len(buffer) >= 4096:
-                        f.write(b"".join(buffer))
-                        buffer.clear()
-                f.write(b"".join(buffer))
+            with open(temp, "wb", buffering=1 << 20) as f:
+                f.writelines(lines())
                 f.flush()
                 os.fsync(f.fileno())
-            for leftover in (temp_indexed,):
-                if os.path.exists(leftover):
-                    os.unlink(leftover)
+            if os.path.exists(temp_indexed):
+                os.unlink(temp_indexed)
             self.postmap("%s:%s" % (self.type, temp))
             _copy_ownership(self.path, temp)
             _copy_ownership(self.indexed_path if os.path.exists(self.indexed_path) else self.path, temp_indexed)
@@ -1628,7 +1621,7 @@ class Service:
             if handle.enabled:
                 changes.remove(handle.address)
         log.info("deleted account %d (%s) and its %d handles", account.id, account.address, len(handles))
-        return {"handles": len(handles)}
+        return len(handles)
 
     def _op_rotate_token(self, changes, token):
         account = self._authenticate(token)
@@ -1654,6 +1647,8 @@ class Service:
         return len(events)
 
     def _op_prune(self, changes, handles_days, accounts_days, dry_run):
+        if any(days is not None and days < 0 for days in (handles_days, accounts_days)):
+            raise BadRequest("days must be 0 or more")
         if not self.config.policy_listen:
             raise BadRequest("pruning needs the policy service, which counts the mail each handle receives: "
                              "without it every handle looks unused. Set [General] PolicyListen and add the "
@@ -1752,15 +1747,13 @@ def _with_id(error, request_id):
 # How each operation's result is wrapped in its reply.
 _RESULT_FIELDS = {"new_handle": "handle", "update_handle": "handle", "list_handles": "handles",
                   "account": "account", "rotate_token": "token", "new_account": "token",
-                  "status": "status", "prune": "removed"}
+                  "status": "status", "prune": "removed", "delete_account": "deleted_handles"}
 
 
 def json_reply(request_id, op, result):
     reply = {"id": request_id, "ok": True}
     if op in _RESULT_FIELDS:
         reply[_RESULT_FIELDS[op]] = result
-    elif op == "delete_account":
-        reply["deleted_handles"] = result["handles"]
     return json.dumps(reply)
 
 
@@ -3039,6 +3032,12 @@ class _ArgumentParser(argparse.ArgumentParser):
         self.exit(2, "%s: %s (see --help)\n" % (self.prog, message))
 
 
+def _days(text):
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError("%r is not a number of days (0 or more)" % text)
+    return int(text)
+
+
 def build_parser():
     parser = _ArgumentParser(prog="incognitomail.py", description=_DESCRIPTION, epilog=_EPILOG,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -3078,9 +3077,9 @@ def build_parser():
     command("check", "check the configuration, the map, Postfix and the server; prints fixes")
     command("stop", "stop the running server")
     prune = command("prune", "remove handles that never received mail and accounts never used")
-    prune.add_argument("--handles-unused-days", type=int, metavar="N",
+    prune.add_argument("--handles-unused-days", type=_days, metavar="N",
                        help="handles older than N days that never received a message (0: any age)")
-    prune.add_argument("--accounts-unused-days", type=int, metavar="N",
+    prune.add_argument("--accounts-unused-days", type=_days, metavar="N",
                        help="accounts older than N days whose token was never used and that have no handles")
     prune.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
     return parser
@@ -3098,8 +3097,9 @@ def _normalize_argv(argv, parser):
         options.update(action.option_strings)
     argv = ["--config" if a == "-config" else "--config=" + a[8:] if a.startswith("-config=") else a
             for a in argv if a != "--json"]
-    argv = [_DASH_PROTECTED + a if a.startswith("-") and a != "-" and a.split("=", 1)[0] not in options else a
-            for a in argv]
+    short = {o for o in options if len(o) == 2}
+    argv = [_DASH_PROTECTED + a if a.startswith("-") and a != "-" and a.split("=", 1)[0] not in options
+            and a[:2] not in short and not a.lstrip("-").isdigit() else a for a in argv]
     return (["--json"] if wants_json else []) + argv
 
 
@@ -3292,7 +3292,13 @@ def main(argv=None):
     args = _unprotect(parser.parse_args(_normalize_argv(sys.argv[1:] if argv is None else list(argv), parser)))
     setup_logging()
     try:
-        config = load_config(args.config)
+        try:
+            config = load_config(args.config)
+        except ConfigError as e:
+            if args.command == "check":
+                print("FAIL configuration: %s" % e)
+                return 1
+            raise
         if args.command is None:
             setup_logging(config)
             Daemon(config).run()
