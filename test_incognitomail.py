@@ -7,7 +7,7 @@ Run from the repository's folder:
 Standard library only. Each TestCase class is one capability; each test's name states the
 behaviour it checks. Read the classes top to bottom:
 
-    configuration       ConfigurationTest, ExampleConfigTest
+    configuration       ConfigurationTest, ExampleConfigTest, DocumentedKeysTest, LoggingTest
     names and secrets   TokensAndHandleNamesTest, AddressValidationTest, NewHandleNamesTest
     store               StoreTest
     Postfix map         MapFileTest, LmdbMapFileTest, HashVisibilityTest, ReconcileTest, RollbackTest
@@ -1012,6 +1012,73 @@ class ConfigurationTest(unittest.TestCase):
 ###############################################################################
 # Names and secrets
 ###############################################################################
+
+class DocumentedKeysTest(unittest.TestCase):
+    """A configuration key exists because a user needs it, and the README documents it."""
+
+    def test_every_key_is_in_the_readme_and_the_example(self):
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        with open(os.path.join(HERE, "incognitomail.ini.example"), encoding="utf-8") as f:
+            example = f.read()
+        for section, keys in im._CONFIG_KEYS.items():
+            self.assertIn("[%s]" % section, example)
+            for key in keys:
+                self.assertIn("`%s`" % key, readme, "README.md does not document %s" % key)
+                self.assertRegex(example, r"(?m)^;? ?%s\b" % key, "the example lacks %s" % key)
+
+
+class LoggingTest(unittest.TestCase):
+    """LogLevel and LogTarget: stderr or syslog with facility mail."""
+
+    def setUp(self):
+        logger = logging.getLogger("incognitomail")
+        saved = (list(logger.handlers), logger.level, logger.propagate)
+
+        def restore():
+            logger.handlers[:] = saved[0]
+            logger.setLevel(saved[1])
+            logger.propagate = saved[2]
+        self.addCleanup(restore)
+        self.folder = make_folder(self)
+
+    def config(self, **general):
+        site = Site(self.folder, sections={"General": general}, config_dir=write_postfix_config_dir(
+            os.path.join(self.folder, "postfix")))
+        return site.config
+
+    def test_syslog_target_uses_dev_log_with_facility_mail(self):
+        config = self.config(LogTarget="syslog")
+        calls = []
+
+        class FakeSysLogHandler(logging.Handler):
+            LOG_MAIL = logging.handlers.SysLogHandler.LOG_MAIL
+
+            def __init__(self, address, facility):
+                super().__init__()
+                calls.append((address, facility))
+        with mock.patch("os.path.exists", lambda path: path == "/dev/log" or os.path.isfile(path)), \
+                mock.patch.object(logging.handlers, "SysLogHandler", FakeSysLogHandler):
+            im.setup_logging(config)
+        self.assertEqual(calls, [("/dev/log", 2)])      # 2: the mail facility of syslog(3)
+        self.assertIsInstance(logging.getLogger("incognitomail").handlers[0], FakeSysLogHandler)
+
+    def test_syslog_without_dev_log_names_log_target(self):
+        config = self.config(LogTarget="syslog")
+        with mock.patch("os.path.exists", lambda path: False):
+            with self.assertRaises(im.ConfigError) as caught:
+                im.setup_logging(config)
+        self.assertIn("[General] LogTarget", str(caught.exception))
+
+    def test_log_level_warning_leaves_out_the_info_lines(self):
+        require_postfix()
+        site = Site(self.folder, sections={"General": {"LogLevel": "warning"}})
+        daemon = start_daemon(self, site)
+        self.assertEqual(cli(site, "new", "account", "alice@example.org").returncode, 0)
+        daemon.stop()
+        self.assertNotIn("new account", daemon.log())
+        self.assertNotIn(" INFO ", daemon.log())
+
 
 class TokensAndHandleNamesTest(unittest.TestCase):
     """Tokens: >= 256 random bits, URL-safe. Handles: lowercase letters and digits, no bias."""
