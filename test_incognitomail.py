@@ -16,7 +16,7 @@ behaviour it checks. Read the classes top to bottom:
     command line        CommandLineTest, StatusWhenStoppedTest
     real Postfix        EndToEndDeliveryTest, CreateThenSendHashTest, CreateThenSendLmdbTest
     issue 4             PolicyProtocolTest, SocketmapProtocolTest, JsonRequestFormatTest,
-                        PolicyServiceTest, PruneTest, CheckCommandTest
+                        PolicyCountingTest, PolicyServiceTest, PruneTest, CheckCommandTest
     issue 5             SocketmapTest
     WebSocket format    ParseRequestTest ... AcceptWebSocketHandshakeTest (byte strings, loopback)
     WebSocket endpoint  WebSocketListeningTest, ListenAddressTest, WebSocketTlsTest,
@@ -2906,6 +2906,32 @@ class JsonRequestFormatTest(unittest.TestCase):
         error = json.loads(im.json_error(3, im.RateLimited("slow down", 12)))
         self.assertEqual(error, {"id": 3, "ok": False, "error": "rate_limited", "message": "slow down",
                                  "retry_after": 12})
+
+
+class PolicyCountingTest(PostmapTestCase):
+    """The policy service's counts: once per message, and a burst of mail is one database write."""
+
+    def test_a_burst_of_mail_is_one_write_and_each_message_counts_once(self):
+        site = self.make_site(sections={"General": {"PolicyListen": "inet:127.0.0.1:%d" % free_port()}})
+        fixture = self.start_service(site)
+        token = self.new_account(fixture)
+        handle = self.new_handle(fixture, token)
+        daemon = im.Daemon(site.config)
+        daemon.service = fixture.service
+
+        async def burst():
+            for number in range(100):
+                request = {"protocol_state": "RCPT", "instance": "m%d" % number, "recipient": handle.upper()}
+                self.assertEqual(await daemon._policy_action(request), "DUNNO")
+            for state in ("RCPT", "DATA", "END-OF-MESSAGE"):     # Postfix asking again about message m0
+                await daemon._policy_action({"protocol_state": state, "instance": "m0", "recipient": handle})
+            before = fixture.service.batches
+            await daemon._flush_received()
+            return fixture.service.batches - before
+        self.assertEqual(asyncio.run(burst()), 1)
+        [listed] = fixture.call("list_handles", token)
+        self.assertEqual(listed["received"], 100)
+        self.assertIsNotNone(listed["last_received"])
 
 
 class PolicyServiceTest(PostfixInstanceTestCase):
