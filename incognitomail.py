@@ -893,6 +893,7 @@ class PostfixMap:
         self.unflushed_since = None     # monotonic time of the oldest unflushed removal
         self._last_second = 0           # hash/btree: whole-second mtime Postfix last saw
         self._written = None            # fingerprint after our own last write
+        self.needs_rebuild = False      # a failed undo left the map in doubt: rebuild it from the store
 
     @property
     def name(self):
@@ -956,7 +957,7 @@ class PostfixMap:
         Stored at a clean stop; the next start trusts the map only if it is still exactly so.
         """
         identity = self._identity()
-        return identity if identity == self._written else None
+        return identity if identity == self._written and not self.needs_rebuild else None
 
     def reconcile(self, entries, clean_fingerprint):
         """Make the map hold exactly ``entries`` plus the admin's lines.
@@ -1029,6 +1030,7 @@ class PostfixMap:
                     os.unlink(leftover)
         self.unflushed.clear()
         self.unflushed_since = None
+        self.needs_rebuild = False
         self._note_visible()
         self._written = self._identity()
         log.info("rebuilt %s with %d handles in %.2f s", self.name, count[0], time.monotonic() - started)
@@ -1107,8 +1109,8 @@ class PostfixMap:
             self._make_visible()
             self._written = self._identity()
         except (PostfixError, OSError) as e:
-            log.error("%s: could not undo a failed change (%s); it will be rebuilt at the next start", self.path, e)
-            self._written = None
+            log.error("%s: could not undo a failed change (%s); rebuilding it from the database", self.path, e)
+            self.needs_rebuild = True
         self.unflushed, self.unflushed_since = unflushed_before
 
     def _note_visible(self):
@@ -1154,6 +1156,7 @@ class PostfixMap:
             os.utime(self.path, (indexed_mtime, indexed_mtime))
         except OSError as e:
             log.error("%s: cannot rewrite the map text file: %s (will retry)", self.path, _os_reason(e))
+            self.unflushed_since = time.monotonic()     # retry later, not in a loop
             return
         self.unflushed.clear()
         self.unflushed_since = None
@@ -1267,6 +1270,7 @@ class SocketmapTable:
         self.foreign_keys = set()
         self.unflushed = set()
         self.unflushed_since = None
+        self.needs_rebuild = False
 
     def check_access(self):
         pass
@@ -1439,6 +1443,7 @@ class Service:
                 first = self._queue.get(timeout=self._flush_wait(last_batch))
             except queue.Empty:
                 self.table.flush_text()
+                last_batch = time.monotonic()
                 continue
             batch = [first]
             while True:
@@ -1455,11 +1460,20 @@ class Service:
                 for future, _, _ in items:
                     if not future.done():
                         future.set_exception(IncognitoMailError("internal error; the server log has details"))
+            if self.table.needs_rebuild:
+                self._rebuild_map()
             last_batch = time.monotonic()
             if self.table.unflushed_since is not None and last_batch - self.table.unflushed_since >= TEXT_FLUSH_MAX_DELAY:
                 self.table.flush_text()
             if None in batch:
                 return
+
+    def _rebuild_map(self):
+        """After a change that could not be undone: the store says what the map must hold."""
+        try:
+            self.table.rebuild(self.store.map_entries())
+        except IncognitoMailError as e:
+            log.error("%s (the map stays in doubt; it is rebuilt after the next batch or at start)", e)
 
     def _flush_wait(self, last_batch):
         """Seconds until the text map should drop removed lines: when idle, or when too old."""
@@ -1718,6 +1732,13 @@ def parse_json_request(text, allowed):
         value = message[name]
         if not isinstance(value, kinds) or isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
             raise _with_id(BadRequest("%r has the wrong type" % name), request_id)
+        return text(name, value) if isinstance(value, str) else value
+
+    def text(name, value):
+        try:
+            value.encode("utf-8")       # JSON may carry lone surrogates ("\ud800"), which are not text
+        except UnicodeEncodeError:
+            raise _with_id(BadRequest("%r is not valid Unicode text" % name), request_id)
         return value
 
     if op == "new_account":
@@ -1734,7 +1755,7 @@ def parse_json_request(text, allowed):
         elif op in ("update_handle", "delete_handle"):
             args += (field("address", str),)
             if op == "update_handle":
-                args += (message["label"] if "label" in message else _UNCHANGED,
+                args += (field("label", str, False) if "label" in message else _UNCHANGED,
                          field("enabled", bool) if "enabled" in message else _UNCHANGED)
     return JsonRequest(request_id, op, args)
 
@@ -2218,6 +2239,13 @@ class TokenBucket:
             self._forget_full(now)
         return 0
 
+    def used(self, key):
+        """Has ``key`` taken anything that has not come back yet?"""
+        if not self.per_minute or key not in self._buckets:
+            return False
+        tokens, last = self._buckets[key]
+        return tokens + (self.clock() - last) * self.per_minute / 60.0 < self.per_minute
+
     def _forget_full(self, now):
         for key, (tokens, last) in list(self._buckets.items()):
             if tokens + (now - last) * self.per_minute / 60.0 >= self.per_minute:
@@ -2253,7 +2281,11 @@ def _prepare_unix_socket_path(path, key, folder_mode):
     if existing.st_uid not in (os.geteuid(), 0):
         raise ServerError("%s (%s) is a socket owned by user %s; remove it or choose another path"
                           % (path, key, _user_name(existing.st_uid)))
-    os.unlink(path)     # we hold the lock file, so no other server is using it: a crash left it
+    try:
+        os.unlink(path)     # we hold the lock file, so no other server is using it: a crash left it
+    except OSError as e:
+        raise ServerError("%s (%s): cannot remove the socket a stopped server left: %s; remove it as its owner "
+                          "(%s) or choose another path" % (path, key, _os_reason(e), _user_name(existing.st_uid)))
 
 
 async def _start_unix_server(handler, path, key, mode):
@@ -2287,7 +2319,8 @@ async def _start_listener(handler, endpoint, key, unix_mode):
 ###############################################################################
 
 
-_READ_SIZE = 65536   # bytes asked of the StreamReader per read; nothing is kept between reads
+_READ_SIZE = 65536
+SEND_TIMEOUT = 30.0   # bytes asked of the StreamReader per read; nothing is kept between reads
 
 
 class _Deadline:
@@ -2410,14 +2443,22 @@ class WebSocket:
             self._writer.close()
 
     async def _write(self, frame: bytes, last: bool = False) -> bool:
-        """Write one whole frame; nothing goes out after our close frame (`last`)."""
+        """Write one whole frame; nothing goes out after our close frame (`last`).
+
+        A peer that reads nothing for the idle timeout (SEND_TIMEOUT without one) while a frame
+        waits is dropped, so that it cannot hold its connection and our replies forever.
+        """
         async with self._lock:   # also keeps 3.9's drain() from being entered twice
             if self._close_sent or self._writer.is_closing():
                 return False
             if last:
                 self._close_sent = True
             self._writer.write(frame)
-            await self._writer.drain()
+            with _Deadline(self._idle_timeout or SEND_TIMEOUT) as deadline:
+                await self._writer.drain()
+            if deadline.expired:
+                self._writer.transport.abort()
+                return False
         return True
 
     async def _await_peer_close(self) -> None:
@@ -2575,6 +2616,7 @@ class Daemon:
         self._creation_per_client = TokenBucket(config.handles_per_minute_per_client)
         self._creation_per_account = TokenBucket(config.handles_per_minute_per_account)
         self._failures_per_client = TokenBucket(config.failed_tokens_per_minute_per_client)
+        self._suspects = {}             # client IP -> asyncio.Lock: wrong tokens lately, one request at a time
         self._received = []             # (address, time) from the policy service, not yet written
         self._counted = {}              # (instance, recipient) already counted: once per message
         self._postfix_clients = set()   # policy and socketmap connections, closed at stop
@@ -2729,20 +2771,44 @@ class Daemon:
                 log.info("stop requested from the command line")
                 asyncio.get_running_loop().call_soon(self._stop.set)
                 return json_reply(request_id, "stop", None)
-            if client is not None:
-                self._check_limits(client, request.op, request.args[0] if request.args else None)
-            try:
-                result = await self.service.run(request.op, *request.args)
-            except Unauthorized:
-                if client is not None:
-                    self._failures_per_client.take(client)
-                raise
+            result = await self._run_limited(client, request.op, request.args)
             return json_reply(request_id, request.op, result)
         except IncognitoMailError as e:
             return json_error(getattr(e, "request_id", request_id), e)
         except Exception:
             log.exception("internal error answering a request")
             return json_error(request_id, IncognitoMailError("internal error; the server log has details"))
+
+    async def _run_limited(self, client, op, args):
+        """Run one request; a WebSocket ``client`` (its IP) meets the rate limits first.
+
+        A client that sent a wrong token lately has its requests run one at a time, so that
+        pipelined guesses meet the failed-token limit one by one. The local command line
+        (client None) has no limits.
+        """
+        if client is None:
+            return await self.service.run(op, *args)
+        one_at_a_time = self._suspects.get(client)
+        if one_at_a_time is None:
+            return await self._run_checked(client, op, args)
+        async with one_at_a_time:
+            result = await self._run_checked(client, op, args)
+        if not self._failures_per_client.used(client):
+            self._suspects.pop(client, None)
+        return result
+
+    async def _run_checked(self, client, op, args):
+        self._check_limits(client, op, args[0] if args else None)
+        try:
+            return await self.service.run(op, *args)
+        except Unauthorized:
+            self._failures_per_client.take(client)
+            if client not in self._suspects:
+                if len(self._suspects) > 10000:
+                    self._suspects = {c: lock for c, lock in self._suspects.items()
+                                      if self._failures_per_client.used(c)}
+                self._suspects[client] = asyncio.Lock()
+            raise
 
     def _check_limits(self, client, op, token):
         """Rate limits for WebSocket clients; the local command line has none."""
@@ -2818,13 +2884,7 @@ class Daemon:
         if len(words) != 3 or words[:2] != ["new", "handle"]:
             return "error unknown command: only \"new handle <secret>\" is accepted here"
         try:
-            self._check_limits(client, "new_handle", words[2])
-            try:
-                handle = await self.service.run("new_handle", words[2])
-            except Unauthorized:
-                self._failures_per_client.take(client)
-                raise
-            return handle["address"]
+            return (await self._run_limited(client, "new_handle", (words[2],)))["address"]
         except RateLimited as e:
             return "error rate limited: retry in %d s" % e.retry_after
         except IncognitoMailError as e:
@@ -3092,12 +3152,13 @@ def _normalize_argv(argv, parser):
     """Accept the original's Go-style ``-config PATH``, ``--json`` anywhere, and arguments
     that start with "-" without being options (a label, an old secret token)."""
     wants_json = "--json" in argv
-    options = set()
+    options, short = set(), set()
     for action in _all_actions(parser):
         options.update(action.option_strings)
+        if action.nargs != 0:       # takes a value, which may be attached: -cPATH
+            short.update(o for o in action.option_strings if len(o) == 2)
     argv = ["--config" if a == "-config" else "--config=" + a[8:] if a.startswith("-config=") else a
             for a in argv if a != "--json"]
-    short = {o for o in options if len(o) == 2}
     argv = [_DASH_PROTECTED + a if a.startswith("-") and a != "-" and a.split("=", 1)[0] not in options
             and a[:2] not in short and not a.lstrip("-").isdigit() else a for a in argv]
     return (["--json"] if wants_json else []) + argv
