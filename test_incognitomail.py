@@ -34,6 +34,7 @@ import base64
 import calendar
 import collections
 import email.utils
+import errno
 import hashlib
 import json
 import logging
@@ -1450,6 +1451,23 @@ class MapFileTest(PostmapTestCase):
             converged = wait_until(lambda: site.our_lines() == {"%s me@example.org" % keep}, timeout=10)
         self.assertTrue(converged, site.our_lines())
 
+    def test_a_failing_text_rewrite_is_retried_later_not_in_a_loop(self):
+        site = self.make_site()
+        with mock.patch.object(im, "TEXT_FLUSH_DELAY", 0.2):
+            fixture = self.start_service(site)
+            token = self.new_account(fixture)
+            gone = self.new_handle(fixture, token)
+            disk_full = OSError(errno.ENOSPC, "No space left on device")
+            with mock.patch.object(im, "_write_atomically", side_effect=disk_full) as rewrite, \
+                    self.assertLogs(im.log, logging.ERROR):
+                fixture.call("delete_handle", token, gone)
+                time.sleep(1.5)
+            self.assertGreaterEqual(rewrite.call_count, 1)
+            self.assertLessEqual(rewrite.call_count, 10)
+            self.assertIsNone(site.query(gone))
+            converged = wait_until(lambda: site.our_lines() == set(), timeout=10)
+        self.assertTrue(converged, site.our_lines())
+
     def test_rewritten_text_file_is_never_newer_than_its_index(self):
         site = self.make_site()
         fixture = self.start_service(site)
@@ -1793,6 +1811,24 @@ class RollbackTest(PostmapTestCase):
         self.assertIn(self.site.map_path, str(caught.exception))
         self.assertEqual(self.handles_in_store(), [self.handle])
         self.assert_still_working()
+
+    def test_a_change_that_cannot_be_undone_is_cleared_by_a_rebuild_from_the_database(self):
+        def commit_fails():         # the disk fills at the commit, and the undo's postmap fails too
+            open(self.fail_flag, "w").close()
+            raise sqlite3.OperationalError("database or disk is full")
+        os.unlink(self.fail_flag)
+        with self.failing_postmap(), self.assertLogs(im.log, logging.ERROR), \
+                mock.patch.object(im, "new_handle_name", side_effect=["strayhandle00001"]), \
+                mock.patch.object(self.fixture.store, "commit", side_effect=commit_fails):
+            with self.assertRaises(im.StoreError):
+                self.new_handle(self.fixture, self.token)
+        os.unlink(self.fail_flag)
+        self.assertEqual(self.site.query("strayhandle00001@incognito.test"), "me@example.org")   # in doubt
+        with self.failing_postmap():
+            later = self.new_handle(self.fixture, self.token)        # the batch after it rebuilds
+        self.assertIsNone(self.site.query("strayhandle00001@incognito.test"))
+        self.assertEqual(self.site.query(later), "me@example.org")
+        self.assertEqual(self.handles_in_store(), sorted([self.handle, later]))
 
     def test_unwritable_map_file_rolls_back_and_names_the_file(self):
         saved = self.site.map_text()
@@ -4480,6 +4516,26 @@ class WebSocketRobustnessTest(WebSocketDaemonTestCase):
         self.assertTrue(client.request(id=1, op="account", token=self.token)["ok"])
         self.assertNotIn("Traceback", self.daemon.log())
 
+    def test_lone_surrogates_in_json_strings_are_bad_requests(self):
+        client = self.client()
+        for request in ('{"id": 1, "op": "account", "token": "abc\\ud800"}',
+                        '{"id": 2, "op": "new_handle", "token": "%s", "label": "x\\udc00"}' % self.token):
+            client.send(request)
+            self.assertEqual(client.recv_json()["error"], "bad_request")
+        self.assertNotIn("Traceback", self.daemon.log())
+
+    def test_a_client_that_stops_reading_is_dropped_and_does_not_delay_a_stop(self):
+        client = self.client()
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        for number in range(40):
+            client.send_json(id=number, op="new_handle", token=self.token, label="x" * 150)
+        for number in range(300):           # large replies, never read
+            client.send_json(id=number, op="list_handles", token=self.token)
+        time.sleep(4)                       # the idle timeout is 1 s
+        started = time.monotonic()
+        self.assertEqual(self.daemon.stop(), 0)
+        self.assertLess(time.monotonic() - started, 8)
+
     def test_ping_gets_pong(self):
         client = self.client()
         client.send_raw(mask_frame(0x9, b"are you there"))
@@ -4540,6 +4596,14 @@ class RateLimitTest(WebSocketDaemonTestCase):
         self.assertEqual(client.request(id=2, op="account", token=self.token)["error"], "rate_limited")
         other = self.client(source="127.0.0.5")
         self.assertTrue(other.request(id=3, op="account", token=self.token)["ok"])
+
+    def test_pipelined_wrong_tokens_meet_the_limit_one_by_one(self):
+        client = self.client(source="127.0.0.8")
+        for number in range(16):
+            client.send_json(id=number, op="account", token="wrong-%d" % number)
+        errors = [client.recv_json()["error"] for _ in range(16)]
+        self.assertLessEqual(errors.count("unauthorized"), 3, errors)
+        self.assertEqual(errors.count("unauthorized") + errors.count("rate_limited"), 16)
 
     def test_connections_per_client_are_capped(self):
         held = [self.client(source="127.0.0.6") for _ in range(4)]
