@@ -2319,206 +2319,190 @@ async def _start_listener(handler, endpoint, key, unix_mode):
 ###############################################################################
 
 
-_READ_SIZE = 65536
-SEND_TIMEOUT = 30.0   # bytes asked of the StreamReader per read; nothing is kept between reads
+SEND_TIMEOUT = 30.0     # how long a peer may read nothing while a reply waits, without an idle timeout
 
 
-class _Deadline:
-    """`with _Deadline(seconds):` cancels the current task after `seconds` (None: never) and
-    swallows that cancellation at the end of the block; `expired` tells whether it fired.
+class WebSocketConnection(asyncio.Protocol):
+    """A server-side WebSocket on a bare asyncio Protocol: the opening handshake, then frames.
 
-    The stand-in for asyncio.timeout (3.11+) on 3.9: unlike asyncio.wait_for it wraps nothing in
-    a new Task, which matters with thousands of connections idling in recv().
+    No task, stream or coroutine waits while a connection is idle, so one costs about 2 KB
+    (asyncio's streams cost 5.6 KB). Subclasses answer ``message_received(message)`` and may
+    ``send`` from anywhere in the event loop; ``closed()`` is called once at the end.
+
+    Everything a client can make the server hold is bounded: the header section
+    (MAX_HEADER_BYTES, HANDSHAKE_TIMEOUT), a message (max_message_size, checked from the
+    frame header by FrameParser), and unread replies: while the peer reads nothing, we read
+    nothing from it either, and after the idle timeout (SEND_TIMEOUT without one) we drop it.
+    A header section larger than ``max_header_bytes`` gets 431; one not complete within
+    ``handshake_timeout`` is cut off; a peer that does not answer our close frame within
+    ``close_timeout`` is cut off too.
     """
-    __slots__ = ("expired", "_task", "_handle")
+    __slots__ = ("transport", "remote_address", "_path", "_allowed_origins", "_parser", "_head",
+                 "_idle_timeout", "_last_heard", "_timer", "_close_sent", "_paused_by",
+                 "_max_header_bytes", "_handshake_timeout", "_close_timeout")
 
-    def __init__(self, delay: Optional[float]):
-        self.expired = False
-        self._task = asyncio.current_task()
-        self._handle = None if delay is None else \
-            asyncio.get_running_loop().call_later(delay, self._expire)
+    def __init__(self, *, path, allowed_origins=(), max_message_size=65536, idle_timeout=300.0,
+                 max_header_bytes=8192, handshake_timeout=10.0, close_timeout=3.0):
+        self._max_header_bytes = max_header_bytes
+        self._handshake_timeout, self._close_timeout = handshake_timeout, close_timeout
+        self.transport = None
+        self.remote_address = None
+        self._path, self._allowed_origins = path, allowed_origins
+        self._parser = FrameParser(max_message_size)
+        self._head = b""                # the handshake's bytes so far; None once it is done
+        self._idle_timeout = idle_timeout
+        self._last_heard = 0.0
+        self._timer = None              # the one timer: handshake, idle, send or close deadline
+        self._close_sent = False
+        self._paused_by = set()         # why reading is paused: "writing", or a subclass's reason
 
-    def _expire(self) -> None:
-        self.expired = True
-        self._task.cancel()
+    # -- for subclasses ---------------------------------------------------------------------
 
-    def __enter__(self) -> "_Deadline":
-        return self
+    def opened(self):
+        """The opening handshake succeeded."""
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if self._handle is not None:
-            self._handle.cancel()
-        if not (self.expired and exc_type is asyncio.CancelledError):
+    def message_received(self, message):
+        """A text (str) or binary (bytes) message arrived."""
+
+    def closed(self):
+        """The connection is over (called once)."""
+
+    @property
+    def is_open(self):
+        return self._head is None and not self._close_sent and not self.transport.is_closing()
+
+    def send(self, message):
+        """Queue a text (str) or binary (bytes) message; False if the connection is closing."""
+        if not self.is_open:
             return False
-        uncancel = getattr(self._task, "uncancel", None)   # 3.11+ counts cancel requests:
-        return uncancel is None or uncancel() == 0          # let a foreign one propagate
-
-
-class WebSocket:
-    """A server-side WebSocket connection after a successful handshake.
-
-    One task calls recv() in a loop; any number of tasks may call send() concurrently (each
-    frame is written whole under a lock) and close() may be called from any task. No method
-    lets a network error escape: a vanished peer makes recv() return None and send() False.
-    """
-    __slots__ = ("remote_address", "_reader", "_writer", "_parser", "_events", "_lock",
-                 "_idle_timeout", "_close_timeout", "_close_sent", "_close_received", "_receiving")
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                 max_message_size: int, idle_timeout: Optional[float], close_timeout: float):
-        self.remote_address = writer.get_extra_info("peername")
-        self._reader, self._writer = reader, writer
-        self._parser: Optional[FrameParser] = FrameParser(max_message_size)   # None: unparseable
-        self._events: Iterator[Event] = iter(())   # parsed, not yet handled
-        self._lock = asyncio.Lock()
-        self._idle_timeout, self._close_timeout = idle_timeout, close_timeout
-        self._close_sent = self._close_received = self._receiving = False
-
-    async def recv(self) -> Optional[Union[str, bytes]]:
-        """The next message (str or bytes), or None once the connection is over.
-
-        Pings are answered here, a peer's close frame is echoed, a protocol violation closes
-        with its code, and `idle_timeout` seconds without a byte from the peer close with 1001.
-        """
-        try:
-            while not self._writer.is_closing():
-                event = next(self._events, None)
-                if isinstance(event, Message):
-                    return event.data
-                if isinstance(event, Ping):
-                    await self._write(encode_frame(OP_PONG, event.payload))
-                elif isinstance(event, Close):
-                    self._close_received = True
-                    await self.close(event.code or 1000)
-                elif event is None:
-                    if self._receiving:   # close() in another task is reading the peer's reply
-                        await self._writer.wait_closed()
-                        break
-                    data = None   # stays None if the idle deadline expires
-                    self._receiving = True
-                    try:   # (inlined: each extra coroutine level costs ~0.6 KB per idle connection)
-                        with _Deadline(self._idle_timeout):
-                            data = await self._reader.read(_READ_SIZE)
-                    finally:
-                        self._receiving = False
-                    if data is None:
-                        await self.close(1001, "idle timeout")
-                    elif not data:
-                        break   # the peer hung up without a close frame
-                    else:
-                        self._events = self._parser.feed(data)
-        except ProtocolError as exc:
-            self._parser = None
-            await self.close(exc.close_code, exc.reason)
-        except OSError:   # ConnectionResetError, BrokenPipeError, ...
-            pass
-        self._writer.close()
-        return None
-
-    async def send(self, message: Union[str, bytes]) -> bool:
-        """Send a text (str) or binary (bytes) message; False if it was not sent (closing)."""
-        frame = encode_message(message)
-        try:
-            return await self._write(frame)
-        except OSError:
-            return False
-
-    async def close(self, code: int = 1000, reason: str = "") -> None:
-        """Closing handshake: send a close frame (unless sent), wait up to close_timeout for the
-        peer's close frame or EOF, then close the transport. Returns once it is closing."""
-        if self._writer.is_closing():
-            return
-        with _Deadline(self._close_timeout) as deadline:
-            try:
-                await self._write(encode_close(code, reason), last=True)
-                if not self._close_received:
-                    if self._writer.can_write_eof():
-                        self._writer.write_eof()   # so a peer we can no longer parse hangs up too
-                    await self._await_peer_close()
-            except OSError:
-                pass
-        if deadline.expired:   # the peer is not reading: don't wait for the buffer to flush
-            self._writer.transport.abort()
-        else:
-            self._writer.close()
-
-    async def _write(self, frame: bytes, last: bool = False) -> bool:
-        """Write one whole frame; nothing goes out after our close frame (`last`).
-
-        A peer that reads nothing for the idle timeout (SEND_TIMEOUT without one) while a frame
-        waits is dropped, so that it cannot hold its connection and our replies forever.
-        """
-        async with self._lock:   # also keeps 3.9's drain() from being entered twice
-            if self._close_sent or self._writer.is_closing():
-                return False
-            if last:
-                self._close_sent = True
-            self._writer.write(frame)
-            with _Deadline(self._idle_timeout or SEND_TIMEOUT) as deadline:
-                await self._writer.drain()
-            if deadline.expired:
-                self._writer.transport.abort()
-                return False
+        self.transport.write(encode_message(message))
         return True
 
-    async def _await_peer_close(self) -> None:
-        """Read and discard until the peer's close frame or EOF (RFC 6455 section 7.1.1). If
-        recv() is reading in another task, it sees the reply: wait for it to close instead."""
-        while not self._close_received:
-            try:
-                event = next(self._events, None)
-            except ProtocolError:
-                self._parser, event = None, None   # the rest of the stream is noise now
-            if isinstance(event, Close):
-                self._close_received = True
-            elif event is None:
-                if self._receiving:
-                    await self._writer.wait_closed()
-                    return
-                self._receiving = True
-                try:
-                    data = await self._reader.read(_READ_SIZE)
-                finally:
-                    self._receiving = False
-                if not data:
-                    return
-                if self._parser is not None:
-                    self._events = self._parser.feed(data)
+    def close(self, code=1000, reason=""):
+        """Start the closing handshake; the transport closes when the peer answers, or soon."""
+        if self.transport.is_closing() or self._close_sent:
+            return
+        if self._head is not None:
+            self.transport.close()
+            return
+        self._close_sent = True
+        self.transport.write(encode_close(code, reason))
+        self._set_timer(self._close_timeout, self.transport.abort)
 
+    def pause_reading(self, reason):
+        """Read nothing more from the peer until ``resume_reading(reason)``."""
+        if not self._paused_by and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self._paused_by.add(reason)
 
-async def accept_websocket(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                           path: str, allowed_origins: Iterable[str],
-                           max_header_bytes: int = 8192, handshake_timeout: float = 10.0,
-                           max_message_size: int = 65536, idle_timeout: Optional[float] = 300.0,
-                           close_timeout: float = 3.0) -> Optional[WebSocket]:
-    """Run the opening handshake on a fresh connection; the WebSocket, or None if it failed.
+    def resume_reading(self, reason):
+        self._paused_by.discard(reason)
+        if not self._paused_by and not self.transport.is_closing():
+            self.transport.resume_reading()
 
-    A refused handshake is answered with an HTTP error and closed; a header section over
-    `max_header_bytes` gets 431; one not complete within `handshake_timeout` is just closed.
-    The server's StreamReader `limit` also caps the header section, and what a connection can
-    buffer: start_server(limit=...) of a few times max_header_bytes keeps idle connections small.
-    """
-    websocket = None
-    with _Deadline(handshake_timeout):
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.remote_address = transport.get_extra_info("peername")
+        self._set_timer(self._handshake_timeout, transport.abort)
+
+    def data_received(self, data):
+        if self._head is not None:
+            data = self._handshake(data)
+            if not data:
+                return
+        if self._parser is None:
+            return                      # after a protocol error the rest is noise
+        self._last_heard = asyncio.get_running_loop().time()
         try:
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-            except asyncio.LimitOverrunError:
-                head = b""
-            if not head or len(head) > max_header_bytes:
+            for event in self._parser.feed(data):
+                if isinstance(event, Message):
+                    if not self._close_sent:    # nothing is answered after our close frame
+                        self.message_received(event.data)
+                elif isinstance(event, Ping):
+                    self.transport.write(encode_frame(OP_PONG, event.payload))
+                elif isinstance(event, Close):
+                    if not self._close_sent:
+                        self._close_sent = True
+                        self.transport.write(encode_close(event.code or 1000))
+                    self.transport.close()      # the server closes TCP first (RFC 6455 7.1.1)
+                    return
+                if self.transport.is_closing():
+                    return
+        except ProtocolError as exc:
+            self._fail(exc.close_code, exc.reason)
+
+    def eof_received(self):
+        return False                    # the peer hung up: close our side too
+
+    def pause_writing(self):
+        """The peer is not reading our replies: stop reading its requests, and give it time."""
+        self.pause_reading("writing")
+        self._set_timer(self._idle_timeout or SEND_TIMEOUT, self.transport.abort)
+
+    def resume_writing(self):
+        self.resume_reading("writing")
+        self._start_idle_timer()
+
+    def connection_lost(self, exc):
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.closed()
+
+    # -- inside ---------------------------------------------------------------------------------
+
+    def _handshake(self, data):
+        """Collect the header section; answer 101 or an HTTP error. Returns bytes past it."""
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        if end < 0 and len(self._head) <= self._max_header_bytes:
+            return b""
+        head, rest, self._head = self._head[:end + 4], self._head[end + 4:], None
+        try:
+            if end < 0 or end + 4 > self._max_header_bytes:
                 raise HandshakeError(431, "request header section too large")
-            key = check_upgrade(parse_request(head), path, allowed_origins)
-            writer.write(accept_response(key))
-            await writer.drain()
-            websocket = WebSocket(reader, writer, max_message_size=max_message_size,
-                                  idle_timeout=idle_timeout, close_timeout=close_timeout)
+            key = check_upgrade(parse_request(head), self._path, self._allowed_origins)
         except HandshakeError as exc:
-            writer.write(error_response(exc.status, exc.reason, exc.headers))
-        except (asyncio.IncompleteReadError, OSError):
-            pass   # the peer hung up mid-handshake
-    if websocket is None:
-        writer.close()
-    return websocket
+            self.transport.write(error_response(exc.status, exc.reason, exc.headers))
+            self.transport.close()
+            return b""
+        self.transport.write(accept_response(key))
+        self._last_heard = asyncio.get_running_loop().time()
+        self._start_idle_timer()
+        self.opened()
+        return rest
+
+    def _fail(self, code, reason):
+        """A protocol error: close frame with its code, half-close, and stop parsing."""
+        self._parser = None
+        if not self._close_sent:
+            self._close_sent = True
+            self.transport.write(encode_close(code, reason))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()  # so a peer we can no longer parse hangs up too
+        self._set_timer(self._close_timeout, self.transport.abort)
+
+    def _set_timer(self, delay, callback):
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(delay, callback)
+
+    def _start_idle_timer(self):
+        if self._idle_timeout and not self._close_sent:
+            self._set_timer(self._idle_timeout, self._idle_check)
+        elif self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _idle_check(self):
+        """One timer per connection: re-armed for what is left, closing when the time is up."""
+        left = self._last_heard + self._idle_timeout - asyncio.get_running_loop().time()
+        if left > 0:
+            self._set_timer(left, self._idle_check)
+        else:
+            self.close(1001, "idle timeout")
 
 
 ###############################################################################
@@ -2601,6 +2585,43 @@ def running_pid(config):
     return None
 
 
+MAX_PIPELINED = 16      # requests one WebSocket connection may have in flight
+
+
+class _AddOnConnection(WebSocketConnection):
+    """One browser add-on's WebSocket: each message is a request the Daemon answers."""
+    __slots__ = ("daemon", "client", "in_flight", "admitted")
+
+    def __init__(self, daemon):
+        config = daemon.config
+        super().__init__(path=config.listen_path, allowed_origins=config.allowed_origins,
+                         max_message_size=config.max_message_size, idle_timeout=config.idle_timeout or None)
+        self.daemon, self.client, self.in_flight, self.admitted = daemon, None, 0, False
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self.client = self.remote_address[0] if self.remote_address else "unknown"
+        self.admitted = self.daemon._admit(self)
+        if not self.admitted:
+            transport.write(error_response(503, "too many connections", [("Retry-After", "10")]))
+            transport.close()
+
+    def message_received(self, message):
+        self.in_flight += 1
+        if self.in_flight >= MAX_PIPELINED:     # a client may pipeline, but not without bound
+            self.pause_reading("pipelined")
+        self.daemon._track(self.daemon._answer_websocket(self, message, self.client)).add_done_callback(self._answered)
+
+    def _answered(self, task):
+        self.in_flight -= 1
+        if self.in_flight < MAX_PIPELINED:
+            self.resume_reading("pipelined")
+
+    def closed(self):
+        if self.admitted:
+            self.daemon._release(self)
+
+
 class Daemon:
     """Owns the lock, the store, the Service and every listener; stops gracefully."""
 
@@ -2610,9 +2631,8 @@ class Daemon:
         self.service = None
         self._stop = None
         self._requests = set()          # in-flight request tasks: finished before stopping
-        self._websockets = set()
-        self._connections = {}          # client IP -> open WebSocket connections
-        self._open_connections = 0
+        self._websockets = set()        # open _AddOnConnection objects
+        self._connections = {}          # client IP -> how many WebSocket connections it has open
         self._creation_per_client = TokenBucket(config.handles_per_minute_per_client)
         self._creation_per_account = TokenBucket(config.handles_per_minute_per_account)
         self._failures_per_client = TokenBucket(config.failed_tokens_per_minute_per_client)
@@ -2672,8 +2692,8 @@ class Daemon:
             if self.config.listen_address:
                 host, port = parse_host_port(self.config.listen_address)
                 try:
-                    servers.append(await asyncio.start_server(
-                        self._serve_websocket, host or None, port, ssl=ssl_context, limit=16384, backlog=1024))
+                    servers.append(await loop.create_server(
+                        lambda: _AddOnConnection(self), host or None, port, ssl=ssl_context, backlog=1024))
                 except OSError as e:
                     raise ServerError("cannot listen on [General] ListenAddress %s: %s"
                                       % (self.config.listen_address, _os_reason(e)))
@@ -2697,7 +2717,12 @@ class Daemon:
                 server.close()
             if self._requests:
                 await asyncio.wait(set(self._requests), timeout=STOP_GRACE_SECONDS)
-            await asyncio.gather(*(websocket.close(1001, "server stopping") for websocket in self._websockets))
+            for connection in list(self._websockets):
+                connection.close(1001, "server stopping")
+            for _ in range(100):        # each answers, or is cut off after its close timeout
+                if not self._websockets:
+                    break
+                await asyncio.sleep(0.05)
             for writer in self._postfix_clients:
                 writer.close()      # Postfix reconnects to the next server; nothing is counted after this
             for task in background:
@@ -2824,59 +2849,31 @@ class Daemon:
 
     # -- WebSocket: the browser add-on ----------------------------------------------------------
 
-    async def _serve_websocket(self, reader, writer):
-        peer = writer.get_extra_info("peername")
-        client = peer[0] if peer else "unknown"
+    def _admit(self, connection):
+        """A new WebSocket connection: within the connection limits, or refused with 503."""
+        client = connection.client
         count = self._connections.get(client, 0)
-        if ((self.config.max_connections and self._open_connections >= self.config.max_connections) or
+        if ((self.config.max_connections and len(self._websockets) >= self.config.max_connections) or
                 (self.config.max_connections_per_client and count >= self.config.max_connections_per_client)):
-            writer.write(error_response(503, "Service Unavailable", [("Retry-After", "10")]))
-            writer.close()
-            return
+            return False
         self._connections[client] = count + 1
-        self._open_connections += 1
-        websocket = None
-        try:
-            websocket = await accept_websocket(
-                reader, writer, path=self.config.listen_path, allowed_origins=self.config.allowed_origins,
-                max_message_size=self.config.max_message_size, idle_timeout=self.config.idle_timeout or None)
-            if websocket is None:
-                return
-            self._websockets.add(websocket)
-            # The session loop is inlined: an idle connection costs one coroutine frame less.
-            in_flight = None
-            while True:
-                message = await websocket.recv()
-                if message is None:
-                    break
-                if in_flight is None:
-                    in_flight = set()
-                if len(in_flight) >= 16:       # a client may pipeline, but not without bound
-                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                task = self._track(self._answer_websocket(websocket, message, client))
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
-            if in_flight:
-                await asyncio.wait(in_flight)
-        except Exception:
-            log.exception("internal error on a WebSocket connection from %s", client)
-        finally:
-            if websocket is not None:
-                self._websockets.discard(websocket)
-            self._open_connections -= 1
-            self._connections[client] -= 1
-            if not self._connections[client]:
-                del self._connections[client]
-            writer.close()
+        self._websockets.add(connection)
+        return True
 
-    async def _answer_websocket(self, websocket, message, client):
+    def _release(self, connection):
+        self._websockets.discard(connection)
+        self._connections[connection.client] -= 1
+        if not self._connections[connection.client]:
+            del self._connections[connection.client]
+
+    async def _answer_websocket(self, connection, message, client):
         if isinstance(message, bytes):
             reply = json_error(None, BadRequest("binary messages are not understood; send text"))
         elif message.lstrip().startswith("{"):
             reply = await self._answer_json(message, WEBSOCKET_OPERATIONS, client)
         else:
             reply = await self._answer_legacy(message, client)
-        await websocket.send(reply)
+        connection.send(reply)
 
     async def _answer_legacy(self, message, client):
         """The original add-on's protocol: ``new handle <secret>`` -> address or ``error ...``."""

@@ -3858,30 +3858,31 @@ async def read_frame(reader: asyncio.StreamReader):
 
 class LoopbackTestCase(unittest.IsolatedAsyncioTestCase):
     """Starts an echo server on 127.0.0.1; each test talks to it with raw bytes."""
-    accept_options = {}
-    echo = True   # False: the handler only accepts and parks the WebSocket
+    options = {}
+    echo = True   # False: the server only accepts and keeps the connection
 
     async def asyncSetUp(self):
-        self.server_results = []   # what each connection's recv() loop ended with
-        self.sockets = []
+        self.sockets = []            # connections whose handshake succeeded
+        self.server_results = []     # one None for each of them that has ended
         self.client_writers = []
         options = dict(path='/ws', allowed_origins=(), max_message_size=1 << 20,
                        idle_timeout=5.0, close_timeout=1.0)
-        options.update(self.accept_options)
+        options.update(self.options)
+        test = self
 
-        async def handler(reader, writer):
-            websocket = await im.accept_websocket(reader, writer, **options)
-            self.sockets.append(websocket)
-            if websocket is None or not self.echo:
-                return
-            while True:
-                message = await websocket.recv()
-                if message is None:
-                    self.server_results.append(None)
-                    return
-                await websocket.send(message)
+        class Connection(im.WebSocketConnection):
+            def opened(self):
+                test.sockets.append(self)
 
-        self.server = await asyncio.start_server(handler, '127.0.0.1', 0)
+            def message_received(self, message):
+                if test.echo:
+                    self.send(message)
+
+            def closed(self):
+                if self in test.sockets:
+                    test.server_results.append(None)
+
+        self.server = await asyncio.get_running_loop().create_server(lambda: Connection(**options), '127.0.0.1', 0)
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def asyncTearDown(self):
@@ -3900,6 +3901,7 @@ class LoopbackTestCase(unittest.IsolatedAsyncioTestCase):
         reader, writer = await self.connect()
         response = await asyncio.wait_for(reader.readuntil(b'\r\n\r\n'), 5)
         self.assertTrue(response.startswith(b'HTTP/1.1 101 '), response)
+        await self.wait_until(lambda: self.sockets)
         return reader, writer
 
     async def wait_until(self, condition, seconds: float = 2.0):
@@ -3921,6 +3923,11 @@ class WebSocketEchoTest(LoopbackTestCase):
         self.assertEqual(await read_frame(reader), (1, 'héllo'.encode()))
         self.assertEqual(await read_frame(reader), (2, b'\x00\x01'))
 
+    async def test_bytes_sent_with_the_handshake_are_read_as_frames(self):
+        reader, writer = await self.connect(upgrade_head() + client_frame(1, b'early'))
+        await asyncio.wait_for(reader.readuntil(b'\r\n\r\n'), 5)
+        self.assertEqual(await read_frame(reader), (1, b'early'))
+
     async def test_large_fragmented_message_is_echoed_whole(self):
         reader, writer = await self.open()
         payload = os.urandom(300000)
@@ -3932,17 +3939,19 @@ class WebSocketEchoTest(LoopbackTestCase):
         writer.write(client_frame(9, b'are you there'))
         self.assertEqual(await read_frame(reader), (10, b'are you there'))
 
-    async def test_concurrent_sends_write_whole_frames(self):
+    async def test_many_sends_write_whole_frames_in_order(self):
         reader, writer = await self.open()
-        websocket = self.sockets[0]
         messages = [bytes([i]) * 100000 for i in range(20)]
+        self.assertEqual([self.sockets[0].send(m) for m in messages], [True] * len(messages))
+        self.assertEqual([await read_frame(reader) for _ in messages], [(2, m) for m in messages])
 
-        async def read_all():
-            return [await read_frame(reader) for _ in messages]
-
-        results = await asyncio.gather(read_all(), *(websocket.send(m) for m in messages))
-        self.assertEqual(results[1:], [True] * len(messages))
-        self.assertEqual(sorted(payload for _, payload in results[0]), messages)
+    async def test_a_peer_that_reads_nothing_is_not_read_from_and_is_dropped(self):
+        reader, writer = await self.open()
+        writer.transport.pause_reading()
+        for _ in range(40):                     # 4 MB of echoes the client never reads
+            writer.write(client_frame(2, b'x' * 100000))
+            await asyncio.sleep(0.01)
+        await self.wait_until(lambda: self.server_results == [None], seconds=10)   # idle timeout 5 s
 
 
 class WebSocketClosingTest(LoopbackTestCase):
@@ -3951,7 +3960,7 @@ class WebSocketClosingTest(LoopbackTestCase):
         writer.write(client_frame(8, struct.pack('!H', 1001) + b'bye'))
         self.assertEqual(await read_frame(reader), (8, struct.pack('!H', 1001)))
         await self.wait_for_eof(reader)
-        self.assertEqual(self.server_results, [None])
+        await self.wait_until(lambda: self.server_results == [None])
 
     async def test_empty_close_is_answered_with_1000(self):
         reader, writer = await self.open()
@@ -3975,53 +3984,35 @@ class WebSocketClosingTest(LoopbackTestCase):
         opcode, payload = await read_frame(reader)
         self.assertEqual((opcode, payload[:2]), (8, struct.pack('!H', 1009)))
 
-    async def test_server_close_from_another_task_while_recv_waits(self):
+    async def test_server_close_then_the_peers_answer_ends_the_connection(self):
         reader, writer = await self.open()
-        await asyncio.sleep(0.05)   # let the handler block in recv()
-        closing = asyncio.ensure_future(self.sockets[0].close(4000, 'shutting down'))
+        self.sockets[0].close(4000, 'shutting down')
         self.assertEqual(await read_frame(reader), (8, struct.pack('!H', 4000) + b'shutting down'))
-        writer.write(client_frame(8, struct.pack('!H', 4000)))
-        await asyncio.wait_for(closing, 5)
+        self.assertFalse(self.sockets[0].send('too late'))
+        writer.write(client_frame(1, b'late message is discarded') + client_frame(8, struct.pack('!H', 4000)))
+        started = asyncio.get_running_loop().time()
         await self.wait_for_eof(reader)
-        self.assertEqual(self.server_results, [None])
-        self.assertFalse(await self.sockets[0].send('too late'))
+        self.assertLess(asyncio.get_running_loop().time() - started, 0.5)   # well before close_timeout
+        await self.wait_until(lambda: self.server_results == [None])
 
-    async def test_peer_vanishing_makes_recv_return_none_and_send_false(self):
+    async def test_server_close_gives_up_on_a_silent_peer_after_close_timeout(self):
+        reader, writer = await self.open()
+        started = asyncio.get_running_loop().time()
+        self.sockets[0].close()
+        self.assertEqual(await read_frame(reader), (8, struct.pack('!H', 1000)))
+        await self.wait_for_eof(reader)
+        self.assertLess(asyncio.get_running_loop().time() - started, 2)
+        await self.wait_until(lambda: self.server_results == [None])
+
+    async def test_peer_vanishing_ends_the_connection_and_send_returns_false(self):
         reader, writer = await self.open()
         writer.transport.abort()
         await self.wait_until(lambda: self.server_results == [None])
-        self.assertFalse(await self.sockets[0].send(b'anyone?'))
-
-
-class WebSocketCloseWithoutReceiverTest(LoopbackTestCase):
-    """close() called while no task is in recv(): close() itself reads the peer's reply."""
-    accept_options = {'close_timeout': 0.3}
-    echo = False
-
-    async def test_close_returns_once_the_peer_answers(self):
-        reader, writer = await self.open()
-        await self.wait_until(lambda: self.sockets)
-        closing = asyncio.ensure_future(self.sockets[0].close())
-        self.assertEqual(await read_frame(reader), (8, struct.pack('!H', 1000)))
-        writer.write(client_frame(1, b'late message is discarded') +
-                     client_frame(8, struct.pack('!H', 1000)))
-        await asyncio.wait_for(closing, 0.25)   # well before close_timeout
-        await self.wait_for_eof(reader)
-        self.assertIsNone(await self.sockets[0].recv())
-
-    async def test_close_gives_up_on_a_silent_peer_after_close_timeout(self):
-        reader, writer = await self.open()
-        await self.wait_until(lambda: self.sockets)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        await asyncio.wait_for(self.sockets[0].close(), 5)
-        self.assertLess(loop.time() - started, 2)
-        self.assertEqual(await read_frame(reader), (8, struct.pack('!H', 1000)))
-        await self.wait_for_eof(reader)
+        self.assertFalse(self.sockets[0].send(b'anyone?'))
 
 
 class WebSocketIdleTimeoutTest(LoopbackTestCase):
-    accept_options = {'idle_timeout': 0.2}
+    options = {'idle_timeout': 0.2}
 
     async def test_idle_connection_is_closed_with_1001(self):
         reader, writer = await self.open()
@@ -4041,7 +4032,7 @@ class WebSocketIdleTimeoutTest(LoopbackTestCase):
 
 
 class AcceptWebSocketHandshakeTest(LoopbackTestCase):
-    accept_options = {'max_header_bytes': 300, 'handshake_timeout': 0.3}
+    options = {'max_header_bytes': 300, 'handshake_timeout': 0.3}
 
     async def response(self, head: bytes) -> bytes:
         reader, _ = await self.connect(head)
@@ -4057,7 +4048,7 @@ class AcceptWebSocketHandshakeTest(LoopbackTestCase):
                 response = await self.response(head)
                 self.assertTrue(response.startswith(b'HTTP/1.1 ' + status + b' '), response)
                 self.assertIn(b'Connection: close', response)
-        self.assertEqual(self.sockets, [None] * len(cases))
+        self.assertEqual(self.sockets, [])
 
     async def test_too_large_header_section_is_431(self):
         response = await self.response(upgrade_head(X_Padding='p' * 400))
@@ -4065,13 +4056,17 @@ class AcceptWebSocketHandshakeTest(LoopbackTestCase):
 
     async def test_slow_handshake_is_closed_without_an_answer(self):
         reader, writer = await self.connect(upgrade_head()[:20])
+        started = asyncio.get_running_loop().time()
         self.assertEqual(await asyncio.wait_for(reader.read(), 5), b'')
-        self.assertEqual(self.sockets, [None])
+        self.assertLess(asyncio.get_running_loop().time() - started, 2)
+        self.assertEqual(self.sockets, [])
 
     async def test_peer_hanging_up_mid_handshake_is_harmless(self):
         reader, writer = await self.connect(upgrade_head()[:20])
         writer.close()
-        await self.wait_until(lambda: self.sockets == [None])
+        await asyncio.sleep(0.1)
+        self.assertEqual(self.sockets, [])
+        reader, writer = await self.open()      # and the server goes on serving
 
 
 ###############################################################################
@@ -4098,6 +4093,13 @@ class WsClient:
                  tls_context=None, timeout=10):
         self.sock = socket.create_connection((host, port), timeout=timeout,
                                              source_address=(source, 0) if source else None)
+        try:
+            self._handshake(port, path, host, origin, tls_context)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _handshake(self, port, path, host, origin, tls_context):
         if tls_context is not None:
             self.sock = tls_context.wrap_socket(self.sock, server_hostname="localhost")
         self.buffer = b""
