@@ -873,6 +873,67 @@ def _fsync_folder(folder):
         os.close(fd)
 
 
+class ProgramLauncher:
+    """Starts Postfix's programs: directly, or from a small helper process that holds no files.
+
+    Starting a program copies the starting process's table of open files, which grows with the
+    WebSocket connections the daemon holds: at 10,000 a new handle took 2.5 ms longer (median
+    7.5 ms instead of 5). Asking a helper costs about 1 ms more than starting directly with few
+    files open, so the daemon starts the helper before it accepts anything and sets
+    ``use_helper`` only while it holds many connections (measured: 6.2 ms at 10,000). Without
+    a helper (the default), or once the helper has died, programs start directly.
+    """
+    _HELPER = (
+        "import json, subprocess, sys\n"
+        "requests, replies = sys.stdin.buffer, sys.stdout.buffer\n"
+        "for line in iter(requests.readline, b''):\n"
+        "    argv, stdin, timeout = json.loads(line)\n"
+        "    try:\n"
+        "        done = subprocess.run(argv, input=bytes.fromhex(stdin), stdout=subprocess.PIPE,\n"
+        "                              stderr=subprocess.PIPE, timeout=timeout)\n"
+        "        reply = [done.returncode, done.stdout.hex(), done.stderr.hex(), None]\n"
+        "    except (OSError, subprocess.TimeoutExpired) as e:\n"
+        "        reply = [None, '', '', str(e)]\n"
+        "    replies.write(json.dumps(reply).encode() + b'\\n')\n"
+        "    replies.flush()\n")
+
+    def __init__(self):
+        self._helper = None
+        self._lock = threading.Lock()
+        self.use_helper = False
+
+    def start_helper(self):
+        self._helper = subprocess.Popen([sys.executable, "-I", "-S", "-c", self._HELPER],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def run(self, argv, stdin, timeout):
+        """Like subprocess.run with ``stdin`` as input and stdout and stderr captured."""
+        with self._lock:
+            if self._helper is not None and self.use_helper:
+                try:
+                    self._helper.stdin.write(json.dumps([argv, stdin.hex(), timeout]).encode() + b"\n")
+                    self._helper.stdin.flush()
+                    returncode, stdout, stderr, error = json.loads(self._helper.stdout.readline())
+                except (OSError, ValueError) as e:
+                    log.warning("the helper that starts postmap failed (%s); starting programs directly", e)
+                    self.close()
+                else:
+                    if error is not None:
+                        raise OSError(error)
+                    return subprocess.CompletedProcess(argv, returncode, bytes.fromhex(stdout), bytes.fromhex(stderr))
+        return subprocess.run(argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+
+    def close(self):
+        if self._helper is not None:
+            helper, self._helper = self._helper, None
+            for stream in (helper.stdin, helper.stdout):
+                try:
+                    stream.close()
+                except OSError:     # bytes left unflushed for a helper that is gone
+                    pass
+            helper.wait()
+
+
 class PostfixMap:
     """A Postfix lookup table kept in step with the store: a text file plus its indexed file.
 
@@ -894,6 +955,7 @@ class PostfixMap:
         self._last_second = 0           # hash/btree: whole-second mtime Postfix last saw
         self._written = None            # fingerprint after our own last write
         self.needs_rebuild = False      # a failed undo left the map in doubt: rebuild it from the store
+        self.launcher = ProgramLauncher()
 
     @property
     def name(self):
@@ -913,7 +975,7 @@ class PostfixMap:
             command += ["-c", self.config_dir]
         command += list(args)
         try:
-            done = subprocess.run(command, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=300)
+            done = self.launcher.run(command, stdin, timeout=300)
         except (OSError, subprocess.TimeoutExpired) as e:
             raise PostfixError("%s failed: %s" % (" ".join(command[:1] + list(args[:-1])), e))
         problems = [line for line in done.stderr.decode("utf-8", "replace").splitlines()
@@ -2586,6 +2648,7 @@ def running_pid(config):
 
 
 MAX_PIPELINED = 16      # requests one WebSocket connection may have in flight
+HELPER_ABOVE_CONNECTIONS = 5000     # start postmap from the helper while holding this many (measured)
 
 
 class _AddOnConnection(WebSocketConnection):
@@ -2646,17 +2709,23 @@ class Daemon:
         """Run in the foreground until SIGTERM, SIGINT or ``stop``; raise ServerError on failure."""
         lock = _LockFile(self.config.lock_file_path)
         lock.acquire()
-        store = None
+        store = launcher = None
         try:
             ssl_context = self._ssl_context()
             store = Store(self.config.database_path)
-            self.service = Service(self.config, store, make_table(self.config), clock=self.clock)
+            table = make_table(self.config)
+            launcher = getattr(table, "launcher", None)
+            if launcher is not None:
+                launcher.start_helper()     # before any connection: see ProgramLauncher
+            self.service = Service(self.config, store, table, clock=self.clock)
             self.service.start()
             try:
                 asyncio.run(self._serve(ssl_context))
             finally:
                 self.service.stop()
         finally:
+            if launcher is not None:
+                launcher.close()
             if store is not None:
                 store.close()
             lock.release()
@@ -2858,6 +2927,7 @@ class Daemon:
             return False
         self._connections[client] = count + 1
         self._websockets.add(connection)
+        self._launch_from_helper_when_busy()
         return True
 
     def _release(self, connection):
@@ -2865,6 +2935,12 @@ class Daemon:
         self._connections[connection.client] -= 1
         if not self._connections[connection.client]:
             del self._connections[connection.client]
+        self._launch_from_helper_when_busy()
+
+    def _launch_from_helper_when_busy(self):
+        launcher = getattr(self.service.table, "launcher", None)
+        if launcher is not None:
+            launcher.use_helper = len(self._websockets) >= HELPER_ABOVE_CONNECTIONS
 
     async def _answer_websocket(self, connection, message, client):
         if isinstance(message, bytes):

@@ -9,8 +9,8 @@ behaviour it checks. Read the classes top to bottom:
 
     configuration       ConfigurationTest, ExampleConfigTest, DocumentedKeysTest, LoggingTest
     names and secrets   TokensAndHandleNamesTest, AddressValidationTest, NewHandleNamesTest
-    store               StoreTest
-    Postfix map         MapFileTest, LmdbMapFileTest, HashVisibilityTest, ReconcileTest, RollbackTest
+    store               StoreTest, StoreQueryPlanTest
+    Postfix map         ProgramLauncherTest, MapFileTest, LmdbMapFileTest, HashVisibilityTest, ReconcileTest, RollbackTest
     batching            ServiceBatchingTest
     daemon              DaemonLifecycleTest, ControlSocketAccessTest
     command line        CommandLineTest, StatusWhenStoppedTest
@@ -1368,6 +1368,57 @@ class NewHandleNamesTest(PostmapTestCase):
             self.new_handle(fixture, token, domain="elsewhere.test")
         self.assertIn("incognito.test", str(caught.exception))
         self.assertEqual(fixture.call("list_handles", token), [])
+
+
+class ProgramLauncherTest(unittest.TestCase):
+    """Postfix's programs start directly, or from the helper while the daemon holds many files."""
+
+    def launcher(self):
+        launcher = im.ProgramLauncher()
+        launcher.start_helper()
+        self.addCleanup(launcher.close)
+        launcher.use_helper = True
+        return launcher
+
+    def test_the_helper_passes_input_output_errors_and_exit_status(self):
+        launcher = self.launcher()
+        done = launcher.run(["/bin/sh", "-c", "cat; echo oops >&2; exit 3"], b"\x00hello\xff", 10)
+        self.assertEqual((done.returncode, done.stdout, done.stderr), (3, b"\x00hello\xff", b"oops\n"))
+        with self.assertRaises(OSError):
+            launcher.run(["/nonexistent/postmap"], b"", 10)
+
+    def test_a_dead_helper_means_starting_directly(self):
+        launcher = self.launcher()
+        launcher._helper.kill()
+        launcher._helper.wait()
+        with self.assertLogs(im.log, logging.WARNING):
+            self.assertEqual(launcher.run(["/bin/echo", "direct"], b"", 10).stdout, b"direct\n")
+        self.assertEqual(launcher.run(["/bin/echo", "again"], b"", 10).stdout, b"again\n")
+
+    def test_without_use_helper_the_helper_is_not_asked(self):
+        launcher = self.launcher()
+        launcher.use_helper = False
+        launcher._helper.kill()             # asking it now would fail and log a warning
+        launcher._helper.wait()
+        with mock.patch.object(im.log, "warning") as warning:
+            self.assertEqual(launcher.run(["/bin/echo", "direct"], b"", 10).stdout, b"direct\n")
+        warning.assert_not_called()
+
+    def test_the_daemon_uses_the_helper_only_while_it_holds_many_connections(self):
+        folder = make_folder(self)
+        site = Site(folder, config_dir=write_postfix_config_dir(os.path.join(folder, "postfix")))
+        daemon = im.Daemon(site.config)
+        launcher = im.ProgramLauncher()
+        daemon.service = mock.Mock(table=mock.Mock(launcher=launcher))
+        connections = [mock.Mock(client="127.0.0.%d" % n) for n in range(3)]
+        with mock.patch.object(im, "HELPER_ABOVE_CONNECTIONS", 3):
+            for connection in connections[:2]:
+                self.assertTrue(daemon._admit(connection))
+            self.assertFalse(launcher.use_helper)
+            daemon._admit(connections[2])
+            self.assertTrue(launcher.use_helper)
+            daemon._release(connections[0])
+            self.assertFalse(launcher.use_helper)
 
 
 class MapFileTest(PostmapTestCase):
