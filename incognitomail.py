@@ -2501,11 +2501,13 @@ class WebSocketConnection(asyncio.Protocol):
     def pause_writing(self):
         """The peer is not reading our replies: stop reading its requests, and give it time."""
         self.pause_reading("writing")
-        self._set_timer(self._idle_timeout or SEND_TIMEOUT, self.transport.abort)
+        if not self._close_sent:        # when closing, the close timeout already runs
+            self._set_timer(self._idle_timeout or SEND_TIMEOUT, self.transport.abort)
 
     def resume_writing(self):
         self.resume_reading("writing")
-        self._start_idle_timer()
+        if not self._close_sent:
+            self._start_idle_timer()
 
     def connection_lost(self, exc):
         if self._timer is not None:
