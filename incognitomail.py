@@ -827,11 +827,11 @@ def _file_identity(path):
     return [st.st_ino, st.st_size, st.st_mtime_ns]
 
 
-def _write_atomically(path, chunks, like=None):
+def _write_atomically(path, chunks):
     """Write ``chunks`` to a temp file beside ``path``, fsync, and rename it into place.
 
-    The new file gets the owner and mode of ``like`` (default: the file it replaces), so
-    an admin's ``chown root:postfix`` survives every rewrite.
+    The new file gets the owner and mode of the file it replaces, so an admin's
+    ``chown root:postfix`` survives every rewrite.
     """
     folder = os.path.dirname(path)
     temp = os.path.join(folder, ".%s.incognitomail-tmp" % os.path.basename(path))
@@ -841,7 +841,7 @@ def _write_atomically(path, chunks, like=None):
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
-        _copy_ownership(like or path, temp)
+        _copy_ownership(path, temp)
         os.replace(temp, path)
     except BaseException:
         if os.path.exists(temp):
