@@ -19,12 +19,14 @@ import argparse
 import asyncio
 import base64
 import codecs
+import collections
 import concurrent.futures
 import configparser
 import datetime
 import errno
 import fcntl
 import hashlib
+import ipaddress
 import json
 import logging
 import logging.handlers
@@ -32,6 +34,7 @@ import os
 import pwd
 import queue
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -44,8 +47,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from http import HTTPStatus
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 __version__ = "2.0.0"
 
@@ -53,7 +56,7 @@ log = logging.getLogger("incognitomail")
 
 
 ###############################################################################
-# Errors
+# Errors, and the operating-system helpers every section uses
 ###############################################################################
 
 class IncognitoMailError(Exception):
@@ -110,24 +113,51 @@ class PostfixProtocolError(IncognitoMailError):
     """A policy or socketmap client (Postfix) sent something that is not the protocol."""
 
 
-class WebSocketError(IncognitoMailError):
-    """Base class of the WebSocket layer's errors."""
+class HttpError(IncognitoMailError):
+    """An HTTP request is refused before it reaches an operation: answer ``status``, close."""
 
-
-class HandshakeError(WebSocketError):
-    """The opening handshake is refused: answer with HTTP `status` and close."""
-
-    def __init__(self, status: int, reason: str, headers: Sequence[Tuple[str, str]] = ()):
-        super().__init__('%d %s' % (status, reason))
+    def __init__(self, status, reason, headers=()):
+        super().__init__("%d %s" % (status, reason))
         self.status, self.reason, self.headers = status, reason, list(headers)
 
 
-class ProtocolError(WebSocketError):
-    """The peer broke RFC 6455: fail the connection with `close_code`."""
+class WebSocketProtocolError(IncognitoMailError):
+    """The peer broke RFC 6455: fail the connection with ``close_code``."""
 
-    def __init__(self, close_code: int, reason: str):
-        super().__init__('%d %s' % (close_code, reason))
+    def __init__(self, close_code, reason):
+        super().__init__("%d %s" % (close_code, reason))
         self.close_code, self.reason = close_code, reason
+
+
+def _os_reason(error):
+    """The readable part of an OSError, without Python's ``[Errno N]`` decoration."""
+    return getattr(error, "strerror", None) or str(error)
+
+
+def _user_name(uid=None):
+    uid = os.geteuid() if uid is None else uid
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return "uid %d" % uid
+
+
+def _file_identity(path):
+    """What a file is now (inode, size, mtime), to notice that someone else changed it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def _file_identity(path):
+    """What a file is now (inode, size, mtime), to notice that someone else changed it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
 
 
 ###############################################################################
@@ -139,90 +169,202 @@ DEFAULT_CONFIG_PATH = "/etc/incognitomail/incognitomail.ini"
 # Map types that ``postmap -i`` and ``postmap -d`` can update in place.
 UPDATABLE_MAP_TYPES = ("hash", "btree", "lmdb")
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
-LOG_TARGETS = ("stderr", "syslog")
+_DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)"
+                        r"(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 
 
-class Config(NamedTuple):
+def parse_host_port(text):
+    """``":9090"`` -> ("", 9090) (all interfaces); ``"[::1]:9090"`` -> ("::1", 9090)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("%r must be HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:9090 "
+                         "or :9090" % text)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError("%r: write an IPv6 address in brackets, e.g. [::1]:9090" % text)
+    return host, int(port)
+
+
+# How a key's text becomes its value: reader(file, text) -> value, or ValueError naming the
+# problem. ``file`` is the _ConfigFile being read, for relative paths.
+
+def _text(file, text):
+    return text
+
+
+def _path(file, text):
+    return os.path.normpath(os.path.join(file.folder, text)) if text else ""
+
+
+def _number(low, high=None, empty_is_none=False):
+    def read(file, text):
+        if empty_is_none and text == "":
+            return None
+        try:
+            number = int(text)
+        except ValueError:
+            raise ValueError("%r is not a whole number" % text) from None
+        if number < low or (high is not None and number > high):
+            raise ValueError("%d is out of range (%d to %s)"
+                             % (number, low, "any" if high is None else high))
+        return number
+    return read
+
+
+def _one_of(*choices):
+    def read(file, text):
+        if text.lower() not in choices:
+            raise ValueError("%r is not one of: %s" % (text.lower(), ", ".join(choices)))
+        return text.lower()
+    return read
+
+
+def _yes_no(file, text):
+    try:
+        return configparser.ConfigParser.BOOLEAN_STATES[text.lower()]
+    except KeyError:
+        raise ValueError("%r is not yes or no" % text) from None
+
+
+def _store_type(file, text):
+    if text.lower() == "boltdb":
+        log.warning("%s [Persistence] Type: boltdb was the original's store; using sqlite "
+                    "(the default store) instead", file.path)
+    elif text.lower() != "sqlite":
+        raise ValueError("%r is not supported; use sqlite" % text)
+
+
+def _mail_system(file, text):
+    if text.lower() != "postfix":
+        raise ValueError("%r is not supported; only postfix is" % text.lower())
+
+
+def _domains(file, text):
+    domains = []
+    for item in text.split(","):
+        domain = item.strip().lstrip("@").lower()
+        if not _DOMAIN_RE.match(domain):
+            raise ValueError("%r is not a domain name" % item.strip())
+        if domain not in domains:
+            domains.append(domain)
+    return tuple(domains)
+
+
+def _map_file(file, text):
+    """``TYPE:PATH`` (TYPE defaults to hash) -> (type, absolute path)."""
+    match = re.match(r"^([a-z]+):(.*)$", text)
+    map_type, path = match.groups() if match else ("hash", text)
+    if map_type not in UPDATABLE_MAP_TYPES:
+        raise ValueError("map type %r cannot be updated in place by postmap; use one of: %s"
+                         % (map_type, ", ".join(UPDATABLE_MAP_TYPES)))
+    if not path:
+        raise ValueError("no path given")
+    return map_type, _path(file, path)
+
+
+def _host_port(file, text):
+    if text:
+        parse_host_port(text)
+    return text
+
+
+def _url_path(file, text):
+    if not text.startswith("/"):
+        raise ValueError("%r must start with /" % text)
+    return text
+
+
+def _list(file, text):
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def _networks(file, text):
+    """Addresses or networks (``127.0.0.1, 10.0.0.0/8, ::1``)."""
+    for item in _list(file, text):
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError("%r is not an IP address or network" % item) from None
+    return _list(file, text)
+
+
+def _listen(*kinds):
+    """A ``unix:/path`` or ``inet:host:port`` endpoint, or empty for off."""
+    examples = {"unix": "unix:/path/to.sock", "inet": "inet:127.0.0.1:10040"}
+
+    def read(file, text):
+        if not text:
+            return ""
+        kind, _, rest = text.partition(":")
+        if kind not in kinds or not rest:
+            raise ValueError("%r must look like %s" % (text, " or ".join(examples[k] for k in kinds)))
+        if kind == "unix":
+            return "unix:" + _path(file, rest)
+        parse_host_port(rest)
+        return text
+    return read
+
+
+ConfigKey = collections.namedtuple("ConfigKey", "section name default field read")
+
+# Every key a user may write, once: its section, name, default (None: required), the Config
+# field it fills (None: checked, then not needed) and how its text is read. The first three
+# sections and their first keys are the original (2016) ones.
+CONFIG_KEYS = (
+    ConfigKey("General", "MailSystem", "postfix", None, _mail_system),
+    ConfigKey("General", "UnixSockPath", "/run/incognitomail/incognitomail.sock", "unix_sock_path",
+              _path),
+    ConfigKey("General", "LockFilePath", "/run/incognitomail/incognitomail.lock", "lock_file_path",
+              _path),
+    ConfigKey("General", "ListenPath", "/incognitomail", "listen_path", _url_path),
+    ConfigKey("General", "ListenAddress", "127.0.0.1:9090", "listen_address", _host_port),
+    ConfigKey("General", "TLSCertFile", "", "tls_cert_file", _path),
+    ConfigKey("General", "TLSKeyFile", "", "tls_key_file", _path),
+    ConfigKey("General", "AllowedOrigins", "", "allowed_origins", _list),
+    ConfigKey("General", "TrustedProxies", "", "trusted_proxies", _networks),
+    ConfigKey("General", "LogLevel", "info", "log_level", _one_of("debug", "info", "warning", "error")),
+    ConfigKey("General", "LogTarget", "stderr", "log_target", _one_of("stderr", "syslog")),
+    ConfigKey("General", "PolicyListen", "", "policy_listen", _listen("unix", "inet")),
+    ConfigKey("General", "SocketmapListen", "", "socketmap_listen", _listen("unix")),
+    ConfigKey("Persistence", "Type", "sqlite", None, _store_type),
+    ConfigKey("Persistence", "DatabasePath", "incognitomail.sqlite3", "database_path", _path),
+    ConfigKey("PostfixConfig", "Domain", None, "domains", _domains),
+    ConfigKey("PostfixConfig", "MapFilePath", None, "map_file", _map_file),
+    ConfigKey("PostfixConfig", "ConfigDir", "", "postfix_config_dir", _path),
+    ConfigKey("PostfixConfig", "HandleLength", "16", "handle_length", _number(12, 64)),
+    ConfigKey("Limits", "MaxMessageSize", "65536", "max_message_size", _number(1024)),
+    ConfigKey("Limits", "IdleTimeout", "300", "idle_timeout", _number(0)),
+    ConfigKey("Limits", "HandlesPerMinutePerClient", "20", "handles_per_minute_per_client", _number(0)),
+    ConfigKey("Limits", "HandlesPerMinutePerAccount", "30", "handles_per_minute_per_account",
+              _number(0)),
+    ConfigKey("Limits", "FailedTokensPerMinutePerClient", "10", "failed_tokens_per_minute_per_client",
+              _number(0)),
+    ConfigKey("Limits", "MaxConnections", "20000", "max_connections", _number(0)),
+    ConfigKey("Limits", "MaxConnectionsPerClient", "50", "max_connections_per_client", _number(0)),
+    ConfigKey("Prune", "HandlesUnusedDays", "", "prune_handles_unused_days",
+              _number(0, empty_is_none=True)),
+    ConfigKey("Prune", "AccountsUnusedDays", "", "prune_accounts_unused_days",
+              _number(0, empty_is_none=True)),
+    ConfigKey("Prune", "Automatic", "no", "auto_prune", _yes_no),
+)
+
+
+class Config(collections.namedtuple("Config", ["path"] + [k.field for k in CONFIG_KEYS if k.field])):
     """Everything the daemon and the command line need, validated, with absolute paths."""
-    path: str
-    unix_sock_path: str
-    lock_file_path: str
-    listen_path: str
-    listen_address: str            # "" turns the WebSocket endpoint off
-    tls_cert_file: str
-    tls_key_file: str
-    database_path: str
-    domains: Tuple[str, ...]
-    map_type: str
-    map_file_path: str
-    postfix_config_dir: str
-    handle_length: int
-    log_level: str
-    log_target: str
-    allowed_origins: Tuple[str, ...]
-    max_message_size: int
-    idle_timeout: float
-    handles_per_minute_per_client: int
-    handles_per_minute_per_account: int
-    failed_tokens_per_minute_per_client: int
-    max_connections: int
-    max_connections_per_client: int
-    policy_listen: str
-    socketmap_listen: str
-    prune_handles_unused_days: Optional[int]
-    prune_accounts_unused_days: Optional[int]
-    auto_prune: bool
+    __slots__ = ()
 
     @property
     def default_domain(self):
         return self.domains[0]
 
+    @property
+    def map_type(self):
+        return self.map_file[0]
 
-# Every key a user may write: section -> {key: default}. ``None`` marks a required key.
-# The first three sections and their first keys are the original (2016) ones.
-_CONFIG_KEYS = {
-    "General": {
-        "MailSystem": "postfix",
-        "UnixSockPath": "/run/incognitomail/incognitomail.sock",
-        "LockFilePath": "/run/incognitomail/incognitomail.lock",
-        "ListenPath": "/incognitomail",
-        "ListenAddress": "127.0.0.1:9090",
-        "TLSCertFile": "",
-        "TLSKeyFile": "",
-        "AllowedOrigins": "",
-        "LogLevel": "info",
-        "LogTarget": "stderr",
-        "PolicyListen": "",
-        "SocketmapListen": "",
-    },
-    "Persistence": {
-        "Type": "sqlite",
-        "DatabasePath": "incognitomail.sqlite3",
-    },
-    "PostfixConfig": {
-        "Domain": None,
-        "MapFilePath": None,
-        "ConfigDir": "",
-        "HandleLength": "16",
-    },
-    "Limits": {
-        "MaxMessageSize": "65536",
-        "IdleTimeout": "300",
-        "HandlesPerMinutePerClient": "20",
-        "HandlesPerMinutePerAccount": "30",
-        "FailedTokensPerMinutePerClient": "10",
-        "MaxConnections": "20000",
-        "MaxConnectionsPerClient": "50",
-    },
-    "Prune": {
-        "HandlesUnusedDays": "",
-        "AccountsUnusedDays": "",
-        "Automatic": "no",
-    },
-}
-
-_DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+    @property
+    def map_file_path(self):
+        return self.map_file[1]
 
 
 def load_config(path):
@@ -244,179 +386,59 @@ def load_config(path):
         raise ConfigError("%s: cannot read the configuration file: %s" % (path, _os_reason(e)))
     except configparser.Error as e:
         raise ConfigError("%s: not a valid INI file: %s" % (path, str(e).splitlines()[0]))
-    return _ConfigReader(path, parser).config()
+    return _ConfigFile(path, parser).config()
 
 
-class _ConfigReader:
-    """Turns a parsed INI file into a Config, one key at a time, with errors that name the key."""
+class _ConfigFile:
+    """A parsed INI file becoming a Config, one key at a time, with errors that name the key."""
 
     def __init__(self, path, parser):
-        self.path = path
-        self.folder = os.path.dirname(path)
-        self.parser = parser
-        known = {s.lower(): s for s in _CONFIG_KEYS}
+        self.path, self.folder, self.parser = path, os.path.dirname(path), parser
+        self.sections = {name.lower(): name for name in parser.sections()}
+        known = {(k.section.lower(), k.name.lower()) for k in CONFIG_KEYS}
         for section in parser.sections():
-            if section.lower() not in known:
+            if section.lower() not in {s for s, _ in known}:
                 log.warning("%s [%s]: unknown section, ignored", path, section)
                 continue
-            keys = {k.lower() for k in _CONFIG_KEYS[known[section.lower()]]}
             for key in parser[section]:
-                if key not in keys:
+                if (section.lower(), key) not in known:
                     log.warning("%s [%s] %s: unknown key, ignored", path, section, key)
-
-    def raw(self, section, key):
-        for name in self.parser.sections():
-            if name.lower() == section.lower() and self.parser.has_option(name, key):
-                value = self.parser.get(name, key).strip()
-                if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-                    value = value[1:-1]
-                return value.strip()
-        default = _CONFIG_KEYS[section][key]
-        if default is None:
-            raise ConfigError("%s [%s] %s: required key is missing" % (self.path, section, key))
-        return default
 
     def fail(self, section, key, problem):
         raise ConfigError("%s [%s] %s: %s" % (self.path, section, key, problem))
 
-    def file_path(self, section, key):
-        value = self.raw(section, key)
-        return os.path.normpath(os.path.join(self.folder, value)) if value else ""
-
-    def integer(self, section, key, low, high=None, allow_empty=False):
-        value = self.raw(section, key)
-        if allow_empty and value == "":
-            return None
-        try:
-            number = int(value)
-        except ValueError:
-            self.fail(section, key, "%r is not a whole number" % value)
-        if number < low or (high is not None and number > high):
-            self.fail(section, key, "%d is out of range (%d to %s)" % (number, low, high if high is not None else "any"))
-        return number
-
-    def choice(self, section, key, choices):
-        value = self.raw(section, key).lower()
-        if value not in choices:
-            self.fail(section, key, "%r is not one of: %s" % (value, ", ".join(choices)))
-        return value
-
-    def listen(self, section, key, kinds):
-        """A ``unix:/path`` or ``inet:host:port`` endpoint, or empty for off."""
-        value = self.raw(section, key)
-        if not value:
-            return ""
-        kind, _, rest = value.partition(":")
-        if kind not in kinds or not rest:
-            self.fail(section, key, "%r must look like %s" % (value, " or ".join(
-                {"unix": "unix:/path/to.sock", "inet": "inet:127.0.0.1:10040"}[k] for k in kinds)))
-        if kind == "unix":
-            return "unix:" + os.path.normpath(os.path.join(self.folder, rest))
-        try:
-            parse_host_port(rest)
-        except ValueError as e:
-            self.fail(section, key, str(e))
-        return value
+    def text(self, key):
+        """The key's text as written (quotes removed), else its default."""
+        section = self.sections.get(key.section.lower())
+        if section is not None and self.parser.has_option(section, key.name):
+            value = self.parser.get(section, key.name).strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+                value = value[1:-1]
+            return value.strip()
+        if key.default is None:
+            self.fail(key.section, key.name, "required key is missing")
+        return key.default
 
     def config(self):
-        mail_system = self.raw("General", "MailSystem").lower()
-        if mail_system != "postfix":
-            self.fail("General", "MailSystem", "%r is not supported; only postfix is" % mail_system)
-        store_type = self.raw("Persistence", "Type").lower()
-        if store_type == "boltdb":
-            log.warning("%s [Persistence] Type: boltdb was the original's store; using sqlite "
-                        "(the default store) instead", self.path)
-        elif store_type != "sqlite":
-            self.fail("Persistence", "Type", "%r is not supported; use sqlite" % store_type)
-
-        domains = []
-        for item in self.raw("PostfixConfig", "Domain").split(","):
-            domain = item.strip().lstrip("@").lower()
-            if not _DOMAIN_RE.match(domain):
-                self.fail("PostfixConfig", "Domain", "%r is not a domain name" % item.strip())
-            if domain not in domains:
-                domains.append(domain)
-
-        map_type, map_path = "hash", self.raw("PostfixConfig", "MapFilePath")
-        match = re.match(r"^([a-z]+):(.*)$", map_path)
-        if match:
-            map_type, map_path = match.group(1), match.group(2)
-        if map_type not in UPDATABLE_MAP_TYPES:
-            self.fail("PostfixConfig", "MapFilePath", "map type %r cannot be updated in place by "
-                      "postmap; use one of: %s" % (map_type, ", ".join(UPDATABLE_MAP_TYPES)))
-        if not map_path:
-            self.fail("PostfixConfig", "MapFilePath", "no path given")
-
-        listen_address = self.raw("General", "ListenAddress")
-        if listen_address:
+        values = {"path": self.path}
+        for key in CONFIG_KEYS:
             try:
-                parse_host_port(listen_address)
+                value = key.read(self, self.text(key))
             except ValueError as e:
-                self.fail("General", "ListenAddress", str(e))
-        listen_path = self.raw("General", "ListenPath")
-        if not listen_path.startswith("/"):
-            self.fail("General", "ListenPath", "%r must start with /" % listen_path)
-        tls_cert, tls_key = self.file_path("General", "TLSCertFile"), self.file_path("General", "TLSKeyFile")
-        if bool(tls_cert) != bool(tls_key):
-            self.fail("General", "TLSKeyFile" if tls_cert else "TLSCertFile",
+                self.fail(key.section, key.name, e)
+            if key.field:
+                values[key.field] = value
+        config = Config(**values)
+        if bool(config.tls_cert_file) != bool(config.tls_key_file):
+            self.fail("General", "TLSKeyFile" if config.tls_cert_file else "TLSCertFile",
                       "TLSCertFile and TLSKeyFile must be set together")
-
-        automatic = self.raw("Prune", "Automatic").lower()
-        if automatic not in ("yes", "no", "true", "false", "on", "off", "1", "0"):
-            self.fail("Prune", "Automatic", "%r is not yes or no" % automatic)
-        if automatic in ("yes", "true", "on", "1"):
-            if not self.raw("General", "PolicyListen"):
-                self.fail("Prune", "Automatic", "needs [General] PolicyListen: without the policy service every "
-                          "handle looks unused")
-            if not self.raw("Prune", "HandlesUnusedDays") and not self.raw("Prune", "AccountsUnusedDays"):
-                self.fail("Prune", "Automatic", "needs HandlesUnusedDays and/or AccountsUnusedDays")
-        return Config(
-            path=self.path,
-            unix_sock_path=self.file_path("General", "UnixSockPath"),
-            lock_file_path=self.file_path("General", "LockFilePath"),
-            listen_path=listen_path,
-            listen_address=listen_address,
-            tls_cert_file=tls_cert,
-            tls_key_file=tls_key,
-            database_path=self.file_path("Persistence", "DatabasePath"),
-            domains=tuple(domains),
-            map_type=map_type,
-            map_file_path=os.path.normpath(os.path.join(self.folder, map_path)),
-            postfix_config_dir=self.file_path("PostfixConfig", "ConfigDir"),
-            handle_length=self.integer("PostfixConfig", "HandleLength", 12, 64),
-            log_level=self.choice("General", "LogLevel", LOG_LEVELS),
-            log_target=self.choice("General", "LogTarget", LOG_TARGETS),
-            allowed_origins=tuple(o.strip() for o in self.raw("General", "AllowedOrigins").split(",") if o.strip()),
-            max_message_size=self.integer("Limits", "MaxMessageSize", 1024),
-            idle_timeout=float(self.integer("Limits", "IdleTimeout", 0)),
-            handles_per_minute_per_client=self.integer("Limits", "HandlesPerMinutePerClient", 0),
-            handles_per_minute_per_account=self.integer("Limits", "HandlesPerMinutePerAccount", 0),
-            failed_tokens_per_minute_per_client=self.integer("Limits", "FailedTokensPerMinutePerClient", 0),
-            max_connections=self.integer("Limits", "MaxConnections", 0),
-            max_connections_per_client=self.integer("Limits", "MaxConnectionsPerClient", 0),
-            policy_listen=self.listen("General", "PolicyListen", ("unix", "inet")),
-            socketmap_listen=self.listen("General", "SocketmapListen", ("unix",)),
-            prune_handles_unused_days=self.integer("Prune", "HandlesUnusedDays", 0, allow_empty=True),
-            prune_accounts_unused_days=self.integer("Prune", "AccountsUnusedDays", 0, allow_empty=True),
-            auto_prune=automatic in ("yes", "true", "on", "1"),
-        )
-
-
-def parse_host_port(text):
-    """``":9090"`` -> ("", 9090) (all interfaces); ``"[::1]:9090"`` -> ("::1", 9090)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError("%r must be HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:9090 or :9090" % text)
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError("%r: write an IPv6 address in brackets, e.g. [::1]:9090" % text)
-    return host, int(port)
-
-
-def _os_reason(error):
-    """The readable part of an OSError, without Python's ``[Errno N]`` decoration."""
-    return getattr(error, "strerror", None) or str(error)
+        if config.auto_prune and not config.policy_listen:
+            self.fail("Prune", "Automatic", "needs [General] PolicyListen: without the policy "
+                      "service every handle looks unused")
+        if config.auto_prune and (config.prune_handles_unused_days is None
+                                  and config.prune_accounts_unused_days is None):
+            self.fail("Prune", "Automatic", "needs HandlesUnusedDays and/or AccountsUnusedDays")
+        return config
 
 
 ###############################################################################
@@ -541,36 +563,22 @@ _MIGRATIONS = (
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
-_HANDLE_COLUMNS = "h.id, h.local, h.domain, h.account_id, h.label, h.enabled, h.created, h.received, h.last_received"
+# A handle as every query returns it, with its account's target address.
+_HANDLE_SELECT = ("SELECT h.id, h.local, h.domain, h.account_id, a.address, h.label, h.enabled, "
+                  "h.created, h.received, h.last_received FROM handles h "
+                  "JOIN accounts a ON a.id = h.account_id")
 
 
-class Handle(NamedTuple):
-    id: int
-    local: str
-    domain: str
-    account_id: int
-    label: Optional[str]
-    enabled: bool
-    created: int
-    received: int
-    last_received: Optional[int]
+class Handle(collections.namedtuple("Handle", "id local domain account_id target label enabled "
+                                              "created received last_received")):
+    __slots__ = ()
 
     @property
     def address(self):
         return "%s@%s" % (self.local, self.domain)
 
-    def public(self):
-        """The handle as the JSON protocols and ``list --json`` show it."""
-        return {"address": self.address, "label": self.label, "enabled": bool(self.enabled),
-                "created": iso_time(self.created), "received": self.received,
-                "last_received": iso_time(self.last_received)}
 
-
-class Account(NamedTuple):
-    id: int
-    address: str
-    created: int
-    last_used: Optional[int]
+Account = collections.namedtuple("Account", "id address created last_used")
 
 
 class Store:
@@ -670,8 +678,8 @@ class Store:
     # -- handles -----------------------------------------------------------------------
 
     def handle_taken(self, local, domain):
-        return self.db.execute("SELECT 1 FROM handles WHERE local = ? COLLATE NOCASE AND domain = ? COLLATE NOCASE",
-                               (local, domain)).fetchone() is not None
+        return self.db.execute("SELECT 1 FROM handles WHERE local = ? COLLATE NOCASE "
+                               "AND domain = ? COLLATE NOCASE", (local, domain)).fetchone() is not None
 
     def add_handle(self, account_id, local, domain, label, now):
         cursor = self.db.execute(
@@ -680,24 +688,32 @@ class Store:
         return self.handle_by_id(cursor.lastrowid)
 
     def handle_by_id(self, handle_id):
-        row = self.db.execute("SELECT %s FROM handles h WHERE h.id = ?" % _HANDLE_COLUMNS, (handle_id,)).fetchone()
+        row = self.db.execute(_HANDLE_SELECT + " WHERE h.id = ?", (handle_id,)).fetchone()
         return Handle(*row) if row else None
 
     def handle(self, local, domain):
-        row = self.db.execute("SELECT %s FROM handles h WHERE h.local = ? COLLATE NOCASE AND h.domain = ? "
-                              "COLLATE NOCASE" % _HANDLE_COLUMNS, (local, domain)).fetchone()
+        row = self.db.execute(_HANDLE_SELECT + " WHERE h.local = ? COLLATE NOCASE "
+                              "AND h.domain = ? COLLATE NOCASE", (local, domain)).fetchone()
         return Handle(*row) if row else None
 
-    def handles_of(self, account_id):
-        """An account's handles, newest first."""
-        return [Handle(*row) for row in self.db.execute(
-            "SELECT %s FROM handles h WHERE h.account_id = ? ORDER BY h.id DESC" % _HANDLE_COLUMNS, (account_id,))]
-
-    def count_handles_of(self, account_id):
-        return self.db.execute("SELECT count(*) FROM handles WHERE account_id = ?", (account_id,)).fetchone()[0]
+    def handles_of(self, account_id, search=None, enabled=None, offset=0, limit=-1):
+        """An account's handles, newest first; ``search`` in the address or label."""
+        where, values = "h.account_id = ?", [account_id]
+        if search:
+            where += (" AND (instr(lower(h.local || '@' || h.domain), ?) "
+                      "OR instr(lower(coalesce(h.label, '')), ?))")
+            values += [search.lower()] * 2
+        if enabled is not None:
+            where += " AND h.enabled = ?"
+            values.append(int(enabled))
+        total = self.db.execute("SELECT count(*) FROM handles h WHERE " + where, values).fetchone()[0]
+        rows = self.db.execute(_HANDLE_SELECT + " WHERE %s ORDER BY h.id DESC LIMIT ? OFFSET ?"
+                               % where, values + [limit, offset])
+        return [Handle(*row) for row in rows], total
 
     def update_handle(self, handle_id, label, enabled):
-        self.db.execute("UPDATE handles SET label = ?, enabled = ? WHERE id = ?", (label, int(enabled), handle_id))
+        self.db.execute("UPDATE handles SET label = ?, enabled = ? WHERE id = ?",
+                        (label, int(enabled), handle_id))
 
     def delete_handle(self, handle_id):
         self.db.execute("DELETE FROM handles WHERE id = ?", (handle_id,))
@@ -732,7 +748,7 @@ class Store:
 
     def unused_handles(self, created_before):
         return [Handle(*row) for row in self.db.execute(
-            "SELECT %s FROM handles h WHERE h.received = 0 AND h.created <= ? ORDER BY h.id" % _HANDLE_COLUMNS,
+            _HANDLE_SELECT + " WHERE h.received = 0 AND h.created <= ? ORDER BY h.id",
             (int(created_before),))]
 
     def unused_accounts(self, created_before):
@@ -776,14 +792,6 @@ def _sqlite_uri_path(path):
     return path.replace("%", "%25").replace("?", "%3f").replace("#", "%23")
 
 
-def _user_name(uid=None):
-    uid = os.geteuid() if uid is None else uid
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return "uid %d" % uid
-
-
 ###############################################################################
 # Postfix
 ###############################################################################
@@ -817,14 +825,6 @@ def map_line_key(line):
     if not line or line[:1] in b" \t#\r\n":
         return None
     return line.split(None, 1)[0].decode("utf-8", "replace").lower()
-
-
-def _file_identity(path):
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return [st.st_ino, st.st_size, st.st_mtime_ns]
 
 
 def _write_atomically(path, chunks):
@@ -873,68 +873,70 @@ def _fsync_folder(folder):
         os.close(fd)
 
 
-class ProgramLauncher:
-    """Starts Postfix's programs: directly, or from a small helper process that holds no files.
+class LookupTable:
+    """What the Service asks of the place Postfix looks handles up; each method says when.
 
-    Starting a program copies the starting process's table of open files, which grows with the
-    WebSocket connections the daemon holds: at 10,000 a new handle took 2.5 ms longer (median
-    7.5 ms instead of 5). Asking a helper costs about 1 ms more than starting directly with few
-    files open, so the daemon starts the helper before it accepts anything and sets
-    ``use_helper`` only while it holds many connections (measured: 6.2 ms at 10,000). Without
-    a helper (the default), or once the helper has died, programs start directly.
+    The Service alone calls these, from its worker thread. ``name`` is what Postfix's
+    main.cf calls the table; ``needs_rebuild`` is set when a failed undo left it in doubt.
+    This base is the socketmap's whole behaviour (Postfix asks the daemon: nothing to write);
+    PostfixMap overrides what a map file needs.
     """
-    _HELPER = (
-        "import json, subprocess, sys\n"
-        "requests, replies = sys.stdin.buffer, sys.stdout.buffer\n"
-        "for line in iter(requests.readline, b''):\n"
-        "    argv, stdin, timeout = json.loads(line)\n"
-        "    try:\n"
-        "        done = subprocess.run(argv, input=bytes.fromhex(stdin), stdout=subprocess.PIPE,\n"
-        "                              stderr=subprocess.PIPE, timeout=timeout)\n"
-        "        reply = [done.returncode, done.stdout.hex(), done.stderr.hex(), None]\n"
-        "    except (OSError, subprocess.TimeoutExpired) as e:\n"
-        "        reply = [None, '', '', str(e)]\n"
-        "    replies.write(json.dumps(reply).encode() + b'\\n')\n"
-        "    replies.flush()\n")
+    name = "socketmap"
+    needs_rebuild = False
+    unflushed_since = None      # monotonic time of the oldest change still to tidy (flush_text)
 
-    def __init__(self):
-        self._helper = None
-        self._lock = threading.Lock()
-        self.use_helper = False
+    def __init__(self, config):
+        self.path = config.map_file_path
+        self.foreign_keys = set()       # keys of the admin's own lines: never handed out
 
-    def start_helper(self):
-        self._helper = subprocess.Popen([sys.executable, "-I", "-S", "-c", self._HELPER],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    def check_access(self):
+        """At start, before anything changes: fail early, naming path, user and fix."""
 
-    def run(self, argv, stdin, timeout):
-        """Like subprocess.run with ``stdin`` as input and stdout and stderr captured."""
-        with self._lock:
-            if self._helper is not None and self.use_helper:
-                try:
-                    self._helper.stdin.write(json.dumps([argv, stdin.hex(), timeout]).encode() + b"\n")
-                    self._helper.stdin.flush()
-                    returncode, stdout, stderr, error = json.loads(self._helper.stdout.readline())
-                except (OSError, ValueError) as e:
-                    log.warning("the helper that starts postmap failed (%s); starting programs directly", e)
-                    self.close()
-                else:
-                    if error is not None:
-                        raise OSError(error)
-                    return subprocess.CompletedProcess(argv, returncode, bytes.fromhex(stdout), bytes.fromhex(stderr))
-        return subprocess.run(argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+    def reconcile(self, entries, clean_fingerprint):
+        """At start: make the table hold exactly ``entries`` plus the admin's own lines."""
+        self._read_foreign()
 
-    def close(self):
-        if self._helper is not None:
-            helper, self._helper = self._helper, None
-            for stream in (helper.stdin, helper.stdout):
-                try:
-                    stream.close()
-                except OSError:     # bytes left unflushed for a helper that is gone
-                    pass
-            helper.wait()
+    def is_taken(self, key):
+        """May ``key`` not be handed out as a new handle, whatever the database says?"""
+        return key in self.foreign_keys
+
+    def apply(self, adds, removes):
+        """Make the batch's changes visible to Postfix; return an undo for a failed commit."""
+        return lambda: None
+
+    def rebuild(self, entries):
+        """After a change that could not be undone: rebuild from the database's ``entries``."""
+
+    def flush_text(self):
+        """When idle: tidy what ``apply`` left for later."""
+
+    def fingerprint(self):
+        """At a clean stop: what the table looks like, for the next start to trust, or None."""
+        return None
+
+    def checks(self, store):
+        """For ``check``: (what was checked, problem or None) pairs."""
+        return []
+
+    def _read_foreign(self):
+        """Collect the admin's lines (bytes, above our marker) and their keys."""
+        foreign, keys = [], set()
+        if os.path.exists(self.path):
+            with open(self.path, "rb") as f:
+                for line in f:
+                    if is_marker(line):
+                        break
+                    foreign.append(line)
+                    key = map_line_key(line)
+                    if key:
+                        keys.add(key)
+        if foreign and not foreign[-1].endswith(b"\n"):
+            foreign[-1] += b"\n"
+        self.foreign_keys = keys
+        return foreign
 
 
-class PostfixMap:
+class PostfixMap(LookupTable):
     """A Postfix lookup table kept in step with the store: a text file plus its indexed file.
 
     Changes cost the same whatever the map's size: additions are appended to the text file
@@ -945,17 +947,13 @@ class PostfixMap:
     """
 
     def __init__(self, config):
+        super().__init__(config)
         self.type = config.map_type
-        self.path = config.map_file_path
         self.config_dir = config.postfix_config_dir
         self.indexed_path = self.path + (".lmdb" if self.type == "lmdb" else ".db")
-        self.foreign_keys = set()       # keys of the admin's own lines: never handed out
-        self.unflushed = set()          # keys whose lines are still in the text file, gone from the index
-        self.unflushed_since = None     # monotonic time of the oldest unflushed removal
-        self._last_second = 0           # hash/btree: whole-second mtime Postfix last saw
-        self._written = None            # fingerprint after our own last write
-        self.needs_rebuild = False      # a failed undo left the map in doubt: rebuild it from the store
-        self.launcher = ProgramLauncher()
+        self.unflushed = set()      # keys whose lines are still in the text file, not in the index
+        self._last_second = 0       # hash/btree: whole-second mtime Postfix last saw
+        self._written = None        # fingerprint after our own last write
 
     @property
     def name(self):
@@ -975,13 +973,15 @@ class PostfixMap:
             command += ["-c", self.config_dir]
         command += list(args)
         try:
-            done = self.launcher.run(command, stdin, timeout=300)
+            done = subprocess.run(command, input=stdin, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, timeout=300)
         except (OSError, subprocess.TimeoutExpired) as e:
             raise PostfixError("%s failed: %s" % (" ".join(command[:1] + list(args[:-1])), e))
         problems = [line for line in done.stderr.decode("utf-8", "replace").splitlines()
                     if "fatal:" in line or "error:" in line or "panic:" in line]
         if problems or (done.returncode != 0 and "-d" not in args and "-q" not in args):
-            reason = (problems or done.stderr.decode("utf-8", "replace").splitlines() or ["exit status %d" % done.returncode])[0]
+            reason = (problems or done.stderr.decode("utf-8", "replace").splitlines()
+                      or ["exit status %d" % done.returncode])[0]
             raise PostfixError("postmap %s failed: %s" % (self.name, reason.strip()))
         return done
 
@@ -1013,13 +1013,16 @@ class PostfixMap:
         return json.dumps({"map": self.name, "text": _file_identity(self.path),
                            "indexed": _file_identity(self.indexed_path)})
 
-    def fingerprint(self):
-        """What the files look like after our last write, or None if someone else changed them since.
+    def is_taken(self, key):
+        return key in self.foreign_keys or key in self.unflushed
 
-        Stored at a clean stop; the next start trusts the map only if it is still exactly so.
-        """
+    def fingerprint(self):
+        """What the files look like after our last write, or None if someone else changed them
+        since, or if the text file still holds removed lines (a failed rewrite): the next start
+        trusts the map only if it is still exactly so."""
         identity = self._identity()
-        return identity if identity == self._written and not self.needs_rebuild else None
+        clean = identity == self._written and not self.needs_rebuild and not self.unflushed
+        return identity if clean else None
 
     def reconcile(self, entries, clean_fingerprint):
         """Make the map hold exactly ``entries`` plus the admin's lines.
@@ -1038,22 +1041,6 @@ class PostfixMap:
             return False
         self.rebuild(entries)
         return True
-
-    def _read_foreign(self):
-        """Collect the admin's lines (bytes) and their keys; our lines are yielded back."""
-        foreign, keys = [], set()
-        with open(self.path, "rb") as f:
-            for line in f:
-                if is_marker(line):
-                    break
-                foreign.append(line)
-                key = map_line_key(line)
-                if key:
-                    keys.add(key)
-        if foreign and not foreign[-1].endswith(b"\n"):
-            foreign[-1] += b"\n"
-        self.foreign_keys = keys
-        return foreign
 
     def rebuild(self, entries):
         """A full rebuild into new files renamed into place: lookups never wait for it."""
@@ -1232,14 +1219,24 @@ class PostfixMap:
             key, _, value = line.partition("\t") if "\t" in line else line.partition(" ")
             yield key.strip().lower(), value.strip()
 
-    def drift(self, store):
+    def checks(self, store):
+        try:
+            self.postmap("-q", "incognitomail-check-probe", self.name)
+            yield "postmap runs", None
+        except IncognitoMailError as e:
+            yield "postmap runs", str(e)
+        if store is not None:
+            yield "map %s in step with the database" % self.name, self._drift(store)
+
+    def _drift(self, store):
         """None when the indexed map holds exactly the store's enabled handles, else what differs.
 
         The admin's own lines are not ours and are left out of the comparison.
         """
         try:
             self._read_foreign()
-            expected = {key: target for key, target in store.map_entries() if key not in self.foreign_keys}
+            expected = {key: target for key, target in store.map_entries()
+                        if key not in self.foreign_keys}
             indexed = {key: value for key, value in self.dump() if key not in self.foreign_keys}
         except (OSError, IncognitoMailError) as e:
             return str(e)
@@ -1247,8 +1244,9 @@ class PostfixMap:
         unknown = [k for k in indexed if k not in expected]
         if not missing and not unknown:
             return None
-        return ("%d handles missing or wrong, %d entries the database does not know (e.g. %s); restart the "
-                "server to rebuild the map from the database" % (len(missing), len(unknown), (missing + unknown)[0]))
+        return ("%d handles missing or wrong, %d entries the database does not know (e.g. %s); "
+                "restart the server to rebuild the map from the database"
+                % (len(missing), len(unknown), (missing + unknown)[0]))
 
 
 def _same_endpoint(written, ours, queue_directory):
@@ -1319,43 +1317,9 @@ def postfix_config_problems(config, table):
     return problems
 
 
-class SocketmapTable:
-    """The lookup style where Postfix asks the daemon (``SocketmapListen``): nothing to write.
-
-    A sibling of PostfixMap with the same interface. The admin's map file is left as is;
-    its keys are still never handed out as handles.
-    """
-
-    def __init__(self, config):
-        self.path = config.map_file_path
-        self.name = "socketmap"
-        self.foreign_keys = set()
-        self.unflushed = set()
-        self.unflushed_since = None
-        self.needs_rebuild = False
-
-    def check_access(self):
-        pass
-
-    def fingerprint(self):
-        return None
-
-    def reconcile(self, entries, clean_fingerprint):
-        keys = set()
-        if os.path.exists(self.path):
-            with open(self.path, "rb") as f:
-                for line in f:
-                    key = map_line_key(line)
-                    if key:
-                        keys.add(key)
-        self.foreign_keys = keys
-        return False
-
-    def apply(self, adds, removes):
-        return lambda: None
-
-    def flush_text(self):
-        pass
+class SocketmapTable(LookupTable):
+    """Postfix asks the daemon (``SocketmapListen``), straight from the database: nothing to
+    write. The admin's map file is left as is; its keys are still never handed out."""
 
 
 def make_table(config):
@@ -1410,6 +1374,49 @@ class _MapChanges:
         return [k for k, t in self.entries.items() if t is None]
 
 
+class TokenBucket:
+    """Rate limits keyed by client or account: ``per_minute`` requests, bursting as many.
+
+    ``take(key)`` returns 0 when allowed, else the seconds to wait. ``per_minute = 0``
+    turns the limit off. Full buckets are forgotten so memory stays bounded.
+    """
+
+    def __init__(self, per_minute, clock=time.monotonic):
+        self.per_minute = per_minute
+        self.clock = clock
+        self._buckets = {}
+
+    def take(self, key, peek=False):
+        if not self.per_minute:
+            return 0
+        now = self.clock()
+        tokens = self._level(key, now)
+        if tokens < 1:
+            self._buckets[key] = (tokens, now)
+            return max(1, int((1 - tokens) * 60.0 / self.per_minute + 0.999))
+        if not peek:
+            tokens -= 1
+        self._buckets[key] = (tokens, now)
+        if len(self._buckets) > 100000:
+            self._forget_full(now)
+        return 0
+
+    def give_back(self, key):
+        """Return one token taken in advance for a request that turned out not to count."""
+        if self.per_minute and key in self._buckets:
+            now = self.clock()
+            self._buckets[key] = (min(self.per_minute, self._level(key, now) + 1), now)
+
+    def _level(self, key, now):
+        tokens, last = self._buckets.get(key, (self.per_minute, now))
+        return min(self.per_minute, tokens + (now - last) * self.per_minute / 60.0)
+
+    def _forget_full(self, now):
+        for key in list(self._buckets):
+            if self._level(key, now) >= self.per_minute:
+                del self._buckets[key]
+
+
 class Service:
     """The one place that changes anything: every operation is store + Postfix, all or nothing.
 
@@ -1431,6 +1438,7 @@ class Service:
         self._queue = queue.Queue()
         self._thread = None
         self._lookups = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="incognitomail-lookup")
+        self._creation_per_account = TokenBucket(config.handles_per_minute_per_account)
         self._lookup_store = None
         self.batches = 0
 
@@ -1462,27 +1470,25 @@ class Service:
             self._lookup_store.close()
             self._lookup_store = None
         self.table.flush_text()
-        # A text file still holding removed handles (a failed rewrite) must be rebuilt next time.
-        fingerprint = None if self.table.unflushed else self.table.fingerprint()
         with self.store.transaction():
-            self.store.set_meta("clean_stop", fingerprint)
+            self.store.set_meta("clean_stop", self.table.fingerprint())
 
     # -- entry points -----------------------------------------------------------------------
 
-    def submit(self, operation, *args):
+    def submit(self, operation, *args, **fields):
+        """Queue one of OPERATIONS (by name) for the worker; a Future of its result."""
         future = concurrent.futures.Future()
-        method = getattr(self, "_op_" + operation, None)
-        if method is None:
+        if operation not in OPERATIONS:
             future.set_exception(BadRequest("unknown operation %r" % operation))
         else:
-            self._queue.put((future, method, args))
+            self._queue.put((future, OPERATIONS[operation], args, fields))
         return future
 
-    def call(self, operation, *args):
-        return self.submit(operation, *args).result()
+    def call(self, operation, *args, **fields):
+        return self.submit(operation, *args, **fields).result()
 
-    async def run(self, operation, *args):
-        return await asyncio.wrap_future(self.submit(operation, *args))
+    async def run(self, operation, *args, **fields):
+        return await asyncio.wrap_future(self.submit(operation, *args, **fields))
 
     async def lookup(self, address):
         """(target, enabled) of a handle, or None; from a read-only connection, beside the batches."""
@@ -1519,7 +1525,7 @@ class Service:
             except Exception:       # never let one batch stop the worker: nobody would be answered
                 log.exception("internal error in the service worker")
                 self.store.rollback()
-                for future, _, _ in items:
+                for future, _, _, _ in items:
                     if not future.done():
                         future.set_exception(IncognitoMailError("internal error; the server log has details"))
             if self.table.needs_rebuild:
@@ -1558,24 +1564,24 @@ class Service:
             self.store.begin()
         except sqlite3.Error as e:
             error = StoreError("the database is not available: %s" % e)
-            for future, _, _ in items:
+            for future, _, _, _ in items:
                 future.set_exception(error)
             return
         changes = _MapChanges()
         outcomes = []           # (item, result or error, changed the map)
         for item in items:
-            future, method, args = item
+            future, operation, args, fields = item
             op_changes = _MapChanges()
             try:
                 with self.store.savepoint():
-                    result = method(op_changes, *args)
+                    result = operation.run(self, op_changes, *args, **fields)
             except IncognitoMailError as e:
                 result = e
             except sqlite3.Error as e:
-                log.error("database error in %s: %s", method.__name__[4:], e)
+                log.error("database error in %s: %s", operation.name, e)
                 result = StoreError("the database could not be written: %s" % e)
             except Exception:
-                log.exception("internal error in %s", method.__name__[4:])
+                log.exception("internal error in %s", operation.name)
                 result = IncognitoMailError("internal error; the server log has details")
             else:
                 changes.merge(op_changes)
@@ -1604,7 +1610,7 @@ class Service:
             if not retrying:
                 self._run_batch(retry, retrying=True)
             return
-        for (future, _, _), result, _ in outcomes:
+        for (future, _, _, _), result, _ in outcomes:
             if isinstance(result, BaseException):
                 future.set_exception(result)
             else:
@@ -1621,51 +1627,62 @@ class Service:
         self.store.touch_account(account.id, self.clock())
         return account
 
-    def _own_handle(self, account, address):
-        local, domain = split_handle(address, self.config.domains)
-        handle = self.store.handle(local, domain)
+    def _own_handle(self, account, address=None, handle_id=None):
+        """The account's handle named by its address or its id; NotFound for anyone else's."""
+        if handle_id is not None:
+            handle, name = self.store.handle_by_id(handle_id), "number %d" % handle_id
+        else:
+            local, domain = split_handle(address, self.config.domains)
+            handle, name = self.store.handle(local, domain), "%s@%s" % (local, domain)
         if handle is None or handle.account_id != account.id:
-            raise NotFound("no handle %s@%s belongs to this account" % (local, domain))
+            raise NotFound("no handle %s belongs to this account" % name)
         return handle
 
-    def _op_new_account(self, changes, address):
+    def _new_account(self, changes, address):
         address = check_address(address)
         token = new_token()
         account_id = self.store.add_account(address, token_digest(token), self.clock())
         log.info("new account %d for %s", account_id, address)
         return token
 
-    def _op_new_handle(self, changes, token, label=None, domain=None):
+    def _new_handle(self, changes, token, label=None, domain=None, rate_limited=False):
+        """``rate_limited``: a network client's request meets the account's limit."""
         account = self._authenticate(token)
+        wait = self._creation_per_account.take(account.id) if rate_limited else 0
+        if wait:
+            raise RateLimited("rate limited: too many new handles; retry in %d s" % wait, wait)
         label = check_label(label)
         if domain is None or domain == "":
             domain = self.config.default_domain
         if not isinstance(domain, str) or domain.lstrip("@").lower() not in self.config.domains:
-            raise BadRequest("domain %r is not served here; choose one of: %s" % (domain, ", ".join(self.config.domains)))
+            raise BadRequest("domain %r is not served here; choose one of: %s"
+                             % (domain, ", ".join(self.config.domains)))
         domain = domain.lstrip("@").lower()
         while True:
             local = new_handle_name(self.config.handle_length)
             key = "%s@%s" % (local, domain)
-            if (key not in self.table.foreign_keys and key not in self.table.unflushed
-                    and not self.store.handle_taken(local, domain)):
+            if not self.table.is_taken(key) and not self.store.handle_taken(local, domain):
                 break
         handle = self.store.add_handle(account.id, local, domain, label, self.clock())
         changes.add(key, account.address)
         log.info("new handle %s for account %d (%s)", key, account.id, account.address)
-        return handle.public()
+        return handle
 
-    def _op_delete_handle(self, changes, token, address):
+    def _get_handle(self, changes, token, address=None, handle_id=None):
+        return self._own_handle(self._authenticate(token), address, handle_id)
+
+    def _delete_handle(self, changes, token, address=None, handle_id=None):
         account = self._authenticate(token)
-        handle = self._own_handle(account, address)
+        handle = self._own_handle(account, address, handle_id)
         self.store.delete_handle(handle.id)
         if handle.enabled:
             changes.remove(handle.address)
         log.info("deleted handle %s of account %d (%s)", handle.address, account.id, account.address)
-        return {}
 
-    def _op_update_handle(self, changes, token, address, label=_UNCHANGED, enabled=_UNCHANGED):
+    def _update_handle(self, changes, token, address=None, label=_UNCHANGED, enabled=_UNCHANGED,
+                       handle_id=None):
         account = self._authenticate(token)
-        handle = self._own_handle(account, address)
+        handle = self._own_handle(account, address, handle_id)
         new_label = handle.label if label is _UNCHANGED else check_label(label)
         if enabled is _UNCHANGED:
             enabled = bool(handle.enabled)
@@ -1678,20 +1695,28 @@ class Service:
             changes.remove(handle.address)
         log.info("handle %s of account %d: %s%s", handle.address, account.id,
                  "enabled" if enabled else "disabled", ", label %r" % new_label if new_label else "")
-        return self.store.handle_by_id(handle.id).public()
+        return self.store.handle_by_id(handle.id)
 
-    def _op_list_handles(self, changes, token):
-        account = self._authenticate(token)
-        return [handle.public() for handle in self.store.handles_of(account.id)]
+    def _list_handles(self, changes, token):
+        return self.store.handles_of(self._authenticate(token).id)[0]
 
-    def _op_account(self, changes, token):
+    def _find_handles(self, changes, token, search=None, enabled=None, offset=0, limit=50):
+        """One page of an account's handles, newest first, and how many there are in all."""
         account = self._authenticate(token)
-        return {"address": account.address, "domains": list(self.config.domains),
-                "handles": self.store.count_handles_of(account.id), "created": iso_time(account.created)}
+        if not isinstance(offset, int) or offset < 0 or not isinstance(limit, int) \
+                or not 0 < limit <= MAX_PAGE_SIZE:
+            raise BadRequest("offset must be 0 or more and limit from 1 to %d" % MAX_PAGE_SIZE)
+        handles, total = self.store.handles_of(account.id, search, enabled, offset, limit)
+        return HandlePage(handles, total, offset, limit)
 
-    def _op_delete_account(self, changes, token):
+    def _account(self, changes, token):
         account = self._authenticate(token)
-        handles = self.store.handles_of(account.id)
+        return AccountSummary(account.id, account.address, account.created,
+                              self.store.handles_of(account.id, limit=0)[1], self.config.domains)
+
+    def _delete_account(self, changes, token):
+        account = self._authenticate(token)
+        handles = self.store.handles_of(account.id)[0]
         self.store.delete_account(account.id)
         for handle in handles:
             if handle.enabled:
@@ -1699,20 +1724,21 @@ class Service:
         log.info("deleted account %d (%s) and its %d handles", account.id, account.address, len(handles))
         return len(handles)
 
-    def _op_rotate_token(self, changes, token):
+    def _rotate_token(self, changes, token):
         account = self._authenticate(token)
         new = new_token()
         self.store.set_token_digest(account.id, token_digest(new))
-        log.info("new secret token for account %d (%s); the old one no longer works", account.id, account.address)
+        log.info("new secret token for account %d (%s); the old one no longer works",
+                 account.id, account.address)
         return new
 
-    def _op_status(self, changes):
+    def _status(self, changes):
         status = self.store.counts()
         status.update({"version": __version__, "pid": os.getpid(), "map": self.table.name,
                        "domains": list(self.config.domains)})
         return status
 
-    def _op_record_received(self, changes, events):
+    def _record_received(self, changes, events):
         """``events``: [(address, time)] of messages that reached enabled handles."""
         counts, latest = {}, {}
         for address, when in events:
@@ -1722,21 +1748,23 @@ class Service:
         self.store.record_received(counts, latest)
         return len(events)
 
-    def _op_prune(self, changes, handles_days, accounts_days, dry_run):
+    def _prune(self, changes, handles_unused_days=None, accounts_unused_days=None, dry_run=False):
+        handles_days, accounts_days = handles_unused_days, accounts_unused_days
         if any(days is not None and days < 0 for days in (handles_days, accounts_days)):
             raise BadRequest("days must be 0 or more")
         if not self.config.policy_listen:
-            raise BadRequest("pruning needs the policy service, which counts the mail each handle receives: "
-                             "without it every handle looks unused. Set [General] PolicyListen and add the "
-                             "policy service to Postfix first (see README.md)")
+            raise BadRequest("pruning needs the policy service, which counts the mail each handle "
+                             "receives: without it every handle looks unused. Set [General] "
+                             "PolicyListen and add the policy service to Postfix first (see README.md)")
         now = self.clock()
         removed = []
         if handles_days is not None:
             counting_since = int(self.store.get_meta("counting_since") or now)
             if handles_days and counting_since > now - handles_days * 86400:
-                raise BadRequest("the policy service has counted mail only since %s, so a handle cannot yet be known "
-                                 "to be unused for %d days; prune from %s on, or give a shorter time"
-                                 % (iso_time(counting_since), handles_days, iso_time(counting_since + handles_days * 86400)))
+                raise BadRequest("the policy service has counted mail only since %s, so a handle "
+                                 "cannot yet be known to be unused for %d days; prune from %s on, or "
+                                 "give a shorter time" % (iso_time(counting_since), handles_days,
+                                                          iso_time(counting_since + handles_days * 86400)))
             for handle in self.store.unused_handles(now - handles_days * 86400):
                 removed.append(handle.address)
                 if not dry_run:
@@ -1754,72 +1782,121 @@ class Service:
         return removed
 
 
+MAX_PAGE_SIZE = 100
+HandlePage = collections.namedtuple("HandlePage", "handles total offset limit")
+AccountSummary = collections.namedtuple("AccountSummary", "id address created handles domains")
+
+
+###############################################################################
+# Operations: what each front end may ask the Service for, described once
+###############################################################################
+
+# Who calls: the command line (over the control socket), the WebSocket's JSON protocol, the
+# HTTP API. An operation no front end may call (record_received) is the daemon's own.
+COMMAND_LINE, WEBSOCKET, HTTP = "command line", "WebSocket", "HTTP"
+EVERYONE = (COMMAND_LINE, WEBSOCKET, HTTP)
+
+Field = collections.namedtuple("Field", "name kind required")
+
+
+class Operation(collections.namedtuple("Operation", "name run fields reply callers")):
+    """One thing the Service does: ``run`` (a Service method taking the batch's map changes,
+    then the fields), its request ``fields`` (name, type, required), the ``reply`` field its
+    result is sent in (None: nothing), and the front ends that may call it."""
+    __slots__ = ()
+
+
+_TOKEN = Field("token", str, True)
+_ADDRESS, _ID = Field("address", str, False), Field("handle_id", int, False)
+_LABEL = Field("label", str, False)
+
+OPERATIONS = {operation.name: operation for operation in (
+    Operation("new_account", Service._new_account, (Field("address", str, True),), "token",
+              (COMMAND_LINE,)),
+    Operation("new_handle", Service._new_handle, (_TOKEN, _LABEL, Field("domain", str, False)),
+              "handle", EVERYONE),
+    Operation("list_handles", Service._list_handles, (_TOKEN,), "handles", EVERYONE),
+    Operation("find_handles", Service._find_handles,
+              (_TOKEN, Field("search", str, False), Field("enabled", bool, False),
+               Field("offset", int, False), Field("limit", int, False)), "page", (WEBSOCKET, HTTP)),
+    Operation("get_handle", Service._get_handle, (_TOKEN, _ADDRESS, _ID), "handle", (WEBSOCKET, HTTP)),
+    Operation("update_handle", Service._update_handle,
+              (_TOKEN, _ADDRESS, _ID, _LABEL, Field("enabled", bool, False)), "handle", EVERYONE),
+    Operation("delete_handle", Service._delete_handle, (_TOKEN, _ADDRESS, _ID), None, EVERYONE),
+    Operation("account", Service._account, (_TOKEN,), "account", EVERYONE),
+    Operation("rotate_token", Service._rotate_token, (_TOKEN,), "token", EVERYONE),
+    Operation("delete_account", Service._delete_account, (_TOKEN,), "deleted_handles",
+              (COMMAND_LINE,)),
+    Operation("status", Service._status, (), "status", (COMMAND_LINE,)),
+    Operation("prune", Service._prune,
+              (Field("handles_unused_days", int, False), Field("accounts_unused_days", int, False),
+               Field("dry_run", bool, False)), "removed", (COMMAND_LINE,)),
+    Operation("stop", None, (), None, (COMMAND_LINE,)),
+    Operation("record_received", Service._record_received, (), None, ()),
+)}
+
+
 ###############################################################################
 # Wire formats: JSON requests (control socket and WebSocket)
 ###############################################################################
 
-# Operations an add-on may ask for over the WebSocket; the command line may ask for more.
-WEBSOCKET_OPERATIONS = ("new_handle", "list_handles", "update_handle", "delete_handle", "account", "rotate_token")
-CONTROL_OPERATIONS = WEBSOCKET_OPERATIONS + ("new_account", "delete_account", "status", "prune", "stop")
+JsonRequest = collections.namedtuple("JsonRequest", "id op fields")
 
 
-class JsonRequest(NamedTuple):
-    id: object
-    op: str
-    args: tuple
+def _refuse_constant(name):
+    raise ValueError("%s is not a JSON number" % name)
 
 
-def parse_json_request(text, allowed):
+def parse_json_request(text, caller):
     """One JSON request -> JsonRequest; BadRequest (carrying the id when known) otherwise.
 
-    Request: ``{"id": any, "op": name, "token": secret, ...}``; each operation's fields are
-    checked here so the Service receives only well-formed arguments.
+    Request: ``{"id": any, "op": name, "token": secret, ...}``. The operation's description
+    says which fields it takes and of what type, so the Service receives only well-formed
+    arguments. An optional field that is absent is left to the operation's default.
     """
     try:
-        message = json.loads(text)
+        message = json.loads(text, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as e:
-        raise _with_id(BadRequest("not valid JSON: %s" % (e if isinstance(e, ValueError) else "nested too deeply")), None)
+        problem = e if isinstance(e, ValueError) else "nested too deeply"
+        raise _with_id(BadRequest("not valid JSON: %s" % problem), None)
     if not isinstance(message, dict):
         raise _with_id(BadRequest("a request must be a JSON object"), None)
     request_id = message.get("id")
-    op = message.get("op")
-    if op not in allowed:
-        raise _with_id(BadRequest("unknown op %r; known here: %s" % (op, ", ".join(allowed))), request_id)
+    operation = OPERATIONS.get(message.get("op"))
+    if operation is None or caller not in operation.callers:
+        known = [name for name, op in OPERATIONS.items() if caller in op.callers]
+        raise _with_id(BadRequest("unknown op %r; known here: %s" % (message.get("op"), ", ".join(known))),
+                       request_id)
+    try:
+        fields = check_fields(operation, message)
+    except BadRequest as e:
+        raise _with_id(e, request_id)
+    return JsonRequest(request_id, operation.name, fields)
 
-    def field(name, kinds, required=True, default=None):
-        if name not in message or message[name] is None:
-            if required:
-                raise _with_id(BadRequest("%s needs %r" % (op, name)), request_id)
-            return default
-        value = message[name]
-        if not isinstance(value, kinds) or isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
-            raise _with_id(BadRequest("%r has the wrong type" % name), request_id)
-        return text(name, value) if isinstance(value, str) else value
 
-    def text(name, value):
-        try:
-            value.encode("utf-8")       # JSON may carry lone surrogates ("\ud800"), which are not text
-        except UnicodeEncodeError:
-            raise _with_id(BadRequest("%r is not valid Unicode text" % name), request_id)
-        return value
+def check_fields(operation, message):
+    """The operation's fields from ``message`` (a dict), each of its declared type.
 
-    if op == "new_account":
-        args = (field("address", str),)
-    elif op == "status" or op == "stop":
-        args = ()
-    elif op == "prune":
-        args = (field("handles_unused_days", int, False), field("accounts_unused_days", int, False),
-                bool(field("dry_run", bool, False, False)))
-    else:
-        args = (field("token", str),)
-        if op == "new_handle":
-            args += (field("label", str, False), field("domain", str, False))
-        elif op in ("update_handle", "delete_handle"):
-            args += (field("address", str),)
-            if op == "update_handle":
-                args += (field("label", str, False) if "label" in message else _UNCHANGED,
-                         field("enabled", bool) if "enabled" in message else _UNCHANGED)
-    return JsonRequest(request_id, op, args)
+    A required field must be present and not null; an optional one may be null.
+    """
+    fields = {}
+    for field in operation.fields:
+        value = message.get(field.name)
+        if field.name not in message or (value is None and not field.required):
+            if field.required:
+                raise BadRequest("%s needs %r" % (operation.name, field.name))
+            if field.name in message:
+                fields[field.name] = None
+            continue
+        if not isinstance(value, field.kind) or (isinstance(value, bool) and field.kind is not bool):
+            raise BadRequest("%r has the wrong type" % field.name)
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")   # JSON may carry lone surrogates ("\ud800"), which are not text
+            except UnicodeEncodeError:
+                raise BadRequest("%r is not valid Unicode text" % field.name) from None
+        fields[field.name] = value
+    return fields
 
 
 def _with_id(error, request_id):
@@ -1827,16 +1904,33 @@ def _with_id(error, request_id):
     return error
 
 
-# How each operation's result is wrapped in its reply.
-_RESULT_FIELDS = {"new_handle": "handle", "update_handle": "handle", "list_handles": "handles",
-                  "account": "account", "rotate_token": "token", "new_account": "token",
-                  "status": "status", "prune": "removed", "delete_account": "deleted_handles"}
+def handle_json(handle):
+    """A handle as the JSON protocols and ``list --json`` show it."""
+    return {"address": handle.address, "label": handle.label, "enabled": bool(handle.enabled),
+            "created": iso_time(handle.created), "received": handle.received,
+            "last_received": iso_time(handle.last_received), "id": handle.id}
+
+
+def json_value(result):
+    """The Service's result objects as plain JSON values."""
+    if isinstance(result, Handle):
+        return handle_json(result)
+    if isinstance(result, HandlePage):
+        return {"handles": [handle_json(h) for h in result.handles], "total": result.total,
+                "offset": result.offset, "limit": result.limit}
+    if isinstance(result, AccountSummary):
+        return {"address": result.address, "domains": list(result.domains),
+                "handles": result.handles, "created": iso_time(result.created), "id": result.id}
+    if isinstance(result, list):
+        return [json_value(item) for item in result]
+    return result
 
 
 def json_reply(request_id, op, result):
     reply = {"id": request_id, "ok": True}
-    if op in _RESULT_FIELDS:
-        reply[_RESULT_FIELDS[op]] = result
+    field = OPERATIONS[op].reply
+    if field:
+        reply[field] = json_value(result)
     return json.dumps(reply)
 
 
@@ -1851,6 +1945,37 @@ def json_error(request_id, error):
 # Wire formats: Postfix policy delegation and socketmap
 ###############################################################################
 
+class _Buffer:
+    """Bytes received and not parsed yet; a parser takes whole units from the front."""
+    __slots__ = ("data",)
+
+    def __init__(self):
+        self.data = bytearray()
+
+    def __len__(self):
+        return len(self.data)
+
+    def feed(self, data):
+        self.data += data
+
+    def take(self, n):
+        chunk = bytes(self.data[:n])
+        del self.data[:n]   # cheap: a bytearray drops leading bytes by moving its start
+        return chunk
+
+    def take_until(self, delimiter, limit, too_long):
+        """The bytes before ``delimiter`` (both taken), None until it arrives; ``too_long()``
+        is raised as soon as more than ``limit`` bytes stand before it."""
+        end = self.data.find(delimiter, 0, limit + len(delimiter))
+        if end < 0:
+            if len(self.data) > limit:
+                raise too_long()
+            return None
+        unit = self.take(end)
+        del self.data[:len(delimiter)]
+        return unit
+
+
 class PolicyParser:
     """SMTPD_POLICY_README: ``name=value`` lines, a request ends with an empty line.
 
@@ -1860,7 +1985,7 @@ class PolicyParser:
     MAX_REQUEST = 16384
 
     def __init__(self):
-        self._buffer = b""
+        self._buffer = _Buffer()
 
     @property
     def incomplete(self):
@@ -1868,17 +1993,13 @@ class PolicyParser:
         return bool(self._buffer)
 
     def feed(self, data):
-        self._buffer += data
+        self._buffer.feed(data)
         requests = []
         while True:
-            end = self._buffer.find(b"\n\n")
-            if end < 0:
-                if len(self._buffer) > self.MAX_REQUEST:
-                    raise PostfixProtocolError("policy request longer than %d bytes" % self.MAX_REQUEST)
+            block = self._buffer.take_until(b"\n\n", self.MAX_REQUEST, lambda: PostfixProtocolError(
+                "policy request longer than %d bytes" % self.MAX_REQUEST))
+            if block is None:
                 return requests
-            block, self._buffer = self._buffer[:end], self._buffer[end + 2:]
-            if len(block) > self.MAX_REQUEST:
-                raise PostfixProtocolError("policy request longer than %d bytes" % self.MAX_REQUEST)
             request = {}
             for line in block.split(b"\n"):
                 name, sep, value = line.partition(b"=")
@@ -1900,31 +2021,32 @@ class NetstringParser:
     MAX_LENGTH = 100000
 
     def __init__(self):
-        self._buffer = b""
+        self._buffer = _Buffer()
+        self._length = None     # of the netstring whose digits are read, until it is complete
 
     @property
     def incomplete(self):
-        return bool(self._buffer)
+        return bool(self._buffer) or self._length is not None
 
     def feed(self, data):
-        self._buffer += data
+        self._buffer.feed(data)
         strings = []
         while True:
-            colon = self._buffer.find(b":")
-            if colon < 0:
-                if len(self._buffer) > 10:
-                    raise PostfixProtocolError("netstring length too long")
+            if self._length is None:
+                digits = self._buffer.take_until(b":", 6, lambda: PostfixProtocolError(
+                    "netstring length too long"))
+                if digits is None:
+                    return strings
+                if not digits.isdigit() or int(digits) > self.MAX_LENGTH:
+                    raise PostfixProtocolError("bad netstring length %r" % digits[:12])
+                self._length = int(digits)
+            if len(self._buffer) < self._length + 1:
                 return strings
-            digits = self._buffer[:colon]
-            if not digits.isdigit() or len(digits) > 6 or int(digits) > self.MAX_LENGTH:
-                raise PostfixProtocolError("bad netstring length %r" % digits[:12])
-            length = int(digits)
-            if len(self._buffer) < colon + 1 + length + 1:
-                return strings
-            if self._buffer[colon + 1 + length:colon + 2 + length] != b",":
+            string = self._buffer.take(self._length)
+            if self._buffer.take(1) != b",":
                 raise PostfixProtocolError("netstring not terminated by a comma")
-            strings.append(self._buffer[colon + 1:colon + 1 + length])
-            self._buffer = self._buffer[colon + 2 + length:]
+            strings.append(string)
+            self._length = None
 
 
 def netstring(data):
@@ -1932,144 +2054,221 @@ def netstring(data):
 
 
 ###############################################################################
-# Wire formats: WebSocket handshake and RFC 6455 frames
+# Wire formats: HTTP/1.1 requests and responses, and the WebSocket handshake
 ###############################################################################
 
-
-_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"   # RFC 6455 section 1.3
-_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"         # RFC 7230 section 3.2.6
-_REQUEST_LINE = re.compile(r"(%s) ([\x21-\x7e]+) HTTP/(\d)\.(\d)" % _TOKEN)
-_HEADER_NAME = re.compile(_TOKEN)
+_WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"   # RFC 6455 section 1.3
+_HTTP_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"               # RFC 7230 section 3.2.6
+_REQUEST_LINE = re.compile(r"(%s) ([\x21-\x7e]+) HTTP/(\d)\.(\d)" % _HTTP_TOKEN)
+_HEADER_NAME = re.compile(_HTTP_TOKEN)
 _HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")    # linear: no backtracking on hostile input
 
 
-class Request(NamedTuple):
-    """A parsed HTTP request head. `headers` maps lower-cased names to values; a repeated field's
-    values are joined with ', ' (RFC 7230 section 3.2.2)."""
-    method: str
-    target: str
-    path: str
-    version: Tuple[int, int]
-    headers: Dict[str, str]
+class HttpRequest(collections.namedtuple("HttpRequest", "method target path query version "
+                                                        "headers body")):
+    """A parsed HTTP request. ``headers`` maps lower-cased names to values; a repeated field's
+    values are joined with ", " (RFC 7230 section 3.2.2). ``query`` maps each name in the
+    query string to its first value."""
+    __slots__ = ()
 
 
-def parse_request(head: bytes) -> Request:
-    """Parse a request line and header fields, `head` ending with the blank line (CRLF CRLF)."""
+def parse_request(head):
+    """Parse a request line and header fields, ``head`` ending with the blank line (CRLF CRLF)."""
     if not head.endswith(b"\r\n\r\n"):
-        raise HandshakeError(400, "header section must end with CRLF CRLF")
+        raise HttpError(400, "header section must end with CRLF CRLF")
     lines = head[:-4].decode("latin-1").split("\r\n")   # latin-1: any byte decodes, none is lost
     start = _REQUEST_LINE.fullmatch(lines[0])
     if start is None:
-        raise HandshakeError(400, "malformed request line")
-    headers: Dict[str, str] = {}
+        raise HttpError(400, "malformed request line")
+    headers = {}
     for line in lines[1:]:
         name, colon, value = line.partition(":")
         value = value.strip(" \t")
         if not colon or not _HEADER_NAME.fullmatch(name) or not _HEADER_VALUE.fullmatch(value):
-            raise HandshakeError(400, "malformed header line")
+            raise HttpError(400, "malformed header line")
         name = name.lower()
         if name == "host" and name in headers:
-            raise HandshakeError(400, "more than one Host header")   # RFC 7230 section 5.4
+            raise HttpError(400, "more than one Host header")   # RFC 7230 section 5.4
         headers[name] = headers[name] + ", " + value if name in headers else value
     method, target, major, minor = start.groups()
-    return Request(method, target, target.split("?", 1)[0], (int(major), int(minor)), headers)
+    path, _, query = target.partition("?")
+    values = {}
+    for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        values.setdefault(name, value)
+    return HttpRequest(method, target, path, values, (int(major), int(minor)), headers, b"")
 
 
-def _tokens(value: Optional[str]) -> List[str]:
+class HttpParser:
+    """Requests from a client's bytes: a head of at most ``max_header_bytes``, then a body by
+    Content-Length of at most ``max_body_bytes``.
+
+    ``feed`` adds bytes; ``next_request`` returns the next complete request or None, so the
+    caller decides when to parse on (one request at a time, answers in order). What stays in
+    memory is at most one head and one body beyond the bytes fed. Raises HttpError with the
+    status to answer: 431 for a long head, 413 for a long body, 411 for a chunked body.
+    """
+    __slots__ = ("max_header_bytes", "max_body_bytes", "_buffer", "_request", "_length")
+
+    def __init__(self, max_header_bytes=8192, max_body_bytes=65536):
+        self.max_header_bytes, self.max_body_bytes = max_header_bytes, max_body_bytes
+        self._buffer = _Buffer()
+        self._request = None        # the head of a request whose body is not complete yet
+        self._length = 0
+
+    def feed(self, data):
+        self._buffer.feed(data)
+
+    @property
+    def buffered(self):
+        return len(self._buffer)
+
+    @property
+    def started(self):
+        """Has a request begun (its first bytes arrived) that is not complete yet?"""
+        return bool(self._buffer.data.lstrip(b"\r\n")) or self._request is not None
+
+    def take_rest(self):
+        """The bytes after the last request, when the connection stops speaking HTTP."""
+        return self._buffer.take(len(self._buffer))
+
+    def next_request(self):
+        if self._request is None:
+            while self._buffer.data[:2] == b"\r\n":     # RFC 7230 section 3.5
+                self._buffer.take(2)
+            head = self._buffer.take_until(b"\r\n\r\n", self.max_header_bytes - 4, lambda: HttpError(
+                431, "request header section too large"))
+            if head is None:
+                return None
+            request = parse_request(head + b"\r\n\r\n")
+            self._length = self._body_length(request.headers)
+            self._request = request
+        if len(self._buffer) < self._length:
+            return None
+        request, self._request = self._request._replace(body=self._buffer.take(self._length)), None
+        return request
+
+    def _body_length(self, headers):
+        if "transfer-encoding" in headers:
+            raise HttpError(411, "send the body with a Content-Length, not chunked")
+        length = headers.get("content-length", "0")
+        if not length.isdigit() or len(set(v.strip() for v in length.split(","))) > 1:
+            raise HttpError(400, "malformed Content-Length")
+        if int(length) > self.max_body_bytes:
+            raise HttpError(413, "request body larger than %d bytes" % self.max_body_bytes)
+        return int(length)
+
+
+def http_response(status, headers=(), body=b"", close=False, head_only=False):
+    """A whole HTTP/1.1 response; ``head_only`` for HEAD (the length of the body it lacks)."""
+    lines = ["HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase)]
+    lines += ["%s: %s" % (name, value) for name, value in headers]
+    if status not in (204, 304):
+        lines.append("Content-Length: %d" % len(body))
+    if close:
+        lines.append("Connection: close")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only or status in (204, 304) else head + body
+
+
+def error_response(status, reason, headers=()):
+    """A whole HTTP error response with a short text/plain body; the connection closes after it."""
+    return http_response(status, [("Content-Type", "text/plain; charset=utf-8")] + list(headers),
+                         (reason + "\n").encode("utf-8"), close=True)
+
+
+def _tokens(value):
     """The lower-cased items of a comma-separated header value."""
     return [item.strip().lower() for item in (value or "").split(",")]
 
 
-def check_upgrade(request: Request, path: str, allowed_origins: Iterable[str] = ()) -> str:
-    """Validate a WebSocket upgrade request for `path`; return its Sec-WebSocket-Key.
+def is_upgrade(request):
+    """Does the request ask to become a WebSocket (whatever else may be wrong with it)?"""
+    return "websocket" in _tokens(request.headers.get("upgrade"))
 
-    Raises HandshakeError with the status to answer. An empty `allowed_origins` allows any Origin;
+
+def check_upgrade(request, path, allowed_origins=()):
+    """Validate a WebSocket upgrade request for ``path``; return its Sec-WebSocket-Key.
+
+    Raises HttpError with the status to answer. An empty ``allowed_origins`` allows any Origin;
     otherwise the Origin header must be present and equal (ignoring case) to one of them.
     """
     if request.path != path:
-        raise HandshakeError(404, "no WebSocket endpoint at this path")
+        raise HttpError(404, "no WebSocket endpoint at this path")
     if request.method != "GET":
-        raise HandshakeError(400, "WebSocket upgrade needs GET")
+        raise HttpError(400, "WebSocket upgrade needs GET")
     if request.version[0] != 1 or request.version[1] < 1:
-        raise HandshakeError(400, "WebSocket upgrade needs HTTP/1.1")
+        raise HttpError(400, "WebSocket upgrade needs HTTP/1.1")
     headers = request.headers
     if not headers.get("host"):
-        raise HandshakeError(400, "missing Host header")
-    if "websocket" not in _tokens(headers.get("upgrade")) or \
-            "upgrade" not in _tokens(headers.get("connection")):
-        raise HandshakeError(426, "this endpoint only speaks WebSocket", [("Upgrade", "websocket")])
+        raise HttpError(400, "missing Host header")
+    if not is_upgrade(request) or "upgrade" not in _tokens(headers.get("connection")):
+        raise HttpError(426, "this endpoint only speaks WebSocket", [("Upgrade", "websocket")])
     key = headers.get("sec-websocket-key", "")
     try:
         key_ok = len(base64.b64decode(key, validate=True)) == 16
     except ValueError:   # binascii.Error, or non-ASCII text
         key_ok = False
     if not key_ok:
-        raise HandshakeError(400, "missing or malformed Sec-WebSocket-Key")
+        raise HttpError(400, "missing or malformed Sec-WebSocket-Key")
     if headers.get("sec-websocket-version") != "13":
-        raise HandshakeError(426, "unsupported WebSocket version",
-                             [("Sec-WebSocket-Version", "13")])
+        raise HttpError(426, "unsupported WebSocket version", [("Sec-WebSocket-Version", "13")])
     allowed = {origin.lower() for origin in allowed_origins}
     if allowed and headers.get("origin", "").lower() not in allowed:
-        raise HandshakeError(403, "origin not allowed")
+        raise HttpError(403, "origin not allowed")
     return key
 
 
-def accept_response(key: str) -> bytes:
-    """The 101 Switching Protocols response that completes the handshake for `key`."""
-    accept = base64.b64encode(hashlib.sha1((key + _GUID).encode("ascii")).digest()).decode("ascii")
+def accept_response(key):
+    """The 101 Switching Protocols response that completes the handshake for ``key``."""
+    accept = base64.b64encode(hashlib.sha1((key + _WEBSOCKET_GUID).encode("ascii")).digest())
     return ("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Accept: %s\r\n\r\n" % accept).encode("ascii")
+            "Sec-WebSocket-Accept: %s\r\n\r\n" % accept.decode("ascii")).encode("ascii")
 
 
-def error_response(status: int, reason: str, headers: Sequence[Tuple[str, str]] = ()) -> bytes:
-    """A whole HTTP error response with a short text/plain body; the connection closes after it."""
-    body = (reason + "\n").encode("utf-8")
-    lines = ["HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase),
-             "Content-Type: text/plain; charset=utf-8",
-             "Content-Length: %d" % len(body),
-             "Connection: close"]
-    lines += ["%s: %s" % (name, value) for name, value in headers]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
+###############################################################################
+# Wire formats: RFC 6455 frames
+###############################################################################
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 _OPCODES = frozenset((OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG))
 _LENGTH_BYTES = {126: 2, 127: 8}   # 7-bit length values announcing an extended length
 
+# Close codes (RFC 6455 section 7.4.1) this server sends.
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001             # idle timeout, server stopping
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_INVALID_DATA = 1007           # text that is not UTF-8
+CLOSE_TOO_BIG = 1009                # a message over max_message_size
 
-class Message(NamedTuple):
+
+class WebSocketMessage(collections.namedtuple("WebSocketMessage", "is_text data")):
     """A complete data message; text is already decoded."""
-    is_text: bool
-    data: Union[str, bytes]
+    __slots__ = ()
 
 
-class Ping(NamedTuple):
-    """A ping; WebSocket.recv() answers it with a pong carrying the same payload."""
-    payload: bytes
+class WebSocketPing(collections.namedtuple("WebSocketPing", "payload")):
+    """A ping; the connection answers it with a pong carrying the same payload."""
+    __slots__ = ()
 
 
-class Pong(NamedTuple):
+class WebSocketPong(collections.namedtuple("WebSocketPong", "payload")):
     """A pong (unsolicited ones are allowed by RFC 6455 and ignored)."""
-    payload: bytes
+    __slots__ = ()
 
 
-class Close(NamedTuple):
-    """The peer's close frame; `code` is None when it carried no payload."""
-    code: Optional[int]
-    reason: str
+class WebSocketClose(collections.namedtuple("WebSocketClose", "code reason")):
+    """The peer's close frame; ``code`` is None when it carried no payload."""
+    __slots__ = ()
 
 
-Event = Union[Message, Ping, Pong, Close]
-
-
-def is_valid_close_code(code: int) -> bool:
-    """Whether a peer may send `code` in a close frame (RFC 6455 section 7.4). The codes
+def is_valid_close_code(code):
+    """Whether a peer may send ``code`` in a close frame (RFC 6455 section 7.4). The codes
     registered with IANA since (1012-1014) are not accepted."""
     return 1000 <= code <= 1003 or 1007 <= code <= 1011 or 3000 <= code <= 4999
 
 
-def _unmask(data: bytes, mask: bytes, offset: int = 0) -> bytes:
-    """XOR `data` with the repeated 4-byte `mask`, starting at mask byte `offset % 4`.
+def _unmask(data, mask, offset=0):
+    """XOR ``data`` with the repeated 4-byte ``mask``, starting at mask byte ``offset % 4``.
 
     One big-integer XOR over the whole buffer runs at C speed; a per-byte Python loop would
     cost about a microsecond per byte.
@@ -2082,117 +2281,114 @@ def _unmask(data: bytes, mask: bytes, offset: int = 0) -> bytes:
     return xored.to_bytes(len(data), "little")
 
 
-def _parse_close(payload: bytes) -> Close:
+def _parse_close(payload):
     if not payload:
-        return Close(None, "")
+        return WebSocketClose(None, "")
     if len(payload) == 1:
-        raise ProtocolError(1002, "close frame payload of one byte")
+        raise WebSocketProtocolError(CLOSE_PROTOCOL_ERROR, "close frame payload of one byte")
     code = int.from_bytes(payload[:2], "big")
     if not is_valid_close_code(code):
-        raise ProtocolError(1002, "invalid close code %d" % code)
+        raise WebSocketProtocolError(CLOSE_PROTOCOL_ERROR, "invalid close code %d" % code)
     try:
-        return Close(code, payload[2:].decode("utf-8"))
+        return WebSocketClose(code, payload[2:].decode("utf-8"))
     except UnicodeDecodeError:
-        raise ProtocolError(1007, "close reason is not UTF-8") from None
+        raise WebSocketProtocolError(CLOSE_INVALID_DATA, "close reason is not UTF-8") from None
 
 
 class FrameParser:
     """Turns bytes from a client into events, enforcing RFC 6455 as early as the bytes allow.
 
-    Payload bytes are consumed as they arrive: text is UTF-8-checked incrementally, so an invalid
-    sequence fails the connection before the rest of its frame is sent, and the size limit is
-    checked from the frame header, before any of the payload is buffered. Once the events of a
-    feed are consumed, what stays in memory is at most a partial frame header or control frame
-    and the current message (<= max_message_size). After a close frame, further bytes are ignored.
+    ``feed`` adds bytes; ``next_event`` returns the next event or None when more bytes are
+    needed, so the caller decides when to parse on. It raises WebSocketProtocolError at the
+    offending frame, after returning the events before it. Payload bytes are consumed as they
+    are parsed: text is UTF-8-checked incrementally, so an invalid sequence fails before the
+    rest of its frame is read, and the size limit is checked from the frame header, before
+    any of the payload is buffered. What stays in memory beyond the bytes fed is at most the
+    current message (<= max_message_size). After a close frame, further bytes are ignored.
     """
-    __slots__ = ("max_message_size", "closed", "_buf", "_mask", "_fin", "_frame_opcode",
+    __slots__ = ("max_message_size", "closed", "_buffer", "_mask", "_fin", "_frame_opcode",
                  "_remaining", "_offset", "_opcode", "_decoder", "_parts", "_size")
 
-    def __init__(self, max_message_size: int):
+    def __init__(self, max_message_size):
         self.max_message_size = max_message_size
         self.closed = False
-        self._buf = bytearray()
+        self._buffer = _Buffer()
         # the frame being read: its mask is set from the end of its header to the end of its payload
-        self._mask: Optional[bytes] = None
+        self._mask = None
         self._fin = False
         self._frame_opcode = OP_CONT
-        self._remaining = 0   # payload bytes not yet consumed
-        self._offset = 0      # payload bytes consumed (the mask's phase)
+        self._remaining = 0     # payload bytes not yet consumed
+        self._offset = 0        # payload bytes consumed (the mask's phase)
         # the message being assembled: its opcode is set from its first frame to its last
-        self._opcode: Optional[int] = None
-        self._decoder: Optional[codecs.IncrementalDecoder] = None   # text messages only
-        self._parts: List[Union[str, bytes]] = []
-        self._size = 0        # payload bytes announced so far
+        self._opcode = None
+        self._decoder = None    # an incremental UTF-8 decoder, for text messages only
+        self._parts = []
+        self._size = 0          # payload bytes announced so far
 
-    def feed(self, data: bytes) -> Iterator[Event]:
-        """Add bytes from the peer; return an iterator over the events they complete.
+    def feed(self, data):
+        if not self.closed:
+            self._buffer.feed(data)
 
-        The iterator raises ProtocolError at the offending frame, after yielding the events that
-        came before it (so a message followed by a bad frame is still delivered). Exhaust it
-        before feeding more.
-        """
-        self._buf += data
-        return self._events()
+    @property
+    def buffered(self):
+        return len(self._buffer)
 
-    def _events(self) -> Iterator[Event]:
-        buf = self._buf
+    def next_event(self):
+        buffer = self._buffer
         while not self.closed:
             if self._mask is None and not self._read_header():
-                return
+                return None
             if self._frame_opcode >= OP_CLOSE:   # control frame: at most 125 bytes, wait for all
-                if len(buf) < self._remaining:
-                    return
-                payload = _unmask(self._take(self._remaining), self._mask)
+                if len(buffer) < self._remaining:
+                    return None
+                payload = _unmask(buffer.take(self._remaining), self._mask)
                 self._mask = None
-                yield self._control_event(self._frame_opcode, payload)
-                continue
-            n = min(self._remaining, len(buf))
+                return self._control_event(self._frame_opcode, payload)
+            n = min(self._remaining, len(buffer))
             if n:
-                self._add_payload(_unmask(self._take(n), self._mask, self._offset))
+                self._add_payload(_unmask(buffer.take(n), self._mask, self._offset))
                 self._offset += n
                 self._remaining -= n
             if self._remaining:
-                return
+                return None
             self._mask = None
             if self._fin:
-                yield self._end_message()
+                return self._end_message()
+        return None
 
-    def _take(self, n: int) -> bytearray:
-        chunk = self._buf[:n]
-        del self._buf[:n]   # cheap: a bytearray drops leading bytes by moving its start
-        return chunk
-
-    def _read_header(self) -> bool:
+    def _read_header(self):
         """Parse the next frame header if complete; each rule is checked once its bytes are in."""
-        buf = self._buf
+        buf = self._buffer.data
         if len(buf) < 2:
             return False
         fin, rsv, opcode = buf[0] & 0x80, buf[0] & 0x70, buf[0] & 0x0F
         masked, length = buf[1] & 0x80, buf[1] & 0x7F
+        fail = lambda reason: WebSocketProtocolError(CLOSE_PROTOCOL_ERROR, reason)
         if rsv:
-            raise ProtocolError(1002, "reserved bits set but no extension negotiated")
+            raise fail("reserved bits set but no extension negotiated")
         if opcode not in _OPCODES:
-            raise ProtocolError(1002, "unknown opcode %d" % opcode)
+            raise fail("unknown opcode %d" % opcode)
         if not masked:
-            raise ProtocolError(1002, "client frame is not masked")
+            raise fail("client frame is not masked")
         if opcode >= OP_CLOSE:
             if not fin:
-                raise ProtocolError(1002, "fragmented control frame")
+                raise fail("fragmented control frame")
             if length > 125:
-                raise ProtocolError(1002, "control frame payload over 125 bytes")
+                raise fail("control frame payload over 125 bytes")
         elif opcode == OP_CONT and self._opcode is None:
-            raise ProtocolError(1002, "continuation frame without a message in progress")
+            raise fail("continuation frame without a message in progress")
         elif opcode != OP_CONT and self._opcode is not None:
-            raise ProtocolError(1002, "new message before the previous one was finished")
+            raise fail("new message before the previous one was finished")
         start = 2 + _LENGTH_BYTES.get(length, 0)
         if len(buf) < start:
             return False
         if start > 2:
             length = int.from_bytes(buf[2:start], "big")
             if length >> 63:
-                raise ProtocolError(1002, "frame length has its most significant bit set")
+                raise fail("frame length has its most significant bit set")
         if opcode < OP_CLOSE and self._size + length > self.max_message_size:
-            raise ProtocolError(1009, "message larger than %d bytes" % self.max_message_size)
+            raise WebSocketProtocolError(CLOSE_TOO_BIG, "message larger than %d bytes"
+                                         % self.max_message_size)
         if len(buf) < start + 4:
             return False
         self._mask = bytes(buf[start:start + 4])
@@ -2205,44 +2401,46 @@ class FrameParser:
             self._size += length
         return True
 
-    def _add_payload(self, chunk: bytes) -> None:
+    def _add_payload(self, chunk):
         if self._decoder is None:
             self._parts.append(chunk)
             return
         try:
             self._parts.append(self._decoder.decode(chunk))
         except UnicodeDecodeError:
-            raise ProtocolError(1007, "invalid UTF-8 in text message") from None
+            raise WebSocketProtocolError(CLOSE_INVALID_DATA, "invalid UTF-8 in text message") from None
         # CPython's decoder rejects every impossible prefix at once except a surrogate's
         # (ED A0..BF), which it only rejects when the third byte arrives: check that one here.
         pending = self._decoder.getstate()[0]
         if len(pending) > 1 and pending[0] == 0xED and pending[1] >= 0xA0:
-            raise ProtocolError(1007, "invalid UTF-8 in text message (surrogate)")
+            raise WebSocketProtocolError(CLOSE_INVALID_DATA, "invalid UTF-8 in text message "
+                                         "(surrogate)")
 
-    def _end_message(self) -> Message:
+    def _end_message(self):
         if self._decoder is not None:
             try:
                 self._parts.append(self._decoder.decode(b"", final=True))
             except UnicodeDecodeError:
-                raise ProtocolError(1007, "text message ends inside a UTF-8 sequence") from None
-            message = Message(True, "".join(self._parts))
+                raise WebSocketProtocolError(CLOSE_INVALID_DATA, "text message ends inside a "
+                                             "UTF-8 sequence") from None
+            message = WebSocketMessage(True, "".join(self._parts))
         else:
-            message = Message(False, b"".join(self._parts))
+            message = WebSocketMessage(False, b"".join(self._parts))
         self._opcode, self._decoder, self._parts, self._size = None, None, [], 0
         return message
 
-    def _control_event(self, opcode: int, payload: bytes) -> Event:
+    def _control_event(self, opcode, payload):
         if opcode == OP_PING:
-            return Ping(payload)
+            return WebSocketPing(payload)
         if opcode == OP_PONG:
-            return Pong(payload)
+            return WebSocketPong(payload)
         event = _parse_close(payload)
         self.closed = True
-        self._buf.clear()
+        self._buffer.take(len(self._buffer))
         return event
 
 
-def encode_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+def encode_frame(opcode, payload, fin=True):
     """A complete unmasked (server-to-client) frame."""
     first, n = (0x80 if fin else 0) | opcode, len(payload)
     if n < 126:
@@ -2254,7 +2452,7 @@ def encode_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
     return head + payload
 
 
-def encode_message(message: Union[str, bytes]) -> bytes:
+def encode_message(message):
     """A text frame for str, a binary frame for bytes-like."""
     if isinstance(message, str):
         return encode_frame(OP_TEXT, message.encode("utf-8"))
@@ -2263,7 +2461,7 @@ def encode_message(message: Union[str, bytes]) -> bytes:
     raise TypeError("WebSocket messages are str or bytes, not %s" % type(message).__name__)
 
 
-def encode_close(code: int, reason: str = "") -> bytes:
+def encode_close(code, reason=""):
     """A close frame; the reason is cut (on a character boundary) to fit in 125 bytes."""
     data = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
     return encode_frame(OP_CLOSE, code.to_bytes(2, "big") + data)
@@ -2273,45 +2471,26 @@ def encode_close(code: int, reason: str = "") -> bytes:
 # Servers: shared pieces
 ###############################################################################
 
-class TokenBucket:
-    """Rate limits keyed by client or account: ``per_minute`` requests, bursting as many.
+def _is_ip(text):
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
-    ``take(key)`` returns 0 when allowed, else the seconds to wait. ``per_minute = 0``
-    turns the limit off. Full buckets are forgotten so memory stays bounded.
-    """
 
-    def __init__(self, per_minute, clock=time.monotonic):
-        self.per_minute = per_minute
-        self.clock = clock
-        self._buckets = {}
-
-    def take(self, key, peek=False):
-        if not self.per_minute:
-            return 0
-        now = self.clock()
-        tokens, last = self._buckets.get(key, (self.per_minute, now))
-        tokens = min(self.per_minute, tokens + (now - last) * self.per_minute / 60.0)
-        if tokens < 1:
-            self._buckets[key] = (tokens, now)
-            return max(1, int((1 - tokens) * 60.0 / self.per_minute + 0.999))
-        if not peek:
-            tokens -= 1
-        self._buckets[key] = (tokens, now)
-        if len(self._buckets) > 100000:
-            self._forget_full(now)
-        return 0
-
-    def used(self, key):
-        """Has ``key`` taken anything that has not come back yet?"""
-        if not self.per_minute or key not in self._buckets:
-            return False
-        tokens, last = self._buckets[key]
-        return tokens + (self.clock() - last) * self.per_minute / 60.0 < self.per_minute
-
-    def _forget_full(self, now):
-        for key, (tokens, last) in list(self._buckets.items()):
-            if tokens + (now - last) * self.per_minute / 60.0 >= self.per_minute:
-                del self._buckets[key]
+def client_key(address):
+    """The client a limit applies to: an IPv4 address, or the /64 an IPv6 address is in
+    (one host usually holds a whole /64)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 6 and ip.ipv4_mapped:
+        return str(ip.ipv4_mapped)
+    if ip.version == 6:
+        return str(ipaddress.ip_network((int(ip) >> 64 << 64, 64)))
+    return str(ip)
 
 
 def _peer_uid(sock):
@@ -2319,40 +2498,62 @@ def _peer_uid(sock):
     return struct.unpack("3i", creds)[1]
 
 
-def _prepare_unix_socket_path(path, key, folder_mode):
-    """Make ``path`` ready to bind: a folder of ours, no stale socket, nothing foreign replaced."""
+def _others_may_write(st):
+    """Could a user other than root or us write into the folder whose stat is ``st``?"""
+    if st.st_uid not in (0, os.geteuid()) or st.st_mode & stat.S_IWOTH:
+        return True
+    return bool(st.st_mode & stat.S_IWGRP) and st.st_gid not in (0, os.getegid())
+
+
+def _private_folder(folder, key):
+    """Make sure ``folder`` exists (created mode 0700) and only root and we may write into it:
+    otherwise another user could put a symlink where we create a file, as root."""
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        st = os.stat(folder)
+    except OSError as e:
+        raise ServerError("%s: cannot create the folder for %s: %s" % (folder, key, _os_reason(e)))
+    if _others_may_write(st):
+        raise ServerError("%s: folder for %s may be written by users other than root and %s; "
+                          "use a private folder such as /run/incognitomail (chmod go-w, owned by "
+                          "root or %s)" % (folder, key, _user_name(), _user_name()))
+
+
+def _prepare_unix_socket_path(path, key, for_postfix):
+    """Make ``path`` ready to bind: a folder of ours, no stale socket, nothing foreign replaced.
+
+    A folder for Postfix's sockets is never created here: Postfix must be able to enter it,
+    which only the admin can arrange."""
     folder = os.path.dirname(path)
-    if not os.path.isdir(folder):
-        try:
-            os.makedirs(folder, mode=folder_mode)
-        except OSError as e:
-            raise ServerError("%s: cannot create the folder for %s: %s" % (folder, key, _os_reason(e)))
-    st = os.stat(folder)
-    if st.st_mode & 0o002 and not st.st_mode & stat.S_ISVTX:
-        raise ServerError("%s: folder for %s is writable by everyone; use a private folder such as "
-                          "/run/incognitomail" % (folder, key))
-    if st.st_mode & 0o002:
-        log.warning("%s is in %s, which every user can write to; a private folder such as /run/incognitomail "
-                    "is safer (the socket is still mode 0600 and checks its callers)", path, folder)
+    if for_postfix and not os.path.isdir(folder):
+        raise ServerError("%s: the folder for %s does not exist; create it so that Postfix (group "
+                          "postfix) may enter it and nobody else may write it: install -d -o root "
+                          "-g postfix -m 0750 %s" % (folder, key, folder))
+    _private_folder(folder, key)
     try:
         existing = os.lstat(path)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(existing.st_mode):
-        raise ServerError("%s (%s) exists and is not a socket; remove it or choose another path" % (path, key))
+        raise ServerError("%s (%s) exists and is not a socket; remove it or choose another path"
+                          % (path, key))
     if existing.st_uid not in (os.geteuid(), 0):
         raise ServerError("%s (%s) is a socket owned by user %s; remove it or choose another path"
                           % (path, key, _user_name(existing.st_uid)))
     try:
         os.unlink(path)     # we hold the lock file, so no other server is using it: a crash left it
     except OSError as e:
-        raise ServerError("%s (%s): cannot remove the socket a stopped server left: %s; remove it as its owner "
-                          "(%s) or choose another path" % (path, key, _os_reason(e), _user_name(existing.st_uid)))
+        raise ServerError("%s (%s): cannot remove the socket a stopped server left: %s; remove it as "
+                          "its owner (%s) or choose another path"
+                          % (path, key, _os_reason(e), _user_name(existing.st_uid)))
 
 
 async def _start_unix_server(handler, path, key, mode):
-    """Listen on a Unix socket of ``mode``; Postfix's sockets (0666) get a folder it can enter."""
-    _prepare_unix_socket_path(path, key, 0o700 if mode == 0o600 else 0o755)
+    """Listen on a Unix socket created with ``mode`` (by the umask: no chmod by name after).
+
+    The command line's socket is 0600; Postfix's are 0666 in a folder only Postfix may enter.
+    """
+    _prepare_unix_socket_path(path, key, for_postfix=mode != 0o600)
     old_umask = os.umask(0o777 & ~mode)
     try:
         server = await asyncio.start_unix_server(handler, path, limit=65536)
@@ -2360,15 +2561,14 @@ async def _start_unix_server(handler, path, key, mode):
         raise ServerError("%s: cannot listen on %s: %s" % (path, key, _os_reason(e)))
     finally:
         os.umask(old_umask)
-    os.chmod(path, mode)
     return server
 
 
-async def _start_listener(handler, endpoint, key, unix_mode):
-    """``unix:/path`` or ``inet:host:port`` -> a started asyncio server."""
+async def _start_listener(handler, endpoint, key):
+    """A Postfix-facing ``unix:/path`` or ``inet:host:port`` -> a started asyncio server."""
     kind, _, rest = endpoint.partition(":")
     if kind == "unix":
-        return await _start_unix_server(handler, rest, key, unix_mode)
+        return await _start_unix_server(handler, rest, key, 0o666)
     host, port = parse_host_port(rest)
     try:
         return await asyncio.start_server(handler, host or None, port)
@@ -2377,77 +2577,102 @@ async def _start_listener(handler, endpoint, key, unix_mode):
 
 
 ###############################################################################
-# Servers: WebSocket connections over asyncio
+# Servers: HTTP and WebSocket connections over asyncio
 ###############################################################################
 
-
 SEND_TIMEOUT = 30.0     # how long a peer may read nothing while a reply waits, without an idle timeout
+MAX_PENDING = 16        # messages of one connection being answered: parsing stops there
+READ_AHEAD_BYTES = 65536        # unparsed bytes held before reading from the peer stops
+MAX_UNSENT_BYTES = 4 << 20      # replies a peer that stopped reading left: past this, dropped
 
 
 class WebSocketConnection(asyncio.Protocol):
-    """A server-side WebSocket on a bare asyncio Protocol: the opening handshake, then frames.
+    """A server-side WebSocket on a bare asyncio Protocol: HTTP/1.1 until the opening
+    handshake, then frames.
 
     No task, stream or coroutine waits while a connection is idle, so one costs about 2 KB
-    (asyncio's streams cost 5.6 KB). Subclasses answer ``message_received(message)`` and may
-    ``send`` from anywhere in the event loop; ``closed()`` is called once at the end.
+    (asyncio's streams cost 5.6 KB). Subclasses answer ``message_received(message)``, and
+    plain HTTP requests to other paths with ``request_received(request)``; they may ``send``
+    from anywhere in the event loop; ``closed()`` is called once at the end.
 
-    Everything a client can make the server hold is bounded: the header section
-    (MAX_HEADER_BYTES, HANDSHAKE_TIMEOUT), a message (max_message_size, checked from the
-    frame header by FrameParser), and unread replies: while the peer reads nothing, we read
-    nothing from it either, and after the idle timeout (SEND_TIMEOUT without one) we drop it.
-    A header section larger than ``max_header_bytes`` gets 431; one not complete within
-    ``handshake_timeout`` is cut off; a peer that does not answer our close frame within
-    ``close_timeout`` is cut off too.
+    Everything a client can make the server hold is bounded, whatever it sends or fails to
+    read:
+    - unparsed bytes: reading stops above READ_AHEAD_BYTES (plus one read of at most 256 KiB);
+    - a request head (``max_header_bytes``: 431) and body, or a message (``max_message_size``,
+      checked from the frame header: close code 1009);
+    - messages being answered: at most ``max_pending`` (a subclass's ``message_received``
+      returns a future for each); past that, parsing and reading stop until one is answered;
+    - replies it does not read: while they wait, nothing more is read or parsed; a peer that
+      reads nothing for the idle timeout (SEND_TIMEOUT without one) is dropped, and so is one
+      that has stopped reading with more than MAX_UNSENT_BYTES unread when another reply is due;
+    - time: a request must be complete within ``handshake_timeout`` of the connection or of
+      the previous answer, a WebSocket idle for ``idle_timeout`` is closed, and a peer that
+      does not answer our close frame within ``close_timeout`` is cut off.
     """
-    __slots__ = ("transport", "remote_address", "_path", "_allowed_origins", "_parser", "_head",
-                 "_idle_timeout", "_last_heard", "_timer", "_close_sent", "_paused_by",
-                 "_max_header_bytes", "_handshake_timeout", "_close_timeout")
+    HTTP, OPEN, CLOSING, CLOSED = "http", "open", "closing", "closed"    # states, in this order
+    __slots__ = ("transport", "remote_address", "state", "_path", "_allowed_origins",
+                 "_http", "_frames", "_answering", "_pending", "_timer", "_last_heard",
+                 "_paused_by", "_idle_timeout", "_handshake_timeout", "_close_timeout",
+                 "_max_pending")
 
     def __init__(self, *, path, allowed_origins=(), max_message_size=65536, idle_timeout=300.0,
-                 max_header_bytes=8192, handshake_timeout=10.0, close_timeout=3.0):
-        self._max_header_bytes = max_header_bytes
-        self._handshake_timeout, self._close_timeout = handshake_timeout, close_timeout
+                 max_header_bytes=8192, handshake_timeout=10.0, close_timeout=3.0,
+                 max_pending=MAX_PENDING):
         self.transport = None
         self.remote_address = None
+        self.state = self.HTTP
         self._path, self._allowed_origins = path, allowed_origins
-        self._parser = FrameParser(max_message_size)
-        self._head = b""                # the handshake's bytes so far; None once it is done
-        self._idle_timeout = idle_timeout
+        self._http = HttpParser(max_header_bytes, max_message_size)
+        self._frames = FrameParser(max_message_size)
+        self._answering = False         # an HTTP request is being answered: parse no further
+        self._pending = 0               # messages handed to message_received, not answered yet
+        self._timer = None              # the one timer: request, idle, send or close deadline
         self._last_heard = 0.0
-        self._timer = None              # the one timer: handshake, idle, send or close deadline
-        self._close_sent = False
-        self._paused_by = set()         # why reading is paused: "writing", or a subclass's reason
+        self._paused_by = set()         # why reading is paused: "writing", "pending", "buffer"
+        self._idle_timeout, self._handshake_timeout = idle_timeout, handshake_timeout
+        self._close_timeout, self._max_pending = close_timeout, max_pending
 
     # -- for subclasses ---------------------------------------------------------------------
 
-    def opened(self):
-        """The opening handshake succeeded."""
+    def opened(self, request):
+        """The opening handshake (``request``) succeeded."""
 
     def message_received(self, message):
-        """A text (str) or binary (bytes) message arrived."""
+        """A text (str) or binary (bytes) message arrived. Return None, or a future that is
+        done once it is answered: at most ``max_pending`` are parsed ahead."""
+
+    def request_received(self, request):
+        """A plain HTTP request (not for the WebSocket path). Return a future of the response
+        bytes and whether to close after them; this one knows no other path."""
+        future = asyncio.get_running_loop().create_future()
+        future.set_result((error_response(404, "no WebSocket endpoint at this path"), True))
+        return future
 
     def closed(self):
         """The connection is over (called once)."""
 
     @property
     def is_open(self):
-        return self._head is None and not self._close_sent and not self.transport.is_closing()
+        return self.state == self.OPEN and not self.transport.is_closing()
 
     def send(self, message):
         """Queue a text (str) or binary (bytes) message; False if the connection is closing."""
         if not self.is_open:
             return False
+        if "writing" in self._paused_by and self.transport.get_write_buffer_size() > MAX_UNSENT_BYTES:
+            self.transport.abort()      # the peer lets our replies pile up: drop it
+            return False
         self.transport.write(encode_message(message))
         return True
 
-    def close(self, code=1000, reason=""):
+    def close(self, code=CLOSE_NORMAL, reason=""):
         """Start the closing handshake; the transport closes when the peer answers, or soon."""
-        if self.transport.is_closing() or self._close_sent:
+        if self.transport.is_closing() or self.state in (self.CLOSING, self.CLOSED):
             return
-        if self._head is not None:
+        if self.state == self.HTTP:
             self.transport.close()
             return
-        self._close_sent = True
+        self.state = self.CLOSING
         self.transport.write(encode_close(code, reason))
         self._set_timer(self._close_timeout, self.transport.abort)
 
@@ -2470,30 +2695,13 @@ class WebSocketConnection(asyncio.Protocol):
         self._set_timer(self._handshake_timeout, transport.abort)
 
     def data_received(self, data):
-        if self._head is not None:
-            data = self._handshake(data)
-            if not data:
-                return
-        if self._parser is None:
-            return                      # after a protocol error the rest is noise
-        self._last_heard = asyncio.get_running_loop().time()
-        try:
-            for event in self._parser.feed(data):
-                if isinstance(event, Message):
-                    if not self._close_sent:    # nothing is answered after our close frame
-                        self.message_received(event.data)
-                elif isinstance(event, Ping):
-                    self.transport.write(encode_frame(OP_PONG, event.payload))
-                elif isinstance(event, Close):
-                    if not self._close_sent:
-                        self._close_sent = True
-                        self.transport.write(encode_close(event.code or 1000))
-                    self.transport.close()      # the server closes TCP first (RFC 6455 7.1.1)
-                    return
-                if self.transport.is_closing():
-                    return
-        except ProtocolError as exc:
-            self._fail(exc.close_code, exc.reason)
+        if self.state == self.HTTP:
+            self._http.feed(data)
+            self._parse_http()
+        elif self.state in (self.OPEN, self.CLOSING) and not self._frames.closed:
+            self._last_heard = asyncio.get_running_loop().time()
+            self._frames.feed(data)
+            self._parse_frames()
 
     def eof_received(self):
         return False                    # the peer hung up: close our side too
@@ -2501,15 +2709,19 @@ class WebSocketConnection(asyncio.Protocol):
     def pause_writing(self):
         """The peer is not reading our replies: stop reading its requests, and give it time."""
         self.pause_reading("writing")
-        if not self._close_sent:        # when closing, the close timeout already runs
+        if self.state != self.CLOSING:  # when closing, the close timeout already runs
             self._set_timer(self._idle_timeout or SEND_TIMEOUT, self.transport.abort)
 
     def resume_writing(self):
         self.resume_reading("writing")
-        if not self._close_sent:
-            self._start_idle_timer()
+        self._restart_timer()
+        if self.state == self.HTTP:
+            self._parse_http()
+        elif not self._frames.closed:
+            self._parse_frames()
 
     def connection_lost(self, exc):
+        self.state = self.CLOSED
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -2517,32 +2729,110 @@ class WebSocketConnection(asyncio.Protocol):
 
     # -- inside ---------------------------------------------------------------------------------
 
-    def _handshake(self, data):
-        """Collect the header section; answer 101 or an HTTP error. Returns bytes past it."""
-        self._head += data
-        end = self._head.find(b"\r\n\r\n")
-        if end < 0 and len(self._head) <= self._max_header_bytes:
-            return b""
-        head, rest, self._head = self._head[:end + 4], self._head[end + 4:], None
-        try:
-            if end < 0 or end + 4 > self._max_header_bytes:
-                raise HandshakeError(431, "request header section too large")
-            key = check_upgrade(parse_request(head), self._path, self._allowed_origins)
-        except HandshakeError as exc:
-            self.transport.write(error_response(exc.status, exc.reason, exc.headers))
+    def _hold_back(self, buffered):
+        """Stop reading while this many unparsed bytes wait; read again once they are parsed."""
+        if buffered > READ_AHEAD_BYTES:
+            self.pause_reading("buffer")
+        else:
+            self.resume_reading("buffer")
+
+    def _parse_http(self):
+        """Answer the requests that have arrived, one at a time, in order."""
+        while (self.state == self.HTTP and not self._answering and "writing" not in self._paused_by
+               and not self.transport.is_closing()):
+            try:
+                request = self._http.next_request()
+            except HttpError as exc:
+                self._answer_http((error_response(exc.status, exc.reason, exc.headers), True))
+                return
+            if request is None:
+                break
+            if request.path == self._path or is_upgrade(request):
+                self._upgrade(request)
+            else:
+                self._answering = True
+                self._cancel_timer()
+                self.request_received(request).add_done_callback(self._http_answered)
+        self._hold_back(self._http.buffered)
+
+    def _http_answered(self, future):
+        self._answering = False
+        if self.transport.is_closing():
+            return
+        if future.cancelled() or future.exception() is not None:
+            self._answer_http((error_response(500, "internal error"), True))
+            return
+        self._answer_http(future.result())
+        self._parse_http()
+
+    def _answer_http(self, answer):
+        response, close = answer
+        self.transport.write(response)
+        if close:
             self.transport.close()
-            return b""
+        else:
+            self._set_timer(self._handshake_timeout, self.transport.abort)
+
+    def _upgrade(self, request):
+        """The opening handshake: answer 101 (or an HTTP error, and close)."""
+        try:
+            key = check_upgrade(request, self._path, self._allowed_origins)
+        except HttpError as exc:
+            self._answer_http((error_response(exc.status, exc.reason, exc.headers), True))
+            return
         self.transport.write(accept_response(key))
+        self.state = self.OPEN
         self._last_heard = asyncio.get_running_loop().time()
-        self._start_idle_timer()
-        self.opened()
-        return rest
+        self._restart_timer()
+        self.opened(request)
+        self._frames.feed(self._http.take_rest())
+        self._parse_frames()
+
+    def _parse_frames(self):
+        """Act on the events that have arrived, until max_pending messages await answers."""
+        frames = self._frames
+        try:
+            while (self._pending < self._max_pending and "writing" not in self._paused_by
+                   and not self.transport.is_closing()):
+                event = frames.next_event()
+                if event is None:
+                    break
+                if isinstance(event, WebSocketMessage):
+                    if self.state == self.OPEN:     # nothing is answered after our close frame
+                        self._message(event.data)
+                elif isinstance(event, WebSocketPing):
+                    self.transport.write(encode_frame(OP_PONG, event.payload))
+                elif isinstance(event, WebSocketClose):
+                    if self.state == self.OPEN:
+                        self.state = self.CLOSING
+                        self.transport.write(encode_close(event.code or CLOSE_NORMAL))
+                    self.transport.close()      # the server closes TCP first (RFC 6455 7.1.1)
+                    return
+        except WebSocketProtocolError as exc:
+            self._fail(exc.close_code, exc.reason)
+            return
+        if self._pending >= self._max_pending:
+            self.pause_reading("pending")
+        else:
+            self.resume_reading("pending")
+        self._hold_back(frames.buffered)
+
+    def _message(self, data):
+        answered = self.message_received(data)
+        if answered is not None:
+            self._pending += 1
+            answered.add_done_callback(self._message_answered)
+
+    def _message_answered(self, future):
+        self._pending -= 1
+        if self.state in (self.OPEN, self.CLOSING) and not self._frames.closed:
+            self._parse_frames()
 
     def _fail(self, code, reason):
         """A protocol error: close frame with its code, half-close, and stop parsing."""
-        self._parser = None
-        if not self._close_sent:
-            self._close_sent = True
+        self._frames.closed = True      # the rest is noise
+        if self.state == self.OPEN:
+            self.state = self.CLOSING
             self.transport.write(encode_close(code, reason))
         if self.transport.can_write_eof():
             self.transport.write_eof()  # so a peer we can no longer parse hangs up too
@@ -2553,12 +2843,19 @@ class WebSocketConnection(asyncio.Protocol):
             self._timer.cancel()
         self._timer = asyncio.get_running_loop().call_later(delay, callback)
 
-    def _start_idle_timer(self):
-        if self._idle_timeout and not self._close_sent:
-            self._set_timer(self._idle_timeout, self._idle_check)
-        elif self._timer is not None:
+    def _cancel_timer(self):
+        if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def _restart_timer(self):
+        """After the peer read our replies: the deadline of the state we are in."""
+        if self.state == self.OPEN and self._idle_timeout:
+            self._set_timer(self._idle_timeout, self._idle_check)
+        elif self.state == self.OPEN or (self.state == self.HTTP and self._answering):
+            self._cancel_timer()
+        elif self.state == self.HTTP:
+            self._set_timer(self._handshake_timeout, self.transport.abort)
 
     def _idle_check(self):
         """One timer per connection: re-armed for what is left, closing when the time is up."""
@@ -2566,7 +2863,7 @@ class WebSocketConnection(asyncio.Protocol):
         if left > 0:
             self._set_timer(left, self._idle_check)
         else:
-            self.close(1001, "idle timeout")
+            self.close(CLOSE_GOING_AWAY, "idle timeout")
 
 
 ###############################################################################
@@ -2576,7 +2873,16 @@ class WebSocketConnection(asyncio.Protocol):
 STOP_GRACE_SECONDS = 20
 RECEIVED_FLUSH_SECONDS = 1.0
 MAX_UNWRITTEN_RECEIVED = 100000     # counts kept for a retry while the database cannot be written
-FD_SHORTAGE_LOG_SECONDS = 60        # a shortage of file descriptors is logged again after this quiet time
+FD_SHORTAGE_LOG_SECONDS = 60        # a shortage of file descriptors is logged again after this
+TLS_HANDSHAKE_TIMEOUT = 10.0
+MAX_POSTFIX_CLIENTS = 200           # per policy or socketmap listener; the oldest makes room
+POSTFIX_IDLE_TIMEOUT = 600.0        # Postfix itself lets a policy connection idle 300 s at most
+MAX_CONTROL_CLIENTS = 16
+CONTROL_IDLE_TIMEOUT = 60.0
+# Descriptors kept back from the WebSocket/HTTP connections: the control socket's and the
+# Postfix-facing clients, and a margin for listeners, the database, logging and postmap.
+RESERVED_DESCRIPTORS = 64 + MAX_CONTROL_CLIENTS + 2 * MAX_POSTFIX_CLIENTS
+KNOWN_TOKENS = 10000                # digests of tokens seen right lately, not charged in advance
 
 
 class _LockFile:
@@ -2590,8 +2896,8 @@ class _LockFile:
         folder = os.path.dirname(self.path)
         for attempt in range(20):
             try:
-                os.makedirs(folder, mode=0o755, exist_ok=True)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                _private_folder(folder, "[General] LockFilePath")
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             except OSError as e:
                 raise ServerError("%s: cannot open the lock file ([General] LockFilePath): %s"
                                   % (self.path, _os_reason(e)))
@@ -2636,7 +2942,7 @@ def _process_exists(pid):
 def running_pid(config):
     """The PID in the lock file if a server holds the lock, else None."""
     try:
-        fd = os.open(config.lock_file_path, os.O_RDONLY)
+        fd = os.open(config.lock_file_path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return None
     try:
@@ -2649,42 +2955,86 @@ def running_pid(config):
     return None
 
 
-MAX_PIPELINED = 16      # requests one WebSocket connection may have in flight
-HELPER_ABOVE_CONNECTIONS = 5000     # start postmap from the helper while holding this many (measured)
+def descriptor_budget(wanted):
+    """Raise the soft limit of open files towards the hard one; how many WebSocket/HTTP
+    connections fit beside RESERVED_DESCRIPTORS (``wanted``, or fewer)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, wanted + RESERVED_DESCRIPTORS)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    budget = max(0, soft - RESERVED_DESCRIPTORS)
+    if budget < wanted:
+        log.warning("open-file limit %d leaves room for %d WebSocket/HTTP connections, fewer than "
+                    "[Limits] MaxConnections %d (%d descriptors are kept for the command line, "
+                    "Postfix and files); raise the limit (LimitNOFILE in the systemd unit, ulimit -n)",
+                    soft, budget, wanted, RESERVED_DESCRIPTORS)
+    return min(budget, wanted)
 
 
-class _AddOnConnection(WebSocketConnection):
-    """One browser add-on's WebSocket: each message is a request the Daemon answers."""
-    __slots__ = ("daemon", "client", "in_flight", "admitted")
+class _WebClient(WebSocketConnection):
+    """One client of the WebSocket listener: the add-on's WebSocket, or HTTP requests.
 
-    def __init__(self, daemon):
-        config = daemon.config
+    It is counted from the moment it is accepted, before any TLS handshake, which must end
+    within TLS_HANDSHAKE_TIMEOUT. What it asks goes to its ``front`` (the Daemon's side).
+    """
+    __slots__ = ("front", "peer", "counted_as", "client", "admitted", "_early")
+
+    def __init__(self, front):
+        config = front.config
         super().__init__(path=config.listen_path, allowed_origins=config.allowed_origins,
-                         max_message_size=config.max_message_size, idle_timeout=config.idle_timeout or None)
-        self.daemon, self.client, self.in_flight, self.admitted = daemon, None, 0, False
+                         max_message_size=config.max_message_size,
+                         idle_timeout=config.idle_timeout or None)
+        self.front, self.admitted, self._early = front, False, b""
+        self.peer = self.counted_as = self.client = None
 
     def connection_made(self, transport):
-        super().connection_made(transport)
-        self.client = self.remote_address[0] if self.remote_address else "unknown"
-        self.admitted = self.daemon._admit(self)
+        address = transport.get_extra_info("peername")
+        self.peer = address[0] if address else "unknown"
+        self.counted_as = self.client = client_key(self.peer)
+        self.admitted = self.front.admit(self)
         if not self.admitted:
-            transport.write(error_response(503, "too many connections", [("Retry-After", "10")]))
+            if self.front.tls is None:
+                transport.write(error_response(503, "too many connections", [("Retry-After", "10")]))
             transport.close()
+        elif self.front.tls is None:
+            super().connection_made(transport)
+        else:
+            transport.pause_reading()   # until the TLS layer takes over
+            asyncio.ensure_future(self._start_tls(transport))
+
+    async def _start_tls(self, transport):
+        try:
+            tls = await asyncio.get_running_loop().start_tls(
+                transport, self, self.front.tls, server_side=True,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+        except (Exception, asyncio.CancelledError):   # a failed, slow or cancelled handshake
+            transport.abort()
+            self.connection_lost(None)
+            return
+        super().connection_made(tls)
+        if self._early:
+            self.data_received(self._early)
+
+    def data_received(self, data):
+        if self.transport is None:      # decrypted before start_tls handed us the transport
+            self._early += data
+        else:
+            super().data_received(data)
+
+    def opened(self, request):
+        self.client = client_key(self.front.client_address(self.peer, request.headers))
 
     def message_received(self, message):
-        self.in_flight += 1
-        if self.in_flight >= MAX_PIPELINED:     # a client may pipeline, but not without bound
-            self.pause_reading("pipelined")
-        self.daemon._track(self.daemon._answer_websocket(self, message, self.client)).add_done_callback(self._answered)
-
-    def _answered(self, task):
-        self.in_flight -= 1
-        if self.in_flight < MAX_PIPELINED:
-            self.resume_reading("pipelined")
+        return self.front.answer_websocket(self, message)
 
     def closed(self):
         if self.admitted:
-            self.daemon._release(self)
+            self.admitted = False
+            self.front.release(self)
 
 
 class Daemon:
@@ -2694,40 +3044,36 @@ class Daemon:
         self.config = config
         self.clock = clock
         self.service = None
+        self.tls = None
         self._stop = None
         self._requests = set()          # in-flight request tasks: finished before stopping
-        self._websockets = set()        # open _AddOnConnection objects
-        self._connections = {}          # client IP -> how many WebSocket connections it has open
+        self._web_clients = set()       # open _WebClient connections
+        self._connections = {}          # client -> how many WebSocket/HTTP connections it has open
+        self._max_connections = config.max_connections
+        self._trusted = [ipaddress.ip_network(p, strict=False) for p in config.trusted_proxies]
         self._creation_per_client = TokenBucket(config.handles_per_minute_per_client)
-        self._creation_per_account = TokenBucket(config.handles_per_minute_per_account)
         self._failures_per_client = TokenBucket(config.failed_tokens_per_minute_per_client)
-        self._suspects = {}             # client IP -> asyncio.Lock: wrong tokens lately, one request at a time
+        self._known_tokens = collections.OrderedDict()  # token digests that were right lately
         self._received = []             # (address, time) from the policy service, not yet written
         self._counted = {}              # (instance, recipient) already counted: once per message
-        self._postfix_clients = set()   # policy and socketmap connections, closed at stop
+        self._stream_clients = {}       # listener name -> {writer: None}, least recently active first
         self._fd_shortage_logged = float("-inf")   # when a shortage of descriptors was last seen
 
     def run(self):
         """Run in the foreground until SIGTERM, SIGINT or ``stop``; raise ServerError on failure."""
         lock = _LockFile(self.config.lock_file_path)
         lock.acquire()
-        store = launcher = None
+        store = None
         try:
-            ssl_context = self._ssl_context()
+            self.tls = self._ssl_context()
             store = Store(self.config.database_path)
-            table = make_table(self.config)
-            launcher = getattr(table, "launcher", None)
-            if launcher is not None:
-                launcher.start_helper()     # before any connection: see ProgramLauncher
-            self.service = Service(self.config, store, table, clock=self.clock)
+            self.service = Service(self.config, store, make_table(self.config), clock=self.clock)
             self.service.start()
             try:
-                asyncio.run(self._serve(ssl_context))
+                asyncio.run(self._serve())
             finally:
                 self.service.stop()
         finally:
-            if launcher is not None:
-                launcher.close()
             if store is not None:
                 store.close()
             lock.release()
@@ -2750,36 +3096,40 @@ class Daemon:
         if self._stop is not None:
             self._stop.set()
 
-    async def _serve(self, ssl_context):
+    async def _serve(self):
         self._stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
         loop.set_exception_handler(self._loop_exception)
-        servers = [await _start_unix_server(self._serve_control, self.config.unix_sock_path,
+        config = self.config
+        if config.listen_address:
+            self._max_connections = descriptor_budget(config.max_connections or 1 << 30)
+        servers = [await _start_unix_server(self._serve_control, config.unix_sock_path,
                                             "[General] UnixSockPath", 0o600)]
         background = []
         try:
-            if self.config.listen_address:
-                host, port = parse_host_port(self.config.listen_address)
+            if config.listen_address:
+                host, port = parse_host_port(config.listen_address)
                 try:
-                    servers.append(await loop.create_server(
-                        lambda: _AddOnConnection(self), host or None, port, ssl=ssl_context, backlog=1024))
+                    servers.append(await loop.create_server(lambda: _WebClient(self), host or None,
+                                                            port, backlog=1024))
                 except OSError as e:
                     raise ServerError("cannot listen on [General] ListenAddress %s: %s"
-                                      % (self.config.listen_address, _os_reason(e)))
-            if self.config.policy_listen:
-                servers.append(await _start_listener(self._serve_policy, self.config.policy_listen,
-                                                     "[General] PolicyListen", 0o666))
-            if self.config.socketmap_listen:
-                servers.append(await _start_listener(self._serve_socketmap, self.config.socketmap_listen,
-                                                     "[General] SocketmapListen", 0o666))
-            log.info("IncognitoMail %s serving %s for %s (pid %d)%s", __version__, self.service.table.name,
-                     ", ".join(self.config.domains), os.getpid(),
-                     "; WebSocket on %s%s%s" % ("wss://" if ssl_context else "ws://", self.config.listen_address,
-                                               self.config.listen_path) if self.config.listen_address else "")
+                                      % (config.listen_address, _os_reason(e)))
+            if config.policy_listen:
+                servers.append(await _start_listener(self._serve_policy, config.policy_listen,
+                                                     "[General] PolicyListen"))
+            if config.socketmap_listen:
+                servers.append(await _start_listener(self._serve_socketmap, config.socketmap_listen,
+                                                     "[General] SocketmapListen"))
+            log.info("IncognitoMail %s serving %s for %s (pid %d)%s", __version__,
+                     self.service.table.name, ", ".join(config.domains), os.getpid(),
+                     "; WebSocket on %s%s%s" % ("wss://" if self.tls else "ws://",
+                                               config.listen_address, config.listen_path)
+                     if config.listen_address else "")
             background.append(asyncio.ensure_future(self._write_received_periodically()))
-            if self.config.auto_prune:
+            if config.auto_prune:
                 background.append(asyncio.ensure_future(self._prune_daily()))
             await self._stop.wait()
             log.info("stopping: finishing %d requests in flight", len(self._requests))
@@ -2788,23 +3138,26 @@ class Daemon:
                 server.close()
             if self._requests:
                 await asyncio.wait(set(self._requests), timeout=STOP_GRACE_SECONDS)
-            for connection in list(self._websockets):
-                connection.close(1001, "server stopping")
+            for connection in list(self._web_clients):
+                if connection.transport is None:
+                    continue            # still in its TLS handshake, which times out by itself
+                connection.close(CLOSE_GOING_AWAY, "server stopping")
             for _ in range(100):        # each answers, or is cut off after its close timeout
-                if not self._websockets:
+                if not any(c.transport is not None for c in self._web_clients):
                     break
                 await asyncio.sleep(0.05)
-            for writer in self._postfix_clients:
-                writer.close()      # Postfix reconnects to the next server; nothing is counted after this
+            for clients in self._stream_clients.values():
+                for writer in list(clients):
+                    writer.close()  # Postfix reconnects to the next server; nothing counted after
             for task in background:
                 task.cancel()
             await self._flush_received()
-            for path in (self.config.unix_sock_path, self.config.socketmap_listen[5:] if
-                         self.config.socketmap_listen else "", self.config.policy_listen[5:]
-                         if self.config.policy_listen.startswith("unix:") else ""):
-                if path:
+            for endpoint in (config.unix_sock_path, config.socketmap_listen[5:],
+                             config.policy_listen[5:] if config.policy_listen.startswith("unix:")
+                             else ""):
+                if endpoint:
                     try:
-                        os.unlink(path)
+                        os.unlink(endpoint)
                     except OSError:
                         pass
 
@@ -2813,8 +3166,8 @@ class Daemon:
         if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE):
             # asyncio retries accept() every second: one line per shortage, not one per retry
             if time.monotonic() - self._fd_shortage_logged > FD_SHORTAGE_LOG_SECONDS:
-                log.error("out of file descriptors (%s): new connections are refused until some close; "
-                          "raise the limit (ulimit -n) or lower [Limits] MaxConnections", error)
+                log.error("out of file descriptors (%s): new connections are refused until some "
+                          "close; raise the limit (ulimit -n) or lower [Limits] MaxConnections", error)
             self._fd_shortage_logged = time.monotonic()
             return
         loop.default_exception_handler(context)
@@ -2826,9 +3179,74 @@ class Daemon:
         task.add_done_callback(self._requests.discard)
         return task
 
+    # -- answering: every front end reaches the Service here ------------------------------------
+
+    async def _run(self, caller, client, op, fields):
+        """Run one operation for a front end. Network clients (``client``: their address) meet
+        the rate limits first; the local command line (client None) has none.
+
+        A token the daemon has not seen right lately is counted as wrong before it is checked,
+        and given back when it was right, so that a burst of guesses meets the limit at once.
+        """
+        if client is None:
+            return await self.service.run(op, **fields)
+        failures = self._failures_per_client
+        wait = failures.take(client, peek=True)
+        if wait:
+            raise RateLimited("too many wrong secret tokens from %s; retry in %d s" % (client, wait),
+                              wait)
+        token = fields.get("token")
+        digest = token_digest(token) if isinstance(token, str) else None
+        charged = digest not in self._known_tokens
+        if charged:
+            failures.take(client)
+        try:
+            if op == "new_handle":
+                wait = self._creation_per_client.take(client)
+                if wait:
+                    raise RateLimited("rate limited: too many new handles; retry in %d s" % wait, wait)
+                fields = dict(fields, rate_limited=True)
+            result = await self.service.run(op, **fields)
+        except Unauthorized:
+            self._known_tokens.pop(digest, None)
+            if not charged:
+                failures.take(client)
+            raise
+        except BaseException:
+            if charged:
+                failures.give_back(client)
+            raise
+        if charged:
+            failures.give_back(client)
+        if digest is not None:
+            self._known_tokens[digest] = None
+            self._known_tokens.move_to_end(digest)
+            if len(self._known_tokens) > KNOWN_TOKENS:
+                self._known_tokens.popitem(last=False)
+        return result
+
+    async def _answer_json(self, text, caller, client):
+        """One JSON request -> one JSON reply text; never raises."""
+        request_id = None
+        try:
+            request = parse_json_request(text, caller)
+            request_id = request.id
+            if request.op == "stop":
+                log.info("stop requested from the command line")
+                asyncio.get_running_loop().call_soon(self._stop.set)
+                return json_reply(request_id, "stop", None)
+            result = await self._run(caller, client, request.op, request.fields)
+            return json_reply(request_id, request.op, result)
+        except IncognitoMailError as e:
+            return json_error(getattr(e, "request_id", request_id), e)
+        except Exception:
+            log.exception("internal error answering a request")
+            return json_error(request_id, IncognitoMailError("internal error; the server log has details"))
+
     # -- control socket: the command line ------------------------------------------------------
 
     async def _serve_control(self, reader, writer):
+        clients = self._stream_clients.setdefault("control", {})
         try:
             uid = _peer_uid(writer.get_extra_info("socket"))
             if uid not in (0, os.geteuid()):
@@ -2841,114 +3259,81 @@ class Daemon:
                     "only root and user %s may use this socket" % _user_name())) + "\n").encode())
                 await writer.drain()
                 return
+            if len(clients) >= MAX_CONTROL_CLIENTS:
+                writer.write((json_error(None, ServerError(
+                    "too many command-line connections at once; try again")) + "\n").encode())
+                return
+            clients[writer] = None
             while not self._stop.is_set():
                 try:
-                    line = await reader.readline()
+                    line = await asyncio.wait_for(reader.readline(), CONTROL_IDLE_TIMEOUT)
                 except (ValueError, asyncio.LimitOverrunError):
                     writer.write((json_error(None, BadRequest("request too long")) + "\n").encode())
                     return
                 if not line:
                     return
-                reply = await self._track(self._answer_json(line.decode("utf-8", "replace"), CONTROL_OPERATIONS, None))
+                reply = await self._track(self._answer_json(line.decode("utf-8", "replace"),
+                                                            COMMAND_LINE, None))
                 writer.write((reply + "\n").encode("utf-8"))
                 await writer.drain()
-        except (ConnectionError, OSError):
+        except (ConnectionError, OSError, asyncio.TimeoutError):
             pass
         finally:
+            clients.pop(writer, None)
             writer.close()
 
-    async def _answer_json(self, text, allowed, client):
-        """One JSON request -> one JSON reply text; never raises."""
-        request_id = None
-        try:
-            request = parse_json_request(text, allowed)
-            request_id = request.id
-            if request.op == "stop":
-                log.info("stop requested from the command line")
-                asyncio.get_running_loop().call_soon(self._stop.set)
-                return json_reply(request_id, "stop", None)
-            result = await self._run_limited(client, request.op, request.args)
-            return json_reply(request_id, request.op, result)
-        except IncognitoMailError as e:
-            return json_error(getattr(e, "request_id", request_id), e)
-        except Exception:
-            log.exception("internal error answering a request")
-            return json_error(request_id, IncognitoMailError("internal error; the server log has details"))
+    # -- WebSocket and HTTP: browsers, the add-on, password managers ----------------------------
 
-    async def _run_limited(self, client, op, args):
-        """Run one request; a WebSocket ``client`` (its IP) meets the rate limits first.
+    def admit(self, connection):
+        """A new WebSocket/HTTP connection: within the connection limits, or refused (503).
 
-        A client that sent a wrong token lately has its requests run one at a time, so that
-        pipelined guesses meet the failed-token limit one by one. The local command line
-        (client None) has no limits.
-        """
-        if client is None:
-            return await self.service.run(op, *args)
-        one_at_a_time = self._suspects.get(client)
-        if one_at_a_time is None:
-            return await self._run_checked(client, op, args)
-        async with one_at_a_time:
-            result = await self._run_checked(client, op, args)
-        if not self._failures_per_client.used(client):
-            self._suspects.pop(client, None)
-        return result
-
-    async def _run_checked(self, client, op, args):
-        self._check_limits(client, op, args[0] if args else None)
-        try:
-            return await self.service.run(op, *args)
-        except Unauthorized:
-            self._failures_per_client.take(client)
-            if client not in self._suspects:
-                if len(self._suspects) > 10000:
-                    self._suspects = {c: lock for c, lock in self._suspects.items()
-                                      if self._failures_per_client.used(c)}
-                self._suspects[client] = asyncio.Lock()
-            raise
-
-    def _check_limits(self, client, op, token):
-        """Rate limits for WebSocket clients; the local command line has none."""
-        wait = self._failures_per_client.take(client, peek=True)
-        if wait:
-            raise RateLimited("too many wrong secret tokens from %s; retry in %d s" % (client, wait), wait)
-        if op == "new_handle":
-            wait = self._creation_per_client.take(client)
-            if not wait and isinstance(token, str):
-                wait = self._creation_per_account.take(token_digest(token))
-            if wait:
-                raise RateLimited("rate limited: too many new handles; retry in %d s" % wait, wait)
-
-    # -- WebSocket: the browser add-on ----------------------------------------------------------
-
-    def _admit(self, connection):
-        """A new WebSocket connection: within the connection limits, or refused with 503."""
-        client = connection.client
+        A trusted proxy speaks for many clients: only the limit in total applies to it."""
+        client = connection.counted_as
         count = self._connections.get(client, 0)
-        if ((self.config.max_connections and len(self._websockets) >= self.config.max_connections) or
-                (self.config.max_connections_per_client and count >= self.config.max_connections_per_client)):
+        per_client = self.config.max_connections_per_client
+        if ((self._max_connections and len(self._web_clients) >= self._max_connections) or
+                (per_client and count >= per_client and not self._is_trusted(connection.peer))):
             return False
         self._connections[client] = count + 1
-        self._websockets.add(connection)
-        self._launch_from_helper_when_busy()
+        self._web_clients.add(connection)
         return True
 
-    def _release(self, connection):
-        self._websockets.discard(connection)
-        self._connections[connection.client] -= 1
-        if not self._connections[connection.client]:
-            del self._connections[connection.client]
-        self._launch_from_helper_when_busy()
+    def release(self, connection):
+        self._web_clients.discard(connection)
+        self._connections[connection.counted_as] -= 1
+        if not self._connections[connection.counted_as]:
+            del self._connections[connection.counted_as]
 
-    def _launch_from_helper_when_busy(self):
-        launcher = getattr(self.service.table, "launcher", None)
-        if launcher is not None:
-            launcher.use_helper = len(self._websockets) >= HELPER_ABOVE_CONNECTIONS
+    def _is_trusted(self, address):
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self._trusted)
 
-    async def _answer_websocket(self, connection, message, client):
+    def client_address(self, peer, headers):
+        """The client's address: the peer's, or, from a trusted proxy (TrustedProxies), the
+        nearest address it forwarded (X-Forwarded-For, else X-Real-IP) that is not a proxy."""
+        if not self._is_trusted(peer):
+            return peer
+        hops = [hop.strip() for hop in headers.get("x-forwarded-for", "").split(",")]
+        for hop in reversed(hops):
+            if not _is_ip(hop):
+                break
+            if not self._is_trusted(hop):
+                return hop
+        real = headers.get("x-real-ip", "").strip()
+        return real if _is_ip(real) else peer
+
+    def answer_websocket(self, connection, message):
+        return self._track(self._answer_websocket(connection, message))
+
+    async def _answer_websocket(self, connection, message):
+        client = connection.client
         if isinstance(message, bytes):
             reply = json_error(None, BadRequest("binary messages are not understood; send text"))
         elif message.lstrip().startswith("{"):
-            reply = await self._answer_json(message, WEBSOCKET_OPERATIONS, client)
+            reply = await self._answer_json(message, WEBSOCKET, client)
         else:
             reply = await self._answer_legacy(message, client)
         connection.send(reply)
@@ -2959,7 +3344,7 @@ class Daemon:
         if len(words) != 3 or words[:2] != ["new", "handle"]:
             return "error unknown command: only \"new handle <secret>\" is accepted here"
         try:
-            return (await self._run_limited(client, "new_handle", (words[2],)))["address"]
+            return (await self._run(WEBSOCKET, client, "new_handle", {"token": words[2]})).address
         except RateLimited as e:
             return "error rate limited: retry in %d s" % e.retry_after
         except IncognitoMailError as e:
@@ -2971,24 +3356,36 @@ class Daemon:
         await self._serve_postfix(reader, writer, PolicyParser(), self._policy_answer, "policy service")
 
     async def _serve_postfix(self, reader, writer, parser, answer, name):
-        """Postfix's side of the policy and socketmap protocols: many requests per connection."""
-        self._postfix_clients.add(writer)
+        """Postfix's side of the policy and socketmap protocols: many requests per connection.
+
+        At most MAX_POSTFIX_CLIENTS connections per listener: a new one closes the least
+        recently active, so a client holding connections open cannot lock Postfix out."""
+        clients = self._stream_clients.setdefault(name, {})
+        if len(clients) >= MAX_POSTFIX_CLIENTS:
+            oldest = next(iter(clients))
+            clients.pop(oldest)
+            oldest.close()
+            log.warning("%s: %d connections open; closed the least recently active one",
+                        name, MAX_POSTFIX_CLIENTS)
+        clients[writer] = None
         try:
             while True:
-                data = await reader.read(4096)
+                data = await asyncio.wait_for(reader.read(4096), POSTFIX_IDLE_TIMEOUT)
                 if not data:
                     if parser.incomplete:
                         log.warning("%s: a client hung up in the middle of a request", name)
                     return
+                clients.pop(writer, None)
+                clients[writer] = None      # the most recently active
                 for request in parser.feed(data):
                     writer.write(await self._track(answer(request)))
                 await writer.drain()
         except PostfixProtocolError as e:
             log.warning("%s: closing a connection: %s", name, e)
-        except (ConnectionError, OSError):
+        except (ConnectionError, OSError, asyncio.TimeoutError):
             pass
         finally:
-            self._postfix_clients.discard(writer)
+            clients.pop(writer, None)
             writer.close()
 
     async def _policy_answer(self, request):
@@ -3088,12 +3485,6 @@ def run_check(config, args, out=sys.stdout):
         report("map file and folder writable (%s)" % table.name)
     except IncognitoMailError as e:
         report("map file and folder writable", str(e))
-    if isinstance(table, PostfixMap):
-        try:
-            table.postmap("-q", "incognitomail-check-probe", table.name)
-            report("postmap runs")
-        except IncognitoMailError as e:
-            report("postmap runs", str(e))
     store = None
     try:
         store = Store(config.database_path, readonly=True)
@@ -3105,8 +3496,8 @@ def run_check(config, args, out=sys.stdout):
     except IncognitoMailError as e:
         report("database readable", str(e))
         store = None
-    if store is not None and isinstance(table, PostfixMap):
-        report("map %s in step with the database" % table.name, table.drift(store))
+    for name, problem in table.checks(store):
+        report(name, problem)
     for name, problem in postfix_config_problems(config, table):
         report(name, problem)
     pid = running_pid(config)
