@@ -42,6 +42,7 @@ import socket
 import sqlite3
 import ssl
 import stat
+import string
 import struct
 import subprocess
 import sys
@@ -298,7 +299,8 @@ def _listen(*kinds):
             return ""
         kind, _, rest = text.partition(":")
         if kind not in kinds or not rest:
-            raise ValueError("%r must look like %s" % (text, " or ".join(examples[k] for k in kinds)))
+            raise ValueError("%r must look like %s"
+                             % (text, " or ".join(examples[k] for k in kinds)))
         if kind == "unix":
             return "unix:" + _path(file, rest)
         parse_host_port(rest)
@@ -323,7 +325,8 @@ CONFIG_KEYS = (
     ConfigKey("General", "TLSKeyFile", "", "tls_key_file", _path),
     ConfigKey("General", "AllowedOrigins", "", "allowed_origins", _list),
     ConfigKey("General", "TrustedProxies", "", "trusted_proxies", _networks),
-    ConfigKey("General", "LogLevel", "info", "log_level", _one_of("debug", "info", "warning", "error")),
+    ConfigKey("General", "LogLevel", "info", "log_level",
+              _one_of("debug", "info", "warning", "error")),
     ConfigKey("General", "LogTarget", "stderr", "log_target", _one_of("stderr", "syslog")),
     ConfigKey("General", "PolicyListen", "", "policy_listen", _listen("unix", "inet")),
     ConfigKey("General", "SocketmapListen", "", "socketmap_listen", _listen("unix")),
@@ -335,11 +338,12 @@ CONFIG_KEYS = (
     ConfigKey("PostfixConfig", "HandleLength", "16", "handle_length", _number(12, 64)),
     ConfigKey("Limits", "MaxMessageSize", "65536", "max_message_size", _number(1024)),
     ConfigKey("Limits", "IdleTimeout", "300", "idle_timeout", _number(0)),
-    ConfigKey("Limits", "HandlesPerMinutePerClient", "20", "handles_per_minute_per_client", _number(0)),
+    ConfigKey("Limits", "HandlesPerMinutePerClient", "20", "handles_per_minute_per_client",
+              _number(0)),
     ConfigKey("Limits", "HandlesPerMinutePerAccount", "30", "handles_per_minute_per_account",
               _number(0)),
-    ConfigKey("Limits", "FailedTokensPerMinutePerClient", "10", "failed_tokens_per_minute_per_client",
-              _number(0)),
+    ConfigKey("Limits", "FailedTokensPerMinutePerClient", "10",
+              "failed_tokens_per_minute_per_client", _number(0)),
     ConfigKey("Limits", "MaxConnections", "20000", "max_connections", _number(0)),
     ConfigKey("Limits", "MaxConnectionsPerClient", "50", "max_connections_per_client", _number(0)),
     ConfigKey("Prune", "HandlesUnusedDays", "", "prune_handles_unused_days",
@@ -350,7 +354,8 @@ CONFIG_KEYS = (
 )
 
 
-class Config(collections.namedtuple("Config", ["path"] + [k.field for k in CONFIG_KEYS if k.field])):
+class Config(collections.namedtuple("Config",
+                                    ["path"] + [k.field for k in CONFIG_KEYS if k.field])):
     """Everything the daemon and the command line need, validated, with absolute paths."""
     __slots__ = ()
 
@@ -448,23 +453,24 @@ class _ConfigFile:
 HANDLE_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 MAX_ADDRESS_LENGTH = 254
 MAX_LABEL_LENGTH = 200
+_TOKEN_ALPHABET = string.ascii_letters + string.digits
+TOKEN_LENGTH = 43       # 43 * log2(62) = 256.03 bits
 
 # A plain dot-atom address: nothing that Postfix could read as a second map line, a second
 # target (comma), a comment or a lookup-table special character.
 _ADDRESS_RE = re.compile(
     r"^(?P<local>[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*)"
-    r"@(?P<domain>[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*)$")
+    r"@(?P<domain>[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*)$")
 
 
 def new_token():
-    """A fresh secret token: 256 random bits, URL-safe, so it survives a copy and paste.
+    """A fresh secret token: TOKEN_LENGTH letters and digits, at least 256 random bits.
 
-    Never starting with "-", so that it reads as an argument, not an option, on a command line.
+    Letters and digits only: it survives a copy and paste, a URL, and the addy.io browser
+    extension's check (40 to 60 of them), and never reads as an option on a command line.
     """
-    while True:
-        token = secrets.token_urlsafe(32)
-        if not token.startswith("-"):
-            return token
+    return "".join(secrets.choice(_TOKEN_ALPHABET) for _ in range(TOKEN_LENGTH))
 
 
 def token_digest(token):
@@ -512,7 +518,8 @@ def check_label(label):
 
 
 def split_handle(text, domains):
-    """``"abc@example.org"`` or ``"abc"`` -> ("abc", "example.org"); the first domain is the default."""
+    """``"abc@example.org"`` or ``"abc"`` -> ("abc", "example.org"); the first domain is the
+    default."""
     if not isinstance(text, str) or not text:
         raise BadRequest("a handle is required, e.g. k3v9q0x2m7ab5ts1@%s" % domains[0])
     local, _, domain = text.strip().lower().partition("@")
@@ -528,7 +535,8 @@ def iso_time(timestamp):
     """Seconds since the epoch -> ISO 8601 UTC (``2026-11-25T01:27:23Z``); None stays None."""
     if timestamp is None:
         return None
-    return datetime.datetime.fromtimestamp(int(timestamp), datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.fromtimestamp(int(timestamp), datetime.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
 
 
 ###############################################################################
@@ -596,7 +604,8 @@ class Store:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
             if readonly:
                 uri = "file:%s?mode=ro" % _sqlite_uri_path(path)
-                self.db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+                self.db = sqlite3.connect(uri, uri=True, isolation_level=None,
+                                          check_same_thread=False)
             else:
                 self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA foreign_keys = ON")
@@ -609,8 +618,8 @@ class Store:
             else:
                 self._check_version()
         except (sqlite3.Error, OSError) as e:
-            raise StoreError("%s: cannot open the database: %s (check [Persistence] DatabasePath and "
-                             "that user %s may %s the file and its folder)"
+            raise StoreError("%s: cannot open the database: %s (check [Persistence] DatabasePath "
+                             "and that user %s may %s the file and its folder)"
                              % (path, e, _user_name(), "read" if readonly else "write"))
 
     def close(self):
@@ -619,14 +628,16 @@ class Store:
     def _check_version(self):
         version = self.schema_version()
         if version > SCHEMA_VERSION:
-            raise StoreError("%s: database schema version %d is newer than this program understands (%d); "
-                             "use a newer incognitomail.py" % (self.path, version, SCHEMA_VERSION))
+            raise StoreError("%s: database schema version %d is newer than this program "
+                             "understands (%d); use a newer incognitomail.py"
+                             % (self.path, version, SCHEMA_VERSION))
         return version
 
     def _migrate(self):
         version = self._check_version()
         for number in range(version, SCHEMA_VERSION):
-            log.info("%s: migrating database schema from version %d to %d", self.path, number, number + 1)
+            log.info("%s: migrating database schema from version %d to %d", self.path, number,
+                     number + 1)
             with self.transaction():
                 for statement in _MIGRATIONS[number].split(";"):
                     if statement.strip():
@@ -657,13 +668,15 @@ class Store:
     # -- accounts ----------------------------------------------------------------------
 
     def add_account(self, address, digest, now):
-        cursor = self.db.execute("INSERT INTO accounts (address, token_sha256, created) VALUES (?, ?, ?)",
-                                 (address, digest, int(now)))
+        cursor = self.db.execute(
+            "INSERT INTO accounts (address, token_sha256, created) VALUES (?, ?, ?)",
+            (address, digest, int(now)))
         return cursor.lastrowid
 
     def account_by_digest(self, digest):
-        row = self.db.execute("SELECT id, address, created, last_used FROM accounts WHERE token_sha256 = ?",
-                              (digest,)).fetchone()
+        row = self.db.execute(
+            "SELECT id, address, created, last_used FROM accounts WHERE token_sha256 = ?",
+            (digest,)).fetchone()
         return Account(*row) if row else None
 
     def touch_account(self, account_id, now):
@@ -679,11 +692,13 @@ class Store:
 
     def handle_taken(self, local, domain):
         return self.db.execute("SELECT 1 FROM handles WHERE local = ? COLLATE NOCASE "
-                               "AND domain = ? COLLATE NOCASE", (local, domain)).fetchone() is not None
+                               "AND domain = ? COLLATE NOCASE",
+                               (local, domain)).fetchone() is not None
 
     def add_handle(self, account_id, local, domain, label, now):
         cursor = self.db.execute(
-            "INSERT INTO handles (local, domain, account_id, label, created) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO handles (local, domain, account_id, label, created) "
+            "VALUES (?, ?, ?, ?, ?)",
             (local, domain, account_id, label, int(now)))
         return self.handle_by_id(cursor.lastrowid)
 
@@ -706,7 +721,8 @@ class Store:
         if enabled is not None:
             where += " AND h.enabled = ?"
             values.append(int(enabled))
-        total = self.db.execute("SELECT count(*) FROM handles h WHERE " + where, values).fetchone()[0]
+        total = self.db.execute("SELECT count(*) FROM handles h WHERE " + where,
+                                values).fetchone()[0]
         rows = self.db.execute(_HANDLE_SELECT + " WHERE %s ORDER BY h.id DESC LIMIT ? OFFSET ?"
                                % where, values + [limit, offset])
         return [Handle(*row) for row in rows], total
@@ -721,7 +737,8 @@ class Store:
     def record_received(self, counts, now_by_key):
         """Add ``counts[(local, domain)]`` messages to each handle, at the given times."""
         self.db.executemany(
-            "UPDATE handles SET received = received + ?, last_received = max(coalesce(last_received, 0), ?) "
+            "UPDATE handles SET received = received + ?, "
+            "last_received = max(coalesce(last_received, 0), ?) "
             "WHERE local = ? COLLATE NOCASE AND domain = ? COLLATE NOCASE",
             [(n, int(now_by_key[key]), key[0], key[1]) for key, n in counts.items()])
 
@@ -729,19 +746,22 @@ class Store:
         """The target address of an enabled handle, for Postfix's lookups (socketmap, policy)."""
         row = self.db.execute(
             "SELECT a.address, h.enabled FROM handles h JOIN accounts a ON a.id = h.account_id "
-            "WHERE h.local = ? COLLATE NOCASE AND h.domain = ? COLLATE NOCASE", (local, domain)).fetchone()
+            "WHERE h.local = ? COLLATE NOCASE AND h.domain = ? COLLATE NOCASE",
+            (local, domain)).fetchone()
         return row  # (target, enabled) or None
 
     def map_entries(self):
         """Every enabled handle as (key, target), in creation order, streamed from disk."""
         for local, domain, target in self.db.execute(
-                "SELECT h.local, h.domain, a.address FROM handles h JOIN accounts a ON a.id = h.account_id "
+                "SELECT h.local, h.domain, a.address "
+                "FROM handles h JOIN accounts a ON a.id = h.account_id "
                 "WHERE h.enabled ORDER BY h.id"):
             yield "%s@%s" % (local, domain), target
 
     def counts(self):
         accounts = self.db.execute("SELECT count(*) FROM accounts").fetchone()[0]
-        handles, enabled = self.db.execute("SELECT count(*), coalesce(sum(enabled), 0) FROM handles").fetchone()
+        handles, enabled = self.db.execute(
+            "SELECT count(*), coalesce(sum(enabled), 0) FROM handles").fetchone()
         return {"accounts": accounts, "handles": handles, "enabled_handles": enabled}
 
     # -- pruning -----------------------------------------------------------------------
@@ -753,8 +773,9 @@ class Store:
 
     def unused_accounts(self, created_before):
         return [Account(*row) for row in self.db.execute(
-            "SELECT a.id, a.address, a.created, a.last_used FROM accounts a WHERE a.last_used IS NULL "
-            "AND a.created <= ? AND NOT EXISTS (SELECT 1 FROM handles h WHERE h.account_id = a.id) ORDER BY a.id",
+            "SELECT a.id, a.address, a.created, a.last_used FROM accounts a "
+            "WHERE a.last_used IS NULL AND a.created <= ? "
+            "AND NOT EXISTS (SELECT 1 FROM handles h WHERE h.account_id = a.id) ORDER BY a.id",
             (int(created_before),))]
 
     # -- meta --------------------------------------------------------------------------
@@ -767,7 +788,8 @@ class Store:
         if value is None:
             self.db.execute("DELETE FROM meta WHERE name = ?", (name,))
         else:
-            self.db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, value))
+            self.db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
+                            (name, value))
 
 
 class _Transaction:
@@ -807,7 +829,8 @@ def find_postfix_command(name):
     """Postfix's tools live in /usr/sbin, which a non-root user's PATH often lacks."""
     path = shutil.which(name) or shutil.which(name, path=os.pathsep.join(_POSTFIX_BIN_DIRS))
     if not path:
-        raise PostfixError("%s not found in PATH or %s: install Postfix (apt-get install postfix postfix-lmdb)"
+        raise PostfixError("%s not found in PATH or %s: install Postfix "
+                           "(apt-get install postfix postfix-lmdb)"
                            % (name, ", ".join(_POSTFIX_BIN_DIRS)))
     return path
 
@@ -861,8 +884,8 @@ def _copy_ownership(source, target):
         try:
             os.chown(target, st.st_uid, st.st_gid)
         except PermissionError:
-            log.warning("%s: cannot give the new file owner %d:%d as before (not root); it is owned by %s",
-                        source, st.st_uid, st.st_gid, _user_name())
+            log.warning("%s: cannot give the new file owner %d:%d as before (not root); "
+                        "it is owned by %s", source, st.st_uid, st.st_gid, _user_name())
 
 
 def _fsync_folder(folder):
@@ -991,23 +1014,28 @@ class PostfixMap(LookupTable):
         """Fail early, naming path, user and fix, before anything is changed in Postfix."""
         user = _user_name()
         folder = os.path.dirname(self.path)
-        fix = ("run the server as a user who may write there (often root or postfix), or give %s access, "
-               "e.g. chgrp %s %s && chmod g+w %s" % (user, user, folder, folder))
+        fix = ("run the server as a user who may write there (often root or postfix), "
+               "or give %s access, e.g. chgrp %s %s && chmod g+w %s"
+               % (user, user, folder, folder))
         if not os.path.isdir(folder):
-            raise PostfixError("%s: the map's folder does not exist ([PostfixConfig] MapFilePath)" % folder)
+            raise PostfixError("%s: the map's folder does not exist ([PostfixConfig] MapFilePath)"
+                               % folder)
         if not os.access(folder, os.W_OK | os.X_OK):
-            raise PostfixError("%s: folder is not writable by user %s, which must create map files there; %s"
-                               % (folder, user, fix))
+            raise PostfixError("%s: folder is not writable by user %s, which must create map "
+                               "files there; %s" % (folder, user, fix))
         for path in (self.path, self.indexed_path):
             if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
-                raise PostfixError("%s: file is not readable and writable by user %s; %s" % (path, user, fix))
+                raise PostfixError("%s: file is not readable and writable by user %s; %s"
+                                   % (path, user, fix))
         find_postfix_command("postmap")
         config_dir = self.config_dir or os.environ.get("MAIL_CONFIG") or "/etc/postfix"
         if not os.path.isfile(os.path.join(config_dir, "main.cf")):
-            raise PostfixError("%s: no main.cf there, and postmap needs one; set [PostfixConfig] ConfigDir to "
-                               "Postfix's configuration folder, or create it (an empty main.cf will do)" % config_dir)
+            raise PostfixError("%s: no main.cf there, and postmap needs one; set [PostfixConfig] "
+                               "ConfigDir to Postfix's configuration folder, or create it "
+                               "(an empty main.cf will do)" % config_dir)
         if os.path.exists(self.indexed_path):
-            self.postmap("-q", "incognitomail-start-probe", self.name)     # does postmap run at all?
+            # does postmap run at all?
+            self.postmap("-q", "incognitomail-start-probe", self.name)
 
     def _identity(self):
         return json.dumps({"map": self.name, "text": _file_identity(self.path),
@@ -1067,7 +1095,8 @@ class PostfixMap(LookupTable):
                 os.unlink(temp_indexed)
             self.postmap("%s:%s" % (self.type, temp))
             _copy_ownership(self.path, temp)
-            _copy_ownership(self.indexed_path if os.path.exists(self.indexed_path) else self.path, temp_indexed)
+            _copy_ownership(self.indexed_path if os.path.exists(self.indexed_path) else self.path,
+                            temp_indexed)
             os.replace(temp_indexed, self.indexed_path)
             os.replace(temp, self.path)
             _fsync_folder(folder)
@@ -1082,7 +1111,8 @@ class PostfixMap(LookupTable):
         self.needs_rebuild = False
         self._note_visible()
         self._written = self._identity()
-        log.info("rebuilt %s with %d handles in %.2f s", self.name, count[0], time.monotonic() - started)
+        log.info("rebuilt %s with %d handles in %.2f s", self.name, count[0],
+                 time.monotonic() - started)
 
     # -- changes at constant cost -----------------------------------------------------------
 
@@ -1102,7 +1132,8 @@ class PostfixMap(LookupTable):
         appended, removed = [], []
         try:
             if removes:
-                self.postmap("-d", "-", self.name, stdin="".join(k + "\n" for k in removes).encode("utf-8"))
+                self.postmap("-d", "-", self.name,
+                             stdin="".join(k + "\n" for k in removes).encode("utf-8"))
                 removed = list(removes)
                 self.unflushed.update(removes)
                 if self.unflushed_since is None:
@@ -1142,7 +1173,8 @@ class PostfixMap(LookupTable):
             if os.path.getsize(self.path) != size_before:
                 os.truncate(self.path, size_before)
             if appended:
-                self.postmap("-d", "-", self.name, stdin="".join(k + "\n" for k, _ in appended).encode("utf-8"))
+                self.postmap("-d", "-", self.name,
+                             stdin="".join(k + "\n" for k, _ in appended).encode("utf-8"))
             if removed:
                 # The removed keys' lines are still in the text file: put them back in the index.
                 wanted = set(removed)
@@ -1158,7 +1190,8 @@ class PostfixMap(LookupTable):
             self._make_visible()
             self._written = self._identity()
         except (PostfixError, OSError) as e:
-            log.error("%s: could not undo a failed change (%s); rebuilding it from the database", self.path, e)
+            log.error("%s: could not undo a failed change (%s); "
+                      "rebuilding it from the database", self.path, e)
             self.needs_rebuild = True
         self.unflushed, self.unflushed_since = unflushed_before
 
@@ -1204,13 +1237,15 @@ class PostfixMap(LookupTable):
             indexed_mtime = os.stat(self.indexed_path).st_mtime
             os.utime(self.path, (indexed_mtime, indexed_mtime))
         except OSError as e:
-            log.error("%s: cannot rewrite the map text file: %s (will retry)", self.path, _os_reason(e))
+            log.error("%s: cannot rewrite the map text file: %s (will retry)", self.path,
+                      _os_reason(e))
             self.unflushed_since = time.monotonic()     # retry later, not in a loop
             return
         self.unflushed.clear()
         self.unflushed_since = None
         self._written = self._identity()
-        log.debug("removed %d lines from %s in %.3f s", len(gone), self.path, time.monotonic() - started)
+        log.debug("removed %d lines from %s in %.3f s", len(gone), self.path,
+                  time.monotonic() - started)
 
     def dump(self):
         """Every (key, value) in the indexed file, as Postfix sees them (``postmap -s``)."""
@@ -1258,18 +1293,21 @@ def _same_endpoint(written, ours, queue_directory):
     if written == ours:
         return True
     kind, _, path = written.partition(":")
-    return kind == "unix" and ours == "unix:" + os.path.normpath(os.path.join(queue_directory, path))
+    return (kind == "unix"
+            and ours == "unix:" + os.path.normpath(os.path.join(queue_directory, path)))
 
 
 def postfix_config_problems(config, table):
     """What Postfix's own configuration (postconf) lacks for our map, domains and policy service."""
-    names = ["virtual_alias_maps", "canonical_maps", "recipient_canonical_maps", "virtual_alias_domains",
-             "mydestination", "smtpd_recipient_restrictions", "smtpd_relay_restrictions", "queue_directory"]
+    names = ["virtual_alias_maps", "canonical_maps", "recipient_canonical_maps",
+             "virtual_alias_domains", "mydestination", "smtpd_recipient_restrictions",
+             "smtpd_relay_restrictions", "queue_directory"]
     command = [find_postfix_command("postconf")]
     if config.postfix_config_dir:
         command += ["-c", config.postfix_config_dir]
     try:
-        done = subprocess.run(command + ["-x"] + names, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        done = subprocess.run(command + ["-x"] + names, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=60)
     except (OSError, subprocess.TimeoutExpired, IncognitoMailError) as e:
         return [("Postfix configuration readable", str(e))]
     if done.returncode != 0:
@@ -1284,7 +1322,8 @@ def postfix_config_problems(config, table):
     queue = values.get("queue_directory", "/var/spool/postfix")
     where = "main.cf in %s" % (config.postfix_config_dir or "/etc/postfix")
     if config.socketmap_listen:
-        ours = lambda w: w.startswith("socketmap:") and _same_endpoint(w[10:].rpartition(":")[0], config.socketmap_listen, queue)
+        ours = lambda w: w.startswith("socketmap:") and _same_endpoint(
+            w[10:].rpartition(":")[0], config.socketmap_listen, queue)
         wanted = "socketmap:%s:virtual" % config.socketmap_listen
     else:
         ours = lambda w: w == table.name or (table.type == "hash" and w == table.path)
@@ -1297,14 +1336,16 @@ def postfix_config_problems(config, table):
         domains = set(words("mydestination")) | set(words("virtual_alias_domains"))
         role = "canonical"
     else:
-        problems.append(("Postfix uses the map", "neither virtual_alias_maps nor (recipient_)canonical_maps in %s "
-                         "lists %s; add it, e.g. virtual_alias_maps = %s, then postfix reload" % (where, wanted, wanted)))
+        problems.append(("Postfix uses the map", "neither virtual_alias_maps nor "
+                         "(recipient_)canonical_maps in %s lists %s; add it, e.g. "
+                         "virtual_alias_maps = %s, then postfix reload" % (where, wanted, wanted)))
         role = None
     if role:
         problems.append(("Postfix uses the map (%s)" % role, None))
         missing = [d for d in config.domains if d not in domains]
         setting = "virtual_alias_domains" if role == "virtual_alias_maps" else "mydestination"
-        problems.append(("Postfix routes every domain", "%s not in %s (%s); add them there, then postfix reload"
+        problems.append(("Postfix routes every domain", "%s not in %s (%s); add them there, "
+                         "then postfix reload"
                          % (", ".join(missing), setting, where) if missing else None))
     if config.policy_listen:
         endpoint = config.policy_listen
@@ -1312,8 +1353,8 @@ def postfix_config_problems(config, table):
                          for n in ("smtpd_recipient_restrictions", "smtpd_relay_restrictions")
                          for before, word in zip(words(n), words(n)[1:]))
         problems.append(("Postfix asks the policy service", None if referenced else
-                         "smtpd_recipient_restrictions in %s lacks check_policy_service %s; see README.md"
-                         % (where, endpoint)))
+                         "smtpd_recipient_restrictions in %s lacks check_policy_service %s; "
+                         "see README.md" % (where, endpoint)))
     return problems
 
 
@@ -1437,7 +1478,8 @@ class Service:
         self.clock = clock
         self._queue = queue.Queue()
         self._thread = None
-        self._lookups = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="incognitomail-lookup")
+        self._lookups = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="incognitomail-lookup")
         self._creation_per_account = TokenBucket(config.handles_per_minute_per_account)
         self._lookup_store = None
         self.batches = 0
@@ -1456,7 +1498,8 @@ class Service:
             elif self.store.get_meta("counting_since") is None:
                 self.store.set_meta("counting_since", str(int(self.clock())))
         self.table.reconcile(self.store.map_entries(), clean)
-        self._thread = threading.Thread(target=self._work, name="incognitomail-service", daemon=True)
+        self._thread = threading.Thread(target=self._work, name="incognitomail-service",
+                                        daemon=True)
         self._thread.start()
 
     def stop(self):
@@ -1491,8 +1534,10 @@ class Service:
         return await asyncio.wrap_future(self.submit(operation, *args, **fields))
 
     async def lookup(self, address):
-        """(target, enabled) of a handle, or None; from a read-only connection, beside the batches."""
-        return await asyncio.get_running_loop().run_in_executor(self._lookups, self._lookup, address)
+        """(target, enabled) of a handle, or None; from a read-only connection, beside the
+        batches."""
+        return await asyncio.get_running_loop().run_in_executor(self._lookups, self._lookup,
+                                                                 address)
 
     def _lookup(self, address):
         if self._lookup_store is None:
@@ -1519,7 +1564,8 @@ class Service:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            items = [item for item in batch if item is not None and item[0].set_running_or_notify_cancel()]
+            items = [item for item in batch
+                     if item is not None and item[0].set_running_or_notify_cancel()]
             try:
                 self._run_batch(items)
             except Exception:       # never let one batch stop the worker: nobody would be answered
@@ -1527,11 +1573,13 @@ class Service:
                 self.store.rollback()
                 for future, _, _, _ in items:
                     if not future.done():
-                        future.set_exception(IncognitoMailError("internal error; the server log has details"))
+                        future.set_exception(
+                            IncognitoMailError("internal error; the server log has details"))
             if self.table.needs_rebuild:
                 self._rebuild_map()
             last_batch = time.monotonic()
-            if self.table.unflushed_since is not None and last_batch - self.table.unflushed_since >= TEXT_FLUSH_MAX_DELAY:
+            if (self.table.unflushed_since is not None
+                    and last_batch - self.table.unflushed_since >= TEXT_FLUSH_MAX_DELAY):
                 self.table.flush_text()
             if None in batch:
                 return
@@ -1541,7 +1589,8 @@ class Service:
         try:
             self.table.rebuild(self.store.map_entries())
         except IncognitoMailError as e:
-            log.error("%s (the map stays in doubt; it is rebuilt after the next batch or at start)", e)
+            log.error("%s (the map stays in doubt; "
+                      "it is rebuilt after the next batch or at start)", e)
 
     def _flush_wait(self, last_batch):
         """Seconds until the text map should drop removed lines: when idle, or when too old."""
@@ -1677,7 +1726,8 @@ class Service:
         self.store.delete_handle(handle.id)
         if handle.enabled:
             changes.remove(handle.address)
-        log.info("deleted handle %s of account %d (%s)", handle.address, account.id, account.address)
+        log.info("deleted handle %s of account %d (%s)", handle.address, account.id,
+                 account.address)
 
     def _update_handle(self, changes, token, address=None, label=_UNCHANGED, enabled=_UNCHANGED,
                        handle_id=None):
@@ -1694,7 +1744,8 @@ class Service:
         elif handle.enabled and not enabled:
             changes.remove(handle.address)
         log.info("handle %s of account %d: %s%s", handle.address, account.id,
-                 "enabled" if enabled else "disabled", ", label %r" % new_label if new_label else "")
+                 "enabled" if enabled else "disabled",
+                 ", label %r" % new_label if new_label else "")
         return self.store.handle_by_id(handle.id)
 
     def _list_handles(self, changes, token):
@@ -1721,7 +1772,8 @@ class Service:
         for handle in handles:
             if handle.enabled:
                 changes.remove(handle.address)
-        log.info("deleted account %d (%s) and its %d handles", account.id, account.address, len(handles))
+        log.info("deleted account %d (%s) and its %d handles", account.id, account.address,
+                 len(handles))
         return len(handles)
 
     def _rotate_token(self, changes, token):
@@ -1755,16 +1807,18 @@ class Service:
         if not self.config.policy_listen:
             raise BadRequest("pruning needs the policy service, which counts the mail each handle "
                              "receives: without it every handle looks unused. Set [General] "
-                             "PolicyListen and add the policy service to Postfix first (see README.md)")
+                             "PolicyListen and add the policy service to Postfix first "
+                             "(see README.md)")
         now = self.clock()
         removed = []
         if handles_days is not None:
             counting_since = int(self.store.get_meta("counting_since") or now)
             if handles_days and counting_since > now - handles_days * 86400:
                 raise BadRequest("the policy service has counted mail only since %s, so a handle "
-                                 "cannot yet be known to be unused for %d days; prune from %s on, or "
-                                 "give a shorter time" % (iso_time(counting_since), handles_days,
-                                                          iso_time(counting_since + handles_days * 86400)))
+                                 "cannot yet be known to be unused for %d days; prune from %s "
+                                 "on, or give a shorter time"
+                                 % (iso_time(counting_since), handles_days,
+                                    iso_time(counting_since + handles_days * 86400)))
             for handle in self.store.unused_handles(now - handles_days * 86400):
                 removed.append(handle.address)
                 if not dry_run:
@@ -1819,7 +1873,8 @@ OPERATIONS = {operation.name: operation for operation in (
     Operation("find_handles", Service._find_handles,
               (_TOKEN, Field("search", str, False), Field("enabled", bool, False),
                Field("offset", int, False), Field("limit", int, False)), "page", (WEBSOCKET, HTTP)),
-    Operation("get_handle", Service._get_handle, (_TOKEN, _ADDRESS, _ID), "handle", (WEBSOCKET, HTTP)),
+    Operation("get_handle", Service._get_handle, (_TOKEN, _ADDRESS, _ID), "handle",
+              (WEBSOCKET, HTTP)),
     Operation("update_handle", Service._update_handle,
               (_TOKEN, _ADDRESS, _ID, _LABEL, Field("enabled", bool, False)), "handle", EVERYONE),
     Operation("delete_handle", Service._delete_handle, (_TOKEN, _ADDRESS, _ID), None, EVERYONE),
@@ -1865,7 +1920,8 @@ def parse_json_request(text, caller):
     operation = OPERATIONS.get(message.get("op"))
     if operation is None or caller not in operation.callers:
         known = [name for name, op in OPERATIONS.items() if caller in op.callers]
-        raise _with_id(BadRequest("unknown op %r; known here: %s" % (message.get("op"), ", ".join(known))),
+        raise _with_id(BadRequest("unknown op %r; known here: %s"
+                                  % (message.get("op"), ", ".join(known))),
                        request_id)
     try:
         fields = check_fields(operation, message)
@@ -1888,11 +1944,13 @@ def check_fields(operation, message):
             if field.name in message:
                 fields[field.name] = None
             continue
-        if not isinstance(value, field.kind) or (isinstance(value, bool) and field.kind is not bool):
+        if (not isinstance(value, field.kind)
+                or (isinstance(value, bool) and field.kind is not bool)):
             raise BadRequest("%r has the wrong type" % field.name)
         if isinstance(value, str):
             try:
-                value.encode("utf-8")   # JSON may carry lone surrogates ("\ud800"), which are not text
+                # JSON may carry lone surrogates ("\ud800"), which are not text
+                value.encode("utf-8")
             except UnicodeEncodeError:
                 raise BadRequest("%r is not valid Unicode text" % field.name) from None
         fields[field.name] = value
@@ -2004,7 +2062,8 @@ class PolicyParser:
             for line in block.split(b"\n"):
                 name, sep, value = line.partition(b"=")
                 if not sep or not name:
-                    raise PostfixProtocolError("policy request line without name=value: %r" % line[:80])
+                    raise PostfixProtocolError("policy request line without name=value: %r"
+                                               % line[:80])
                 try:
                     request[name.decode("ascii")] = value.decode("utf-8")
                 except UnicodeDecodeError:
@@ -2135,8 +2194,9 @@ class HttpParser:
         if self._request is None:
             while self._buffer.data[:2] == b"\r\n":     # RFC 7230 section 3.5
                 self._buffer.take(2)
-            head = self._buffer.take_until(b"\r\n\r\n", self.max_header_bytes - 4, lambda: HttpError(
-                431, "request header section too large"))
+            head = self._buffer.take_until(
+                b"\r\n\r\n", self.max_header_bytes - 4,
+                lambda: HttpError(431, "request header section too large"))
             if head is None:
                 return None
             request = parse_request(head + b"\r\n\r\n")
@@ -2212,10 +2272,19 @@ def check_upgrade(request, path, allowed_origins=()):
         raise HttpError(400, "missing or malformed Sec-WebSocket-Key")
     if headers.get("sec-websocket-version") != "13":
         raise HttpError(426, "unsupported WebSocket version", [("Sec-WebSocket-Version", "13")])
-    allowed = {origin.lower() for origin in allowed_origins}
-    if allowed and headers.get("origin", "").lower() not in allowed:
+    if not origin_allowed(request, allowed_origins):
         raise HttpError(403, "origin not allowed")
     return key
+
+
+def origin_allowed(request, allowed_origins):
+    """Any Origin when ``allowed_origins`` is empty, else one of them (ignoring case), or the
+    listener's own: a page it served itself (the Origin names the Host)."""
+    origin = request.headers.get("origin", "").lower()
+    if not allowed_origins or origin in {o.lower() for o in allowed_origins}:
+        return True
+    return bool(origin) and urllib.parse.urlsplit(origin).netloc == request.headers.get(
+        "host", "").lower()
 
 
 def accept_response(key):
@@ -2408,7 +2477,8 @@ class FrameParser:
         try:
             self._parts.append(self._decoder.decode(chunk))
         except UnicodeDecodeError:
-            raise WebSocketProtocolError(CLOSE_INVALID_DATA, "invalid UTF-8 in text message") from None
+            raise WebSocketProtocolError(CLOSE_INVALID_DATA,
+                                         "invalid UTF-8 in text message") from None
         # CPython's decoder rejects every impossible prefix at once except a surrogate's
         # (ED A0..BF), which it only rejects when the third byte arrives: check that one here.
         pending = self._decoder.getstate()[0]
@@ -2465,6 +2535,338 @@ def encode_close(code, reason=""):
     """A close frame; the reason is cut (on a character boundary) to fit in 125 bytes."""
     data = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
     return encode_frame(OP_CLOSE, code.to_bytes(2, "big") + data)
+
+
+###############################################################################
+# Wire formats: the HTTP API, in addy.io's and SimpleLogin's dialects
+###############################################################################
+
+# Password managers (Bitwarden's "forwarded email alias" generator) and the addy.io browser
+# extension speak these two services' APIs with a self-hosted server URL; each route turns a
+# request into one of OPERATIONS and its result into what that service would answer.
+ADDY, SIMPLELOGIN = "addy.io", "SimpleLogin"
+SIMPLELOGIN_PAGE_SIZE = 20
+
+ApiCall = collections.namedtuple("ApiCall", "op fields then")        # run op, then(result)
+ApiReply = collections.namedtuple("ApiReply", "status body headers")  # body: a JSON value or None
+
+
+def _reply(status, body=None, headers=()):
+    return ApiReply(status, body, tuple(headers))
+
+
+def _addy_time(timestamp):
+    """addy.io's times: ``2026-01-01 12:00:00``, UTC."""
+    if timestamp is None:
+        return None
+    return datetime.datetime.fromtimestamp(int(timestamp), datetime.timezone.utc).strftime(
+        "%Y-%m-%d %H:%M:%S")
+
+
+def addy_alias(handle):
+    """A handle as addy.io shows an alias."""
+    return {"id": handle.id, "user_id": handle.account_id, "local_part": handle.local,
+            "extension": None, "domain": handle.domain, "email": handle.address,
+            "active": bool(handle.enabled), "pinned": False, "description": handle.label,
+            "from_name": None, "emails_forwarded": handle.received, "emails_blocked": 0,
+            "emails_replied": 0, "emails_sent": 0, "recipients": [],
+            "last_forwarded": _addy_time(handle.last_received), "last_blocked": None,
+            "last_replied": None, "last_sent": None, "created_at": _addy_time(handle.created),
+            "updated_at": _addy_time(handle.created), "deleted_at": None}
+
+
+def simplelogin_alias(handle):
+    """A handle as SimpleLogin shows an alias."""
+    mailbox = {"id": handle.account_id, "email": handle.target}
+    return {"alias": handle.address, "id": handle.id, "email": handle.address,
+            "creation_date": datetime.datetime.fromtimestamp(
+                int(handle.created), datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S+00:00"),
+            "creation_timestamp": int(handle.created), "enabled": bool(handle.enabled),
+            "note": handle.label, "name": None, "nb_forward": handle.received, "nb_block": 0,
+            "nb_reply": 0, "mailbox": mailbox, "mailboxes": [mailbox], "pinned": False,
+            "latest_activity": None, "support_pgp": False, "disable_pgp": False}
+
+
+def _json_body(request, dialect, required=True):
+    """The request's JSON object body ({} when there is none and none is required)."""
+    if not request.body.strip():
+        if required:
+            raise BadRequest("send a JSON object as the request body")
+        return {}
+    try:
+        body = json.loads(request.body.decode("utf-8"), parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        raise BadRequest("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return body
+
+
+def _text_field(body, name):
+    """An optional text field of a JSON body: a string, or null/absent (None)."""
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise _Invalid(name, "%s must be text" % name)
+    return value
+
+
+class _Invalid(BadRequest):
+    """addy.io's 422: a field the request got wrong, and why."""
+
+    def __init__(self, field, message):
+        super().__init__(message)
+        self.field = field
+
+
+def _handle_id(text):
+    """A handle's id in a URL: a positive whole number, else no such handle (404)."""
+    if not text.isdigit() or len(text) > 18:
+        raise NotFound("no such alias")
+    return int(text)
+
+
+def _addy_page(request):
+    """``page[number]``, ``page[size]`` (at most 100), ``filter[active]``, ``filter[search]``."""
+    def number(name, default, high):
+        text = request.query.get(name, str(default))
+        if not text.isdigit() or not 1 <= int(text) <= high:
+            raise _Invalid(name, "%s must be a whole number from 1 to %d" % (name, high))
+        return int(text)
+    size = number("page[size]", 50, MAX_PAGE_SIZE)
+    page = number("page[number]", 1, 1 << 31)
+    active = request.query.get("filter[active]")
+    if active not in (None, "true", "false"):
+        raise _Invalid("filter[active]", "filter[active] must be true or false")
+    return {"search": request.query.get("filter[search]") or None,
+            "enabled": None if active is None else active == "true",
+            "offset": (page - 1) * size, "limit": size}
+
+
+def _addy_list(request, token, match, domains):
+    def listed(page):
+        last = max(1, -(-page.total // page.limit))
+        current = page.offset // page.limit + 1
+        path = request.path
+
+        def link(number):
+            return None if number < 1 or number > last else \
+                "%s?page[number]=%d&page[size]=%d" % (path, number, page.limit)
+        first = page.offset + 1 if page.handles else None
+        return _reply(200, {
+            "data": [addy_alias(h) for h in page.handles],
+            "links": {"first": link(1), "last": link(last), "prev": link(current - 1),
+                      "next": link(current + 1)},
+            "meta": {"current_page": current, "from": first, "last_page": last, "path": path,
+                     "per_page": page.limit, "total": page.total,
+                     "to": page.offset + len(page.handles) if first else None}})
+    return ApiCall("find_handles", dict(_addy_page(request), token=token), listed)
+
+
+def _addy_new(request, token, match, domains):
+    body = _json_body(request, ADDY)
+    domain = _text_field(body, "domain")
+    if domain is None or domain.strip().lstrip("@").lower() not in domains:
+        raise _Invalid("domain", "the domain must be one of the domains served here: %s"
+                       % ", ".join(domains))
+    if body.get("format") == "custom" or body.get("local_part"):
+        raise _Invalid("local_part", "handles here are random: leave out local_part and use a "
+                       "format other than custom")
+    if body.get("format") is not None and not isinstance(body.get("format"), str):
+        raise _Invalid("format", "format must be text")
+    if not isinstance(body.get("recipient_ids", []), (list, type(None))):
+        raise _Invalid("recipient_ids", "recipient_ids must be a list")
+    fields = {"token": token, "domain": domain.strip().lstrip("@").lower(),
+              "label": _text_field(body, "description")}
+    return ApiCall("new_handle", fields, lambda handle: _reply(201, {"data": addy_alias(handle)}))
+
+
+def _addy_get(request, token, match, domains):
+    return ApiCall("get_handle", {"token": token, "handle_id": _handle_id(match["id"])},
+                   lambda handle: _reply(200, {"data": addy_alias(handle)}))
+
+
+def _addy_update(request, token, match, domains):
+    body = _json_body(request, ADDY)
+    fields = {"token": token, "handle_id": _handle_id(match["id"])}
+    if "description" in body:
+        fields["label"] = _text_field(body, "description")
+    return ApiCall("update_handle", fields,
+                   lambda handle: _reply(200, {"data": addy_alias(handle)}))
+
+
+def _addy_delete(request, token, match, domains):
+    return ApiCall("delete_handle", {"token": token, "handle_id": _handle_id(match["id"])},
+                   lambda _: _reply(204))
+
+
+def _addy_activate(request, token, match, domains):
+    handle_id = _json_body(request, ADDY).get("id")
+    if isinstance(handle_id, str):
+        handle_id = _handle_id(handle_id)
+    if not isinstance(handle_id, int) or isinstance(handle_id, bool):
+        raise _Invalid("id", "id must be the alias's id")
+    return ApiCall("update_handle", {"token": token, "handle_id": handle_id, "enabled": True},
+                   lambda handle: _reply(200, {"data": addy_alias(handle)}))
+
+
+def _addy_deactivate(request, token, match, domains):
+    return ApiCall("update_handle", {"token": token, "handle_id": _handle_id(match["id"]),
+                                     "enabled": False}, lambda _: _reply(204))
+
+
+def _addy_account(show):
+    def route(request, token, match, domains):
+        return ApiCall("account", {"token": token}, lambda account: _reply(200, show(account)))
+    return route
+
+
+def _addy_domain_options(account):
+    return {"data": list(account.domains), "sharedDomains": [],
+            "defaultAliasDomain": account.domains[0], "defaultAliasFormat": "random_characters"}
+
+
+def _addy_account_details(account):
+    return {"data": {"id": account.id, "username": account.address,
+                     "default_alias_domain": account.domains[0],
+                     "default_alias_format": "random_characters", "total_aliases": account.handles,
+                     "created_at": _addy_time(account.created),
+                     "updated_at": _addy_time(account.created)}}
+
+
+def _addy_token_details(account):
+    return {"name": "IncognitoMail", "created_at": _addy_time(account.created), "expires_at": None}
+
+
+def _addy_recipients(account):
+    return {"data": [{"id": account.id, "user_id": account.id, "email": account.address,
+                      "can_reply_send": False, "should_encrypt": False, "fingerprint": None,
+                      "email_verified_at": _addy_time(account.created),
+                      "aliases_count": account.handles, "created_at": _addy_time(account.created),
+                      "updated_at": _addy_time(account.created)}]}
+
+
+def _simplelogin_new(request, token, match, domains):
+    if request.query.get("mode") not in (None, "uuid", "word"):
+        raise BadRequest("mode must be uuid or word")
+    note = _text_field(_json_body(request, SIMPLELOGIN, required=False), "note")
+    hostname = request.query.get("hostname") or None
+    label = note if note else hostname[:MAX_LABEL_LENGTH] if hostname else None
+    return ApiCall("new_handle", {"token": token, "label": label},
+                   lambda handle: _reply(201, simplelogin_alias(handle)))
+
+
+def _simplelogin_list(request, token, match, domains):
+    page = request.query.get("page_id", "")
+    if not page.isdigit() or len(page) > 9:
+        raise BadRequest("page_id must be given, a whole number from 0")
+    search = None
+    if request.method == "POST":
+        search = _text_field(_json_body(request, SIMPLELOGIN, required=False), "query")
+    fields = {"token": token, "search": search or None, "offset": int(page) * SIMPLELOGIN_PAGE_SIZE,
+              "limit": SIMPLELOGIN_PAGE_SIZE}
+    return ApiCall("find_handles", fields, lambda found: _reply(
+        200, {"aliases": [simplelogin_alias(h) for h in found.handles]}))
+
+
+def _simplelogin_get(request, token, match, domains):
+    return ApiCall("get_handle", {"token": token, "handle_id": _handle_id(match["id"])},
+                   lambda handle: _reply(200, simplelogin_alias(handle)))
+
+
+def _simplelogin_delete(request, token, match, domains):
+    return ApiCall("delete_handle", {"token": token, "handle_id": _handle_id(match["id"])},
+                   lambda _: _reply(200, {"deleted": True}))
+
+
+def _simplelogin_toggle(request, token, match, domains):
+    fields = {"token": token, "handle_id": _handle_id(match["id"])}
+    return ApiCall("get_handle", fields, lambda handle: ApiCall(
+        "update_handle", dict(fields, enabled=not handle.enabled),
+        lambda toggled: _reply(200, {"enabled": bool(toggled.enabled)})))
+
+
+def _simplelogin_user(request, token, match, domains):
+    return ApiCall("account", {"token": token}, lambda account: _reply(200, {
+        "name": account.address, "email": account.address, "is_premium": True,
+        "in_trial": False, "profile_picture_url": None, "max_alias_free_plan": None}))
+
+
+def _simplelogin_mailboxes(request, token, match, domains):
+    return ApiCall("account", {"token": token}, lambda account: _reply(200, {"mailboxes": [{
+        "id": account.id, "email": account.address, "verified": True, "default": True,
+        "creation_timestamp": int(account.created), "nb_alias": account.handles}]}))
+
+
+_ID_PATH = r"(?P<id>[^/]+)"
+# (path, dialect, {method: route}); a route takes (request, token, path match, domains).
+API_ROUTES = tuple((re.compile(path), dialect, methods) for path, dialect, methods in (
+    ("/api/v1/aliases", ADDY, {"GET": _addy_list, "POST": _addy_new}),
+    ("/api/v1/aliases/" + _ID_PATH, ADDY, {"GET": _addy_get, "PATCH": _addy_update,
+                                      "DELETE": _addy_delete}),
+    ("/api/v1/active-aliases", ADDY, {"POST": _addy_activate}),
+    ("/api/v1/active-aliases/" + _ID_PATH, ADDY, {"DELETE": _addy_deactivate}),
+    ("/api/v1/domain-options", ADDY, {"GET": _addy_account(_addy_domain_options)}),
+    ("/api/v1/account-details", ADDY, {"GET": _addy_account(_addy_account_details)}),
+    ("/api/v1/api-token-details", ADDY, {"GET": _addy_account(_addy_token_details)}),
+    ("/api/v1/recipients", ADDY, {"GET": _addy_account(_addy_recipients)}),
+    ("/api/alias/random/new", SIMPLELOGIN, {"POST": _simplelogin_new}),
+    ("/api/v2/aliases", SIMPLELOGIN, {"GET": _simplelogin_list, "POST": _simplelogin_list}),
+    ("/api/aliases/" + _ID_PATH, SIMPLELOGIN, {"GET": _simplelogin_get,
+                                               "DELETE": _simplelogin_delete}),
+    ("/api/aliases/" + _ID_PATH + "/toggle", SIMPLELOGIN, {"POST": _simplelogin_toggle}),
+    ("/api/user_info", SIMPLELOGIN, {"GET": _simplelogin_user}),
+    ("/api/mailboxes", SIMPLELOGIN, {"GET": _simplelogin_mailboxes}),
+))
+
+CORS_HEADERS = (("Access-Control-Allow-Methods", "GET, POST, PATCH, DELETE, OPTIONS"),
+                ("Access-Control-Allow-Headers", "Authorization, Authentication, Content-Type, "
+                                                 "Accept, X-Requested-With, X-Requested-From"),
+                ("Access-Control-Max-Age", "86400"))
+
+
+def api_error(dialect, error):
+    """An error as the dialect's clients read it: ``{"error"}`` (SimpleLogin) or
+    ``{"message"}`` and, for 422, ``errors`` (addy.io). Bitwarden shows the text."""
+    status = {Unauthorized: 401, NotFound: 404, RateLimited: 429}.get(type(error))
+    headers = ()
+    if isinstance(error, RateLimited):
+        headers = (("Retry-After", str(error.retry_after)),)
+    text = str(error)
+    if isinstance(error, Unauthorized):
+        text = "the API token is not valid here: check it, or ask the server's admin for one"
+    elif status is None and isinstance(error, BadRequest):
+        status = 422 if dialect == ADDY else 400
+    elif status is None:
+        status, text = 500, "the server could not do it (%s); nothing was changed" % text
+    if dialect == SIMPLELOGIN:
+        return _reply(status, {"error": text}, headers)
+    body = {"message": text}
+    if status == 422:
+        body["errors"] = {getattr(error, "field", "request"): [text]}
+    return _reply(status, body, headers)
+
+
+def route_api(request, domains):
+    """The request's route: an ApiCall to run, or an ApiReply (an error, or 405 with Allow)."""
+    for path, dialect, methods in API_ROUTES:
+        match = path.fullmatch(request.path)
+        if match is None:
+            continue
+        method = "GET" if request.method == "HEAD" else request.method
+        if method not in methods:
+            allowed = sorted(set(methods) | {"OPTIONS"} | ({"HEAD"} if "GET" in methods else set()))
+            text = "%s is not allowed here" % request.method
+            return _reply(405, {"error": text} if dialect == SIMPLELOGIN else {"message": text},
+                          (("Allow", ", ".join(allowed)),)), dialect
+        auth = request.headers.get("authentication") or request.headers.get("authorization", "")
+        token = auth[7:].strip() if auth[:7].lower() == "bearer " else auth.strip()
+        if not token:
+            return api_error(dialect, Unauthorized("no API token")), dialect
+        try:
+            return methods[method](request, token, match, domains), dialect
+        except IncognitoMailError as e:     # told only to the account's owner: the token first
+            return ApiCall("account", {"token": token}, lambda _: api_error(dialect, e)), dialect
+    return _reply(404, {"message": "nothing here", "error": "nothing here"}), None
 
 
 ###############################################################################
@@ -2543,8 +2945,8 @@ def _prepare_unix_socket_path(path, key, for_postfix):
     try:
         os.unlink(path)     # we hold the lock file, so no other server is using it: a crash left it
     except OSError as e:
-        raise ServerError("%s (%s): cannot remove the socket a stopped server left: %s; remove it as "
-                          "its owner (%s) or choose another path"
+        raise ServerError("%s (%s): cannot remove the socket a stopped server left: %s; "
+                          "remove it as its owner (%s) or choose another path"
                           % (path, key, _os_reason(e), _user_name(existing.st_uid)))
 
 
@@ -2580,7 +2982,8 @@ async def _start_listener(handler, endpoint, key):
 # Servers: HTTP and WebSocket connections over asyncio
 ###############################################################################
 
-SEND_TIMEOUT = 30.0     # how long a peer may read nothing while a reply waits, without an idle timeout
+# how long a peer may read nothing while a reply waits, without an idle timeout
+SEND_TIMEOUT = 30.0
 MAX_PENDING = 16        # messages of one connection being answered: parsing stops there
 READ_AHEAD_BYTES = 65536        # unparsed bytes held before reading from the peer stops
 MAX_UNSENT_BYTES = 4 << 20      # replies a peer that stopped reading left: past this, dropped
@@ -2659,7 +3062,8 @@ class WebSocketConnection(asyncio.Protocol):
         """Queue a text (str) or binary (bytes) message; False if the connection is closing."""
         if not self.is_open:
             return False
-        if "writing" in self._paused_by and self.transport.get_write_buffer_size() > MAX_UNSENT_BYTES:
+        if ("writing" in self._paused_by
+                and self.transport.get_write_buffer_size() > MAX_UNSENT_BYTES):
             self.transport.abort()      # the peer lets our replies pile up: drop it
             return False
         self.transport.write(encode_message(message))
@@ -2897,7 +3301,8 @@ class _LockFile:
         for attempt in range(20):
             try:
                 _private_folder(folder, "[General] LockFilePath")
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o600)
             except OSError as e:
                 raise ServerError("%s: cannot open the lock file ([General] LockFilePath): %s"
                                   % (self.path, _os_reason(e)))
@@ -2907,10 +3312,12 @@ class _LockFile:
                 pid = os.read(fd, 32).decode("ascii", "replace").strip()
                 os.close(fd)
                 if (pid.isdigit() and _process_exists(int(pid))) or attempt == 19:
-                    raise ServerError("already running (pid %s, lock %s)" % (pid or "unknown", self.path))
+                    raise ServerError("already running (pid %s, lock %s)"
+                                      % (pid or "unknown", self.path))
                 time.sleep(0.01)    # a reader's brief shared lock (status, check): try again
                 continue
-            if _file_identity(self.path) is None or os.fstat(fd).st_ino != os.stat(self.path).st_ino:
+            if (_file_identity(self.path) is None
+                    or os.fstat(fd).st_ino != os.stat(self.path).st_ino):
                 os.close(fd)        # a stopping server removed the file we locked: lock the new one
                 continue
             os.ftruncate(fd, 0)
@@ -2970,7 +3377,8 @@ def descriptor_budget(wanted):
     if budget < wanted:
         log.warning("open-file limit %d leaves room for %d WebSocket/HTTP connections, fewer than "
                     "[Limits] MaxConnections %d (%d descriptors are kept for the command line, "
-                    "Postfix and files); raise the limit (LimitNOFILE in the systemd unit, ulimit -n)",
+                    "Postfix and files); raise the limit (LimitNOFILE in the systemd unit, "
+                    "ulimit -n)",
                     soft, budget, wanted, RESERVED_DESCRIPTORS)
     return min(budget, wanted)
 
@@ -2998,7 +3406,8 @@ class _WebClient(WebSocketConnection):
         self.admitted = self.front.admit(self)
         if not self.admitted:
             if self.front.tls is None:
-                transport.write(error_response(503, "too many connections", [("Retry-After", "10")]))
+                transport.write(error_response(503, "too many connections",
+                                               [("Retry-After", "10")]))
             transport.close()
         elif self.front.tls is None:
             super().connection_made(transport)
@@ -3031,6 +3440,10 @@ class _WebClient(WebSocketConnection):
     def message_received(self, message):
         return self.front.answer_websocket(self, message)
 
+    def request_received(self, request):
+        self.client = client_key(self.front.client_address(self.peer, request.headers))
+        return self.front.answer_http(self, request)
+
     def closed(self):
         if self.admitted:
             self.admitted = False
@@ -3056,7 +3469,8 @@ class Daemon:
         self._known_tokens = collections.OrderedDict()  # token digests that were right lately
         self._received = []             # (address, time) from the policy service, not yet written
         self._counted = {}              # (instance, recipient) already counted: once per message
-        self._stream_clients = {}       # listener name -> {writer: None}, least recently active first
+        # listener name -> {writer: None}, least recently active first
+        self._stream_clients = {}
         self._fd_shortage_logged = float("-inf")   # when a shortage of descriptors was last seen
 
     def run(self):
@@ -3167,7 +3581,8 @@ class Daemon:
             # asyncio retries accept() every second: one line per shortage, not one per retry
             if time.monotonic() - self._fd_shortage_logged > FD_SHORTAGE_LOG_SECONDS:
                 log.error("out of file descriptors (%s): new connections are refused until some "
-                          "close; raise the limit (ulimit -n) or lower [Limits] MaxConnections", error)
+                          "close; raise the limit (ulimit -n) or lower [Limits] MaxConnections",
+                          error)
             self._fd_shortage_logged = time.monotonic()
             return
         loop.default_exception_handler(context)
@@ -3193,8 +3608,8 @@ class Daemon:
         failures = self._failures_per_client
         wait = failures.take(client, peek=True)
         if wait:
-            raise RateLimited("too many wrong secret tokens from %s; retry in %d s" % (client, wait),
-                              wait)
+            raise RateLimited("too many wrong secret tokens from %s; retry in %d s"
+                              % (client, wait), wait)
         token = fields.get("token")
         digest = token_digest(token) if isinstance(token, str) else None
         charged = digest not in self._known_tokens
@@ -3204,7 +3619,8 @@ class Daemon:
             if op == "new_handle":
                 wait = self._creation_per_client.take(client)
                 if wait:
-                    raise RateLimited("rate limited: too many new handles; retry in %d s" % wait, wait)
+                    raise RateLimited("rate limited: too many new handles; retry in %d s" % wait,
+                                      wait)
                 fields = dict(fields, rate_limited=True)
             result = await self.service.run(op, **fields)
         except Unauthorized:
@@ -3241,7 +3657,8 @@ class Daemon:
             return json_error(getattr(e, "request_id", request_id), e)
         except Exception:
             log.exception("internal error answering a request")
-            return json_error(request_id, IncognitoMailError("internal error; the server log has details"))
+            return json_error(request_id,
+                              IncognitoMailError("internal error; the server log has details"))
 
     # -- control socket: the command line ------------------------------------------------------
 
@@ -3350,10 +3767,46 @@ class Daemon:
         except IncognitoMailError as e:
             return "error %s" % e
 
+    def answer_http(self, connection, request):
+        return self._track(self._answer_http(connection, request))
+
+    async def _answer_http(self, connection, request):
+        """One HTTP request -> (response bytes, close after it); the API under /api/."""
+        call, dialect = route_api(request, self.config.domains)
+        while isinstance(call, ApiCall):
+            try:
+                result = await self._run(HTTP, connection.client, call.op, call.fields)
+                call = call.then(result)
+            except IncognitoMailError as e:
+                call = api_error(dialect, e)
+            except Exception:
+                log.exception("internal error answering an HTTP request")
+                call = api_error(dialect, IncognitoMailError("internal error"))
+        headers = [("Cache-Control", "no-store")] + list(call.headers)
+        origin_ok = origin_allowed(request, self.config.allowed_origins)
+        if origin_ok:
+            headers.append(("Access-Control-Allow-Origin",
+                            "*" if not self.config.allowed_origins else request.headers["origin"]))
+        if self.config.allowed_origins:
+            headers.append(("Vary", "Origin"))
+        if request.method == "OPTIONS" and dialect is not None:
+            reply = ApiReply(204, None, tuple(CORS_HEADERS))
+            headers = [h for h in headers if h[0] != "Allow"] + list(CORS_HEADERS)
+        else:
+            reply = call
+        body = b""
+        if reply.body is not None:
+            body = json.dumps(reply.body).encode("utf-8")
+            headers.append(("Content-Type", "application/json"))
+        close = "close" in _tokens(request.headers.get("connection")) or request.version < (1, 1)
+        return (http_response(reply.status, headers, body, close=close,
+                              head_only=request.method == "HEAD"), close)
+
     # -- policy service: what mail each handle receives -----------------------------------------
 
     async def _serve_policy(self, reader, writer):
-        await self._serve_postfix(reader, writer, PolicyParser(), self._policy_answer, "policy service")
+        await self._serve_postfix(reader, writer, PolicyParser(), self._policy_answer,
+                                  "policy service")
 
     async def _serve_postfix(self, reader, writer, parser, answer, name):
         """Postfix's side of the policy and socketmap protocols: many requests per connection.
@@ -3436,7 +3889,8 @@ class Daemon:
     # -- socketmap: Postfix asks the daemon -----------------------------------------------------
 
     async def _serve_socketmap(self, reader, writer):
-        await self._serve_postfix(reader, writer, NetstringParser(), self._socketmap_answer, "socketmap")
+        await self._serve_postfix(reader, writer, NetstringParser(), self._socketmap_answer,
+                                  "socketmap")
 
     async def _socketmap_answer(self, request):
         """``name key`` -> ``OK target`` for an enabled handle, else ``NOTFOUND ``."""
@@ -3475,7 +3929,8 @@ def run_check(config, args, out=sys.stdout):
     def report(name, problem=None):
         results.append({"check": name, "ok": problem is None, "problem": problem})
         if not args.json:
-            print("%-4s %s%s" % ("OK" if problem is None else "FAIL", name, "" if problem is None else ": " + problem),
+            print("%-4s %s%s" % ("OK" if problem is None else "FAIL", name,
+                                 "" if problem is None else ": " + problem),
                   file=out)
 
     report("configuration %s" % config.path)
@@ -3490,8 +3945,8 @@ def run_check(config, args, out=sys.stdout):
         store = Store(config.database_path, readonly=True)
         version = store.schema_version()
         if version != SCHEMA_VERSION:
-            raise StoreError("schema version %d, this program's is %d; start the server once to migrate"
-                             % (version, SCHEMA_VERSION))
+            raise StoreError("schema version %d, this program's is %d; start the server once "
+                             "to migrate" % (version, SCHEMA_VERSION))
         report("database %s readable, schema version %d" % (config.database_path, version))
     except IncognitoMailError as e:
         report("database readable", str(e))
@@ -3503,7 +3958,8 @@ def run_check(config, args, out=sys.stdout):
     pid = running_pid(config)
     try:
         if not pid:
-            raise ServerError("not running (no lock held on %s); start it with: python3 incognitomail.py -c %s"
+            raise ServerError("not running (no lock held on %s); start it with: "
+                              "python3 incognitomail.py -c %s"
                               % (config.lock_file_path, config.path))
         ControlClient(config).request("status")
         report("server running (pid %d)" % pid)
@@ -3569,9 +4025,11 @@ def build_parser():
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", default=DEFAULT_CONFIG_PATH, metavar="PATH",
                         help="configuration file (default: %(default)s)")
-    parser.add_argument("--json", action="store_true", help="machine-readable output (accepted anywhere)")
+    parser.add_argument("--json", action="store_true",
+                        help="machine-readable output (accepted anywhere)")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
-    commands = parser.add_subparsers(dest="command", metavar="command", parser_class=_ArgumentParser)
+    commands = parser.add_subparsers(dest="command", metavar="command",
+                                     parser_class=_ArgumentParser)
 
     def command(name, help, *args, parent=commands):
         sub = parent.add_parser(name, help=help, description=help)
@@ -3581,10 +4039,14 @@ def build_parser():
 
     new = commands.add_parser("new", help="new account or handle").add_subparsers(
         dest="what", metavar="account|handle", required=True, parser_class=_ArgumentParser)
-    command("account", "make an account for <address>; prints its secret token", "address", parent=new)
-    new_handle = command("handle", "make a handle for the account; prints its address", "secret", parent=new)
-    new_handle.add_argument("--label", metavar="TEXT", help="what the handle is for, e.g. shop.example.com")
-    new_handle.add_argument("--domain", metavar="D", help="one of [PostfixConfig] Domain (default: the first)")
+    command("account", "make an account for <address>; prints its secret token", "address",
+            parent=new)
+    new_handle = command("handle", "make a handle for the account; prints its address", "secret",
+                         parent=new)
+    new_handle.add_argument("--label", metavar="TEXT",
+                            help="what the handle is for, e.g. shop.example.com")
+    new_handle.add_argument("--domain", metavar="D",
+                            help="one of [PostfixConfig] Domain (default: the first)")
     delete = commands.add_parser("delete", help="delete an account or a handle").add_subparsers(
         dest="what", metavar="account|handle", required=True, parser_class=_ArgumentParser)
     command("account", "delete the account and every handle it has", "secret", parent=delete)
@@ -3606,8 +4068,10 @@ def build_parser():
     prune.add_argument("--handles-unused-days", type=_days, metavar="N",
                        help="handles older than N days that never received a message (0: any age)")
     prune.add_argument("--accounts-unused-days", type=_days, metavar="N",
-                       help="accounts older than N days whose token was never used and that have no handles")
-    prune.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
+                       help="accounts older than N days whose token was never used and that "
+                            "have no handles")
+    prune.add_argument("--dry-run", action="store_true",
+                       help="print what would be removed, remove nothing")
     return parser
 
 
@@ -3625,8 +4089,9 @@ def _normalize_argv(argv, parser):
             short.update(o for o in action.option_strings if len(o) == 2)
     argv = ["--config" if a == "-config" else "--config=" + a[8:] if a.startswith("-config=") else a
             for a in argv if a != "--json"]
-    argv = [_DASH_PROTECTED + a if a.startswith("-") and a != "-" and a.split("=", 1)[0] not in options
-            and a[:2] not in short and not a.lstrip("-").isdigit() else a for a in argv]
+    argv = [_DASH_PROTECTED + a if a.startswith("-") and a != "-"
+            and a.split("=", 1)[0] not in options and a[:2] not in short
+            and not a.lstrip("-").isdigit() else a for a in argv]
     return (["--json"] if wants_json else []) + argv
 
 
@@ -3634,7 +4099,8 @@ def _all_actions(parser):
     for action in parser._actions:
         yield action
         for sub in getattr(action, "choices", None) or {}:
-            if isinstance(action.choices, dict) and isinstance(action.choices[sub], argparse.ArgumentParser):
+            if (isinstance(action.choices, dict)
+                    and isinstance(action.choices[sub], argparse.ArgumentParser)):
                 yield from _all_actions(action.choices[sub])
 
 
@@ -3659,11 +4125,13 @@ class ControlClient:
             sock.connect(path)
         except (FileNotFoundError, ConnectionRefusedError):
             sock.close()
-            raise ServerError("the server is not running (nothing listens on %s, [General] UnixSockPath); start it "
-                              "with: python3 incognitomail.py -c %s" % (path, self.config.path))
+            raise ServerError("the server is not running (nothing listens on %s, "
+                              "[General] UnixSockPath); start it with: "
+                              "python3 incognitomail.py -c %s" % (path, self.config.path))
         except PermissionError:
             sock.close()
-            raise ServerError("%s: permission denied; run this as root or as the user the server runs as" % path)
+            raise ServerError("%s: permission denied; run this as root or as the user the "
+                              "server runs as" % path)
         except OSError as e:
             sock.close()
             raise ServerError("cannot connect to %s: %s" % (path, _os_reason(e)))
@@ -3679,14 +4147,17 @@ class ControlClient:
                 while not data.endswith(b"\n"):
                     chunk = sock.recv(65536)
                     if not chunk:
-                        raise ServerError("the server closed the connection without answering; see its log")
+                        raise ServerError("the server closed the connection without answering; "
+                                          "see its log")
                     data += chunk
                 reply = json.loads(data.decode("utf-8"))
             except (OSError, ValueError) as e:
-                raise ServerError("no valid answer from the server on %s (%s); see its log" % (path, e))
+                raise ServerError("no valid answer from the server on %s (%s); see its log"
+                                  % (path, e))
         if not reply.get("ok"):
-            error = {"bad_request": BadRequest, "unauthorized": Unauthorized, "not_found": NotFound}.get(
-                reply.get("error"), IncognitoMailError)(reply.get("message", "unknown error"))
+            error = {"bad_request": BadRequest, "unauthorized": Unauthorized,
+                     "not_found": NotFound}.get(reply.get("error"), IncognitoMailError)(
+                reply.get("message", "unknown error"))
             raise error
         return reply
 
@@ -3699,8 +4170,9 @@ class ControlClient:
         except OSError:
             pass
         if uid not in allowed:
-            raise ServerError("%s is served by user %s, who owns neither the database nor this session; "
-                              "refusing to send a secret to it" % (self.config.unix_sock_path, _user_name(uid)))
+            raise ServerError("%s is served by user %s, who owns neither the database nor this "
+                              "session; refusing to send a secret to it"
+                              % (self.config.unix_sock_path, _user_name(uid)))
 
 
 def _read_secret(value):
@@ -3714,7 +4186,8 @@ def _read_secret(value):
 
 def _handle_line(handle):
     return "\t".join([handle["address"], "enabled" if handle["enabled"] else "disabled",
-                      "received %d" % handle["received"], "last %s" % (handle["last_received"] or "never"),
+                      "received %d" % handle["received"],
+                      "last %s" % (handle["last_received"] or "never"),
                       "created %s" % handle["created"], handle["label"] or ""]).rstrip("\t")
 
 
@@ -3760,7 +4233,8 @@ def run_command(config, args, out=sys.stdout):
     elif args.command == "rotate":
         token = client.request("rotate_token", token=_read_secret(args.secret))["token"]
         emit({"token": token}, token)
-        print("This is the account's new secret token; the old one no longer works.", file=sys.stderr)
+        print("This is the account's new secret token; the old one no longer works.",
+              file=sys.stderr)
     elif args.command == "status":
         try:
             status = client.request("status")["status"]
@@ -3768,22 +4242,26 @@ def run_command(config, args, out=sys.stdout):
             emit({"running": False, "message": str(e)}, "not running: %s" % e)
             return 1
         status["running"] = True
-        emit(status, "running (pid %d), version %s\naccounts %d, handles %d (%d enabled)\nmap %s, domains %s" % (
-            status["pid"], status["version"], status["accounts"], status["handles"], status["enabled_handles"],
-            status["map"], ", ".join(status["domains"])))
+        emit(status, "running (pid %d), version %s\naccounts %d, handles %d (%d enabled)\n"
+                     "map %s, domains %s"
+                     % (status["pid"], status["version"], status["accounts"], status["handles"],
+                        status["enabled_handles"], status["map"], ", ".join(status["domains"])))
     elif args.command == "prune":
         handles_days = args.handles_unused_days
         accounts_days = args.accounts_unused_days
         if handles_days is None and accounts_days is None:
-            handles_days, accounts_days = config.prune_handles_unused_days, config.prune_accounts_unused_days
+            handles_days, accounts_days = (config.prune_handles_unused_days,
+                                           config.prune_accounts_unused_days)
         if handles_days is None and accounts_days is None:
-            raise BadRequest("nothing to prune: give --handles-unused-days N and/or --accounts-unused-days N, "
-                             "or set them in [Prune] of %s" % config.path)
-        removed = client.request("prune", handles_unused_days=handles_days, accounts_unused_days=accounts_days,
+            raise BadRequest("nothing to prune: give --handles-unused-days N and/or "
+                             "--accounts-unused-days N, or set them in [Prune] of %s" % config.path)
+        removed = client.request("prune", handles_unused_days=handles_days,
+                                 accounts_unused_days=accounts_days,
                                  dry_run=args.dry_run)["removed"]
         if args.json or removed:
             emit(removed, "\n".join(removed))
-        print("%s %d handles and accounts" % ("would remove" if args.dry_run else "removed", len(removed)),
+        print("%s %d handles and accounts"
+              % ("would remove" if args.dry_run else "removed", len(removed)),
               file=sys.stderr)
     elif args.command == "stop":
         pid = running_pid(config)
@@ -3802,13 +4280,16 @@ def setup_logging(config=None):
         root.removeHandler(handler)
     if config is not None and config.log_target == "syslog":
         if not os.path.exists("/dev/log"):
-            raise ConfigError("%s [General] LogTarget: syslog, but /dev/log does not exist (is a syslog daemon "
-                              "running?); use LogTarget = stderr" % config.path)
-        handler = logging.handlers.SysLogHandler("/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL)
-        handler.setFormatter(logging.Formatter("incognitomail[%(process)d]: %(levelname)s %(message)s"))
+            raise ConfigError("%s [General] LogTarget: syslog, but /dev/log does not exist "
+                              "(is a syslog daemon running?); use LogTarget = stderr" % config.path)
+        handler = logging.handlers.SysLogHandler("/dev/log",
+                                                 facility=logging.handlers.SysLogHandler.LOG_MAIL)
+        handler.setFormatter(logging.Formatter(
+            "incognitomail[%(process)d]: %(levelname)s %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s incognitomail[%(process)d] %(levelname)s %(message)s"))
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s incognitomail[%(process)d] %(levelname)s %(message)s"))
     root.addHandler(handler)
     root.setLevel(getattr(logging, (config.log_level if config else "warning").upper()))
     root.propagate = False
@@ -3816,7 +4297,8 @@ def setup_logging(config=None):
 
 def main(argv=None):
     parser = build_parser()
-    args = _unprotect(parser.parse_args(_normalize_argv(sys.argv[1:] if argv is None else list(argv), parser)))
+    args = _unprotect(parser.parse_args(
+        _normalize_argv(sys.argv[1:] if argv is None else list(argv), parser)))
     setup_logging()
     try:
         try:
