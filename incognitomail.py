@@ -46,6 +46,7 @@ import string
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -159,6 +160,30 @@ def _file_identity(path):
     except FileNotFoundError:
         return None
     return [st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def _others_may_write(st):
+    """Could a user other than root or us write into the folder whose stat is ``st``?"""
+    if st.st_uid not in (0, os.geteuid()) or st.st_mode & stat.S_IWOTH:
+        return True
+    return bool(st.st_mode & stat.S_IWGRP) and st.st_gid not in (0, os.getegid())
+
+
+def _private_folder(folder, key, error=None, create=True):
+    """Make sure ``folder`` exists (created mode 0700) and only root and we may write into it:
+    otherwise another user could put a symlink where we create a file, as root."""
+    error = error or ServerError
+    try:
+        if create:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+        st = os.stat(folder)
+    except OSError as e:
+        raise error("%s: cannot create the folder for %s: %s" % (folder, key, _os_reason(e)))
+    if _others_may_write(st):
+        raise error("%s: folder for %s may be written by users other than root and %s, who "
+                    "could make us overwrite any file; make it theirs alone (owned by root or %s, "
+                    "chmod go-w %s)" % (folder, key, _user_name(), _user_name(), folder))
+
 
 
 ###############################################################################
@@ -504,6 +529,12 @@ def check_address(text):
     return match.group("local") + "@" + match.group("domain").lower()
 
 
+# Characters a label may not hold: it is shown on one line, on terminals and web pages.
+# C0 and C1 controls, line and paragraph separators, and bidirectional overrides and
+# isolates, which make text display in another order than it is stored.
+_LABEL_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
 def check_label(label):
     """A label is free text for a person, on one line."""
     if label is None:
@@ -512,8 +543,9 @@ def check_label(label):
         raise BadRequest("label must be text")
     if len(label) > MAX_LABEL_LENGTH:
         raise BadRequest("label is longer than %d characters" % MAX_LABEL_LENGTH)
-    if any(ord(c) < 32 or ord(c) == 127 for c in label):
-        raise BadRequest("label must not contain control characters or line breaks")
+    if _LABEL_FORBIDDEN.search(label):
+        raise BadRequest("label must not contain control characters, line breaks or "
+                         "direction overrides")
     return label.strip() or None
 
 
@@ -599,9 +631,12 @@ class Store:
 
     def __init__(self, path, readonly=False):
         self.path = path
+        if not readonly:
+            _private_folder(os.path.dirname(path), "[Persistence] DatabasePath", StoreError)
         try:
             if not readonly:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
+                # private: it holds every account's address (its -wal and -shm get its mode)
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
             if readonly:
                 uri = "file:%s?mode=ro" % _sqlite_uri_path(path)
                 self.db = sqlite3.connect(uri, uri=True, isolation_level=None,
@@ -850,34 +885,38 @@ def map_line_key(line):
     return line.split(None, 1)[0].decode("utf-8", "replace").lower()
 
 
-def _write_atomically(path, chunks):
-    """Write ``chunks`` to a temp file beside ``path``, fsync, and rename it into place.
+def _write_atomically(path, chunks, mode=0o644):
+    """Write ``chunks`` to a new file beside ``path``, fsync, and rename it into place.
 
-    The new file gets the owner and mode of the file it replaces, so an admin's
-    ``chown root:postfix`` survives every rewrite.
+    The new file is created exclusively (never through a name someone else prepared) and gets
+    the owner and mode of the file it replaces, so an admin's ``chown root:postfix`` survives
+    every rewrite; a first file gets ``mode``.
     """
     folder = os.path.dirname(path)
-    temp = os.path.join(folder, ".%s.incognitomail-tmp" % os.path.basename(path))
+    fd, temp = tempfile.mkstemp(dir=folder, prefix=".%s." % os.path.basename(path))
     try:
-        with open(temp, "wb") as f:
+        with open(fd, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
-        _copy_ownership(path, temp)
+            if not _copy_ownership(path, f.fileno()):
+                os.chmod(f.fileno(), mode)
         os.replace(temp, path)
     except BaseException:
-        if os.path.exists(temp):
+        if os.path.lexists(temp):
             os.unlink(temp)
         raise
     _fsync_folder(folder)
 
 
 def _copy_ownership(source, target):
+    """Give ``target`` (a path or a file descriptor) the owner and mode of ``source``;
+    False when there is no ``source``."""
     try:
         st = os.stat(source)
     except FileNotFoundError:
-        return
+        return False
     os.chmod(target, stat.S_IMODE(st.st_mode))
     mine = os.stat(target)
     if (mine.st_uid, mine.st_gid) != (st.st_uid, st.st_gid):
@@ -886,6 +925,7 @@ def _copy_ownership(source, target):
         except PermissionError:
             log.warning("%s: cannot give the new file owner %d:%d as before (not root); "
                         "it is owned by %s", source, st.st_uid, st.st_gid, _user_name())
+    return True
 
 
 def _fsync_folder(folder):
@@ -1023,6 +1063,7 @@ class PostfixMap(LookupTable):
         if not os.access(folder, os.W_OK | os.X_OK):
             raise PostfixError("%s: folder is not writable by user %s, which must create map "
                                "files there; %s" % (folder, user, fix))
+        _private_folder(folder, "[PostfixConfig] MapFilePath", PostfixError, create=False)
         for path in (self.path, self.indexed_path):
             if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
                 raise PostfixError("%s: file is not readable and writable by user %s; %s"
@@ -1061,7 +1102,6 @@ class PostfixMap(LookupTable):
         """
         if not os.path.exists(self.path):
             _write_atomically(self.path, [MAP_MARKER])
-            os.chmod(self.path, 0o644)
         if clean_fingerprint is not None and clean_fingerprint == self._identity():
             self._read_foreign()
             self._note_visible()
@@ -1074,9 +1114,7 @@ class PostfixMap(LookupTable):
         """A full rebuild into new files renamed into place: lookups never wait for it."""
         started = time.monotonic()
         foreign = self._read_foreign()
-        folder, base = os.path.dirname(self.path), os.path.basename(self.path)
-        temp = os.path.join(folder, ".%s.incognitomail-rebuild" % base)
-        temp_indexed = temp + (".lmdb" if self.type == "lmdb" else ".db")
+        folder = os.path.dirname(self.path)
         count = [0]
 
         def lines():
@@ -1086,13 +1124,16 @@ class PostfixMap(LookupTable):
                 if key not in self.foreign_keys:
                     count[0] += 1
                     yield map_line(key, target)
+        private = None
         try:
+            # postmap writes the new files by name: in a folder only we may enter
+            private = tempfile.mkdtemp(dir=folder, prefix=".incognitomail-rebuild-")
+            temp = os.path.join(private, os.path.basename(self.path))
+            temp_indexed = temp + (".lmdb" if self.type == "lmdb" else ".db")
             with open(temp, "wb", buffering=1 << 20) as f:
                 f.writelines(lines())
                 f.flush()
                 os.fsync(f.fileno())
-            if os.path.exists(temp_indexed):
-                os.unlink(temp_indexed)
             self.postmap("%s:%s" % (self.type, temp))
             _copy_ownership(self.path, temp)
             _copy_ownership(self.indexed_path if os.path.exists(self.indexed_path) else self.path,
@@ -1103,9 +1144,8 @@ class PostfixMap(LookupTable):
         except OSError as e:
             raise PostfixError("%s: cannot rebuild the map: %s" % (self.path, _os_reason(e)))
         finally:
-            for leftover in (temp, temp_indexed):
-                if os.path.exists(leftover):
-                    os.unlink(leftover)
+            if private is not None:
+                shutil.rmtree(private, ignore_errors=True)
         self.unflushed.clear()
         self.unflushed_since = None
         self.needs_rebuild = False
@@ -2900,27 +2940,6 @@ def _peer_uid(sock):
     return struct.unpack("3i", creds)[1]
 
 
-def _others_may_write(st):
-    """Could a user other than root or us write into the folder whose stat is ``st``?"""
-    if st.st_uid not in (0, os.geteuid()) or st.st_mode & stat.S_IWOTH:
-        return True
-    return bool(st.st_mode & stat.S_IWGRP) and st.st_gid not in (0, os.getegid())
-
-
-def _private_folder(folder, key):
-    """Make sure ``folder`` exists (created mode 0700) and only root and we may write into it:
-    otherwise another user could put a symlink where we create a file, as root."""
-    try:
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        st = os.stat(folder)
-    except OSError as e:
-        raise ServerError("%s: cannot create the folder for %s: %s" % (folder, key, _os_reason(e)))
-    if _others_may_write(st):
-        raise ServerError("%s: folder for %s may be written by users other than root and %s; "
-                          "use a private folder such as /run/incognitomail (chmod go-w, owned by "
-                          "root or %s)" % (folder, key, _user_name(), _user_name()))
-
-
 def _prepare_unix_socket_path(path, key, for_postfix):
     """Make ``path`` ready to bind: a folder of ours, no stale socket, nothing foreign replaced.
 
@@ -3979,25 +3998,7 @@ Where a command takes <secret>, give "-" to read it from standard input, which k
 of your shell history and of "ps".
 """
 
-_EPILOG = """\
-commands:
-  new account <address>               make an account; prints its secret token
-  new handle <secret> [--label TEXT] [--domain D]
-                                      make a handle; prints its address
-  list <secret>                       the account's handles, newest first, one per line
-  delete handle <handle> <secret>     remove a handle (with or without its @domain)
-  disable handle <handle> <secret>    reject mail to a handle but keep it
-  enable handle <handle> <secret>     accept mail to a disabled handle again
-  label handle <handle> <secret> <text>
-                                      say what the handle is for
-  rotate <secret>                     replace the secret token; prints the new one
-  delete account <secret>             remove the account and all its handles
-  prune [--handles-unused-days N] [--accounts-unused-days N] [--dry-run]
-                                      remove never-used handles and accounts
-  status                              is the server running: pid, counts, version
-  check                               check the whole installation, with fixes
-  stop                                stop the server
-
+_EXAMPLES = """
 examples:
   %(prog)s -c /etc/incognitomail/incognitomail.ini
   %(prog)s -c incognitomail.ini new account me@example.org
@@ -4020,58 +4021,84 @@ def _days(text):
     return int(text)
 
 
+# Each command of the command line: its words, the operation it asks the server for, its
+# arguments (name -> the operation's field), options (flag, field, metavar, type, help),
+# fields it always sends, and what it is for. The first nine are the original's.
+Command = collections.namedtuple("Command", "words op arguments options fixed help")
+COMMANDS = (
+    Command(("new", "account"), "new_account", (("address", "address"),), (), {},
+            "make an account for <address>; prints its secret token"),
+    Command(("new", "handle"), "new_handle", (("secret", "token"),), (
+        ("--label", "label", "TEXT", str, "what the handle is for, e.g. shop.example.com"),
+        ("--domain", "domain", "D", str, "one of [PostfixConfig] Domain (default: the first)")),
+        {}, "make a handle for the account; prints its address"),
+    Command(("list",), "list_handles", (("secret", "token"),), (), {},
+            "the account's handles, newest first, one per line"),
+    Command(("delete", "handle"), "delete_handle", (("handle", "address"), ("secret", "token")),
+            (), {}, "remove a handle (with or without its @domain)"),
+    Command(("disable", "handle"), "update_handle", (("handle", "address"), ("secret", "token")),
+            (), {"enabled": False}, "reject mail to a handle but keep it"),
+    Command(("enable", "handle"), "update_handle", (("handle", "address"), ("secret", "token")),
+            (), {"enabled": True}, "accept mail to a disabled handle again"),
+    Command(("label", "handle"), "update_handle",
+            (("handle", "address"), ("secret", "token"), ("text", "label")), (), {},
+            "say what the handle is for"),
+    Command(("rotate",), "rotate_token", (("secret", "token"),), (), {},
+            "replace the secret token; prints the new one"),
+    Command(("delete", "account"), "delete_account", (("secret", "token"),), (), {},
+            "remove the account and all its handles"),
+    Command(("prune",), "prune", (), (
+        ("--handles-unused-days", "handles_unused_days", "N", _days,
+         "handles older than N days that never received a message (0: any age)"),
+        ("--accounts-unused-days", "accounts_unused_days", "N", _days,
+         "accounts older than N days whose token was never used and that have no handles"),
+        ("--dry-run", "dry_run", None, None, "print what would be removed, remove nothing")),
+        {}, "remove never-used handles and accounts"),
+    Command(("status",), "status", (), (), {}, "is the server running: pid, counts, version"),
+    Command(("check",), None, (), (), {}, "check the whole installation, with fixes"),
+    Command(("stop",), "stop", (), (), {}, "stop the server"),
+)
+
+
+def _usage(command):
+    words = list(command.words) + ["<%s>" % name for name, _ in command.arguments]
+    words += ["[%s%s]" % (flag, " " + metavar if metavar else "")
+              for flag, _, metavar, _, _ in command.options]
+    return " ".join(words)
+
+
 def build_parser():
-    parser = _ArgumentParser(prog="incognitomail.py", description=_DESCRIPTION, epilog=_EPILOG,
+    epilog = "commands:\n" + "".join(
+        "  %-36s%s\n" % (_usage(c), c.help) if len(_usage(c)) < 36 else
+        "  %s\n  %-36s%s\n" % (_usage(c), "", c.help) for c in COMMANDS) + _EXAMPLES
+    parser = _ArgumentParser(prog="incognitomail.py", description=_DESCRIPTION, epilog=epilog,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", default=DEFAULT_CONFIG_PATH, metavar="PATH",
                         help="configuration file (default: %(default)s)")
     parser.add_argument("--json", action="store_true",
                         help="machine-readable output (accepted anywhere)")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
-    commands = parser.add_subparsers(dest="command", metavar="command",
-                                     parser_class=_ArgumentParser)
-
-    def command(name, help, *args, parent=commands):
-        sub = parent.add_parser(name, help=help, description=help)
-        for arg in args:
-            sub.add_argument(arg, metavar="<%s>" % arg)
-        return sub
-
-    new = commands.add_parser("new", help="new account or handle").add_subparsers(
-        dest="what", metavar="account|handle", required=True, parser_class=_ArgumentParser)
-    command("account", "make an account for <address>; prints its secret token", "address",
-            parent=new)
-    new_handle = command("handle", "make a handle for the account; prints its address", "secret",
-                         parent=new)
-    new_handle.add_argument("--label", metavar="TEXT",
-                            help="what the handle is for, e.g. shop.example.com")
-    new_handle.add_argument("--domain", metavar="D",
-                            help="one of [PostfixConfig] Domain (default: the first)")
-    delete = commands.add_parser("delete", help="delete an account or a handle").add_subparsers(
-        dest="what", metavar="account|handle", required=True, parser_class=_ArgumentParser)
-    command("account", "delete the account and every handle it has", "secret", parent=delete)
-    command("handle", "delete one handle of the account", "handle", "secret", parent=delete)
-    for verb, text in (("enable", "accept mail to a disabled handle again"),
-                       ("disable", "reject mail to a handle but keep it")):
-        sub = commands.add_parser(verb, help=text).add_subparsers(
-            dest="what", metavar="handle", required=True, parser_class=_ArgumentParser)
-        command("handle", text, "handle", "secret", parent=sub)
-    label = commands.add_parser("label", help="set a handle's label").add_subparsers(
-        dest="what", metavar="handle", required=True, parser_class=_ArgumentParser)
-    command("handle", "set what a handle is for", "handle", "secret", "text", parent=label)
-    command("list", "list the account's handles, newest first", "secret")
-    command("rotate", "replace the account's secret token; prints the new one", "secret")
-    command("status", "is the server running: pid, counts, version")
-    command("check", "check the configuration, the map, Postfix and the server; prints fixes")
-    command("stop", "stop the running server")
-    prune = command("prune", "remove handles that never received mail and accounts never used")
-    prune.add_argument("--handles-unused-days", type=_days, metavar="N",
-                       help="handles older than N days that never received a message (0: any age)")
-    prune.add_argument("--accounts-unused-days", type=_days, metavar="N",
-                       help="accounts older than N days whose token was never used and that "
-                            "have no handles")
-    prune.add_argument("--dry-run", action="store_true",
-                       help="print what would be removed, remove nothing")
+    verbs = parser.add_subparsers(dest="command", metavar="command", parser_class=_ArgumentParser)
+    objects = {}
+    for command in COMMANDS:
+        verb = command.words[0]
+        if len(command.words) == 1:
+            sub = verbs.add_parser(verb, help=command.help, description=command.help)
+        else:
+            if verb not in objects:
+                kinds = "|".join(c.words[1] for c in COMMANDS if c.words[0] == verb)
+                objects[verb] = verbs.add_parser(verb, help="%s %s" % (verb, kinds)).add_subparsers(
+                    dest="what", metavar=kinds, required=True, parser_class=_ArgumentParser)
+            sub = objects[verb].add_parser(command.words[1], help=command.help,
+                                           description=command.help)
+        for name, _ in command.arguments:
+            sub.add_argument(name, metavar="<%s>" % name)
+        for flag, field, metavar, kind, text in command.options:
+            if kind is None:
+                sub.add_argument(flag, dest=field, action="store_true", help=text)
+            else:
+                sub.add_argument(flag, dest=field, metavar=metavar, type=kind, help=text)
+        sub.set_defaults(chosen=command)
     return parser
 
 
@@ -4080,28 +4107,24 @@ _DASH_PROTECTED = "\x00"
 
 def _normalize_argv(argv, parser):
     """Accept the original's Go-style ``-config PATH``, ``--json`` anywhere, and arguments
-    that start with "-" without being options (a label, an old secret token)."""
+    that start with "-" without being options (a label, an old secret token).
+
+    Before the command, ``-cPATH`` is the configuration; after it, only the command's own
+    options are options."""
     wants_json = "--json" in argv
-    options, short = set(), set()
-    for action in _all_actions(parser):
-        options.update(action.option_strings)
-        if action.nargs != 0:       # takes a value, which may be attached: -cPATH
-            short.update(o for o in action.option_strings if len(o) == 2)
-    argv = ["--config" if a == "-config" else "--config=" + a[8:] if a.startswith("-config=") else a
-            for a in argv if a != "--json"]
-    argv = [_DASH_PROTECTED + a if a.startswith("-") and a != "-"
-            and a.split("=", 1)[0] not in options and a[:2] not in short
-            and not a.lstrip("-").isdigit() else a for a in argv]
-    return (["--json"] if wants_json else []) + argv
-
-
-def _all_actions(parser):
-    for action in parser._actions:
-        yield action
-        for sub in getattr(action, "choices", None) or {}:
-            if (isinstance(action.choices, dict)
-                    and isinstance(action.choices[sub], argparse.ArgumentParser)):
-                yield from _all_actions(action.choices[sub])
+    argv = ["--config" if a == "-config" else "--config=" + a[8:] if a.startswith("-config=")
+            else a for a in argv if a != "--json"]
+    options = {flag for c in COMMANDS for flag, *_ in c.options} | {"-h", "--help"}
+    normalized, seen_command = [], False
+    for index, arg in enumerate(argv):
+        after_option = index and argv[index - 1] in ("-c", "--config") and not seen_command
+        if not seen_command and not after_option and not arg.startswith("-"):
+            seen_command = True
+        elif seen_command and arg.startswith("-") and arg != "-" and \
+                arg.split("=", 1)[0] not in options and not arg.lstrip("-").isdigit():
+            arg = _DASH_PROTECTED + arg
+        normalized.append(arg)
+    return (["--json"] if wants_json else []) + normalized
 
 
 def _unprotect(args):
@@ -4193,49 +4216,23 @@ def _handle_line(handle):
 
 def run_command(config, args, out=sys.stdout):
     """Carry out one command-line command against the running server; print its result."""
-    client = ControlClient(config)
+    command = args.chosen
     emit = (lambda value, text: print(json.dumps(value, indent=2) if args.json else text, file=out))
-    if args.command == "new" and args.what == "account":
-        reply = client.request("new_account", address=args.address)
-        emit({"token": reply["token"]}, reply["token"])
-        print("This is the account's secret token: keep it like a password.", file=sys.stderr)
-    elif args.command == "new":
-        fields = {"token": _read_secret(args.secret), "label": args.label, "domain": args.domain}
-        handle = client.request("new_handle", **fields)["handle"]
-        emit(handle, handle["address"])
-    elif args.command == "delete" and args.what == "account":
-        reply = client.request("delete_account", token=_read_secret(args.secret))
-        if args.json:
-            emit({"deleted_handles": reply["deleted_handles"]}, "")
-        print("deleted the account and its %d handles" % reply["deleted_handles"], file=sys.stderr)
-    elif args.command == "delete":
-        client.request("delete_handle", token=_read_secret(args.secret), address=args.handle)
-        if args.json:
-            emit({}, "")
-        print("deleted %s" % args.handle, file=sys.stderr)
-    elif args.command in ("enable", "disable", "label"):
-        fields = {"token": _read_secret(args.secret), "address": args.handle}
-        if args.command == "label":
-            fields["label"] = args.text
-        else:
-            fields["enabled"] = args.command == "enable"
-        handle = client.request("update_handle", **fields)["handle"]
-        emit(handle, _handle_line(handle))
-    elif args.command == "list":
-        handles = client.request("list_handles", token=_read_secret(args.secret))["handles"]
-        if args.json:
-            emit(handles, "")
-        else:
-            for handle in handles:
-                print(_handle_line(handle), file=out)
-            if not handles:
-                print("this account has no handles yet", file=sys.stderr)
-    elif args.command == "rotate":
-        token = client.request("rotate_token", token=_read_secret(args.secret))["token"]
-        emit({"token": token}, token)
-        print("This is the account's new secret token; the old one no longer works.",
-              file=sys.stderr)
-    elif args.command == "status":
+    fields = dict(command.fixed)
+    for name, field in command.arguments:
+        value = getattr(args, name)
+        fields[field] = _read_secret(value) if name == "secret" else value
+    for _, field, _, _, _ in command.options:
+        if getattr(args, field) is not None:
+            fields[field] = getattr(args, field)
+    if command.op == "prune" and not set(fields) & {"handles_unused_days", "accounts_unused_days"}:
+        fields.update(handles_unused_days=config.prune_handles_unused_days,
+                      accounts_unused_days=config.prune_accounts_unused_days)
+        if fields["handles_unused_days"] is None and fields["accounts_unused_days"] is None:
+            raise BadRequest("nothing to prune: give --handles-unused-days N and/or "
+                             "--accounts-unused-days N, or set them in [Prune] of %s" % config.path)
+    client = ControlClient(config)
+    if command.op == "status":
         try:
             status = client.request("status")["status"]
         except ServerError as e:
@@ -4243,33 +4240,49 @@ def run_command(config, args, out=sys.stdout):
             return 1
         status["running"] = True
         emit(status, "running (pid %d), version %s\naccounts %d, handles %d (%d enabled)\n"
-                     "map %s, domains %s"
-                     % (status["pid"], status["version"], status["accounts"], status["handles"],
-                        status["enabled_handles"], status["map"], ", ".join(status["domains"])))
-    elif args.command == "prune":
-        handles_days = args.handles_unused_days
-        accounts_days = args.accounts_unused_days
-        if handles_days is None and accounts_days is None:
-            handles_days, accounts_days = (config.prune_handles_unused_days,
-                                           config.prune_accounts_unused_days)
-        if handles_days is None and accounts_days is None:
-            raise BadRequest("nothing to prune: give --handles-unused-days N and/or "
-                             "--accounts-unused-days N, or set them in [Prune] of %s" % config.path)
-        removed = client.request("prune", handles_unused_days=handles_days,
-                                 accounts_unused_days=accounts_days,
-                                 dry_run=args.dry_run)["removed"]
-        if args.json or removed:
-            emit(removed, "\n".join(removed))
-        print("%s %d handles and accounts"
-              % ("would remove" if args.dry_run else "removed", len(removed)),
-              file=sys.stderr)
-    elif args.command == "stop":
+             "map %s, domains %s" % (status["pid"], status["version"], status["accounts"],
+                                     status["handles"], status["enabled_handles"], status["map"],
+                                     ", ".join(status["domains"])))
+        return 0
+    if command.op == "stop":
         pid = running_pid(config)
         client.request("stop")
         deadline = time.monotonic() + STOP_GRACE_SECONDS + 10
         while running_pid(config) and time.monotonic() < deadline:
             time.sleep(0.05)
         print("stopped the server (pid %s)" % pid, file=sys.stderr)
+        return 0
+    reply = client.request(command.op, **fields)
+    result = reply.get(OPERATIONS[command.op].reply)
+    if command.op in ("new_account", "rotate_token"):
+        emit({"token": result}, result)
+        print("This is the account's %s secret token%s." % (
+            ("", ": keep it like a password") if command.op == "new_account"
+            else ("new", "; the old one no longer works")), file=sys.stderr)
+    elif command.op == "new_handle":
+        emit(result, result["address"])
+    elif command.op == "update_handle":
+        emit(result, _handle_line(result))
+    elif command.op == "list_handles":
+        if args.json:
+            emit(result, "")
+        for handle in [] if args.json else result:
+            print(_handle_line(handle), file=out)
+        if not result:
+            print("this account has no handles yet", file=sys.stderr)
+    elif command.op == "delete_handle":
+        if args.json:
+            emit({}, "")
+        print("deleted %s" % args.handle, file=sys.stderr)
+    elif command.op == "delete_account":
+        if args.json:
+            emit({"deleted_handles": result}, "")
+        print("deleted the account and its %d handles" % result, file=sys.stderr)
+    elif command.op == "prune":
+        if args.json or result:
+            emit(result, "\n".join(result))
+        done = "would remove" if fields.get("dry_run") else "removed"
+        print("%s %d handles and accounts" % (done, len(result)), file=sys.stderr)
     return 0
 
 
