@@ -5,28 +5,35 @@ Run from the repository's folder:
     python3 -m unittest -v test_incognitomail
 
 Standard library only. Each TestCase class is one capability; each test's name states the
-behaviour it checks. Read the classes top to bottom:
+behaviour it checks. The file mirrors the module: after the test support, each banner is one
+of the module's sections, holding the classes that specify it. Read them top to bottom:
 
-    configuration       ConfigurationTest, ExampleConfigTest, DocumentedKeysTest, LoggingTest
-    names and secrets   TokensAndHandleNamesTest, AddressValidationTest, NewHandleNamesTest
-    store               StoreTest, StoreQueryPlanTest
-    Postfix map         MapFileTest, LmdbMapFileTest, HashVisibilityTest, ReconcileTest, RollbackTest
-    batching            ServiceBatchingTest
-    daemon              DaemonLifecycleTest, ControlSocketAccessTest
-    command line        CommandLineTest, StatusWhenStoppedTest
-    real Postfix        EndToEndDeliveryTest, CreateThenSendHashTest, CreateThenSendLmdbTest
-    issue 4             PolicyProtocolTest, SocketmapProtocolTest, JsonRequestFormatTest,
-                        PolicyCountingTest, PolicyServiceTest, PruneTest, CheckCommandTest
-    issue 5             SocketmapTest
-    WebSocket format    ParseRequestTest ... AcceptWebSocketHandshakeTest (byte strings, loopback)
-    WebSocket endpoint  WebSocketListeningTest, ListenAddressTest, WebSocketTlsTest,
-                        LegacyAddOnProtocolTest, JsonProtocolTest, WebSocketRobustnessTest,
-                        RateLimitTest, RateLimitsOffTest, TokenBucketTest, RealBrowserTest
+    test support        Postfix availability, temp folders and sites, the module in subprocesses,
+                        a private Postfix instance, HTTP and WebSocket clients
+    Configuration       ConfigurationTest, DocumentedKeysTest, ListenAddressTest, ExampleConfigTest
+    Names and secrets   TokensAndHandleNamesTest, AddressValidationTest
+    Store               StoreTest, StoreQueryPlanTest
+    Postfix             MapFileTest, LmdbMapFileTest, HashVisibilityTest, ReconcileTest,
+                        RollbackTest
+    Service             NewHandleNamesTest, ServiceBatchingTest, PruneTest, TokenBucketTest
+    Wire formats        JsonRequestFormatTest; PolicyProtocolTest, SocketmapProtocolTest;
+                        ParseRequestTest, CheckUpgradeTest, ResponsesTest; FrameParserMessagesTest
+                        ... UnmaskTest (byte strings only)
+    Servers: asyncio    WebSocketEchoTest, WebSocketClosingTest, WebSocketIdleTimeoutTest,
+                        AcceptWebSocketHandshakeTest (loopback sockets)
+    Servers: daemon     DaemonLifecycleTest, ControlSocketAccessTest, PolicyCountingTest,
+                        WebSocketListeningTest, WebSocketTlsTest, LegacyAddOnProtocolTest,
+                        JsonProtocolTest, WebSocketRobustnessTest, RateLimitTest,
+                        RateLimitsOffTest, FileDescriptorExhaustionTest, RealBrowserTest
+    Servers: end to end EndToEndDeliveryTest, CreateThenSendHashTest, CreateThenSendLmdbTest,
+                        PolicyServiceTest, SocketmapTest (a real Postfix)
+    Command line        CommandLineTest, StatusWhenStoppedTest, CheckCommandTest, LoggingTest
 
 Postfix: tests that need ``postmap`` (and, for a private running instance on loopback,
 root) skip when it is missing, unless ``INCOGNITOMAIL_REQUIRE_POSTFIX`` is set: then they
-fail instead (CI sets it). A private instance never touches /etc/postfix/main.cf or port 25;
-every instance and daemon a test starts is stopped in its cleanup and in tearDownModule.
+fail instead (CI sets it). A private instance never touches /etc/postfix/main.cf or port 25.
+Every instance and daemon a test starts is stopped by that test (or its class); one still
+running when the module ends is stopped, and the run fails naming it (tearDownModule).
 """
 
 import asyncio
@@ -37,9 +44,11 @@ import email.utils
 import errno
 import grp
 import hashlib
+import io
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import smtplib
@@ -156,11 +165,11 @@ def require_postfix(instance=False, map_type="hash"):
 
 
 ###############################################################################
-# Test support: temp folders, configuration files, sites
+# Test support: temp folders, configuration files, sites, waiting
 ###############################################################################
 
-_LIVE_DAEMONS = set()
-_LIVE_INSTANCES = set()
+_LIVE_DAEMONS = set()       # every DaemonProcess started and not yet stopped
+_INSTANCES = []             # every PostfixInstance of this run, stopped or not
 
 
 def make_folder(testcase=None, prefix="incognitomail-test-"):
@@ -282,7 +291,7 @@ def failing_postmap_folder(testcase, mode="fail-when-flagged"):
     with open(script, "w") as f:
         f.write("#!/bin/sh\n"
                 "if [ -e %s ]; then echo 'postmap: fatal: simulated failure for a test' >&2; exit 75; fi\n"
-                "if [ -e %s ]; then touch %s.started; sleep 1.5; fi\n"
+                "if [ -e %s ]; then touch %s.started; sleep 1; fi\n"
                 "exec %s \"$@\"\n" % (fail_flag, slow_flag, slow_flag, _which("postmap") or "/usr/sbin/postmap"))
     os.chmod(script, 0o755)
     if mode == "always-fail":
@@ -312,15 +321,66 @@ def wait_until(predicate, timeout=10.0, interval=0.02):
         time.sleep(interval)
 
 
+def minimal_ini_sections(folder):
+    """A valid configuration (no Postfix needed to load it)."""
+    return {
+        "General": {"UnixSockPath": "run/incognitomail.sock", "LockFilePath": "run/incognitomail.lock",
+                    "ListenAddress": ""},
+        "Persistence": {"Type": "sqlite", "DatabasePath": "incognitomail.sqlite3"},
+        "PostfixConfig": {"Domain": "incognito.test", "MapFilePath": "virtual"},
+    }
+
+
+def socketmap_site(testcase, **kwargs):
+    """A site whose Service needs no Postfix at all (SocketmapListen: nothing is written)."""
+    folder = make_folder(testcase)
+    sections = {"General": {"SocketmapListen": "unix:run/socketmap.sock"}}
+    for section, keys in kwargs.pop("sections", {}).items():
+        sections.setdefault(section, {}).update(keys)
+    return Site(folder, config_dir="", map_path=os.path.join(folder, "virtual"), sections=sections, **kwargs)
+
+
+# An admin's own lines in the map file: odd bytes, CRLF, tabs, blank and continued lines.
+ADMIN_LINES = (b"# the admin's own aliases: caf\xe9 in latin-1, \xf0\x9f\x93\xab in UTF-8\r\n"
+               b"postmaster@incognito.test\troot@example.org\n"
+               b"\n"
+               b"   # an indented comment\n"
+               b"sales@incognito.test   alice@example.org,\n"
+               b"\tbob@example.org\n"
+               b"info@other.test carol@example.org\n")
+
+
 ###############################################################################
-# Test support: running the module (command line, daemon) in subprocesses
+# Test support: the module in-process and in subprocesses (command line, daemon)
 ###############################################################################
+
+# The module runs in subprocesses as ``python3 -m incognitomail`` from HERE: the same program
+# as ``python3 incognitomail.py``, but its bytecode is compiled once for the whole run instead
+# of once in each of several hundred processes (a script is never cached). The bytecode goes
+# to a temp folder (PYTHONPYCACHEPREFIX), never beside the module; tearDownModule removes it.
+_pycache_folder = None
+
+
+def module_command(*argv):
+    return [sys.executable, "-m", "incognitomail"] + list(argv)
+
+
+def module_env(env=None):
+    """``env`` (default: ours) for a process running the module."""
+    global _pycache_folder
+    if _pycache_folder is None:
+        _pycache_folder = tempfile.mkdtemp(prefix="incognitomail-test-pycache-")
+    env = dict(os.environ if env is None else env)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = _pycache_folder
+    return env
+
 
 def run_module(*argv, input=None, env=None, timeout=120):
     """``python3 incognitomail.py ARGV...`` -> CompletedProcess with text stdout and stderr."""
-    return subprocess.run([sys.executable, MODULE] + list(argv), input=input, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, universal_newlines=True, env=env, timeout=timeout,
-                          cwd=HERE)
+    return subprocess.run(module_command(*argv), input=input, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, env=module_env(env),
+                          timeout=timeout, cwd=HERE)
 
 
 def cli(site, *args, **kwargs):
@@ -331,9 +391,10 @@ def cli(site, *args, **kwargs):
 class DaemonProcess:
     """``python3 incognitomail.py -c CONFIG`` in the background, its stderr in a file."""
 
-    def __init__(self, site, env=None):
+    def __init__(self, site, env=None, preexec_fn=None):
         self.site = site
         self.env = env
+        self.preexec_fn = preexec_fn
         self.proc = None
         self.log_path = None
         self._log_file = None
@@ -343,9 +404,10 @@ class DaemonProcess:
         number = len([n for n in os.listdir(self.site.folder) if n.startswith("daemon-")])
         self.log_path = os.path.join(self.site.folder, "daemon-%d.log" % number)
         self._log_file = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, MODULE, "-c", self.site.config_path],
+        self.proc = subprocess.Popen(module_command("-c", self.site.config_path),
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=self._log_file, env=self.env, cwd=HERE)
+                                     stderr=self._log_file, env=module_env(self.env), cwd=HERE,
+                                     preexec_fn=self.preexec_fn)
         self.returncode = None
         _LIVE_DAEMONS.add(self)
         if wait:
@@ -412,6 +474,16 @@ class DaemonProcess:
             return f.read()
 
 
+def new_account(site, address="alice@example.org"):
+    """Set-up, not the command line under test: a new account's token, asked for in-process
+    over the control socket (as the command line does)."""
+    return im.ControlClient(site.config).request("new_account", address=address)["token"]
+
+
+def new_handle(site, token):
+    return im.ControlClient(site.config).request("new_handle", token=token)["handle"]["address"]
+
+
 def start_daemon(testcase, site, env=None):
     daemon = DaemonProcess(site, env=env).start()
     testcase.addCleanup(daemon.stop)
@@ -446,6 +518,58 @@ class ServiceFixture:
             self.stop()
         finally:
             self.store.close()
+
+
+class PostmapTestCase(unittest.TestCase):
+    """Base: a real postmap (no running Postfix), a fresh site and Service per test."""
+
+    MAP_TYPE = "hash"
+
+    @classmethod
+    def setUpClass(cls):
+        require_postfix(map_type=cls.MAP_TYPE)
+
+    def make_site(self, **kwargs):
+        kwargs.setdefault("map_type", self.MAP_TYPE)
+        return Site(make_folder(self), **kwargs)
+
+    def start_service(self, site, clock=time.time):
+        return ServiceFixture(self, site, clock).start()
+
+    def new_account(self, fixture, address="me@example.org"):
+        return fixture.call("new_account", address)
+
+    def new_handle(self, fixture, token, label=None, domain=None):
+        return fixture.call("new_handle", token, label, domain)["address"]
+
+
+def run_as_user(uid, function):
+    """Run ``function()`` in a forked child that became ``uid``; its result or error as text."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                                        # the child
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            try:
+                result = "ok: %s" % (function(),)
+            except BaseException as e:
+                result = "%s: %s" % (type(e).__name__, e)
+            os.write(write_end, result.encode("utf-8", "replace")[:60000])
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    chunks = []
+    while True:
+        chunk = os.read(read_end, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    return b"".join(chunks).decode("utf-8", "replace")
 
 
 ###############################################################################
@@ -523,6 +647,7 @@ class PostfixInstance:
         self.extra_main_cf = list(extra_main_cf)
         self.users = tuple(users)
         self._daemon_dir = None
+        _INSTANCES.append(self)
 
     @property
     def config_dir(self):
@@ -631,7 +756,6 @@ class PostfixInstance:
         return self
 
     def start(self, timeout=20.0):
-        _LIVE_INSTANCES.add(self)
         done = self.run("postfix", "start", check=False)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -664,6 +788,7 @@ class PostfixInstance:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30).returncode == 0
 
     def _instance_pids(self):
+        """Its live processes: those whose MAIL_CONFIG is its config folder."""
         needle = ("MAIL_CONFIG=%s" % self.config_dir).encode()
         pids = []
         for name in os.listdir("/proc"):
@@ -678,7 +803,6 @@ class PostfixInstance:
 
     def stop(self, timeout=10.0):
         """SIGTERM the master, wait until its lock is free and no process of it is left."""
-        _LIVE_INSTANCES.discard(self)
         if not os.path.isdir(self.config_dir):
             return
         pid = self.master_pid()
@@ -793,17 +917,224 @@ def start_postfix_instance(cls, map_type="hash", map_text="", extra_main_cf=()):
 
 
 def tearDownModule():
-    """Never leave a daemon or a Postfix running, whatever happened."""
+    """Never leave a daemon or a Postfix running: stop what is left, and fail naming it.
+
+    Each test (or class) stops what it starts, so anything still running here is a leak.
+    """
+    leaks = []
     for daemon in list(_LIVE_DAEMONS):
+        if daemon.proc.poll() is None:
+            leaks.append("daemon pid %d (%s)" % (daemon.pid, daemon.site.config_path))
         try:
             daemon.kill()
         except Exception:
             pass
-    for instance in list(_LIVE_INSTANCES):
+    for instance in _INSTANCES:
+        pids = instance._instance_pids()         # the master and its children, found in /proc
+        if pids:
+            leaks.append("Postfix instance %s (pids %s)" % (instance.config_dir, " ".join(map(str, pids))))
+            try:
+                instance.stop()
+            except Exception:
+                pass
+    if _pycache_folder is not None:
+        shutil.rmtree(_pycache_folder, ignore_errors=True)
+    if leaks:
+        raise AssertionError("still running when the tests ended; a test must stop what it starts: %s"
+                             % "; ".join(leaks))
+
+
+###############################################################################
+# Test support: HTTP and WebSocket clients (one frame encoder, one frame decoder)
+###############################################################################
+
+MASK = b'\x37\xfa\x21\x3d'
+KEY = 'dGhlIHNhbXBsZSBub25jZQ=='   # the RFC 6455 section 1.3 example
+
+
+def client_frame(opcode, payload=b'', fin=True, rsv=0, masked=True, length=None):
+    """A client-to-server frame, masked with a plain per-byte loop (independent of the module's own)."""
+    n = len(payload) if length is None else length
+    first = (0x80 if fin else 0) | rsv << 4 | opcode
+    mask_bit = 0x80 if masked else 0
+    if n < 126:
+        head = struct.pack('!BB', first, mask_bit | n)
+    elif n < 1 << 16:
+        head = struct.pack('!BBH', first, mask_bit | 126, n)
+    else:
+        head = struct.pack('!BBQ', first, mask_bit | 127, n)
+    if not masked:
+        return head + payload
+    return head + MASK + bytes(b ^ MASK[i % 4] for i, b in enumerate(payload))
+
+
+def server_frame_decoder():
+    """Decodes one server frame without I/O: yields how many bytes it needs next, is sent
+    exactly those, and returns (opcode, payload). Server frames must not be masked."""
+    head = yield 2
+    assert not head[1] & 0x80, 'server frames must not be masked'
+    n = head[1] & 0x7F
+    if n >= 126:
+        n = int.from_bytes((yield 2 if n == 126 else 8), 'big')
+    payload = yield n
+    return head[0] & 0x0F, payload
+
+
+def read_server_frame(read_exactly):
+    """(opcode, payload) of the next server frame, read with ``read_exactly(n)``."""
+    decoder = server_frame_decoder()
+    wanted = next(decoder)
+    while True:
         try:
-            instance.stop()
-        except Exception:
+            wanted = decoder.send(read_exactly(wanted))
+        except StopIteration as done:
+            return done.value
+
+
+async def read_frame(reader):
+    """The same, from an asyncio stream."""
+    decoder = server_frame_decoder()
+    wanted = next(decoder)
+    while True:
+        try:
+            wanted = decoder.send(await reader.readexactly(wanted))
+        except StopIteration as done:
+            return done.value
+
+
+def decode_server_frame(frame):
+    """(opcode, payload) of a whole server frame given as bytes."""
+    return read_server_frame(io.BytesIO(frame).read)
+
+
+def upgrade_head(target='/ws', **overrides):
+    """An upgrade request head; overrides use header names with '_' for '-', None drops one."""
+    headers = {'Host': 'localhost', 'Upgrade': 'websocket', 'Connection': 'Upgrade',
+               'Sec-WebSocket-Key': KEY, 'Sec-WebSocket-Version': '13'}
+    request_line = overrides.pop('request_line', 'GET %s HTTP/1.1' % target)
+    for name, value in overrides.items():
+        headers[name.replace('_', '-')] = value
+    lines = [request_line] + ['%s: %s' % (k, v) for k, v in headers.items() if v is not None]
+    return ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1')
+
+
+def tcp_state(local, remote):
+    """The state of the TCP socket from ``local`` to ``remote`` ((IPv4 address, port) pairs) as
+    /proc/net/tcp shows it ("01": established, "04": closed by this end, FIN sent), or None."""
+    def hex_address(address):
+        return "%08X:%04X" % (struct.unpack("=I", socket.inet_aton(address[0]))[0], address[1])
+    wanted = [hex_address(local), hex_address(remote)]
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[1:3] == wanted:
+                return fields[3]
+    return None
+
+
+class WsClient:
+    """A blocking WebSocket client for tests: what a browser add-on does, byte by byte."""
+
+    def __init__(self, port, path="/incognitomail", host="127.0.0.1", source=None, origin=None,
+                 tls_context=None, timeout=10):
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
+        try:
+            self._handshake(port, path, host, origin, tls_context)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _handshake(self, port, path, host, origin, tls_context):
+        if tls_context is not None:
+            self.sock = tls_context.wrap_socket(self.sock, server_hostname="localhost")
+        self.buffer = b""
+        key = base64.b64encode(os.urandom(16)).decode()
+        request = ("GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n" % (path, host, port, key))
+        if origin:
+            request += "Origin: %s\r\n" % origin
+        self.sock.sendall((request + "\r\n").encode())
+        self.status_line, self.headers = self._read_head()
+        self.status = int(self.status_line.split()[1])
+        if self.status == 101:
+            expected = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11")
+                                                     .encode()).digest()).decode()
+            assert self.headers.get("sec-websocket-accept") == expected, self.headers
+
+    def _read_head(self):
+        while b"\r\n\r\n" not in self.buffer:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("closed during the handshake: %r" % self.buffer)
+            self.buffer += chunk
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        return lines[0], headers
+
+    def _read(self, n):
+        while len(self.buffer) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("connection closed")
+            self.buffer += chunk
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    def send_raw(self, data):
+        self.sock.sendall(data)
+
+    def send(self, text):
+        self.send_raw(client_frame(0x1, text.encode("utf-8")))
+
+    def send_json(self, **request):
+        self.send(json.dumps(request))
+
+    def recv_frame(self):
+        """(opcode, payload) of the next server frame."""
+        return read_server_frame(self._read)
+
+    def recv(self):
+        opcode, payload = self.recv_frame()
+        assert opcode == 0x1, (opcode, payload)
+        return payload.decode("utf-8")
+
+    def recv_json(self):
+        return json.loads(self.recv())
+
+    def request(self, **request):
+        self.send_json(**request)
+        return self.recv_json()
+
+    def close_code(self):
+        """Read frames until the server's close frame; its status code."""
+        while True:
+            opcode, payload = self.recv_frame()
+            if opcode == 0x8:
+                return int.from_bytes(payload[:2], "big") if payload else None
+
+    def close(self):
+        try:
+            self.send_raw(client_frame(0x8, (1000).to_bytes(2, "big")))
+            self.close_code()
+        except (OSError, ConnectionError, AssertionError):
             pass
+        self.sock.close()
+
+
+def make_certificate(folder, name="server"):
+    """A self-signed certificate for localhost made with Debian's openssl: (cert, key) paths."""
+    cert, key = os.path.join(folder, name + ".pem"), os.path.join(folder, name + ".key")
+    done = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                           "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                           "-keyout", key, "-out", cert], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if done.returncode != 0:
+        raise AssertionError("openssl failed: %s" % done.stderr.decode())
+    return cert, key
 
 
 ###############################################################################
@@ -827,16 +1158,6 @@ DatabasePath = "incognito.db" ; Path to the file where all the information about
 Domain = "@sidhion.com" ; The same domain configured in Postfix
 MapFilePath = "/tmp/postfix/canonical" ; Path to the map file used in Postfix. Can be either the canonical or the virtual alias map
 """
-
-
-def minimal_ini_sections(folder):
-    """A valid configuration (no Postfix needed to load it)."""
-    return {
-        "General": {"UnixSockPath": "run/incognitomail.sock", "LockFilePath": "run/incognitomail.lock",
-                    "ListenAddress": ""},
-        "Persistence": {"Type": "sqlite", "DatabasePath": "incognitomail.sqlite3"},
-        "PostfixConfig": {"Domain": "incognito.test", "MapFilePath": "virtual"},
-    }
 
 
 class ConfigurationTest(unittest.TestCase):
@@ -1019,10 +1340,6 @@ class ConfigurationTest(unittest.TestCase):
         self.assertOneLineError(run_module("-c", binary, "status"), binary)
 
 
-###############################################################################
-# Names and secrets
-###############################################################################
-
 class DocumentedKeysTest(unittest.TestCase):
     """A configuration key exists because a user needs it, and the README documents it."""
 
@@ -1037,57 +1354,70 @@ class DocumentedKeysTest(unittest.TestCase):
             self.assertRegex(example, r"(?m)^;? ?%s\b" % key.name, "the example lacks %s" % key.name)
 
 
-class LoggingTest(unittest.TestCase):
-    """LogLevel and LogTarget: stderr or syslog with facility mail."""
+class ListenAddressTest(unittest.TestCase):
 
-    def setUp(self):
-        logger = logging.getLogger("incognitomail")
-        saved = (list(logger.handlers), logger.level, logger.propagate)
+    def test_colon_port_listens_on_all_interfaces(self):
+        self.assertEqual(im.parse_host_port(":9090"), ("", 9090))
 
-        def restore():
-            logger.handlers[:] = saved[0]
-            logger.setLevel(saved[1])
-            logger.propagate = saved[2]
-        self.addCleanup(restore)
-        self.folder = make_folder(self)
+    def test_ipv6_in_brackets(self):
+        self.assertEqual(im.parse_host_port("[::1]:9090"), ("::1", 9090))
 
-    def config(self, **general):
-        site = Site(self.folder, sections={"General": general}, config_dir=write_postfix_config_dir(
-            os.path.join(self.folder, "postfix")))
-        return site.config
+    def test_bad_listen_address_names_the_key(self):
+        folder = make_folder(self)
+        with self.assertRaises(im.ConfigError) as caught:
+            Site(folder, sections={"General": {"ListenAddress": "localhost"}})
+        self.assertIn("[General] ListenAddress", str(caught.exception))
 
-    def test_syslog_target_uses_dev_log_with_facility_mail(self):
-        config = self.config(LogTarget="syslog")
-        calls = []
-
-        class FakeSysLogHandler(logging.Handler):
-            LOG_MAIL = logging.handlers.SysLogHandler.LOG_MAIL
-
-            def __init__(self, address, facility):
-                super().__init__()
-                calls.append((address, facility))
-        with mock.patch("os.path.exists", lambda path: path == "/dev/log" or os.path.isfile(path)), \
-                mock.patch.object(logging.handlers, "SysLogHandler", FakeSysLogHandler):
-            im.setup_logging(config)
-        self.assertEqual(calls, [("/dev/log", 2)])      # 2: the mail facility of syslog(3)
-        self.assertIsInstance(logging.getLogger("incognitomail").handlers[0], FakeSysLogHandler)
-
-    def test_syslog_without_dev_log_names_log_target(self):
-        config = self.config(LogTarget="syslog")
-        with mock.patch("os.path.exists", lambda path: False):
-            with self.assertRaises(im.ConfigError) as caught:
-                im.setup_logging(config)
-        self.assertIn("[General] LogTarget", str(caught.exception))
-
-    def test_log_level_warning_leaves_out_the_info_lines(self):
+    def test_daemon_serves_websocket_on_ipv6_loopback(self):
         require_postfix()
-        site = Site(self.folder, sections={"General": {"LogLevel": "warning"}})
-        daemon = start_daemon(self, site)
-        self.assertEqual(cli(site, "new", "account", "alice@example.org").returncode, 0)
-        daemon.stop()
-        self.assertNotIn("new account", daemon.log())
-        self.assertNotIn(" INFO ", daemon.log())
+        if not socket.has_ipv6:
+            self.skipTest("no IPv6")
+        folder = make_folder(self)
+        port = free_port()
+        site = Site(folder, sections={"General": {"ListenAddress": "[::1]:%d" % port}})
+        start_daemon(self, site)
+        token = new_account(site)
+        client = WsClient(port, host="::1")
+        self.addCleanup(client.close)
+        client.send("new handle " + token)
+        self.assertTrue(client.recv().endswith("@incognito.test"))
 
+
+class ExampleConfigTest(PostmapTestCase):
+    """incognitomail.ini.example starts a working server as is, everything beside itself."""
+
+    def test_example_config_starts_a_working_server_as_is(self):
+        example = os.path.join(HERE, "incognitomail.ini.example")
+        self.assertTrue(os.path.exists(example), "incognitomail.ini.example is missing")
+        folder = make_folder(self)
+        with open(example) as f:
+            text = f.read()
+        with socket.socket() as probe:                  # only if someone else holds its port
+            if probe.connect_ex(("127.0.0.1", 9090)) == 0:
+                text = text.replace("127.0.0.1:9090", "127.0.0.1:%d" % free_port())
+        with open(os.path.join(folder, "incognitomail.ini"), "w") as f:
+            f.write(text)
+        site = Site.from_config_file(os.path.join(folder, "incognitomail.ini"))
+        # postmap reads Postfix's main.cf; MAIL_CONFIG says where, as for every Postfix command
+        env = dict(os.environ, MAIL_CONFIG=write_postfix_config_dir(os.path.join(folder, "postfix")))
+        daemon = start_daemon(self, site, env=env)
+        for path in (site.config.database_path, site.config.map_file_path, site.config.unix_sock_path):
+            self.assertTrue(path.startswith(folder + os.sep), path)
+        token = cli(site, "new", "account", "me@example.net").stdout.strip()
+        done = cli(site, "new", "handle", "-", "--label", "shop.example.com", input=token + "\n")
+        self.assertEqual(done.returncode, 0, done.stderr + daemon.log())
+        handle = done.stdout.strip()
+        self.assertRegex(handle, r"^[a-z0-9]{16}@")
+        query = subprocess.run([_which("postmap"), "-q", handle, "%s:%s" % (site.config.map_type, site.map_path)],
+                               stdout=subprocess.PIPE, universal_newlines=True, env=env)
+        self.assertEqual(query.stdout.strip(), "me@example.net")
+        self.assertEqual(cli(site, "stop").returncode, 0)
+        self.assertEqual(daemon.wait_exit(), 0)
+
+
+###############################################################################
+# Names and secrets
+###############################################################################
 
 class TokensAndHandleNamesTest(unittest.TestCase):
     """Tokens: >= 256 random bits, URL-safe. Handles: lowercase letters and digits, no bias."""
@@ -1175,15 +1505,6 @@ class AddressValidationTest(unittest.TestCase):
 ###############################################################################
 # Store
 ###############################################################################
-
-def socketmap_site(testcase, **kwargs):
-    """A site whose Service needs no Postfix at all (SocketmapListen: nothing is written)."""
-    folder = make_folder(testcase)
-    sections = {"General": {"SocketmapListen": "unix:run/socketmap.sock"}}
-    for section, keys in kwargs.pop("sections", {}).items():
-        sections.setdefault(section, {}).update(keys)
-    return Site(folder, config_dir="", map_path=os.path.join(folder, "virtual"), sections=sections, **kwargs)
-
 
 class StoreTest(unittest.TestCase):
     """sqlite in WAL mode, versioned schema migrated forward, tokens kept only as SHA-256."""
@@ -1295,88 +1616,47 @@ class StoreTest(unittest.TestCase):
         self.assertEqual((handle["enabled"], handle["received"], handle["last_received"]), (True, 0, None))
 
 
+class StoreQueryPlanTest(unittest.TestCase):
+    """Per-request queries use an index: their cost must not grow with the number of handles."""
+
+    def test_handle_lookups_and_counting_use_the_address_index(self):
+        folder = make_folder(self)
+        store = im.Store(os.path.join(folder, "db.sqlite3"))
+        self.addCleanup(store.close)
+        traced = []
+        store.db.set_trace_callback(traced.append)
+        store.handle("abc", "incognito.test")
+        store.handle_taken("abc", "incognito.test")
+        store.record_mail("received", {("abc", "incognito.test"): 1}, {("abc", "incognito.test"): 1})
+        store.record_mail("blocked", {("abc", "incognito.test"): 1}, {("abc", "incognito.test"): 1})
+        store.db.set_trace_callback(None)
+        queries = [q for q in traced if q.lstrip().upper().startswith(("SELECT", "UPDATE"))]
+        self.assertEqual(len(queries), 4, traced)
+        for query in queries:
+            plan = " ".join(row[-1] for row in store.db.execute("EXPLAIN QUERY PLAN " + query))
+            self.assertIn("handles_by_address", plan, query)
+            self.assertNotRegex(plan, r"SCAN (h|handles)\b", query)
+
+    def test_what_expires_is_found_by_the_expiry_index_never_a_scan(self):
+        folder = make_folder(self)
+        store = im.Store(os.path.join(folder, "db.sqlite3"))
+        self.addCleanup(store.close)
+        traced = []
+        store.db.set_trace_callback(traced.append)
+        store.expiring(100, 200)
+        store.expired_before(100)
+        store.db.set_trace_callback(None)
+        queries = [q for q in traced if q.lstrip().upper().startswith("SELECT")]
+        self.assertEqual(len(queries), 2, traced)
+        for query in queries:
+            plan = " ".join(row[-1] for row in store.db.execute("EXPLAIN QUERY PLAN " + query))
+            self.assertIn("handles_by_expiry", plan, query)
+            self.assertNotRegex(plan, r"SCAN (h|handles)\b", query)
+
+
 ###############################################################################
-# Postfix map: names never taken twice, the text file, the index, reconciliation
+# Postfix
 ###############################################################################
-
-# An admin's own lines in the map file: odd bytes, CRLF, tabs, blank and continued lines.
-ADMIN_LINES = (b"# the admin's own aliases: caf\xe9 in latin-1, \xf0\x9f\x93\xab in UTF-8\r\n"
-               b"postmaster@incognito.test\troot@example.org\n"
-               b"\n"
-               b"   # an indented comment\n"
-               b"sales@incognito.test   alice@example.org,\n"
-               b"\tbob@example.org\n"
-               b"info@other.test carol@example.org\n")
-
-
-class PostmapTestCase(unittest.TestCase):
-    """Base: a real postmap (no running Postfix), a fresh site and Service per test."""
-
-    MAP_TYPE = "hash"
-
-    @classmethod
-    def setUpClass(cls):
-        require_postfix(map_type=cls.MAP_TYPE)
-
-    def make_site(self, **kwargs):
-        kwargs.setdefault("map_type", self.MAP_TYPE)
-        return Site(make_folder(self), **kwargs)
-
-    def start_service(self, site, clock=time.time):
-        return ServiceFixture(self, site, clock).start()
-
-    def new_account(self, fixture, address="me@example.org"):
-        return fixture.call("new_account", address)
-
-    def new_handle(self, fixture, token, label=None, domain=None):
-        return fixture.call("new_handle", token, label, domain)["address"]
-
-
-class NewHandleNamesTest(PostmapTestCase):
-    """A new handle never equals a handle in the database or a key of the admin's lines."""
-
-    def test_new_handle_skips_a_name_already_in_the_database(self):
-        site = self.make_site()
-        fixture = self.start_service(site)
-        token = self.new_account(fixture)
-        with mock.patch.object(im, "new_handle_name", side_effect=["takentakentaken1"]):
-            self.assertEqual(self.new_handle(fixture, token), "takentakentaken1@incognito.test")
-        with mock.patch.object(im, "new_handle_name", side_effect=["takentakentaken1", "freshfreshfresh1"]) as names:
-            self.assertEqual(self.new_handle(fixture, self.new_account(fixture, "you@example.org")),
-                             "freshfreshfresh1@incognito.test")
-        self.assertEqual(names.call_count, 2)
-        self.assertEqual(site.query("takentakentaken1@incognito.test"), "me@example.org")
-
-    def test_new_handle_skips_a_key_of_the_admins_own_map_lines(self):
-        site = self.make_site(admin_lines=b"adminadminadmin1@incognito.test root@example.org\n")
-        fixture = self.start_service(site)
-        token = self.new_account(fixture)
-        with mock.patch.object(im, "new_handle_name", side_effect=["adminadminadmin1", "freshfreshfresh1"]):
-            self.assertEqual(self.new_handle(fixture, token), "freshfreshfresh1@incognito.test")
-        self.assertEqual(site.query("adminadminadmin1@incognito.test"), "root@example.org")
-
-    def test_same_name_in_another_domain_is_a_different_handle(self):
-        site = self.make_site()
-        fixture = self.start_service(site)
-        token = self.new_account(fixture)
-        with mock.patch.object(im, "new_handle_name", return_value="samesamesamesame"):
-            self.assertEqual(self.new_handle(fixture, token), "samesamesamesame@incognito.test")
-            self.assertEqual(self.new_handle(fixture, token, domain="@Other.test"), "samesamesamesame@other.test")
-
-    def test_handle_length_follows_the_configuration(self):
-        site = self.make_site(sections={"PostfixConfig": {"HandleLength": "21"}})
-        fixture = self.start_service(site)
-        self.assertRegex(self.new_handle(fixture, self.new_account(fixture)), r"^[a-z0-9]{21}@incognito\.test$")
-
-    def test_new_handle_in_a_domain_not_served_is_refused(self):
-        site = self.make_site()
-        fixture = self.start_service(site)
-        token = self.new_account(fixture)
-        with self.assertRaises(im.BadRequest) as caught:
-            self.new_handle(fixture, token, domain="elsewhere.test")
-        self.assertIn("incognito.test", str(caught.exception))
-        self.assertEqual(fixture.call("list_handles", token), [])
-
 
 class MapFileTest(PostmapTestCase):
     """The text map and its index: admin lines kept byte for byte, our lines in step, at once."""
@@ -1870,29 +2150,53 @@ class RollbackTest(PostmapTestCase):
 
 
 ###############################################################################
-# Service: batching
+# Service
 ###############################################################################
 
-class StoreQueryPlanTest(unittest.TestCase):
-    """Per-request queries use an index: their cost must not grow with the number of handles."""
+class NewHandleNamesTest(PostmapTestCase):
+    """A new handle never equals a handle in the database or a key of the admin's lines."""
 
-    def test_handle_lookups_and_counting_use_the_address_index(self):
-        folder = make_folder(self)
-        store = im.Store(os.path.join(folder, "db.sqlite3"))
-        self.addCleanup(store.close)
-        traced = []
-        store.db.set_trace_callback(traced.append)
-        store.handle("abc", "incognito.test")
-        store.handle_taken("abc", "incognito.test")
-        store.lookup_target("abc", "incognito.test")
-        store.record_received({("abc", "incognito.test"): 1}, {("abc", "incognito.test"): 1})
-        store.db.set_trace_callback(None)
-        queries = [q for q in traced if q.lstrip().upper().startswith(("SELECT", "UPDATE"))]
-        self.assertEqual(len(queries), 4, traced)
-        for query in queries:
-            plan = " ".join(row[-1] for row in store.db.execute("EXPLAIN QUERY PLAN " + query))
-            self.assertIn("handles_by_address", plan, query)
-            self.assertNotRegex(plan, r"SCAN (h|handles)\b", query)
+    def test_new_handle_skips_a_name_already_in_the_database(self):
+        site = self.make_site()
+        fixture = self.start_service(site)
+        token = self.new_account(fixture)
+        with mock.patch.object(im, "new_handle_name", side_effect=["takentakentaken1"]):
+            self.assertEqual(self.new_handle(fixture, token), "takentakentaken1@incognito.test")
+        with mock.patch.object(im, "new_handle_name", side_effect=["takentakentaken1", "freshfreshfresh1"]) as names:
+            self.assertEqual(self.new_handle(fixture, self.new_account(fixture, "you@example.org")),
+                             "freshfreshfresh1@incognito.test")
+        self.assertEqual(names.call_count, 2)
+        self.assertEqual(site.query("takentakentaken1@incognito.test"), "me@example.org")
+
+    def test_new_handle_skips_a_key_of_the_admins_own_map_lines(self):
+        site = self.make_site(admin_lines=b"adminadminadmin1@incognito.test root@example.org\n")
+        fixture = self.start_service(site)
+        token = self.new_account(fixture)
+        with mock.patch.object(im, "new_handle_name", side_effect=["adminadminadmin1", "freshfreshfresh1"]):
+            self.assertEqual(self.new_handle(fixture, token), "freshfreshfresh1@incognito.test")
+        self.assertEqual(site.query("adminadminadmin1@incognito.test"), "root@example.org")
+
+    def test_same_name_in_another_domain_is_a_different_handle(self):
+        site = self.make_site()
+        fixture = self.start_service(site)
+        token = self.new_account(fixture)
+        with mock.patch.object(im, "new_handle_name", return_value="samesamesamesame"):
+            self.assertEqual(self.new_handle(fixture, token), "samesamesamesame@incognito.test")
+            self.assertEqual(self.new_handle(fixture, token, domain="@Other.test"), "samesamesamesame@other.test")
+
+    def test_handle_length_follows_the_configuration(self):
+        site = self.make_site(sections={"PostfixConfig": {"HandleLength": "21"}})
+        fixture = self.start_service(site)
+        self.assertRegex(self.new_handle(fixture, self.new_account(fixture)), r"^[a-z0-9]{21}@incognito\.test$")
+
+    def test_new_handle_in_a_domain_not_served_is_refused(self):
+        site = self.make_site()
+        fixture = self.start_service(site)
+        token = self.new_account(fixture)
+        with self.assertRaises(im.BadRequest) as caught:
+            self.new_handle(fixture, token, domain="elsewhere.test")
+        self.assertIn("incognito.test", str(caught.exception))
+        self.assertEqual(fixture.call("list_handles", token), [])
 
 
 class ServiceBatchingTest(PostmapTestCase):
@@ -2004,1096 +2308,6 @@ class ServiceBatchingTest(PostmapTestCase):
         self.assertEqual(kinds, ["-i", "-d", "-i", "-d"])
 
 
-###############################################################################
-# Daemon: one per lock file, graceful stop, crash recovery, start-up checks
-###############################################################################
-
-class ExampleConfigTest(PostmapTestCase):
-    """incognitomail.ini.example starts a working server as is, everything beside itself."""
-
-    def test_example_config_starts_a_working_server_as_is(self):
-        example = os.path.join(HERE, "incognitomail.ini.example")
-        self.assertTrue(os.path.exists(example), "incognitomail.ini.example is missing")
-        folder = make_folder(self)
-        with open(example) as f:
-            text = f.read()
-        with socket.socket() as probe:                  # only if someone else holds its port
-            if probe.connect_ex(("127.0.0.1", 9090)) == 0:
-                text = text.replace("127.0.0.1:9090", "127.0.0.1:%d" % free_port())
-        with open(os.path.join(folder, "incognitomail.ini"), "w") as f:
-            f.write(text)
-        site = Site.from_config_file(os.path.join(folder, "incognitomail.ini"))
-        # postmap reads Postfix's main.cf; MAIL_CONFIG says where, as for every Postfix command
-        env = dict(os.environ, MAIL_CONFIG=write_postfix_config_dir(os.path.join(folder, "postfix")))
-        daemon = start_daemon(self, site, env=env)
-        for path in (site.config.database_path, site.config.map_file_path, site.config.unix_sock_path):
-            self.assertTrue(path.startswith(folder + os.sep), path)
-        token = cli(site, "new", "account", "me@example.net").stdout.strip()
-        done = cli(site, "new", "handle", "-", "--label", "shop.example.com", input=token + "\n")
-        self.assertEqual(done.returncode, 0, done.stderr + daemon.log())
-        handle = done.stdout.strip()
-        self.assertRegex(handle, r"^[a-z0-9]{16}@")
-        query = subprocess.run([_which("postmap"), "-q", handle, "%s:%s" % (site.config.map_type, site.map_path)],
-                               stdout=subprocess.PIPE, universal_newlines=True, env=env)
-        self.assertEqual(query.stdout.strip(), "me@example.net")
-        self.assertEqual(cli(site, "stop").returncode, 0)
-        self.assertEqual(daemon.wait_exit(), 0)
-
-
-class DaemonLifecycleTest(PostmapTestCase):
-    """``incognitomail.py -c CONFIG`` runs the server in the foreground."""
-
-    def setUp(self):
-        self.site = self.make_site(admin_lines=ADMIN_LINES)
-
-    def assert_gone(self):
-        self.assertFalse(os.path.exists(self.site.socket_path), "socket left behind")
-        self.assertFalse(os.path.exists(self.site.config.lock_file_path), "lock file left behind")
-
-    def test_second_server_with_the_same_lock_file_is_refused_naming_pid_and_lock(self):
-        first = start_daemon(self, self.site)
-        second = DaemonProcess(self.site).start(wait=False)
-        self.addCleanup(second.stop)
-        self.assertEqual(second.wait_exit(), 1)
-        self.assertIn("already running (pid %d, lock %s)" % (first.pid, self.site.config.lock_file_path), second.log())
-        self.assertNotIn("Traceback", second.log())
-        self.assertEqual(cli(self.site, "status").returncode, 0, "the first server was disturbed")
-        self.assertEqual(im.running_pid(self.site.config), first.pid)
-
-    def test_sigterm_stops_gracefully_removing_socket_and_lock(self):
-        daemon = start_daemon(self, self.site)
-        self.assertTrue(os.path.exists(self.site.config.lock_file_path))
-        self.assertEqual(daemon.stop(signal.SIGTERM), 0)
-        self.assert_gone()
-        self.assertIn("stopped", daemon.log())
-        self.assertNotIn("Traceback", daemon.log())
-
-    def test_sigint_stops_gracefully_too(self):
-        daemon = start_daemon(self, self.site)
-        self.assertEqual(daemon.stop(signal.SIGINT), 0)
-        self.assert_gone()
-
-    def test_stop_command_stops_the_server(self):
-        daemon = start_daemon(self, self.site)
-        done = cli(self.site, "stop")
-        self.assertEqual(done.returncode, 0, done.stderr)
-        self.assertIn(str(daemon.pid), done.stderr)
-        self.assertEqual(daemon.wait_exit(), 0)
-        self.assert_gone()
-
-    def test_request_in_flight_when_sigterm_arrives_is_finished(self):
-        folder, _, slow_flag = failing_postmap_folder(self)
-        daemon = start_daemon(self, self.site, env=dict(os.environ, PATH=path_with(folder)))
-        token = cli(self.site, "new", "account", "me@example.org").stdout.strip()
-        open(slow_flag, "w").close()
-        command = subprocess.Popen([sys.executable, MODULE, "-c", self.site.config_path, "new", "handle", token],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
-        self.addCleanup(command.wait)
-        self.addCleanup(command.kill)
-        self.assertTrue(wait_until(lambda: os.path.exists(slow_flag + ".started"), 20), "postmap never ran")
-        daemon.send_signal(signal.SIGTERM)
-        out, err = command.communicate(timeout=60)
-        self.assertEqual(command.returncode, 0, err)
-        handle = out.strip()
-        self.assertRegex(handle, r"^[a-z0-9]{16}@incognito\.test$")
-        self.assertEqual(daemon.wait_exit(), 0)
-        self.assertEqual(self.site.query(handle), "me@example.org")
-        self.assertIn("%s me@example.org" % handle, self.site.our_lines())
-
-    def test_stale_socket_left_by_a_crash_is_handled_at_the_next_start(self):
-        daemon = start_daemon(self, self.site)
-        token = cli(self.site, "new", "account", "me@example.org").stdout.strip()
-        handle = cli(self.site, "new", "handle", token).stdout.strip()
-        daemon.kill()
-        self.assertTrue(stat.S_ISSOCK(os.lstat(self.site.socket_path).st_mode), "no stale socket to test with")
-        again = start_daemon(self, self.site)
-        done = cli(self.site, "list", token)
-        self.assertEqual(done.returncode, 0, done.stderr + again.log())
-        self.assertEqual(done.stdout.split()[0], handle)
-        self.assertEqual(self.site.query(handle), "me@example.org")
-        self.assertEqual(im.running_pid(self.site.config), again.pid)
-
-    def test_crash_during_a_change_leaves_the_map_matching_the_database(self):
-        daemon = start_daemon(self, self.site)
-        token = cli(self.site, "new", "account", "me@example.org").stdout.strip()
-        handles = [cli(self.site, "new", "handle", token).stdout.strip() for _ in range(2)]
-        cli(self.site, "delete", "handle", handles[0], token)
-        daemon.kill()                                   # the text file still has the deleted line
-        start_daemon(self, self.site)
-        self.assertIsNone(self.site.query(handles[0]))
-        self.assertEqual(self.site.query(handles[1]), "me@example.org")
-        self.assertEqual(self.site.our_lines(), {"%s me@example.org" % handles[1]})
-
-    def test_crash_between_the_map_update_and_the_commit_leaves_nothing_routable_but_unknown(self):
-        bin_folder, _, slow_flag = failing_postmap_folder(self)
-        env = dict(os.environ, PATH=path_with(bin_folder))
-        daemon = start_daemon(self, self.site, env=env)
-        token = cli(self.site, "new", "account", "me@example.org").stdout.strip()
-        kept = cli(self.site, "new", "handle", token).stdout.strip()
-        open(slow_flag, "w").close()                    # the next postmap waits 1.5 s, then runs
-        creating = subprocess.Popen([sys.executable, MODULE, "-c", self.site.config_path, "new", "handle", token],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.addCleanup(creating.communicate)
-        self.addCleanup(creating.kill)
-        self.assertTrue(wait_until(lambda: os.path.exists(slow_flag + ".started")), "postmap was not started")
-        [line] = [l for l in self.site.our_lines() if not l.startswith(kept)]
-        doomed = line.split()[0]                       # appended to the text file, not yet committed
-        daemon.kill()
-        out, _ = creating.communicate(timeout=10)
-        self.assertEqual((creating.returncode, out), (1, b""))   # never reported to anyone
-        time.sleep(2)                                   # the orphaned postmap -i now lands the key
-        self.assertEqual(self.site.query(doomed), "me@example.org")
-        os.unlink(slow_flag)
-        start_daemon(self, self.site, env=env)
-        self.assertIsNone(self.site.query(doomed))
-        self.assertEqual(self.site.query(kept), "me@example.org")
-        self.assertEqual(self.site.our_lines(), {"%s me@example.org" % kept})
-        self.assertEqual([h["address"] for h in json.loads(cli(self.site, "--json", "list", token).stdout)], [kept])
-
-    def test_database_of_a_newer_version_stops_the_start_with_a_clear_error(self):
-        db = sqlite3.connect(self.site.config.database_path)
-        db.execute("PRAGMA user_version = %d" % (im.SCHEMA_VERSION + 1))
-        db.close()
-        daemon = DaemonProcess(self.site).start(wait=False)
-        self.addCleanup(daemon.stop)
-        self.assertEqual(daemon.wait_exit(), 1)
-        self.assertIn("newer than this program understands", daemon.log())
-        self.assertIn(self.site.config.database_path, daemon.log())
-        self.assertNotIn("Traceback", daemon.log())
-        self.assertIsNone(im.running_pid(self.site.config))
-
-    def test_start_fails_clearly_when_the_maps_folder_is_missing(self):
-        missing = os.path.join(self.site.folder, "no-such-folder")
-        site = Site(self.site.folder, map_path=os.path.join(missing, "virtual"),
-                    config_dir=self.site.config.postfix_config_dir)
-        daemon = DaemonProcess(site).start(wait=False)
-        self.addCleanup(daemon.stop)
-        self.assertEqual(daemon.wait_exit(), 1)
-        self.assertIn(missing, daemon.log())
-        self.assertIn("MapFilePath", daemon.log())
-        self.assertNotIn("Traceback", daemon.log())
-
-    def test_start_fails_clearly_when_the_postfix_config_dir_has_no_main_cf(self):
-        empty = make_folder(self)
-        site = Site(self.site.folder, map_path=self.site.map_path, config_dir=empty)
-        daemon = DaemonProcess(site).start(wait=False)
-        self.addCleanup(daemon.stop)
-        self.assertEqual(daemon.wait_exit(), 1)
-        self.assertIn("main.cf", daemon.log())
-        self.assertIn("ConfigDir", daemon.log())
-        self.assertNotIn("Traceback", daemon.log())
-
-    def test_start_fails_clearly_when_postmap_fails(self):
-        folder, _, _ = failing_postmap_folder(self, mode="always-fail")
-        daemon = DaemonProcess(self.site, env=dict(os.environ, PATH=path_with(folder))).start(wait=False)
-        self.addCleanup(daemon.stop)
-        self.assertEqual(daemon.wait_exit(), 1)
-        self.assertIn("simulated failure", daemon.log())
-        self.assertIn(self.site.map_path, daemon.log())
-        self.assertNotIn("Traceback", daemon.log())
-        self.assertIsNone(im.running_pid(self.site.config))
-
-    def test_start_as_a_user_who_cannot_write_the_maps_folder_fails_naming_path_user_and_fix(self):
-        python, runuser = OTHER_USERS_PYTHON, _which("runuser")
-        require_root_tools("runuser", python)
-        home = os.path.join(self.site.folder, "nobody")
-        os.mkdir(home)
-        os.chown(home, NOBODY_UID, NOBODY_UID)
-        site = Site(home, map_path=self.site.map_path, config_dir=self.site.config.postfix_config_dir)
-        module = os.path.join(home, "incognitomail.py")
-        shutil.copy(MODULE, module)
-        os.chmod(module, 0o644)
-        done = subprocess.run([runuser, "-u", "nobody", "--", python, module, "-c", site.config_path],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
-                              timeout=60, cwd="/")
-        self.assertEqual(done.returncode, 1, done.stderr)
-        self.assertNotIn("Traceback", done.stderr)
-        folder = os.path.dirname(self.site.map_path)
-        self.assertIn(folder, done.stderr)
-        self.assertIn("nobody", done.stderr)
-        self.assertIn("chmod", done.stderr)                 # the fix
-        self.assertEqual(self.site.map_text(), ADMIN_LINES, "the map was changed before the check")
-
-    def test_failing_postmap_is_an_error_for_the_command_and_the_server_keeps_running(self):
-        folder, fail_flag, _ = failing_postmap_folder(self)
-        daemon = start_daemon(self, self.site, env=dict(os.environ, PATH=path_with(folder)))
-        token = cli(self.site, "new", "account", "me@example.org").stdout.strip()
-        open(fail_flag, "w").close()
-        done = cli(self.site, "new", "handle", token)
-        self.assertEqual(done.returncode, 1)
-        self.assertEqual(done.stdout, "")
-        self.assertIn("simulated failure", done.stderr)
-        os.unlink(fail_flag)
-        self.assertEqual(cli(self.site, "list", token).stdout, "")
-        done = cli(self.site, "new", "handle", token)
-        self.assertEqual(done.returncode, 0, done.stderr + daemon.log())
-        self.assertEqual(self.site.query(done.stdout.strip()), "me@example.org")
-        self.assertIsNone(daemon.proc.poll())
-
-
-def run_as_user(uid, function):
-    """Run ``function()`` in a forked child that became ``uid``; its result or error as text."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:                                                        # the child
-        try:
-            os.close(read_end)
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            try:
-                result = "ok: %s" % (function(),)
-            except BaseException as e:
-                result = "%s: %s" % (type(e).__name__, e)
-            os.write(write_end, result.encode("utf-8", "replace")[:60000])
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    chunks = []
-    while True:
-        chunk = os.read(read_end, 65536)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(read_end)
-    os.waitpid(pid, 0)
-    return b"".join(chunks).decode("utf-8", "replace")
-
-
-class ControlSocketAccessTest(PostmapTestCase):
-    """The control socket: mode 0600 in the server's own folder, and a SO_PEERCRED check."""
-
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        require_root_tools()
-
-    def setUp(self):
-        self.site = self.make_site()
-
-    def test_control_socket_is_mode_0600_in_a_folder_the_server_owns(self):
-        start_daemon(self, self.site)
-        folder = os.stat(os.path.dirname(self.site.socket_path))
-        self.assertEqual(folder.st_uid, os.geteuid())
-        self.assertEqual(stat.S_IMODE(folder.st_mode) & 0o022, 0, "others may write to the socket's folder")
-        sock = os.stat(self.site.socket_path)
-        self.assertTrue(stat.S_ISSOCK(sock.st_mode))
-        self.assertEqual(stat.S_IMODE(sock.st_mode), 0o600)
-
-    def run_cli_as_nobody(self, *args):
-        """The command line as user nobody (runuser), from a copy of the module it may read."""
-        python, runuser = OTHER_USERS_PYTHON, _which("runuser")
-        require_root_tools("runuser", python)
-        module = os.path.join(self.site.folder, "incognitomail.py")
-        shutil.copy(MODULE, module)
-        os.chmod(module, 0o644)
-        return subprocess.run([runuser, "-u", "nobody", "--", python, module, "-c", self.site.config_path] + list(args),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=60,
-                              cwd="/")
-
-    def open_socket_folder(self):
-        folder = os.path.dirname(self.site.socket_path)
-        os.makedirs(folder, mode=0o755)
-        os.chmod(folder, 0o755)
-
-    def test_another_users_command_line_cannot_open_the_socket(self):
-        self.open_socket_folder()                         # only the socket's own mode stops them
-        start_daemon(self, self.site)
-        done = self.run_cli_as_nobody("new", "account", "mallory@example.org")
-        self.assertEqual(done.returncode, 1, done)
-        self.assertIn("permission denied", done.stderr)
-        result = run_as_user(NOBODY_UID, lambda: im.ControlClient(self.site.config).request("status"))
-        self.assertTrue(result.startswith("ServerError"), result)
-        self.assertEqual(im.ControlClient(self.site.config).request("status")["status"]["accounts"], 0)
-
-    def test_another_user_is_refused_by_the_server_even_when_the_file_lets_them_in(self):
-        self.open_socket_folder()
-        daemon = start_daemon(self, self.site)
-        os.chmod(self.site.socket_path, 0o666)                  # as a careless admin might
-        for op, fields in (("status", {}), ("new_account", {"address": "mallory@example.org"})):
-            result = run_as_user(NOBODY_UID, lambda: im.ControlClient(self.site.config).request(op, **fields))
-            self.assertFalse(result.startswith("ok"), result)
-        done = self.run_cli_as_nobody("new", "account", "mallory@example.org")
-        self.assertEqual(done.returncode, 1, done)
-        self.assertEqual(done.stdout, "")
-        status = im.ControlClient(self.site.config).request("status")["status"]
-        self.assertEqual(status["accounts"], 0)
-        self.assertIn("refused a command-line connection from user nobody", daemon.log())
-
-    def test_refused_user_is_told_why_every_time(self):
-        self.open_socket_folder()
-        start_daemon(self, self.site)
-        os.chmod(self.site.socket_path, 0o666)
-        results = [run_as_user(NOBODY_UID, lambda: im.ControlClient(self.site.config).request("status"))
-                   for _ in range(20)]
-        told = [r for r in results if r.startswith("Unauthorized") and "only root and user" in r]
-        self.assertEqual(len(told), len(results), "refused without the reason: %s" % sorted(set(results)))
-        done = self.run_cli_as_nobody("status")
-        self.assertIn("only root and user", done.stderr)
-
-
-###############################################################################
-# Command line: the original's syntax, output for people and scripts, exit codes
-###############################################################################
-
-class CommandLineTest(PostmapTestCase):
-    """Every command against one running server; each test makes its own accounts."""
-
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        folder = make_folder()
-        cls.addClassCleanup(shutil.rmtree, folder, True)
-        cls.site = Site(folder, admin_lines=ADMIN_LINES)
-        cls.daemon = DaemonProcess(cls.site).start()
-        cls.addClassCleanup(cls.daemon.stop)
-
-    def run_cli(self, *args, input=None, rc=0):
-        done = cli(self.site, *args, input=input)
-        self.assertEqual(done.returncode, rc, "%s -> stdout %r, stderr %r" % (args, done.stdout, done.stderr))
-        self.assertNotIn("Traceback", done.stderr)
-        return done
-
-    def new_account(self, address="me@example.org"):
-        return self.run_cli("new", "account", address).stdout.strip()
-
-    def new_handle(self, token, *options):
-        return self.run_cli("new", "handle", token, *options).stdout.strip()
-
-    def listed(self, token):
-        return [line.split()[0] for line in self.run_cli("list", token).stdout.splitlines()]
-
-    # -- the original's commands ---------------------------------------------------------
-
-    def test_new_account_prints_only_the_token(self):
-        done = self.run_cli("new", "account", "me@example.org")
-        self.assertRegex(done.stdout, r"^[A-Za-z0-9_-]{43,}\n$")
-        self.assertIn("secret token", done.stderr)
-
-    def test_new_handle_prints_only_the_address(self):
-        token = self.new_account()
-        done = self.run_cli("new", "handle", token)
-        self.assertRegex(done.stdout, r"^[a-z0-9]{16}@incognito\.test\n$")
-        self.assertEqual(self.site.query(done.stdout.strip()), "me@example.org")
-
-    def test_list_prints_one_line_per_handle_starting_with_its_address_newest_first(self):
-        token = self.new_account()
-        handles = [self.new_handle(token) for _ in range(3)]
-        lines = self.run_cli("list", token).stdout.splitlines()
-        self.assertEqual([line.split()[0] for line in lines], handles[::-1])
-        for line in lines:
-            self.assertIn("enabled", line)
-            self.assertIn("received 0", line)
-
-    def test_list_of_an_account_without_handles_prints_nothing_on_stdout(self):
-        done = self.run_cli("list", self.new_account())
-        self.assertEqual(done.stdout, "")
-        self.assertIn("no handles", done.stderr)
-
-    def test_delete_handle_removes_it_from_the_map(self):
-        token = self.new_account()
-        keep, gone = self.new_handle(token), self.new_handle(token)
-        done = self.run_cli("delete", "handle", gone, token)
-        self.assertEqual(done.stdout, "")
-        self.assertIsNone(self.site.query(gone))
-        self.assertEqual(self.site.query(keep), "me@example.org")
-        self.assertEqual(self.listed(token), [keep])
-
-    def test_delete_handle_accepts_the_handle_with_or_without_its_domain(self):
-        token = self.new_account()
-        first, second = self.new_handle(token), self.new_handle(token, "--domain", "other.test")
-        self.run_cli("delete", "handle", first.split("@")[0], token)
-        self.run_cli("delete", "handle", second.upper(), token)
-        self.assertEqual(self.listed(token), [])
-        self.assertIsNone(self.site.query(first))
-        self.assertIsNone(self.site.query(second))
-
-    def test_delete_handle_with_another_accounts_secret_is_refused_and_changes_nothing(self):
-        mine, theirs = self.new_account(), self.new_account("them@example.org")
-        handle = self.new_handle(mine)
-        their_handle = self.new_handle(theirs)
-        for name in (handle, handle.split("@")[0]):
-            done = self.run_cli("delete", "handle", name, theirs, rc=1)
-            self.assertIn("no handle", done.stderr)
-        self.assertEqual(self.listed(mine), [handle])
-        self.assertEqual(self.listed(theirs), [their_handle])
-        self.assertEqual(self.site.query(handle), "me@example.org")
-        self.assertIn("%s me@example.org" % handle, self.site.our_lines())
-
-    def test_delete_account_removes_the_account_and_its_handles(self):
-        token = self.new_account()
-        handles = [self.new_handle(token) for _ in range(2)]
-        done = self.run_cli("delete", "account", token)
-        self.assertEqual(done.stdout.strip(), "")
-        self.assertIn("2 handles", done.stderr)
-        for handle in handles:
-            self.assertIsNone(self.site.query(handle))
-        self.run_cli("list", token, rc=1)
-
-    def test_stop_takes_no_arguments(self):
-        # stopping itself is tested on servers of their own in DaemonLifecycleTest
-        done = cli(self.site, "stop", "now")
-        self.assertEqual(done.returncode, 2)
-        self.assertIsNone(self.daemon.proc.poll())
-
-    # -- what an owner needs beyond the original --------------------------------------------
-
-    def test_new_handle_takes_a_label_and_a_domain(self):
-        token = self.new_account()
-        handle = self.new_handle(token, "--label", "shop.example.com", "--domain", "other.test")
-        self.assertRegex(handle, r"^[a-z0-9]{16}@other\.test$")
-        self.assertRegex(self.new_handle(token, "--domain", "@Other.Test"), r"@other\.test$")
-        line = self.run_cli("list", token).stdout.splitlines()[-1]
-        self.assertTrue(line.startswith(handle + "\t"), line)
-        self.assertTrue(line.endswith("shop.example.com"), line)
-
-    def test_new_handle_in_a_domain_not_served_is_an_error_naming_the_served_ones(self):
-        done = self.run_cli("new", "handle", self.new_account(), "--domain", "elsewhere.test", rc=1)
-        self.assertIn("incognito.test", done.stderr)
-        self.assertEqual(done.stdout, "")
-
-    def test_disable_and_enable_handle_change_what_postfix_sees(self):
-        token = self.new_account()
-        handle = self.new_handle(token)
-        done = self.run_cli("disable", "handle", handle, token)
-        self.assertTrue(done.stdout.startswith(handle + "\tdisabled"), done.stdout)
-        self.assertIsNone(self.site.query(handle))
-        done = self.run_cli("enable", "handle", handle.split("@")[0], token)
-        self.assertTrue(done.stdout.startswith(handle + "\tenabled"), done.stdout)
-        self.assertEqual(self.site.query(handle), "me@example.org")
-
-    def test_label_handle_sets_the_label_shown_by_list(self):
-        token = self.new_account()
-        handle = self.new_handle(token)
-        self.run_cli("label", "handle", handle, token, "newsletter of shop.example.com")
-        handles = json.loads(self.run_cli("list", token, "--json").stdout)
-        self.assertEqual(handles[0]["label"], "newsletter of shop.example.com")
-        self.run_cli("label", "handle", handle, token, "line\nbreak", rc=1)
-
-    def test_rotate_prints_a_new_token_and_the_old_one_no_longer_works(self):
-        old = self.new_account()
-        handle = self.new_handle(old)
-        done = self.run_cli("rotate", old)
-        new = done.stdout.strip()
-        self.assertRegex(done.stdout, r"^[A-Za-z0-9_-]{43,}\n$")
-        self.assertNotEqual(new, old)
-        self.run_cli("list", old, rc=1)
-        self.assertEqual(self.listed(new), [handle])
-        self.assertEqual(self.site.query(handle), "me@example.org")
-
-    def test_secret_dash_is_read_from_standard_input(self):
-        token = self.new_account()
-        secret = token + "\n"
-        handle = self.run_cli("new", "handle", "-", input=secret).stdout.strip()
-        self.assertRegex(handle, r"@incognito\.test$")
-        self.assertEqual(self.run_cli("list", "-", input=secret).stdout.split()[0], handle)
-        self.run_cli("label", "handle", handle, "-", "shop", input=secret)
-        self.run_cli("disable", "handle", handle, "-", input=secret)
-        self.run_cli("enable", "handle", handle, "-", input=secret)
-        self.run_cli("delete", "handle", handle, "-", input=secret)
-        self.assertEqual(self.listed(token), [])
-        new = self.run_cli("rotate", "-", input=secret).stdout.strip()
-        self.run_cli("delete", "account", "-", input=new + "\n")
-        self.run_cli("list", new, rc=1)
-        self.run_cli("list", "-", input="", rc=1)
-
-    def test_secret_starting_with_a_dash_is_accepted_as_an_argument(self):
-        token = "-" + im.new_token()[1:]            # an account whose token begins with "-"
-        db = sqlite3.connect(self.site.config.database_path, timeout=10)
-        db.execute("INSERT INTO accounts (address, token_sha256, created) VALUES (?, ?, ?)",
-                   ("dash@example.org", im.token_digest(token), int(time.time())))
-        db.commit()
-        db.close()
-        handle = self.new_handle(token)
-        self.assertEqual(self.listed(token), [handle])
-        self.run_cli("delete", "handle", handle, token)
-        self.assertEqual(self.listed(token), [])
-
-    def test_json_is_accepted_anywhere_on_the_command_line(self):
-        token = self.new_account()
-        config = self.site.config_path
-        for argv in (["--json", "-c", config, "new", "handle", token],
-                     ["-c", config, "--json", "new", "handle", token],
-                     ["-c", config, "new", "--json", "handle", token],
-                     ["-c", config, "new", "handle", "--json", token],
-                     ["-c", config, "new", "handle", token, "--json"]):
-            with self.subTest(argv=argv):
-                done = run_module(*argv)
-                self.assertEqual(done.returncode, 0, done.stderr)
-                self.assertRegex(json.loads(done.stdout)["address"], r"^[a-z0-9]{16}@incognito\.test$")
-
-    def test_json_output_of_each_command(self):
-        token = json.loads(self.run_cli("--json", "new", "account", "me@example.org").stdout)["token"]
-        handle = json.loads(self.run_cli("--json", "new", "handle", token, "--label", "shop").stdout)
-        self.assertEqual(set(handle), {"address", "label", "enabled", "created", "received", "last_received", "id"})
-        self.assertEqual((handle["label"], handle["enabled"], handle["received"], handle["last_received"]),
-                         ("shop", True, 0, None))
-        self.assertRegex(handle["created"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
-        listed = json.loads(self.run_cli("--json", "list", token).stdout)
-        self.assertEqual(listed, [handle])
-        disabled = json.loads(self.run_cli("--json", "disable", "handle", handle["address"], token).stdout)
-        self.assertEqual(disabled["enabled"], False)
-        self.assertEqual(json.loads(self.run_cli("--json", "delete", "handle", handle["address"], token).stdout), {})
-        new = json.loads(self.run_cli("--json", "rotate", token).stdout)["token"]
-        self.assertEqual(json.loads(self.run_cli("--json", "delete", "account", new).stdout), {"deleted_handles": 0})
-        error = self.run_cli("--json", "list", token, rc=1)
-        self.assertEqual(json.loads(error.stdout)["ok"], False)
-
-    def test_list_json_gives_an_empty_array_for_an_account_without_handles(self):
-        self.assertEqual(json.loads(self.run_cli("list", self.new_account(), "--json").stdout), [])
-
-    def test_original_go_style_config_flags_are_accepted(self):
-        for argv in (["-config", self.site.config_path, "status"], ["-config=" + self.site.config_path, "status"],
-                     ["--config", self.site.config_path, "status"], ["--config=" + self.site.config_path, "status"],
-                     ["-c", self.site.config_path, "status"]):
-            with self.subTest(argv=argv):
-                done = run_module(*argv)
-                self.assertEqual(done.returncode, 0, done.stderr)
-                self.assertIn("pid %d" % self.daemon.pid, done.stdout)
-
-    def test_status_reports_pid_counts_and_version(self):
-        status = json.loads(self.run_cli("status", "--json").stdout)
-        self.assertEqual((status["running"], status["pid"], status["version"]), (True, self.daemon.pid, im.__version__))
-        self.assertEqual(status["domains"], ["incognito.test", "other.test"])
-        self.assertEqual(status["map"], "hash:%s" % self.site.map_path)
-        token = self.new_account()
-        self.new_handle(token)
-        after = json.loads(self.run_cli("--json", "status").stdout)
-        self.assertEqual(after["accounts"], status["accounts"] + 1)
-        self.assertEqual(after["handles"], status["handles"] + 1)
-        self.assertEqual(after["enabled_handles"], status["enabled_handles"] + 1)
-        text = self.run_cli("status").stdout
-        self.assertIn("running (pid %d)" % self.daemon.pid, text)
-        self.assertIn(im.__version__, text)
-        self.assertIn("accounts %d" % after["accounts"], text)
-
-    # -- errors and exit codes ------------------------------------------------------------
-
-    def test_errors_exit_1_with_a_message_and_nothing_on_stdout(self):
-        for args in (["new", "account", "me@example.org, evil@example.net"],
-                     ["new", "account", "me@example.org\nevil@incognito.test mallory@example.net"],
-                     ["new", "handle", "no-such-token"],
-                     ["list", "no-such-token"],
-                     ["delete", "handle", "abc", "no-such-token"],
-                     ["delete", "handle", "not a handle!", self.new_account()]):
-            with self.subTest(args=args):
-                done = self.run_cli(*args, rc=1)
-                self.assertEqual(done.stdout, "")
-                self.assertTrue(done.stderr.startswith("incognitomail: error: "), done.stderr)
-
-    def test_wrong_secret_is_not_repeated_in_the_error(self):
-        wrong = "Zx9-wrong-secret-" + uuid.uuid4().hex
-        done = self.run_cli("list", wrong, rc=1)
-        self.assertIn("unknown secret token", done.stderr)
-        self.assertNotIn(wrong, done.stderr + done.stdout)
-        self.assertNotIn(wrong, self.daemon.log())
-
-    def test_wrong_usage_exits_2(self):
-        for args in (["new"], ["new", "thing", "x"], ["new", "handle"], ["frobnicate"], ["list"], ["list", "a", "b"],
-                     ["delete", "handle", "only-one"], ["delete", "account"], ["label", "handle", "h", "secret"],
-                     ["enable", "account", "x"], ["prune", "--handles-unused-days", "soon"], ["--no-such-flag"]):
-            with self.subTest(args=args):
-                done = cli(self.site, *args)
-                self.assertEqual(done.returncode, 2, done)
-                self.assertIn("usage", done.stderr)
-                self.assertEqual(done.stdout, "")
-
-    def test_prune_without_the_policy_service_is_refused_naming_PolicyListen(self):
-        token = self.new_account()
-        handle = self.new_handle(token)
-        done = self.run_cli("prune", "--handles-unused-days", "0", rc=1)
-        self.assertIn("PolicyListen", done.stderr)
-        self.assertIn("policy service", done.stderr)
-        self.assertEqual(self.listed(token), [handle])
-
-    # -- logging ------------------------------------------------------------------------
-
-    def test_every_change_is_logged_at_info_without_the_token(self):
-        token = self.new_account("logged@example.org")
-        handle = self.new_handle(token, "--label", "shop")
-        other = self.new_handle(token)
-        self.run_cli("label", "handle", handle, token, "renamed")
-        self.run_cli("disable", "handle", handle, token)
-        self.run_cli("enable", "handle", handle, token)
-        self.run_cli("delete", "handle", other, token)
-        new = self.run_cli("rotate", token).stdout.strip()
-        self.run_cli("delete", "account", new)
-        log = self.daemon.log()
-        info = [line for line in log.splitlines() if " INFO " in line]
-        expectations = [("new account", "logged@example.org"), ("new handle " + handle, "logged@example.org"),
-                        ("new handle " + other, ""), ("handle " + handle, "renamed"), ("handle " + handle, "disabled"),
-                        ("handle " + handle, "enabled"), ("deleted handle " + other, ""),
-                        ("new secret token", "logged@example.org"), ("deleted account", "logged@example.org")]
-        for words in expectations:
-            with self.subTest(words=words):
-                self.assertTrue(any(all(w in line for w in words) for line in info), "no INFO line with %s" % (words,))
-        for secret in (token, new):
-            self.assertNotIn(secret, log)
-
-
-class StatusWhenStoppedTest(unittest.TestCase):
-    """With no server: status says so, commands say how to start it (no Postfix needed)."""
-
-    def setUp(self):
-        folder = make_folder(self)
-        self.config = os.path.join(folder, "incognitomail.ini")
-        write_ini(self.config, minimal_ini_sections(folder))
-
-    def test_status_exits_1_saying_not_running(self):
-        done = run_module("-c", self.config, "status")
-        self.assertEqual(done.returncode, 1)
-        self.assertIn("not running", done.stdout + done.stderr)
-        self.assertNotIn("Traceback", done.stderr)
-
-    def test_status_json_is_one_json_document_saying_not_running(self):
-        done = run_module("-c", self.config, "--json", "status")
-        self.assertEqual(done.returncode, 1)
-        self.assertEqual(json.loads(done.stdout).get("running"), False, done.stdout)
-
-    def test_commands_say_how_to_start_the_server(self):
-        done = run_module("-c", self.config, "new", "account", "me@example.org")
-        self.assertEqual(done.returncode, 1)
-        self.assertIn("not running", done.stderr)
-        self.assertIn("UnixSockPath", done.stderr)
-        self.assertIn(self.config, done.stderr)
-
-
-###############################################################################
-# End to end: a real private Postfix on loopback
-###############################################################################
-
-# An admin's own line in the map Postfix uses: it must survive everything and keep routing.
-FOREIGN_LINE = b"admin@incognito.test bob@mbox.test\n"
-
-
-class PostfixInstanceTestCase(unittest.TestCase):
-    """Base: one private Postfix per class; a fresh daemon and database per test."""
-
-    MAP_TYPE = "hash"
-
-    @classmethod
-    def setUpClass(cls):
-        require_postfix(instance=True, map_type=cls.MAP_TYPE)
-        cls.pf = start_postfix_instance(cls, cls.MAP_TYPE, FOREIGN_LINE.decode(), cls.extra_main_cf())
-
-    @classmethod
-    def extra_main_cf(cls):
-        return []
-
-    def daemon_sections(self):
-        return {}
-
-    def make_site(self):
-        return Site(make_folder(self), map_type=self.pf.map_type, map_path=self.pf.map_path,
-                    config_dir=self.pf.config_dir, domains="incognito.test", sections=self.daemon_sections())
-
-    def start(self, env=None):
-        site = self.make_site()
-        return site, start_daemon(self, site, env=env)
-
-    def run_cli(self, site, *args, input=None, rc=0):
-        done = cli(site, *args, input=input)
-        self.assertEqual(done.returncode, rc, "%s -> %r %r" % (args, done.stdout, done.stderr))
-        return done.stdout.strip()
-
-    def assert_delivered(self, rcpt, user):
-        ok, code, text, mark = self.pf.send(rcpt)
-        self.assertTrue(ok, "mail to %s refused: %s %s" % (rcpt, code, text))
-        self.assertTrue(self.pf.wait_for_mail(user, mark), "mail to %s never reached %s:\n%s"
-                        % (rcpt, user, self.pf.maillog()[-2000:]))
-        return mark
-
-    def assert_rejected_at_rcpt(self, rcpt, code=550):
-        ok, got, text, mark = self.pf.send(rcpt)
-        self.assertFalse(ok, "mail to %s was accepted" % rcpt)
-        self.assertEqual(got, code, text)
-        return text
-
-    def assert_foreign_line_kept(self):
-        with open(self.pf.map_path, "rb") as f:
-            self.assertTrue(f.read().startswith(FOREIGN_LINE))
-        self.assert_delivered("admin@incognito.test", "bob")
-
-
-class EndToEndDeliveryTest(PostfixInstanceTestCase):
-    """Handles made through the command line route real mail; removed ones are refused at RCPT."""
-
-    def test_handle_made_through_the_command_line_receives_mail_and_once_deleted_is_rejected_at_rcpt(self):
-        site, daemon = self.start()
-        self.assert_foreign_line_kept()
-        token = self.run_cli(site, "new", "account", "alice@mbox.test")
-        handle = self.run_cli(site, "new", "handle", token)
-        self.assert_delivered(handle, "alice")
-        self.assert_foreign_line_kept()
-        self.run_cli(site, "delete", "handle", handle, token)
-        text = self.assert_rejected_at_rcpt(handle)
-        self.assertIn("User unknown", text)
-        self.assert_foreign_line_kept()
-
-    def test_handle_in_use_receives_mail_with_its_original_recipient_recorded(self):
-        site, daemon = self.start()
-        token = self.run_cli(site, "new", "account", "carol@mbox.test")
-        handle = self.run_cli(site, "new", "handle", "-", "--label", "shop", input=token + "\n")
-        mark = self.assert_delivered(handle, "carol")
-        message = self.pf.mailbox("carol").split(mark)[0].rsplit("\nFrom ", 1)[-1]
-        self.assertIn("X-Original-To: %s" % handle, message)
-
-    def test_disabled_handle_is_rejected_at_rcpt_and_receives_again_once_enabled(self):
-        site, daemon = self.start()
-        token = self.run_cli(site, "new", "account", "alice@mbox.test")
-        handle = self.run_cli(site, "new", "handle", token)
-        self.run_cli(site, "disable", "handle", handle, token)
-        self.assert_rejected_at_rcpt(handle)
-        self.run_cli(site, "enable", "handle", handle, token)
-        self.assert_delivered(handle, "alice")
-
-    def test_deleted_account_leaves_its_handles_rejected(self):
-        site, daemon = self.start()
-        token = self.run_cli(site, "new", "account", "alice@mbox.test")
-        handles = [self.run_cli(site, "new", "handle", token) for _ in range(2)]
-        self.run_cli(site, "delete", "account", token)
-        for handle in handles:
-            self.assert_rejected_at_rcpt(handle)
-        self.assert_foreign_line_kept()
-
-    def test_foreign_line_and_handles_survive_restarts_and_rebuilds(self):
-        site, daemon = self.start()
-        token = self.run_cli(site, "new", "account", "dave@mbox.test")
-        handle = self.run_cli(site, "new", "handle", token)
-        self.assertEqual(daemon.stop(), 0)
-        DaemonProcess(site).start().stop()                  # in step: left alone
-        self.assert_foreign_line_kept()
-        os.unlink(self.pf.map_path + (".lmdb" if self.MAP_TYPE == "lmdb" else ".db"))
-        again = start_daemon(self, site)                    # index missing: rebuilt
-        self.assertIn("rebuilt", again.log())
-        self.assert_delivered(handle, "dave")
-        self.assert_foreign_line_kept()
-        again.kill()                                        # a crash: rebuilt at the next start
-        start_daemon(self, site)
-        self.assert_delivered(handle, "dave")
-        self.assert_foreign_line_kept()
-
-
-class CreateThenSendTests:
-    """Mixin: visibility at once, the whole-second mtime trap of hash: maps included."""
-
-    ROUNDS = 20
-
-    def test_new_handles_receive_mail_sent_the_moment_they_are_made(self):
-        site, daemon = self.start()
-        client = im.ControlClient(site.config)
-        token = client.request("new_account", address="carol@mbox.test")["token"]
-        marks = []
-        for round in range(self.ROUNDS):
-            handle = client.request("new_handle", token=token)["handle"]["address"]
-            ok, code, text, mark = self.pf.send(handle)
-            self.assertTrue(ok, "round %d: %s refused right after it was made: %s %s" % (round, handle, code, text))
-            marks.append((handle, mark))
-        for handle, mark in marks:
-            self.assertTrue(self.pf.wait_for_mail("carol", mark),
-                            "accepted but not delivered (bounced by a stale cleanup?): %s" % handle)
-        self.assert_foreign_line_kept()
-
-    def test_deleted_handles_are_rejected_the_moment_they_are_deleted(self):
-        site, daemon = self.start()
-        client = im.ControlClient(site.config)
-        token = client.request("new_account", address="carol@mbox.test")["token"]
-        for round in range(self.ROUNDS):
-            handle = client.request("new_handle", token=token)["handle"]["address"]
-            self.assertEqual(self.pf.rcpt_check(handle)[0], 250, "round %d: new %s refused" % (round, handle))
-            client.request("delete_handle", token=token, address=handle)
-            code, text = self.pf.rcpt_check(handle)
-            self.assertEqual(code, 550, "round %d: deleted %s still accepted: %s" % (round, handle, text))
-        self.assert_foreign_line_kept()
-
-    def test_disabled_handles_are_rejected_at_once_and_accepted_at_once_when_enabled(self):
-        site, daemon = self.start()
-        client = im.ControlClient(site.config)
-        token = client.request("new_account", address="carol@mbox.test")["token"]
-        handle = client.request("new_handle", token=token)["handle"]["address"]
-        for round in range(self.ROUNDS // 2):
-            client.request("update_handle", token=token, address=handle, enabled=False)
-            self.assertEqual(self.pf.rcpt_check(handle)[0], 550, "round %d: disabled handle accepted" % round)
-            client.request("update_handle", token=token, address=handle, enabled=True)
-            self.assertEqual(self.pf.rcpt_check(handle)[0], 250, "round %d: enabled handle refused" % round)
-
-
-class CreateThenSendHashTest(CreateThenSendTests, PostfixInstanceTestCase):
-    MAP_TYPE = "hash"
-
-
-class CreateThenSendLmdbTest(CreateThenSendTests, PostfixInstanceTestCase):
-    MAP_TYPE = "lmdb"
-
-
-###############################################################################
-# Issue 4: the policy service (what each handle receives), pruning, check
-###############################################################################
-
-def policy_request(recipient, state="RCPT", instance=None, **extra):
-    fields = dict(request="smtpd_access_policy", protocol_state=state, protocol_name="ESMTP",
-                  client_address="127.0.0.1", sender="sender@example.org", recipient=recipient,
-                  instance=instance or uuid.uuid4().hex, **extra)
-    return "".join("%s=%s\n" % item for item in fields.items()).encode() + b"\n"
-
-
-def read_policy_answer(sock):
-    data = b""
-    while not data.endswith(b"\n\n"):
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-class PolicyProtocolTest(unittest.TestCase):
-    """SMTPD_POLICY_README's format, with byte strings."""
-
-    REQUEST = (b"request=smtpd_access_policy\nprotocol_state=RCPT\ninstance=12.ab.1\n"
-               b"recipient=k3v9@incognito.test\nsender=s@example.org\n\n")
-
-    def test_a_request_ends_with_an_empty_line(self):
-        parser = im.PolicyParser()
-        self.assertEqual(parser.feed(self.REQUEST[:-1]), [])
-        self.assertTrue(parser.incomplete)
-        [request] = parser.feed(b"\n")
-        self.assertEqual(request["recipient"], "k3v9@incognito.test")
-        self.assertEqual(request["protocol_state"], "RCPT")
-        self.assertFalse(parser.incomplete)
-
-    def test_requests_split_anywhere_and_several_per_feed(self):
-        parser = im.PolicyParser()
-        data = self.REQUEST * 3
-        requests = []
-        for i in range(0, len(data), 7):
-            requests += parser.feed(data[i:i + 7])
-        self.assertEqual(len(requests), 3)
-
-    def test_empty_values_are_kept(self):
-        [request] = im.PolicyParser().feed(b"sender=\nrecipient=a@b.c\n\n")
-        self.assertEqual(request["sender"], "")
-
-    def test_oversized_request_is_refused_before_its_end(self):
-        parser = im.PolicyParser()
-        with self.assertRaises(im.PostfixProtocolError):
-            parser.feed(b"name=" + b"x" * (im.PolicyParser.MAX_REQUEST + 1))
-
-    def test_line_without_equals_sign_is_refused(self):
-        with self.assertRaises(im.PostfixProtocolError):
-            im.PolicyParser().feed(b"garbage\n\n")
-
-    def test_binary_garbage_is_refused(self):
-        with self.assertRaises(im.PostfixProtocolError):
-            im.PolicyParser().feed(b"recipient=\xff\xfe\n\n")
-
-    def test_response_is_an_action_line_and_an_empty_line(self):
-        self.assertEqual(im.policy_response("DUNNO"), b"action=DUNNO\n\n")
-
-
-class SocketmapProtocolTest(unittest.TestCase):
-    """socketmap_table(5)'s netstrings, with byte strings."""
-
-    def test_netstrings_split_anywhere(self):
-        parser = im.NetstringParser()
-        data = b"27:virtual k3v9@incognito.test,3:x y,"
-        strings = []
-        for byte in range(len(data)):
-            strings += parser.feed(data[byte:byte + 1])
-        self.assertEqual(strings, [b"virtual k3v9@incognito.test", b"x y"])
-        self.assertFalse(parser.incomplete)
-
-    def test_missing_comma_is_refused(self):
-        with self.assertRaises(im.PostfixProtocolError):
-            im.NetstringParser().feed(b"3:abc;")
-
-    def test_bad_or_huge_length_is_refused_before_the_payload(self):
-        for data in (b"x:abc,", b"-1:a,", b"9999999:", b"12345678901"):
-            with self.assertRaises(im.PostfixProtocolError, msg=data):
-                im.NetstringParser().feed(data)
-
-    def test_reply_is_a_netstring(self):
-        self.assertEqual(im.netstring(b"OK alice@example.org"), b"20:OK alice@example.org,")
-        self.assertEqual(im.netstring(b"NOTFOUND "), b"9:NOTFOUND ,")
-
-
-class JsonRequestFormatTest(unittest.TestCase):
-    """The JSON request format shared by the WebSocket and the control socket."""
-
-    def parse(self, text, caller=im.WEBSOCKET):
-        return im.parse_json_request(text, caller)
-
-    def test_fields_become_the_operations_arguments(self):
-        request = self.parse('{"id": [1, "x"], "op": "new_handle", "token": "t", "label": "shop"}')
-        self.assertEqual(request, im.JsonRequest([1, "x"], "new_handle", {"token": "t", "label": "shop"}))
-
-    def test_update_handle_leaves_absent_fields_unchanged(self):
-        request = self.parse('{"id": 1, "op": "update_handle", "token": "t", "address": "a", "enabled": false}')
-        self.assertEqual(request.fields, {"token": "t", "address": "a", "enabled": False})
-
-    def test_control_only_operations_are_unknown_over_the_websocket(self):
-        with self.assertRaises(im.BadRequest) as caught:
-            self.parse('{"id": 5, "op": "new_account", "address": "a@b.c"}')
-        self.assertEqual(caught.exception.request_id, 5)
-        self.assertEqual(self.parse('{"op": "new_account", "address": "a@b.c"}', im.COMMAND_LINE).fields,
-                         {"address": "a@b.c"})
-
-    def test_wrong_types_are_bad_requests(self):
-        for text in ('{"op": "new_handle", "token": 7}', '{"op": "update_handle", "token": "t", "address": "a", '
-                     '"enabled": 1}', '[1, 2]', '"op"', '{"op": "prune", "handles_unused_days": true}'):
-            with self.assertRaises(im.BadRequest, msg=text):
-                self.parse(text, im.COMMAND_LINE)
-
-    def test_replies_carry_the_id_and_the_result_under_its_name(self):
-        self.assertEqual(json.loads(im.json_reply("x", "rotate_token", "new")), {"id": "x", "ok": True, "token": "new"})
-        self.assertEqual(json.loads(im.json_reply(2, "delete_handle", None)), {"id": 2, "ok": True})
-        error = json.loads(im.json_error(3, im.RateLimited("slow down", 12)))
-        self.assertEqual(error, {"id": 3, "ok": False, "error": "rate_limited", "message": "slow down",
-                                 "retry_after": 12})
-
-
-class PolicyCountingTest(PostmapTestCase):
-    """The policy service's counts: once per message, and a burst of mail is one database write."""
-
-    def test_a_burst_of_mail_is_one_write_and_each_message_counts_once(self):
-        site = self.make_site(sections={"General": {"PolicyListen": "inet:127.0.0.1:%d" % free_port()}})
-        fixture = self.start_service(site)
-        token = self.new_account(fixture)
-        handle = self.new_handle(fixture, token)
-        daemon = im.Daemon(site.config)
-        daemon.service = fixture.service
-
-        async def burst():
-            for number in range(100):
-                request = {"protocol_state": "RCPT", "instance": "m%d" % number, "recipient": handle.upper()}
-                self.assertEqual(await daemon._policy_action(request), "DUNNO")
-            for state in ("RCPT", "DATA", "END-OF-MESSAGE"):     # Postfix asking again about message m0
-                await daemon._policy_action({"protocol_state": state, "instance": "m0", "recipient": handle})
-            before = fixture.service.batches
-            await daemon._flush_received()
-            return fixture.service.batches - before
-        self.assertEqual(asyncio.run(burst()), 1)
-        [listed] = fixture.call("list_handles", token)
-        self.assertEqual(listed["received"], 100)
-        self.assertIsNotNone(listed["last_received"])
-
-
-class PolicyServiceTest(PostfixInstanceTestCase):
-    """Postfix asks the daemon about every recipient: counts, disabled handles, mail keeps flowing."""
-
-    @classmethod
-    def extra_main_cf(cls):
-        cls.policy_port = free_port()
-        endpoint = "inet:127.0.0.1:%d" % cls.policy_port
-        return ["smtpd_recipient_restrictions = check_policy_service %s" % endpoint,
-                # Postfix asks again at the end of the message: that must not count twice
-                "smtpd_end_of_data_restrictions = check_policy_service %s" % endpoint,
-                "smtpd_policy_service_default_action = DUNNO"]
-
-    def daemon_sections(self):
-        return {"General": {"PolicyListen": "inet:127.0.0.1:%d" % self.policy_port}}
-
-    def handles(self, site, token):
-        return {h["address"]: h for h in json.loads(self.run_cli(site, "list", token, "--json"))}
-
-    def wait_received(self, site, token, handle, count):
-        got = wait_until(lambda: self.handles(site, token)[handle]["received"] >= count, timeout=15, interval=0.1)
-        self.assertTrue(got, "received never reached %d" % count)
-        return self.handles(site, token)[handle]
-
-    def test_mail_to_a_handle_is_counted_once_per_message_in_list_and_list_json(self):
-        site, daemon = self.start()
-        token = self.run_cli(site, "new", "account", "alice@mbox.test")
-        handle, quiet = self.run_cli(site, "new", "handle", token), self.run_cli(site, "new", "handle", token)
-        started = time.time()
-        for _ in range(2):
-            self.assert_delivered(handle, "alice")
-        counted = self.wait_received(site, token, handle, 2)
-        time.sleep(im.RECEIVED_FLUSH_SECONDS + 0.5)          # any late double count would land by now
-        counted = self.handles(site, token)[handle]
-        self.assertEqual(counted["received"], 2)
-        last = counted["last_received"]
-        self.assertRegex(last, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
-        when = calendar.timegm(time.strptime(last, "%Y-%m-%dT%H:%M:%SZ"))
-        self.assertLessEqual(abs(when - started), 120)
-        self.assertEqual((self.handles(site, token)[quiet]["received"], self.handles(site, token)[quiet]["last_received"]),
-                         (0, None))
-        line = next(l for l in self.run_cli(site, "list", token).splitlines() if l.startswith(handle))
-        self.assertIn("received 2", line)
-        self.assertIn(last, line)
-
-    def test_disabled_handle_is_rejected_with_550_by_the_policy_service_and_not_counted(self):
-        site, daemon = self.start()
-        token = self.run_cli(site, "new", "account", "alice@mbox.test")
-        handle = self.run_cli(site, "new", "handle", token)
-        self.run_cli(site, "disable", "handle", handle, token)
-        text = self.assert_rejected_at_rcpt(handle, 550)
-        self.assertIn("disabled", text)
-        self.run_cli(site, "enable", "handle", handle, token)
-        self.assert_delivered(handle, "alice")
-        self.wait_received(site, token, handle, 1)
-        time.sleep(im.RECEIVED_FLUSH_SECONDS + 0.5)
-        self.assertEqual(self.handles(site, token)[handle]["received"], 1)
-
-    def test_counts_survive_a_daemon_restart(self):
-        site, daemon = self.start()
-        token = self.run_cli(site, "new", "account", "alice@mbox.test")
-        handle = self.run_cli(site, "new", "handle", token)
-        self.assert_delivered(handle, "alice")
-        self.assertEqual(daemon.stop(), 0)               # at once: before the periodic write
-        start_daemon(self, site)
-        self.assertEqual(self.handles(site, token)[handle]["received"], 1)
-
-    def test_postfix_keeps_delivering_while_the_daemon_is_stopped(self):
-        site, daemon = self.start()
-        token = self.run_cli(site, "new", "account", "alice@mbox.test")
-        handle = self.run_cli(site, "new", "handle", token)
-        self.assertEqual(daemon.stop(), 0)
-        self.assert_delivered(handle, "alice")
-        self.assert_rejected_at_rcpt("nosuch@incognito.test")
-
-    def test_prune_removes_never_used_handles_and_keeps_used_ones(self):
-        site, daemon = self.start()
-        token = self.run_cli(site, "new", "account", "alice@mbox.test")
-        used, unused = self.run_cli(site, "new", "handle", token), self.run_cli(site, "new", "handle", token)
-        self.assert_delivered(used, "alice")
-        self.wait_received(site, token, used, 1)
-        self.assertEqual(self.run_cli(site, "prune", "--handles-unused-days", "0", "--dry-run"), unused)
-        self.assertEqual(set(self.handles(site, token)), {used, unused})
-        self.assertEqual(self.run_cli(site, "prune", "--handles-unused-days", "0"), unused)
-        self.assertEqual(set(self.handles(site, token)), {used})
-        self.assertEqual(self.pf.rcpt_check(unused)[0], 550)
-        self.assert_delivered(used, "alice")
-        self.assertEqual(self.run_cli(site, "prune", "--handles-unused-days", "0"), "")
-
-    def test_policy_protocol_many_requests_per_connection_and_bad_ones_close_only_their_own(self):
-        site, daemon = self.start()
-        token = self.run_cli(site, "new", "account", "alice@mbox.test")
-        handle = self.run_cli(site, "new", "handle", token)
-        good = socket.create_connection(("127.0.0.1", self.policy_port), timeout=10)
-        self.addCleanup(good.close)
-        good.sendall(policy_request(handle) + policy_request("nosuch@incognito.test") + policy_request("x@example.org"))
-        answers = b""
-        while answers.count(b"\n\n") < 3:
-            chunk = good.recv(4096)
-            self.assertTrue(chunk, "connection closed early")
-            answers += chunk
-        self.assertEqual(answers, b"action=DUNNO\n\n" * 3)
-        for garbage in (b"\x00\xff\xfe binary garbage\n\n", b"no equals sign here\n\n", b"recipient=" + b"x" * 70000):
-            with self.subTest(garbage=garbage[:20]):
-                bad = socket.create_connection(("127.0.0.1", self.policy_port), timeout=10)
-                self.addCleanup(bad.close)
-                try:
-                    bad.sendall(garbage)
-                    self.assertEqual(bad.recv(4096), b"", "a malformed request got an answer")
-                except ConnectionResetError:
-                    pass
-                good.sendall(policy_request(handle))
-                self.assertEqual(read_policy_answer(good), b"action=DUNNO\n\n")
-        self.assertIn("policy service", daemon.log())
-        self.assertIsNone(daemon.proc.poll())
-
-
 class PruneTest(PostmapTestCase):
     """Pruning with a clock the test sets: exactly the never-used old handles and accounts."""
 
@@ -3114,11 +2328,11 @@ class PruneTest(PostmapTestCase):
         self.old_disabled_unused = call("new_handle", self.used_account, None, None)["address"]
         call("update_handle", self.used_account, self.old_disabled_unused, im._UNCHANGED, False)
         call("new_account", "never@example.org")
-        call("record_received", [(self.old_used_handle, self.now[0] + self.DAY)])
+        call("record_mail", [(self.old_used_handle, self.now[0] + self.DAY, False)])
         # an old account whose token was never used, but which has a handle made for it
         self.kept_account = call("new_account", "kept@example.org")
         self.kept_handle = call("new_handle", self.kept_account, None, None)["address"]
-        call("record_received", [(self.kept_handle, self.now[0])])
+        call("record_mail", [(self.kept_handle, self.now[0], False)])
         self.fixture.store.db.execute("UPDATE accounts SET last_used = NULL WHERE address = 'kept@example.org'")
         # yesterday
         self.now[0] += 29 * self.DAY
@@ -3194,258 +2408,137 @@ class PruneTest(PostmapTestCase):
         self.assertEqual([h["address"] for h in fixture.call("list_handles", token)], [handle])
 
 
-class CheckCommandTest(PostmapTestCase):
-    """``check`` passes on a good setup and names the fault on each broken one."""
+class TokenBucketTest(unittest.TestCase):
 
-    GOOD_MAIN_CF = ("virtual_alias_domains = incognito.test, other.test\n"
-                    "virtual_alias_maps = hash:{map}\n"
-                    "smtpd_recipient_restrictions = check_policy_service inet:127.0.0.1:{port}\n")
+    def test_bucket_refills_with_time(self):
+        now = [0.0]
+        bucket = im.TokenBucket(6, clock=lambda: now[0])
+        self.assertEqual([bucket.take("a") for _ in range(6)], [0] * 6)
+        self.assertEqual(bucket.take("a"), 10)
+        now[0] += 10
+        self.assertEqual(bucket.take("a"), 0)
 
-    def setUp(self):
-        self.port = free_port()
-        self.site = self.make_site(sections={"General": {"PolicyListen": "inet:127.0.0.1:%d" % self.port}})
-        self.set_main_cf(self.GOOD_MAIN_CF)
-
-    def set_main_cf(self, template):
-        write_postfix_config_dir(self.site.config.postfix_config_dir,
-                                 template.format(map=self.site.map_path, port=self.port))
-
-    def check(self, rc):
-        done = cli(self.site, "check")
-        self.assertEqual(done.returncode, rc, done.stdout + done.stderr)
-        self.assertNotIn("Traceback", done.stderr)
-        lines = done.stdout.splitlines()
-        self.assertTrue(lines)
-        for line in lines:
-            self.assertRegex(line, r"^(OK|FAIL) ")
-        return [line for line in lines if line.startswith("FAIL")]
-
-    def start_with_handles(self):
-        daemon = start_daemon(self, self.site)
-        token = cli(self.site, "new", "account", "me@example.org").stdout.strip()
-        handles = [cli(self.site, "new", "handle", token).stdout.strip() for _ in range(2)]
-        return daemon, token, handles
-
-    def test_check_passes_on_a_good_setup(self):
-        self.start_with_handles()
-        self.assertEqual(self.check(0), [])
-        results = json.loads(cli(self.site, "--json", "check").stdout)
-        self.assertTrue(all(r["ok"] for r in results), results)
-        self.assertGreaterEqual(len(results), 7)
-
-    def test_check_passes_with_a_recipient_canonical_map_too(self):
-        self.set_main_cf("mydestination = localhost, incognito.test, other.test\n"
-                         "recipient_canonical_maps = hash:{map}\n"
-                         "smtpd_recipient_restrictions = check_policy_service inet:127.0.0.1:{port}\n")
-        self.start_with_handles()
-        self.assertEqual(self.check(0), [])
-
-    def test_check_names_a_map_missing_from_main_cf(self):
-        self.set_main_cf("virtual_alias_domains = incognito.test, other.test\n"
-                         "smtpd_recipient_restrictions = check_policy_service inet:127.0.0.1:{port}\n")
-        self.start_with_handles()
-        failed = self.check(1)
-        self.assertEqual(len(failed), 1, failed)
-        self.assertIn("virtual_alias_maps", failed[0])
-        self.assertIn("hash:%s" % self.site.map_path, failed[0])
-
-    def test_check_names_a_map_out_of_step(self):
-        daemon, token, handles = self.start_with_handles()
-        self.site.postmap("-d", handles[0], "hash:%s" % self.site.map_path)
-        failed = self.check(1)
-        self.assertEqual(len(failed), 1, failed)
-        self.assertIn("in step", failed[0])
-        self.assertIn(handles[0], failed[0])
-
-    def test_check_names_a_map_entry_the_database_does_not_know(self):
-        self.start_with_handles()
-        self.site.postmap("-i", "hash:%s" % self.site.map_path, stdin="ghost1234ghost12@incognito.test evil@example.net\n")
-        failed = self.check(1)
-        self.assertEqual(len(failed), 1, failed)
-        self.assertIn("in step", failed[0])
-        self.assertIn("ghost1234ghost12@incognito.test", failed[0])
-
-    def test_check_names_a_domain_not_routed(self):
-        self.set_main_cf("virtual_alias_domains = incognito.test\n"
-                         "virtual_alias_maps = hash:{map}\n"
-                         "smtpd_recipient_restrictions = check_policy_service inet:127.0.0.1:{port}\n")
-        self.start_with_handles()
-        failed = self.check(1)
-        self.assertEqual(len(failed), 1, failed)
-        self.assertIn("other.test", failed[0])
-        self.assertIn("virtual_alias_domains", failed[0])
-
-    def test_check_names_a_policy_service_postfix_does_not_ask(self):
-        self.set_main_cf("virtual_alias_domains = incognito.test, other.test\nvirtual_alias_maps = hash:{map}\n")
-        self.start_with_handles()
-        failed = self.check(1)
-        self.assertEqual(len(failed), 1, failed)
-        self.assertIn("check_policy_service", failed[0])
-
-    def test_check_names_a_server_that_is_not_running(self):
-        daemon, token, handles = self.start_with_handles()
-        daemon.stop()
-        failed = self.check(1)
-        self.assertEqual(len(failed), 1, failed)
-        self.assertIn("not running", failed[0])
+    def test_zero_per_minute_never_limits(self):
+        bucket = im.TokenBucket(0)
+        self.assertEqual({bucket.take("a") for _ in range(1000)}, {0})
 
 
 ###############################################################################
-# Issue 5: socketmap lookups, straight from the database
+# Wire formats: JSON requests (control socket and WebSocket)
 ###############################################################################
 
-class SocketmapTest(PostfixInstanceTestCase):
-    """``SocketmapListen``: Postfix asks the daemon; a change is visible with no postmap at all."""
+class JsonRequestFormatTest(unittest.TestCase):
+    """The JSON request format shared by the WebSocket and the control socket."""
 
-    @classmethod
-    def extra_main_cf(cls):
-        folder = make_folder(prefix="incognitomail-test-socketmap-")
-        cls.addClassCleanup(shutil.rmtree, folder, True)
-        cls.socket_path = os.path.join(folder, "run", "socketmap.sock")
-        postfix_folder(os.path.dirname(cls.socket_path))
-        return ["virtual_alias_maps = socketmap:unix:%s:virtual" % cls.socket_path]
+    def parse(self, text, caller=im.WEBSOCKET):
+        return im.parse_json_request(text, caller)
 
-    def daemon_sections(self):
-        return {"General": {"SocketmapListen": "unix:%s" % self.socket_path}}
+    def test_fields_become_the_operations_arguments(self):
+        request = self.parse('{"id": [1, "x"], "op": "new_handle", "token": "t", "label": "shop"}')
+        self.assertEqual(request, im.JsonRequest([1, "x"], "new_handle", {"token": "t", "label": "shop"}))
 
-    def start_without_postmap(self):
-        folder, _, _ = failing_postmap_folder(self, mode="always-fail")
-        return self.start(env=dict(os.environ, PATH=path_with(folder)))
+    def test_update_handle_leaves_absent_fields_unchanged(self):
+        request = self.parse('{"id": 1, "op": "update_handle", "token": "t", "address": "a", "enabled": false}')
+        self.assertEqual(request.fields, {"token": "t", "address": "a", "enabled": False})
 
-    def ask(self, sock, key, name="virtual"):
-        sock.sendall(im.netstring(("%s %s" % (name, key)).encode()))
-        data = b""
-        while not (data and data.endswith(b",") and data.split(b":", 1)[0].isdigit()
-                   and len(data) >= len(data.split(b":", 1)[0]) + 2 + int(data.split(b":", 1)[0])):
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-        return data
+    def test_control_only_operations_are_unknown_over_the_websocket(self):
+        with self.assertRaises(im.BadRequest) as caught:
+            self.parse('{"id": 5, "op": "new_account", "address": "a@b.c"}')
+        self.assertEqual(caught.exception.request_id, 5)
+        self.assertEqual(self.parse('{"op": "new_account", "address": "a@b.c"}', im.COMMAND_LINE).fields,
+                         {"address": "a@b.c"})
 
-    def test_new_handles_receive_mail_sent_the_moment_they_are_made_with_no_postmap(self):
-        site, daemon = self.start_without_postmap()
-        client = im.ControlClient(site.config)
-        token = client.request("new_account", address="dave@mbox.test")["token"]
-        marks = []
-        for round in range(20):
-            handle = client.request("new_handle", token=token)["handle"]["address"]
-            ok, code, text, mark = self.pf.send(handle)
-            self.assertTrue(ok, "round %d: %s refused right after it was made: %s %s" % (round, handle, code, text))
-            marks.append(mark)
-        for mark in marks:
-            self.assertTrue(self.pf.wait_for_mail("dave", mark))
+    def test_wrong_types_are_bad_requests(self):
+        for text in ('{"op": "new_handle", "token": 7}', '{"op": "update_handle", "token": "t", "address": "a", '
+                     '"enabled": 1}', '[1, 2]', '"op"', '{"op": "prune", "handles_unused_days": true}'):
+            with self.assertRaises(im.BadRequest, msg=text):
+                self.parse(text, im.COMMAND_LINE)
 
-    def test_deleted_and_disabled_handles_are_rejected_at_once(self):
-        site, daemon = self.start_without_postmap()
-        client = im.ControlClient(site.config)
-        token = client.request("new_account", address="dave@mbox.test")["token"]
-        for round in range(10):
-            handle = client.request("new_handle", token=token)["handle"]["address"]
-            self.assertEqual(self.pf.rcpt_check(handle)[0], 250)
-            client.request("update_handle", token=token, address=handle, enabled=False)
-            self.assertEqual(self.pf.rcpt_check(handle)[0], 550, "round %d: disabled handle accepted" % round)
-            client.request("update_handle", token=token, address=handle, enabled=True)
-            self.assertEqual(self.pf.rcpt_check(handle)[0], 250, "round %d: enabled handle refused" % round)
-            client.request("delete_handle", token=token, address=handle)
-            self.assertEqual(self.pf.rcpt_check(handle)[0], 550, "round %d: deleted handle accepted" % round)
-
-    def test_socketmap_protocol_answers_ok_or_notfound_and_survives_garbage(self):
-        site, daemon = self.start_without_postmap()
-        client = im.ControlClient(site.config)
-        token = client.request("new_account", address="dave@mbox.test")["token"]
-        handle = client.request("new_handle", token=token)["handle"]["address"]
-        disabled = client.request("new_handle", token=token)["handle"]["address"]
-        client.request("update_handle", token=token, address=disabled, enabled=False)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.addCleanup(sock.close)
-        sock.settimeout(10)
-        sock.connect(self.socket_path)
-        self.assertEqual(self.ask(sock, handle), im.netstring(b"OK dave@mbox.test"))
-        self.assertEqual(self.ask(sock, handle.upper()), im.netstring(b"OK dave@mbox.test"))
-        self.assertEqual(self.ask(sock, disabled), im.netstring(b"NOTFOUND "))
-        self.assertEqual(self.ask(sock, "nosuch@incognito.test"), im.netstring(b"NOTFOUND "))
-        self.assertEqual(self.ask(sock, handle.split("@")[0] + "@elsewhere.test"), im.netstring(b"NOTFOUND "))
-        bad = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.addCleanup(bad.close)
-        bad.settimeout(10)
-        bad.connect(self.socket_path)
-        bad.sendall(b"xyz:not a netstring")
-        try:
-            self.assertEqual(bad.recv(4096), b"")
-        except ConnectionResetError:
-            pass
-        self.assertEqual(self.ask(sock, handle), im.netstring(b"OK dave@mbox.test"))
-        done = self.pf.run("postmap", "-q", handle, "socketmap:unix:%s:virtual" % self.socket_path, check=False)
-        self.assertEqual(done.stdout.strip(), "dave@mbox.test")
-
-    def test_stopped_daemon_means_a_temporary_failure_not_a_bounce(self):
-        site, daemon = self.start_without_postmap()
-        client = im.ControlClient(site.config)
-        token = client.request("new_account", address="dave@mbox.test")["token"]
-        handle = client.request("new_handle", token=token)["handle"]["address"]
-        self.assertEqual(daemon.stop(), 0)
-        self.assertFalse(os.path.exists(self.socket_path), "socketmap socket left behind")
-        code, text = self.pf.rcpt_check(handle)
-        self.assertEqual(code // 100, 4, text)
+    def test_replies_carry_the_id_and_the_result_under_its_name(self):
+        self.assertEqual(json.loads(im.json_reply("x", "rotate_token", "new")), {"id": "x", "ok": True, "token": "new"})
+        self.assertEqual(json.loads(im.json_reply(2, "delete_handle", None)), {"id": 2, "ok": True})
+        error = json.loads(im.json_error(3, im.RateLimited("slow down", 12)))
+        self.assertEqual(error, {"id": 3, "ok": False, "error": "rate_limited", "message": "slow down",
+                                 "retry_after": 12})
 
 
 ###############################################################################
+# Wire formats: Postfix policy delegation and socketmap
 ###############################################################################
-# WebSocket wire format (sans-I/O) and connection layer, with byte strings and loopback sockets
+
+class PolicyProtocolTest(unittest.TestCase):
+    """SMTPD_POLICY_README's format, with byte strings."""
+
+    REQUEST = (b"request=smtpd_access_policy\nprotocol_state=RCPT\ninstance=12.ab.1\n"
+               b"recipient=k3v9@incognito.test\nsender=s@example.org\n\n")
+
+    def test_a_request_ends_with_an_empty_line(self):
+        parser = im.PolicyParser()
+        self.assertEqual(parser.feed(self.REQUEST[:-1]), [])
+        self.assertTrue(parser.incomplete)
+        [request] = parser.feed(b"\n")
+        self.assertEqual(request["recipient"], "k3v9@incognito.test")
+        self.assertEqual(request["protocol_state"], "RCPT")
+        self.assertFalse(parser.incomplete)
+
+    def test_requests_split_anywhere_and_several_per_feed(self):
+        parser = im.PolicyParser()
+        data = self.REQUEST * 3
+        requests = []
+        for i in range(0, len(data), 7):
+            requests += parser.feed(data[i:i + 7])
+        self.assertEqual(len(requests), 3)
+
+    def test_empty_values_are_kept(self):
+        [request] = im.PolicyParser().feed(b"sender=\nrecipient=a@b.c\n\n")
+        self.assertEqual(request["sender"], "")
+
+    def test_oversized_request_is_refused_before_its_end(self):
+        parser = im.PolicyParser()
+        with self.assertRaises(im.PostfixProtocolError):
+            parser.feed(b"name=" + b"x" * (im.PolicyParser.MAX_REQUEST + 1))
+
+    def test_line_without_equals_sign_is_refused(self):
+        with self.assertRaises(im.PostfixProtocolError):
+            im.PolicyParser().feed(b"garbage\n\n")
+
+    def test_binary_garbage_is_refused(self):
+        with self.assertRaises(im.PostfixProtocolError):
+            im.PolicyParser().feed(b"recipient=\xff\xfe\n\n")
+
+    def test_response_is_an_action_line_and_an_empty_line(self):
+        self.assertEqual(im.policy_response("DUNNO"), b"action=DUNNO\n\n")
+
+
+class SocketmapProtocolTest(unittest.TestCase):
+    """socketmap_table(5)'s netstrings, with byte strings."""
+
+    def test_netstrings_split_anywhere(self):
+        parser = im.NetstringParser()
+        data = b"27:virtual k3v9@incognito.test,3:x y,"
+        strings = []
+        for byte in range(len(data)):
+            strings += parser.feed(data[byte:byte + 1])
+        self.assertEqual(strings, [b"virtual k3v9@incognito.test", b"x y"])
+        self.assertFalse(parser.incomplete)
+
+    def test_missing_comma_is_refused(self):
+        with self.assertRaises(im.PostfixProtocolError):
+            im.NetstringParser().feed(b"3:abc;")
+
+    def test_bad_or_huge_length_is_refused_before_the_payload(self):
+        for data in (b"x:abc,", b"-1:a,", b"9999999:", b"12345678901"):
+            with self.assertRaises(im.PostfixProtocolError, msg=data):
+                im.NetstringParser().feed(data)
+
+    def test_reply_is_a_netstring(self):
+        self.assertEqual(im.netstring(b"OK alice@example.org"), b"20:OK alice@example.org,")
+        self.assertEqual(im.netstring(b"NOTFOUND "), b"9:NOTFOUND ,")
+
+
 ###############################################################################
-
-MASK = b'\x37\xfa\x21\x3d'
-KEY = 'dGhlIHNhbXBsZSBub25jZQ=='   # the RFC 6455 section 1.3 example
-
-
-def client_frame(opcode: int, payload: bytes = b'', fin: bool = True, rsv: int = 0,
-                 masked: bool = True, length: int = None) -> bytes:
-    """A client-to-server frame, masked with a plain per-byte loop (independent of the module's own)."""
-    n = len(payload) if length is None else length
-    first = (0x80 if fin else 0) | rsv << 4 | opcode
-    mask_bit = 0x80 if masked else 0
-    if n < 126:
-        head = struct.pack('!BB', first, mask_bit | n)
-    elif n < 1 << 16:
-        head = struct.pack('!BBH', first, mask_bit | 126, n)
-    else:
-        head = struct.pack('!BBQ', first, mask_bit | 127, n)
-    if not masked:
-        return head + payload
-    return head + MASK + bytes(b ^ MASK[i % 4] for i, b in enumerate(payload))
-
-
-def upgrade_head(target: str = '/ws', **overrides: str) -> bytes:
-    """An upgrade request head; overrides use header names with '_' for '-', None drops one."""
-    headers = {'Host': 'localhost', 'Upgrade': 'websocket', 'Connection': 'Upgrade',
-               'Sec-WebSocket-Key': KEY, 'Sec-WebSocket-Version': '13'}
-    request_line = overrides.pop('request_line', 'GET %s HTTP/1.1' % target)
-    for name, value in overrides.items():
-        headers[name.replace('_', '-')] = value
-    lines = [request_line] + ['%s: %s' % (k, v) for k, v in headers.items() if v is not None]
-    return ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1')
-
-
-def events(parser: im.FrameParser, *chunks: bytes) -> list:
-    result = []
-    for chunk in chunks:
-        parser.feed(chunk)
-        result.extend(iter(parser.next_event, None))
-    return result
-
-
-class ProtocolErrorAssertions(unittest.TestCase):
-    def assertProtocolError(self, code: int, parser: im.FrameParser, *chunks: bytes) -> im.WebSocketProtocolError:
-        with self.assertRaises(im.WebSocketProtocolError) as ctx:
-            events(parser, *chunks)
-        self.assertEqual(ctx.exception.close_code, code)
-        return ctx.exception
-
-
-# --------------------------------------------------------------------------------------------------
-# Opening handshake
-# --------------------------------------------------------------------------------------------------
+# Wire formats: HTTP/1.1 requests and responses, and the WebSocket handshake
+###############################################################################
 
 class ParseRequestTest(unittest.TestCase):
     def test_request_line_and_headers_are_parsed_with_lowercased_names(self):
@@ -3502,7 +2595,7 @@ class ParseRequestTest(unittest.TestCase):
 
 
 class CheckUpgradeTest(unittest.TestCase):
-    def status(self, head: bytes, path: str = '/ws', origins=()) -> im.HttpError:
+    def status(self, head, path='/ws', origins=()):
         with self.assertRaises(im.HttpError) as ctx:
             im.check_upgrade(im.parse_request(head), path, origins)
         return ctx.exception
@@ -3597,9 +2690,25 @@ class ResponsesTest(unittest.TestCase):
         self.assertEqual(body, b'use WebSocket\n')
 
 
-# --------------------------------------------------------------------------------------------------
-# Framing: decoding
-# --------------------------------------------------------------------------------------------------
+###############################################################################
+# Wire formats: RFC 6455 frames
+###############################################################################
+
+def events(parser, *chunks):
+    result = []
+    for chunk in chunks:
+        parser.feed(chunk)
+        result.extend(iter(parser.next_event, None))
+    return result
+
+
+class ProtocolErrorAssertions(unittest.TestCase):
+    def assertProtocolError(self, code, parser, *chunks):
+        with self.assertRaises(im.WebSocketProtocolError) as ctx:
+            events(parser, *chunks)
+        self.assertEqual(ctx.exception.close_code, code)
+        return ctx.exception
+
 
 class FrameParserMessagesTest(unittest.TestCase):
     def test_rfc_example_masked_hello_is_a_text_message(self):
@@ -3800,10 +2909,6 @@ class FrameParserSizeLimitTest(ProtocolErrorAssertions):
         self.assertEqual(events(im.FrameParser(4), client_frame(9, b'pingpong')), [im.WebSocketPing(b'pingpong')])
 
 
-# --------------------------------------------------------------------------------------------------
-# Framing: encoding
-# --------------------------------------------------------------------------------------------------
-
 class EncodingTest(unittest.TestCase):
     def test_payload_length_uses_7_16_or_64_bits_as_needed(self):
         self.assertEqual(im.encode_frame(1, b''), b'\x81\x00')
@@ -3835,9 +2940,7 @@ class EncodingTest(unittest.TestCase):
 
     def test_server_frames_round_trip_through_the_parser_once_masked(self):
         for message in ('text ✓', b'\x00bin', 'x' * 70000):
-            frame = im.encode_message(message)
-            header_size = {126: 4, 127: 10}.get(frame[1] & 0x7F, 2)
-            masked = client_frame(frame[0] & 0x0F, frame[header_size:])
+            masked = client_frame(*decode_server_frame(im.encode_message(message)))
             self.assertEqual(events(im.FrameParser(1 << 20), masked),
                              [im.WebSocketMessage(isinstance(message, str), message)])
 
@@ -3851,20 +2954,16 @@ class UnmaskTest(unittest.TestCase):
                 self.assertEqual(im._unmask(data, MASK, offset), expected)
 
 
-# --------------------------------------------------------------------------------------------------
-# asyncio layer over real loopback sockets
-# --------------------------------------------------------------------------------------------------
+###############################################################################
+# Servers: HTTP and WebSocket connections over asyncio
+###############################################################################
 
-async def read_frame(reader: asyncio.StreamReader):
-    """(opcode, payload) of the next server frame; asserts the server did not mask it."""
-    first, second = await reader.readexactly(2)
-    assert not second & 0x80, 'server frames must not be masked'
-    n = second & 0x7F
-    if n == 126:
-        n = struct.unpack('!H', await reader.readexactly(2))[0]
-    elif n == 127:
-        n = struct.unpack('!Q', await reader.readexactly(8))[0]
-    return first & 0x0F, await reader.readexactly(n)
+def server_options(**options):
+    """Decorates a LoopbackTestCase test: its server takes these WebSocketConnection options."""
+    def decorate(test):
+        test.server_options = options
+        return test
+    return decorate
 
 
 class LoopbackTestCase(unittest.IsolatedAsyncioTestCase):
@@ -3876,14 +2975,17 @@ class LoopbackTestCase(unittest.IsolatedAsyncioTestCase):
         self.sockets = []            # connections whose handshake succeeded
         self.server_results = []     # one None for each of them that has ended
         self.client_writers = []
+        self.opened, self.ended = asyncio.Event(), asyncio.Event()   # some connection's opened(), closed()
         options = dict(path='/ws', allowed_origins=(), max_message_size=1 << 20,
                        idle_timeout=5.0, close_timeout=1.0)
         options.update(self.options)
+        options.update(getattr(getattr(self, self._testMethodName), 'server_options', {}))
         test = self
 
         class Connection(im.WebSocketConnection):
             def opened(self, request):
                 test.sockets.append(self)
+                test.opened.set()
 
             def message_received(self, message):
                 if test.echo:
@@ -3892,6 +2994,7 @@ class LoopbackTestCase(unittest.IsolatedAsyncioTestCase):
             def closed(self):
                 if self in test.sockets:
                     test.server_results.append(None)
+                test.ended.set()
 
         self.server = await asyncio.get_running_loop().create_server(lambda: Connection(**options), '127.0.0.1', 0)
         self.port = self.server.sockets[0].getsockname()[1]
@@ -3902,7 +3005,7 @@ class LoopbackTestCase(unittest.IsolatedAsyncioTestCase):
         self.server.close()
         await self.server.wait_closed()
 
-    async def connect(self, head: bytes = None):
+    async def connect(self, head=None):
         reader, writer = await asyncio.open_connection('127.0.0.1', self.port)
         self.client_writers.append(writer)
         writer.write(upgrade_head() if head is None else head)
@@ -3912,15 +3015,19 @@ class LoopbackTestCase(unittest.IsolatedAsyncioTestCase):
         reader, writer = await self.connect()
         response = await asyncio.wait_for(reader.readuntil(b'\r\n\r\n'), 5)
         self.assertTrue(response.startswith(b'HTTP/1.1 101 '), response)
-        await self.wait_until(lambda: self.sockets)
+        await self.wait_for(self.opened, 'the server never opened the connection')
         return reader, writer
 
-    async def wait_until(self, condition, seconds: float = 2.0):
-        for _ in range(int(seconds * 100)):
-            if condition():
-                return
-            await asyncio.sleep(0.01)
-        self.fail('condition still false after %s s' % seconds)
+    async def wait_for(self, event, problem, seconds=2.0):
+        try:
+            await asyncio.wait_for(event.wait(), seconds)
+        except asyncio.TimeoutError:
+            self.fail('%s within %s s' % (problem, seconds))
+
+    async def wait_closed(self, seconds=2.0):
+        """Until the server's connection has ended: then it is the one connection that ended."""
+        await self.wait_for(self.ended, "the server's connection did not end", seconds)
+        self.assertEqual(self.server_results, [None])
 
     async def wait_for_eof(self, reader):
         self.assertEqual(await asyncio.wait_for(reader.read(), 5), b'')
@@ -3956,13 +3063,14 @@ class WebSocketEchoTest(LoopbackTestCase):
         self.assertEqual([self.sockets[0].send(m) for m in messages], [True] * len(messages))
         self.assertEqual([await read_frame(reader) for _ in messages], [(2, m) for m in messages])
 
+    @server_options(idle_timeout=0.5, close_timeout=0.3)
     async def test_a_peer_that_reads_nothing_is_not_read_from_and_is_dropped(self):
         reader, writer = await self.open()
         writer.transport.pause_reading()
         for _ in range(40):                     # 4 MB of echoes the client never reads
             writer.write(client_frame(2, b'x' * 100000))
-            await asyncio.sleep(0.01)
-        await self.wait_until(lambda: self.server_results == [None], seconds=10)   # idle timeout 5 s
+            await asyncio.sleep(0)
+        await self.wait_closed(seconds=10)      # dropped: idle timeout, then close timeout
 
 
 class WebSocketClosingTest(LoopbackTestCase):
@@ -3971,7 +3079,7 @@ class WebSocketClosingTest(LoopbackTestCase):
         writer.write(client_frame(8, struct.pack('!H', 1001) + b'bye'))
         self.assertEqual(await read_frame(reader), (8, struct.pack('!H', 1001)))
         await self.wait_for_eof(reader)
-        await self.wait_until(lambda: self.server_results == [None])
+        await self.wait_closed()
 
     async def test_empty_close_is_answered_with_1000(self):
         reader, writer = await self.open()
@@ -3987,7 +3095,7 @@ class WebSocketClosingTest(LoopbackTestCase):
         self.assertEqual((opcode, payload[:2]), (8, struct.pack('!H', 1002)))
         await self.wait_for_eof(reader)   # the server half-closed: a client then hangs up
         writer.close()
-        await self.wait_until(lambda: self.server_results == [None])
+        await self.wait_closed()
 
     async def test_oversize_message_is_refused_with_1009_from_its_header_alone(self):
         reader, writer = await self.open()
@@ -4004,8 +3112,9 @@ class WebSocketClosingTest(LoopbackTestCase):
         started = asyncio.get_running_loop().time()
         await self.wait_for_eof(reader)
         self.assertLess(asyncio.get_running_loop().time() - started, 0.5)   # well before close_timeout
-        await self.wait_until(lambda: self.server_results == [None])
+        await self.wait_closed()
 
+    @server_options(close_timeout=0.3)
     async def test_server_close_gives_up_on_a_silent_peer_after_close_timeout(self):
         reader, writer = await self.open()
         started = asyncio.get_running_loop().time()
@@ -4013,12 +3122,12 @@ class WebSocketClosingTest(LoopbackTestCase):
         self.assertEqual(await read_frame(reader), (8, struct.pack('!H', 1000)))
         await self.wait_for_eof(reader)
         self.assertLess(asyncio.get_running_loop().time() - started, 2)
-        await self.wait_until(lambda: self.server_results == [None])
+        await self.wait_closed()
 
     async def test_peer_vanishing_ends_the_connection_and_send_returns_false(self):
         reader, writer = await self.open()
         writer.transport.abort()
-        await self.wait_until(lambda: self.server_results == [None])
+        await self.wait_closed()
         self.assertFalse(self.sockets[0].send(b'anyone?'))
 
 
@@ -4031,7 +3140,7 @@ class WebSocketIdleTimeoutTest(LoopbackTestCase):
         self.assertEqual((opcode, payload[:2]), (8, struct.pack('!H', 1001)))
         writer.write(client_frame(8, struct.pack('!H', 1001)))
         await self.wait_for_eof(reader)
-        await self.wait_until(lambda: self.server_results == [None])
+        await self.wait_closed()
 
     async def test_pings_keep_the_connection_alive(self):
         reader, writer = await self.open()
@@ -4045,7 +3154,7 @@ class WebSocketIdleTimeoutTest(LoopbackTestCase):
 class AcceptWebSocketHandshakeTest(LoopbackTestCase):
     options = {'max_header_bytes': 300, 'handshake_timeout': 0.3}
 
-    async def response(self, head: bytes) -> bytes:
+    async def response(self, head):
         reader, _ = await self.connect(head)
         return await asyncio.wait_for(reader.read(), 5)   # the server closes after answering
 
@@ -4075,127 +3184,303 @@ class AcceptWebSocketHandshakeTest(LoopbackTestCase):
     async def test_peer_hanging_up_mid_handshake_is_harmless(self):
         reader, writer = await self.connect(upgrade_head()[:20])
         writer.close()
-        await asyncio.sleep(0.1)
+        await self.wait_for(self.ended, "the server's connection did not end")
         self.assertEqual(self.sockets, [])
         reader, writer = await self.open()      # and the server goes on serving
 
 
 ###############################################################################
-# WebSocket endpoint of the daemon: listening, TLS, the add-on protocols, limits
+# Servers: the daemon
 ###############################################################################
 
-def mask_frame(opcode, payload, fin=True, mask=b"\x01\x02\x03\x04", rsv=0):
-    """A client frame as RFC 6455 requires it: masked."""
-    n = len(payload)
-    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
-    if n < 126:
-        head += bytes([0x80 | n])
-    elif n < 65536:
-        head += bytes([0x80 | 126]) + n.to_bytes(2, "big")
-    else:
-        head += bytes([0x80 | 127]) + n.to_bytes(8, "big")
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+class DaemonLifecycleTest(PostmapTestCase):
+    """``incognitomail.py -c CONFIG`` runs the server in the foreground."""
+
+    def setUp(self):
+        self.site = self.make_site(admin_lines=ADMIN_LINES)
+
+    def assert_gone(self):
+        self.assertFalse(os.path.exists(self.site.socket_path), "socket left behind")
+        self.assertFalse(os.path.exists(self.site.config.lock_file_path), "lock file left behind")
+
+    def test_second_server_with_the_same_lock_file_is_refused_naming_pid_and_lock(self):
+        first = start_daemon(self, self.site)
+        second = DaemonProcess(self.site).start(wait=False)
+        self.addCleanup(second.stop)
+        self.assertEqual(second.wait_exit(), 1)
+        self.assertIn("already running (pid %d, lock %s)" % (first.pid, self.site.config.lock_file_path), second.log())
+        self.assertNotIn("Traceback", second.log())
+        self.assertEqual(cli(self.site, "status").returncode, 0, "the first server was disturbed")
+        self.assertEqual(im.running_pid(self.site.config), first.pid)
+
+    def test_sigterm_stops_gracefully_removing_socket_and_lock(self):
+        daemon = start_daemon(self, self.site)
+        self.assertTrue(os.path.exists(self.site.config.lock_file_path))
+        self.assertEqual(daemon.stop(signal.SIGTERM), 0)
+        self.assert_gone()
+        self.assertIn("stopped", daemon.log())
+        self.assertNotIn("Traceback", daemon.log())
+
+    def test_sigint_stops_gracefully_too(self):
+        daemon = start_daemon(self, self.site)
+        self.assertEqual(daemon.stop(signal.SIGINT), 0)
+        self.assert_gone()
+
+    def test_stop_command_stops_the_server(self):
+        daemon = start_daemon(self, self.site)
+        done = cli(self.site, "stop")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn(str(daemon.pid), done.stderr)
+        self.assertEqual(daemon.wait_exit(), 0)
+        self.assert_gone()
+
+    def test_request_in_flight_when_sigterm_arrives_is_finished(self):
+        folder, _, slow_flag = failing_postmap_folder(self)
+        daemon = start_daemon(self, self.site, env=dict(os.environ, PATH=path_with(folder)))
+        token = new_account(self.site, "me@example.org")
+        open(slow_flag, "w").close()
+        command = subprocess.Popen(module_command("-c", self.site.config_path, "new", "handle", token),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                                   env=module_env(), cwd=HERE)
+        self.addCleanup(command.wait)
+        self.addCleanup(command.kill)
+        self.assertTrue(wait_until(lambda: os.path.exists(slow_flag + ".started"), 20), "postmap never ran")
+        daemon.send_signal(signal.SIGTERM)
+        out, err = command.communicate(timeout=60)
+        self.assertEqual(command.returncode, 0, err)
+        handle = out.strip()
+        self.assertRegex(handle, r"^[a-z0-9]{16}@incognito\.test$")
+        self.assertEqual(daemon.wait_exit(), 0)
+        self.assertEqual(self.site.query(handle), "me@example.org")
+        self.assertIn("%s me@example.org" % handle, self.site.our_lines())
+
+    def test_stale_socket_left_by_a_crash_is_handled_at_the_next_start(self):
+        daemon = start_daemon(self, self.site)
+        token = new_account(self.site, "me@example.org")
+        handle = new_handle(self.site, token)
+        daemon.kill()
+        self.assertTrue(stat.S_ISSOCK(os.lstat(self.site.socket_path).st_mode), "no stale socket to test with")
+        again = start_daemon(self, self.site)
+        done = cli(self.site, "list", token)
+        self.assertEqual(done.returncode, 0, done.stderr + again.log())
+        self.assertEqual(done.stdout.split()[0], handle)
+        self.assertEqual(self.site.query(handle), "me@example.org")
+        self.assertEqual(im.running_pid(self.site.config), again.pid)
+
+    def test_crash_during_a_change_leaves_the_map_matching_the_database(self):
+        daemon = start_daemon(self, self.site)
+        token = new_account(self.site, "me@example.org")
+        handles = [new_handle(self.site, token) for _ in range(2)]
+        im.ControlClient(self.site.config).request("delete_handle", token=token, address=handles[0])
+        daemon.kill()                                   # the text file still has the deleted line
+        start_daemon(self, self.site)
+        self.assertIsNone(self.site.query(handles[0]))
+        self.assertEqual(self.site.query(handles[1]), "me@example.org")
+        self.assertEqual(self.site.our_lines(), {"%s me@example.org" % handles[1]})
+
+    def test_crash_between_the_map_update_and_the_commit_leaves_nothing_routable_but_unknown(self):
+        bin_folder, _, slow_flag = failing_postmap_folder(self)
+        env = dict(os.environ, PATH=path_with(bin_folder))
+        daemon = start_daemon(self, self.site, env=env)
+        token = new_account(self.site, "me@example.org")
+        kept = new_handle(self.site, token)
+        open(slow_flag, "w").close()                    # the next postmap waits 1 s, then runs
+        creating = subprocess.Popen(module_command("-c", self.site.config_path, "new", "handle", token),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=module_env(), cwd=HERE)
+        self.addCleanup(creating.communicate)
+        self.addCleanup(creating.kill)
+        self.assertTrue(wait_until(lambda: os.path.exists(slow_flag + ".started")), "postmap was not started")
+        [line] = [l for l in self.site.our_lines() if not l.startswith(kept)]
+        doomed = line.split()[0]                       # appended to the text file, not yet committed
+        daemon.kill()
+        out, _ = creating.communicate(timeout=10)
+        self.assertEqual((creating.returncode, out), (1, b""))   # never reported to anyone
+        wait_until(lambda: self.site.query(doomed) is not None)   # the orphaned postmap -i lands the key
+        self.assertEqual(self.site.query(doomed), "me@example.org")
+        os.unlink(slow_flag)
+        start_daemon(self, self.site, env=env)
+        self.assertIsNone(self.site.query(doomed))
+        self.assertEqual(self.site.query(kept), "me@example.org")
+        self.assertEqual(self.site.our_lines(), {"%s me@example.org" % kept})
+        self.assertEqual([h["address"] for h in json.loads(cli(self.site, "--json", "list", token).stdout)], [kept])
+
+    def test_database_of_a_newer_version_stops_the_start_with_a_clear_error(self):
+        db = sqlite3.connect(self.site.config.database_path)
+        db.execute("PRAGMA user_version = %d" % (im.SCHEMA_VERSION + 1))
+        db.close()
+        daemon = DaemonProcess(self.site).start(wait=False)
+        self.addCleanup(daemon.stop)
+        self.assertEqual(daemon.wait_exit(), 1)
+        self.assertIn("newer than this program understands", daemon.log())
+        self.assertIn(self.site.config.database_path, daemon.log())
+        self.assertNotIn("Traceback", daemon.log())
+        self.assertIsNone(im.running_pid(self.site.config))
+
+    def test_start_fails_clearly_when_the_maps_folder_is_missing(self):
+        missing = os.path.join(self.site.folder, "no-such-folder")
+        site = Site(self.site.folder, map_path=os.path.join(missing, "virtual"),
+                    config_dir=self.site.config.postfix_config_dir)
+        daemon = DaemonProcess(site).start(wait=False)
+        self.addCleanup(daemon.stop)
+        self.assertEqual(daemon.wait_exit(), 1)
+        self.assertIn(missing, daemon.log())
+        self.assertIn("MapFilePath", daemon.log())
+        self.assertNotIn("Traceback", daemon.log())
+
+    def test_start_fails_clearly_when_the_postfix_config_dir_has_no_main_cf(self):
+        empty = make_folder(self)
+        site = Site(self.site.folder, map_path=self.site.map_path, config_dir=empty)
+        daemon = DaemonProcess(site).start(wait=False)
+        self.addCleanup(daemon.stop)
+        self.assertEqual(daemon.wait_exit(), 1)
+        self.assertIn("main.cf", daemon.log())
+        self.assertIn("ConfigDir", daemon.log())
+        self.assertNotIn("Traceback", daemon.log())
+
+    def test_start_fails_clearly_when_postmap_fails(self):
+        folder, _, _ = failing_postmap_folder(self, mode="always-fail")
+        daemon = DaemonProcess(self.site, env=dict(os.environ, PATH=path_with(folder))).start(wait=False)
+        self.addCleanup(daemon.stop)
+        self.assertEqual(daemon.wait_exit(), 1)
+        self.assertIn("simulated failure", daemon.log())
+        self.assertIn(self.site.map_path, daemon.log())
+        self.assertNotIn("Traceback", daemon.log())
+        self.assertIsNone(im.running_pid(self.site.config))
+
+    def test_start_as_a_user_who_cannot_write_the_maps_folder_fails_naming_path_user_and_fix(self):
+        python, runuser = OTHER_USERS_PYTHON, _which("runuser")
+        require_root_tools("runuser", python)
+        home = os.path.join(self.site.folder, "nobody")
+        os.mkdir(home)
+        os.chown(home, NOBODY_UID, NOBODY_UID)
+        site = Site(home, map_path=self.site.map_path, config_dir=self.site.config.postfix_config_dir)
+        module = os.path.join(home, "incognitomail.py")
+        shutil.copy(MODULE, module)
+        os.chmod(module, 0o644)
+        done = subprocess.run([runuser, "-u", "nobody", "--", python, module, "-c", site.config_path],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                              timeout=60, cwd="/")
+        self.assertEqual(done.returncode, 1, done.stderr)
+        self.assertNotIn("Traceback", done.stderr)
+        folder = os.path.dirname(self.site.map_path)
+        self.assertIn(folder, done.stderr)
+        self.assertIn("nobody", done.stderr)
+        self.assertIn("chmod", done.stderr)                 # the fix
+        self.assertEqual(self.site.map_text(), ADMIN_LINES, "the map was changed before the check")
+
+    def test_failing_postmap_is_an_error_for_the_command_and_the_server_keeps_running(self):
+        folder, fail_flag, _ = failing_postmap_folder(self)
+        daemon = start_daemon(self, self.site, env=dict(os.environ, PATH=path_with(folder)))
+        token = new_account(self.site, "me@example.org")
+        open(fail_flag, "w").close()
+        done = cli(self.site, "new", "handle", token)
+        self.assertEqual(done.returncode, 1)
+        self.assertEqual(done.stdout, "")
+        self.assertIn("simulated failure", done.stderr)
+        os.unlink(fail_flag)
+        self.assertEqual(cli(self.site, "list", token).stdout, "")
+        done = cli(self.site, "new", "handle", token)
+        self.assertEqual(done.returncode, 0, done.stderr + daemon.log())
+        self.assertEqual(self.site.query(done.stdout.strip()), "me@example.org")
+        self.assertIsNone(daemon.proc.poll())
 
 
-class WsClient:
-    """A blocking WebSocket client for tests: what a browser add-on does, byte by byte."""
+class ControlSocketAccessTest(PostmapTestCase):
+    """The control socket: mode 0600 in the server's own folder, and a SO_PEERCRED check."""
 
-    def __init__(self, port, path="/incognitomail", host="127.0.0.1", source=None, origin=None,
-                 tls_context=None, timeout=10):
-        self.sock = socket.create_connection((host, port), timeout=timeout,
-                                             source_address=(source, 0) if source else None)
-        try:
-            self._handshake(port, path, host, origin, tls_context)
-        except BaseException:
-            self.sock.close()
-            raise
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        require_root_tools()
 
-    def _handshake(self, port, path, host, origin, tls_context):
-        if tls_context is not None:
-            self.sock = tls_context.wrap_socket(self.sock, server_hostname="localhost")
-        self.buffer = b""
-        key = base64.b64encode(os.urandom(16)).decode()
-        request = ("GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                   "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n" % (path, host, port, key))
-        if origin:
-            request += "Origin: %s\r\n" % origin
-        self.sock.sendall((request + "\r\n").encode())
-        self.status_line, self.headers = self._read_head()
-        self.status = int(self.status_line.split()[1])
-        if self.status == 101:
-            expected = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11")
-                                                     .encode()).digest()).decode()
-            assert self.headers.get("sec-websocket-accept") == expected, self.headers
+    def setUp(self):
+        self.site = self.make_site()
 
-    def _read_head(self):
-        while b"\r\n\r\n" not in self.buffer:
-            chunk = self.sock.recv(4096)
-            if not chunk:
-                raise ConnectionError("closed during the handshake: %r" % self.buffer)
-            self.buffer += chunk
-        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        return lines[0], headers
+    def test_control_socket_is_mode_0600_in_a_folder_the_server_owns(self):
+        start_daemon(self, self.site)
+        folder = os.stat(os.path.dirname(self.site.socket_path))
+        self.assertEqual(folder.st_uid, os.geteuid())
+        self.assertEqual(stat.S_IMODE(folder.st_mode) & 0o022, 0, "others may write to the socket's folder")
+        sock = os.stat(self.site.socket_path)
+        self.assertTrue(stat.S_ISSOCK(sock.st_mode))
+        self.assertEqual(stat.S_IMODE(sock.st_mode), 0o600)
 
-    def _read(self, n):
-        while len(self.buffer) < n:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("connection closed")
-            self.buffer += chunk
-        data, self.buffer = self.buffer[:n], self.buffer[n:]
-        return data
+    def run_cli_as_nobody(self, *args):
+        """The command line as user nobody (runuser), from a copy of the module it may read."""
+        python, runuser = OTHER_USERS_PYTHON, _which("runuser")
+        require_root_tools("runuser", python)
+        module = os.path.join(self.site.folder, "incognitomail.py")
+        shutil.copy(MODULE, module)
+        os.chmod(module, 0o644)
+        return subprocess.run([runuser, "-u", "nobody", "--", python, module, "-c", self.site.config_path] + list(args),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=60,
+                              cwd="/")
 
-    def send_raw(self, data):
-        self.sock.sendall(data)
+    def open_socket_folder(self):
+        folder = os.path.dirname(self.site.socket_path)
+        os.makedirs(folder, mode=0o755)
+        os.chmod(folder, 0o755)
 
-    def send(self, text):
-        self.send_raw(mask_frame(0x1, text.encode("utf-8")))
+    def test_another_users_command_line_cannot_open_the_socket(self):
+        self.open_socket_folder()                         # only the socket's own mode stops them
+        start_daemon(self, self.site)
+        done = self.run_cli_as_nobody("new", "account", "mallory@example.org")
+        self.assertEqual(done.returncode, 1, done)
+        self.assertIn("permission denied", done.stderr)
+        result = run_as_user(NOBODY_UID, lambda: im.ControlClient(self.site.config).request("status"))
+        self.assertTrue(result.startswith("ServerError"), result)
+        self.assertEqual(im.ControlClient(self.site.config).request("status")["status"]["accounts"], 0)
 
-    def send_json(self, **request):
-        self.send(json.dumps(request))
+    def test_another_user_is_refused_by_the_server_even_when_the_file_lets_them_in(self):
+        self.open_socket_folder()
+        daemon = start_daemon(self, self.site)
+        os.chmod(self.site.socket_path, 0o666)                  # as a careless admin might
+        for op, fields in (("status", {}), ("new_account", {"address": "mallory@example.org"})):
+            result = run_as_user(NOBODY_UID, lambda: im.ControlClient(self.site.config).request(op, **fields))
+            self.assertFalse(result.startswith("ok"), result)
+        done = self.run_cli_as_nobody("new", "account", "mallory@example.org")
+        self.assertEqual(done.returncode, 1, done)
+        self.assertEqual(done.stdout, "")
+        status = im.ControlClient(self.site.config).request("status")["status"]
+        self.assertEqual(status["accounts"], 0)
+        self.assertIn("refused a command-line connection from user nobody", daemon.log())
 
-    def recv_frame(self):
-        """(opcode, payload) of the next server frame; server frames must not be masked."""
-        first, second = self._read(2)
-        assert not second & 0x80, "server frames must not be masked"
-        n = second & 0x7F
-        if n == 126:
-            n = int.from_bytes(self._read(2), "big")
-        elif n == 127:
-            n = int.from_bytes(self._read(8), "big")
-        return first & 0x0F, self._read(n)
+    def test_refused_user_is_told_why_every_time(self):
+        self.open_socket_folder()
+        start_daemon(self, self.site)
+        os.chmod(self.site.socket_path, 0o666)
+        results = [run_as_user(NOBODY_UID, lambda: im.ControlClient(self.site.config).request("status"))
+                   for _ in range(20)]
+        told = [r for r in results if r.startswith("Unauthorized") and "only root and user" in r]
+        self.assertEqual(len(told), len(results), "refused without the reason: %s" % sorted(set(results)))
+        done = self.run_cli_as_nobody("status")
+        self.assertIn("only root and user", done.stderr)
 
-    def recv(self):
-        opcode, payload = self.recv_frame()
-        assert opcode == 0x1, (opcode, payload)
-        return payload.decode("utf-8")
 
-    def recv_json(self):
-        return json.loads(self.recv())
+class PolicyCountingTest(PostmapTestCase):
+    """The policy service's counts: once per message, and a burst of mail is one database write."""
 
-    def request(self, **request):
-        self.send_json(**request)
-        return self.recv_json()
+    def test_a_burst_of_mail_is_one_write_and_each_message_counts_once(self):
+        site = self.make_site(sections={"General": {"PolicyListen": "inet:127.0.0.1:%d" % free_port()}})
+        fixture = self.start_service(site)
+        token = self.new_account(fixture)
+        handle = self.new_handle(fixture, token)
+        daemon = im.Daemon(site.config)
+        daemon.service = fixture.service
 
-    def close_code(self):
-        """Read frames until the server's close frame; its status code."""
-        while True:
-            opcode, payload = self.recv_frame()
-            if opcode == 0x8:
-                return int.from_bytes(payload[:2], "big") if payload else None
-
-    def close(self):
-        try:
-            self.send_raw(mask_frame(0x8, (1000).to_bytes(2, "big")))
-            self.close_code()
-        except (OSError, ConnectionError, AssertionError):
-            pass
-        self.sock.close()
+        async def burst():
+            for number in range(100):
+                request = {"protocol_state": "RCPT", "instance": "m%d" % number, "recipient": handle.upper()}
+                self.assertEqual(await daemon._policy_action(request), "DUNNO")
+            for state in ("RCPT", "DATA", "END-OF-MESSAGE"):     # Postfix asking again about message m0
+                await daemon._policy_action({"protocol_state": state, "instance": "m0", "recipient": handle})
+            before = fixture.service.batches
+            await daemon._flush_received()
+            return fixture.service.batches - before
+        self.assertEqual(asyncio.run(burst()), 1)
+        [listed] = fixture.call("list_handles", token)
+        self.assertEqual(listed["received"], 100)
+        self.assertIsNotNone(listed["last_received"])
 
 
 class WebSocketDaemonTestCase(unittest.TestCase):
@@ -4212,7 +3497,7 @@ class WebSocketDaemonTestCase(unittest.TestCase):
         general.update(self.general)
         self.site = Site(self.folder, sections={"General": general, "Limits": dict(self.limits)})
         self.daemon = start_daemon(self, self.site)
-        self.token = cli(self.site, "new", "account", "alice@example.org").stdout.strip()
+        self.token = new_account(self.site)
 
     def client(self, **kwargs):
         client = WsClient(self.port, **kwargs)
@@ -4273,46 +3558,6 @@ class WebSocketListeningTest(WebSocketDaemonTestCase):
         self.assertTrue(client.recv().endswith("@incognito.test"))
 
 
-class ListenAddressTest(unittest.TestCase):
-
-    def test_colon_port_listens_on_all_interfaces(self):
-        self.assertEqual(im.parse_host_port(":9090"), ("", 9090))
-
-    def test_ipv6_in_brackets(self):
-        self.assertEqual(im.parse_host_port("[::1]:9090"), ("::1", 9090))
-
-    def test_bad_listen_address_names_the_key(self):
-        folder = make_folder(self)
-        with self.assertRaises(im.ConfigError) as caught:
-            Site(folder, sections={"General": {"ListenAddress": "localhost"}})
-        self.assertIn("[General] ListenAddress", str(caught.exception))
-
-    def test_daemon_serves_websocket_on_ipv6_loopback(self):
-        require_postfix()
-        if not socket.has_ipv6:
-            self.skipTest("no IPv6")
-        folder = make_folder(self)
-        port = free_port()
-        site = Site(folder, sections={"General": {"ListenAddress": "[::1]:%d" % port}})
-        start_daemon(self, site)
-        token = cli(site, "new", "account", "alice@example.org").stdout.strip()
-        client = WsClient(port, host="::1")
-        self.addCleanup(client.close)
-        client.send("new handle " + token)
-        self.assertTrue(client.recv().endswith("@incognito.test"))
-
-
-def make_certificate(folder, name="server"):
-    """A self-signed certificate for localhost made with Debian's openssl: (cert, key) paths."""
-    cert, key = os.path.join(folder, name + ".pem"), os.path.join(folder, name + ".key")
-    done = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                           "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-                           "-keyout", key, "-out", cert], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    if done.returncode != 0:
-        raise AssertionError("openssl failed: %s" % done.stderr.decode())
-    return cert, key
-
-
 class WebSocketTlsTest(unittest.TestCase):
 
     def setUp(self):
@@ -4332,7 +3577,7 @@ class WebSocketTlsTest(unittest.TestCase):
     def test_wss_serves_the_original_add_on_protocol(self):
         site = self.site(self.cert, self.key)
         start_daemon(self, site)
-        token = cli(site, "new", "account", "alice@example.org").stdout.strip()
+        token = new_account(site)
         context = ssl.create_default_context(cafile=self.cert)
         client = WsClient(self.port, tls_context=context)
         self.addCleanup(client.close)
@@ -4405,7 +3650,8 @@ class JsonProtocolTest(WebSocketDaemonTestCase):
         self.assertEqual(reply["id"], 1)
         self.assertTrue(reply["ok"])
         handle = reply["handle"]
-        self.assertEqual(set(handle), {"address", "label", "enabled", "created", "received", "last_received", "id"})
+        self.assertEqual(set(handle), {"address", "label", "enabled", "created", "received", "last_received", "id",
+                                       "state", "expires", "max_messages", "blocked", "last_blocked"})
         self.assertEqual(handle["label"], "shop.example.com")
         self.assertTrue(handle["enabled"])
         self.assertEqual(handle["received"], 0)
@@ -4460,7 +3706,7 @@ class JsonProtocolTest(WebSocketDaemonTestCase):
 
     def test_error_codes(self):
         client = self.client()
-        other = cli(self.site, "new", "account", "bob@example.org").stdout.strip()
+        other = new_account(self.site, "bob@example.org")
         bobs = client.request(id=0, op="new_handle", token=other)["handle"]["address"]
         cases = [
             ({"id": 1, "op": "no_such_op", "token": self.token}, "bad_request"),
@@ -4496,7 +3742,7 @@ class JsonProtocolTest(WebSocketDaemonTestCase):
 
     def test_binary_message_is_refused_with_bad_request(self):
         client = self.client()
-        client.send_raw(mask_frame(0x2, b"\x00\x01"))
+        client.send_raw(client_frame(0x2, b"\x00\x01"))
         self.assertEqual(client.recv_json()["error"], "bad_request")
 
 
@@ -4514,12 +3760,12 @@ class WebSocketRobustnessTest(WebSocketDaemonTestCase):
 
     def test_message_above_max_message_size_closes_with_1009(self):
         client = self.client()
-        client.send_raw(mask_frame(0x1, b"x" * 4096))
+        client.send_raw(client_frame(0x1, b"x" * 4096))
         self.assertEqual(client.close_code(), 1009)
 
     def test_invalid_utf8_closes_with_1007(self):
         client = self.client()
-        client.send_raw(mask_frame(0x1, b"new handle \xff"))
+        client.send_raw(client_frame(0x1, b"new handle \xff"))
         self.assertEqual(client.close_code(), 1007)
 
     def test_deeply_nested_json_is_a_bad_request_without_a_traceback(self):
@@ -4539,19 +3785,24 @@ class WebSocketRobustnessTest(WebSocketDaemonTestCase):
 
     def test_a_client_that_stops_reading_is_dropped_and_does_not_delay_a_stop(self):
         client = self.client()
+        server_end, client_end = ("127.0.0.1", self.port), client.sock.getsockname()
+        self.assertEqual(tcp_state(server_end, client_end), "01")
         client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         for number in range(40):
             client.send_json(id=number, op="new_handle", token=self.token, label="x" * 150)
-        for number in range(300):           # large replies, never read
+        for number in range(300):           # replies, never read
             client.send_json(id=number, op="list_handles", token=self.token)
-        time.sleep(4)                       # the idle timeout is 1 s
+        # Dropped after the idle timeout (1 s) and the close timeout of the close frame it does
+        # not read (3 s): the server's end of the connection is closed.
+        self.assertTrue(wait_until(lambda: tcp_state(server_end, client_end) != "01", timeout=10),
+                        "a client that reads nothing is still connected after 10 s")
         started = time.monotonic()
         self.assertEqual(self.daemon.stop(), 0)
         self.assertLess(time.monotonic() - started, 8)
 
     def test_ping_gets_pong(self):
         client = self.client()
-        client.send_raw(mask_frame(0x9, b"are you there"))
+        client.send_raw(client_frame(0x9, b"are you there"))
         self.assertEqual(client.recv_frame(), (0xA, b"are you there"))
 
     def test_idle_connection_is_closed(self):
@@ -4634,26 +3885,29 @@ class RateLimitTest(WebSocketDaemonTestCase):
             self.assertEqual(cli(self.site, "new", "handle", self.token).returncode, 0)
 
 
+class RateLimitsOffTest(WebSocketDaemonTestCase):
+
+    limits = {"HandlesPerMinutePerClient": "0", "HandlesPerMinutePerAccount": "0"}
+
+    def test_zero_turns_the_limits_off(self):
+        client = self.client()
+        for number in range(40):
+            self.assertTrue(client.request(id=number, op="new_handle", token=self.token)["ok"])
+
+
 class FileDescriptorExhaustionTest(unittest.TestCase):
     """Running out of file descriptors is logged once; the server recovers when they close."""
 
     def test_out_of_file_descriptors_is_logged_once_and_the_server_recovers(self):
         require_postfix()
-        import resource
         folder = make_folder(self)
         port = free_port()
         site = Site(folder, sections={"General": {"ListenAddress": "127.0.0.1:%d" % port},
                                       "Limits": {"MaxConnections": "0", "MaxConnectionsPerClient": "0"}})
-        log_path = os.path.join(folder, "daemon.log")
-        with open(log_path, "wb") as log_file:
-            daemon = subprocess.Popen(
-                [sys.executable, MODULE, "-c", site.config_path], stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=log_file,
-                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128)))
-        self.addCleanup(daemon.wait)
-        self.addCleanup(daemon.terminate)
-        self.assertTrue(wait_until(lambda: os.path.exists(site.socket_path)), "the daemon did not start")
-        token = cli(site, "new", "account", "alice@example.org").stdout.strip()
+        daemon = DaemonProcess(site, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128)))
+        self.addCleanup(daemon.stop)
+        daemon.start()
+        token = new_account(site)
         held = []
         try:
             for _ in range(300):
@@ -4667,8 +3921,7 @@ class FileDescriptorExhaustionTest(unittest.TestCase):
         client.send("new handle " + token)
         self.assertTrue(client.recv().endswith("@incognito.test"))
         client.close()
-        with open(log_path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
+        text = daemon.log()
         self.assertEqual(text.count("out of file descriptors"), 1, text[-2000:])
         self.assertNotIn("Traceback", text)
 
@@ -4678,31 +3931,6 @@ def _try_ws_client(port):
         return WsClient(port, timeout=2)
     except (OSError, ConnectionError):
         return None
-
-
-class RateLimitsOffTest(WebSocketDaemonTestCase):
-
-    limits = {"HandlesPerMinutePerClient": "0", "HandlesPerMinutePerAccount": "0"}
-
-    def test_zero_turns_the_limits_off(self):
-        client = self.client()
-        for number in range(40):
-            self.assertTrue(client.request(id=number, op="new_handle", token=self.token)["ok"])
-
-
-class TokenBucketTest(unittest.TestCase):
-
-    def test_bucket_refills_with_time(self):
-        now = [0.0]
-        bucket = im.TokenBucket(6, clock=lambda: now[0])
-        self.assertEqual([bucket.take("a") for _ in range(6)], [0] * 6)
-        self.assertEqual(bucket.take("a"), 10)
-        now[0] += 10
-        self.assertEqual(bucket.take("a"), 0)
-
-    def test_zero_per_minute_never_limits(self):
-        bucket = im.TokenBucket(0)
-        self.assertEqual({bucket.take("a") for _ in range(1000)}, {0})
 
 
 BROWSER_VARIABLE = "INCOGNITOMAIL_REQUIRE_BROWSER"
@@ -4734,7 +3962,7 @@ class RealBrowserTest(unittest.TestCase):
         port = free_port()
         site = Site(folder, sections={"General": {"ListenAddress": "127.0.0.1:%d" % port}})
         start_daemon(self, site)
-        token = cli(site, "new", "account", "alice@example.org").stdout.strip()
+        token = new_account(site)
         page = os.path.join(folder, "page.html")
         with open(page, "w") as f:
             f.write(_BROWSER_PAGE % {"port": port, "token": token})
@@ -4753,3 +3981,880 @@ class RealBrowserTest(unittest.TestCase):
         labelled, legacy = handles()
         self.assertEqual(labelled["label"], "browser saw " + legacy["address"])
         self.assertEqual(site.query(legacy["address"]), "alice@example.org")
+
+
+###############################################################################
+# Servers: end to end with a real Postfix
+###############################################################################
+
+# An admin's own line in the map Postfix uses: it must survive everything and keep routing.
+FOREIGN_LINE = b"admin@incognito.test bob@mbox.test\n"
+
+
+class PostfixInstanceTestCase(unittest.TestCase):
+    """Base: one private Postfix per class; a fresh daemon and database per test."""
+
+    MAP_TYPE = "hash"
+
+    @classmethod
+    def setUpClass(cls):
+        require_postfix(instance=True, map_type=cls.MAP_TYPE)
+        cls.pf = start_postfix_instance(cls, cls.MAP_TYPE, FOREIGN_LINE.decode(), cls.extra_main_cf())
+
+    @classmethod
+    def extra_main_cf(cls):
+        return []
+
+    def daemon_sections(self):
+        return {}
+
+    def make_site(self):
+        return Site(make_folder(self), map_type=self.pf.map_type, map_path=self.pf.map_path,
+                    config_dir=self.pf.config_dir, domains="incognito.test", sections=self.daemon_sections())
+
+    def start(self, env=None):
+        site = self.make_site()
+        return site, start_daemon(self, site, env=env)
+
+    def run_cli(self, site, *args, input=None, rc=0):
+        done = cli(site, *args, input=input)
+        self.assertEqual(done.returncode, rc, "%s -> %r %r" % (args, done.stdout, done.stderr))
+        return done.stdout.strip()
+
+    def assert_delivered(self, rcpt, user):
+        ok, code, text, mark = self.pf.send(rcpt)
+        self.assertTrue(ok, "mail to %s refused: %s %s" % (rcpt, code, text))
+        self.assertTrue(self.pf.wait_for_mail(user, mark), "mail to %s never reached %s:\n%s"
+                        % (rcpt, user, self.pf.maillog()[-2000:]))
+        return mark
+
+    def assert_rejected_at_rcpt(self, rcpt, code=550):
+        ok, got, text, mark = self.pf.send(rcpt)
+        self.assertFalse(ok, "mail to %s was accepted" % rcpt)
+        self.assertEqual(got, code, text)
+        return text
+
+    def assert_foreign_line_kept(self):
+        with open(self.pf.map_path, "rb") as f:
+            self.assertTrue(f.read().startswith(FOREIGN_LINE))
+        self.assert_delivered("admin@incognito.test", "bob")
+
+
+class EndToEndDeliveryTest(PostfixInstanceTestCase):
+    """Handles made through the command line route real mail; removed ones are refused at RCPT."""
+
+    def test_handle_made_through_the_command_line_receives_mail_and_once_deleted_is_rejected_at_rcpt(self):
+        site, daemon = self.start()
+        self.assert_foreign_line_kept()
+        token = self.run_cli(site, "new", "account", "alice@mbox.test")
+        handle = self.run_cli(site, "new", "handle", token)
+        self.assert_delivered(handle, "alice")
+        self.assert_foreign_line_kept()
+        self.run_cli(site, "delete", "handle", handle, token)
+        text = self.assert_rejected_at_rcpt(handle)
+        self.assertIn("User unknown", text)
+        self.assert_foreign_line_kept()
+
+    def test_handle_in_use_receives_mail_with_its_original_recipient_recorded(self):
+        site, daemon = self.start()
+        token = self.run_cli(site, "new", "account", "carol@mbox.test")
+        handle = self.run_cli(site, "new", "handle", "-", "--label", "shop", input=token + "\n")
+        mark = self.assert_delivered(handle, "carol")
+        message = self.pf.mailbox("carol").split(mark)[0].rsplit("\nFrom ", 1)[-1]
+        self.assertIn("X-Original-To: %s" % handle, message)
+
+    def test_disabled_handle_is_rejected_at_rcpt_and_receives_again_once_enabled(self):
+        site, daemon = self.start()
+        token = self.run_cli(site, "new", "account", "alice@mbox.test")
+        handle = self.run_cli(site, "new", "handle", token)
+        self.run_cli(site, "disable", "handle", handle, token)
+        self.assert_rejected_at_rcpt(handle)
+        self.run_cli(site, "enable", "handle", handle, token)
+        self.assert_delivered(handle, "alice")
+
+    def test_deleted_account_leaves_its_handles_rejected(self):
+        site, daemon = self.start()
+        token = self.run_cli(site, "new", "account", "alice@mbox.test")
+        handles = [self.run_cli(site, "new", "handle", token) for _ in range(2)]
+        self.run_cli(site, "delete", "account", token)
+        for handle in handles:
+            self.assert_rejected_at_rcpt(handle)
+        self.assert_foreign_line_kept()
+
+    def test_foreign_line_and_handles_survive_restarts_and_rebuilds(self):
+        site, daemon = self.start()
+        token = self.run_cli(site, "new", "account", "dave@mbox.test")
+        handle = self.run_cli(site, "new", "handle", token)
+        self.assertEqual(daemon.stop(), 0)
+        DaemonProcess(site).start().stop()                  # in step: left alone
+        self.assert_foreign_line_kept()
+        os.unlink(self.pf.map_path + (".lmdb" if self.MAP_TYPE == "lmdb" else ".db"))
+        again = start_daemon(self, site)                    # index missing: rebuilt
+        self.assertIn("rebuilt", again.log())
+        self.assert_delivered(handle, "dave")
+        self.assert_foreign_line_kept()
+        again.kill()                                        # a crash: rebuilt at the next start
+        start_daemon(self, site)
+        self.assert_delivered(handle, "dave")
+        self.assert_foreign_line_kept()
+
+
+class CreateThenSendTests:
+    """Mixin: visibility at once, the whole-second mtime trap of hash: maps included."""
+
+    ROUNDS = 20
+
+    def test_new_handles_receive_mail_sent_the_moment_they_are_made(self):
+        site, daemon = self.start()
+        client = im.ControlClient(site.config)
+        token = client.request("new_account", address="carol@mbox.test")["token"]
+        marks = []
+        for round in range(self.ROUNDS):
+            handle = client.request("new_handle", token=token)["handle"]["address"]
+            ok, code, text, mark = self.pf.send(handle)
+            self.assertTrue(ok, "round %d: %s refused right after it was made: %s %s" % (round, handle, code, text))
+            marks.append((handle, mark))
+        for handle, mark in marks:
+            self.assertTrue(self.pf.wait_for_mail("carol", mark),
+                            "accepted but not delivered (bounced by a stale cleanup?): %s" % handle)
+        self.assert_foreign_line_kept()
+
+    def test_deleted_handles_are_rejected_the_moment_they_are_deleted(self):
+        site, daemon = self.start()
+        client = im.ControlClient(site.config)
+        token = client.request("new_account", address="carol@mbox.test")["token"]
+        for round in range(self.ROUNDS):
+            handle = client.request("new_handle", token=token)["handle"]["address"]
+            self.assertEqual(self.pf.rcpt_check(handle)[0], 250, "round %d: new %s refused" % (round, handle))
+            client.request("delete_handle", token=token, address=handle)
+            code, text = self.pf.rcpt_check(handle)
+            self.assertEqual(code, 550, "round %d: deleted %s still accepted: %s" % (round, handle, text))
+        self.assert_foreign_line_kept()
+
+    def test_disabled_handles_are_rejected_at_once_and_accepted_at_once_when_enabled(self):
+        site, daemon = self.start()
+        client = im.ControlClient(site.config)
+        token = client.request("new_account", address="carol@mbox.test")["token"]
+        handle = client.request("new_handle", token=token)["handle"]["address"]
+        for round in range(self.ROUNDS // 2):
+            client.request("update_handle", token=token, address=handle, enabled=False)
+            self.assertEqual(self.pf.rcpt_check(handle)[0], 550, "round %d: disabled handle accepted" % round)
+            client.request("update_handle", token=token, address=handle, enabled=True)
+            self.assertEqual(self.pf.rcpt_check(handle)[0], 250, "round %d: enabled handle refused" % round)
+
+
+class CreateThenSendHashTest(CreateThenSendTests, PostfixInstanceTestCase):
+    MAP_TYPE = "hash"
+
+
+class CreateThenSendLmdbTest(CreateThenSendTests, PostfixInstanceTestCase):
+    MAP_TYPE = "lmdb"
+
+
+def policy_request(recipient, state="RCPT", instance=None, **extra):
+    fields = dict(request="smtpd_access_policy", protocol_state=state, protocol_name="ESMTP",
+                  client_address="127.0.0.1", sender="sender@example.org", recipient=recipient,
+                  instance=instance or uuid.uuid4().hex, **extra)
+    return "".join("%s=%s\n" % item for item in fields.items()).encode() + b"\n"
+
+
+def read_policy_answer(sock):
+    data = b""
+    while not data.endswith(b"\n\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+class PolicyServiceTest(PostfixInstanceTestCase):
+    """Postfix asks the daemon about every recipient: counts, disabled handles, mail keeps flowing."""
+
+    @classmethod
+    def extra_main_cf(cls):
+        cls.policy_port = free_port()
+        endpoint = "inet:127.0.0.1:%d" % cls.policy_port
+        return ["smtpd_recipient_restrictions = check_policy_service %s" % endpoint,
+                # Postfix asks again at the end of the message: that must not count twice
+                "smtpd_end_of_data_restrictions = check_policy_service %s" % endpoint,
+                "smtpd_policy_service_default_action = DUNNO"]
+
+    def daemon_sections(self):
+        return {"General": {"PolicyListen": "inet:127.0.0.1:%d" % self.policy_port}}
+
+    def handles(self, site, token):
+        return {h["address"]: h for h in json.loads(self.run_cli(site, "list", token, "--json"))}
+
+    def wait_received(self, site, token, handle, count):
+        got = wait_until(lambda: self.handles(site, token)[handle]["received"] >= count, timeout=15, interval=0.1)
+        self.assertTrue(got, "received never reached %d" % count)
+        return self.handles(site, token)[handle]
+
+    def restart(self, site, daemon):
+        """Stop the daemon, which writes every count it still holds, and start another: a late
+        (double) count would be in the database by then."""
+        self.assertEqual(daemon.stop(), 0)
+        return start_daemon(self, site)
+
+    def test_mail_to_a_handle_is_counted_once_per_message_in_list_and_list_json(self):
+        site, daemon = self.start()
+        token = self.run_cli(site, "new", "account", "alice@mbox.test")
+        handle, quiet = self.run_cli(site, "new", "handle", token), self.run_cli(site, "new", "handle", token)
+        started = time.time()
+        for _ in range(2):
+            self.assert_delivered(handle, "alice")
+        counted = self.wait_received(site, token, handle, 2)
+        self.restart(site, daemon)                          # any late double count lands by now
+        counted = self.handles(site, token)[handle]
+        self.assertEqual(counted["received"], 2)
+        last = counted["last_received"]
+        self.assertRegex(last, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        when = calendar.timegm(time.strptime(last, "%Y-%m-%dT%H:%M:%SZ"))
+        self.assertLessEqual(abs(when - started), 120)
+        self.assertEqual((self.handles(site, token)[quiet]["received"], self.handles(site, token)[quiet]["last_received"]),
+                         (0, None))
+        line = next(l for l in self.run_cli(site, "list", token).splitlines() if l.startswith(handle))
+        self.assertIn("received 2", line)
+        self.assertIn(last, line)
+
+    def test_disabled_handle_is_rejected_with_550_by_the_policy_service_and_not_counted(self):
+        site, daemon = self.start()
+        token = self.run_cli(site, "new", "account", "alice@mbox.test")
+        handle = self.run_cli(site, "new", "handle", token)
+        self.run_cli(site, "disable", "handle", handle, token)
+        text = self.assert_rejected_at_rcpt(handle, 550)
+        self.assertIn("disabled", text)
+        self.run_cli(site, "enable", "handle", handle, token)
+        self.assert_delivered(handle, "alice")
+        self.wait_received(site, token, handle, 1)
+        self.restart(site, daemon)
+        self.assertEqual(self.handles(site, token)[handle]["received"], 1)
+
+    def test_counts_survive_a_daemon_restart(self):
+        site, daemon = self.start()
+        token = self.run_cli(site, "new", "account", "alice@mbox.test")
+        handle = self.run_cli(site, "new", "handle", token)
+        self.assert_delivered(handle, "alice")
+        self.assertEqual(daemon.stop(), 0)               # at once: before the periodic write
+        start_daemon(self, site)
+        self.assertEqual(self.handles(site, token)[handle]["received"], 1)
+
+    def test_postfix_keeps_delivering_while_the_daemon_is_stopped(self):
+        site, daemon = self.start()
+        token = self.run_cli(site, "new", "account", "alice@mbox.test")
+        handle = self.run_cli(site, "new", "handle", token)
+        self.assertEqual(daemon.stop(), 0)
+        self.assert_delivered(handle, "alice")
+        self.assert_rejected_at_rcpt("nosuch@incognito.test")
+
+    def test_prune_removes_never_used_handles_and_keeps_used_ones(self):
+        site, daemon = self.start()
+        token = self.run_cli(site, "new", "account", "alice@mbox.test")
+        used, unused = self.run_cli(site, "new", "handle", token), self.run_cli(site, "new", "handle", token)
+        self.assert_delivered(used, "alice")
+        self.wait_received(site, token, used, 1)
+        self.assertEqual(self.run_cli(site, "prune", "--handles-unused-days", "0", "--dry-run"), unused)
+        self.assertEqual(set(self.handles(site, token)), {used, unused})
+        self.assertEqual(self.run_cli(site, "prune", "--handles-unused-days", "0"), unused)
+        self.assertEqual(set(self.handles(site, token)), {used})
+        self.assertEqual(self.pf.rcpt_check(unused)[0], 550)
+        self.assert_delivered(used, "alice")
+        self.assertEqual(self.run_cli(site, "prune", "--handles-unused-days", "0"), "")
+
+    def test_policy_protocol_many_requests_per_connection_and_bad_ones_close_only_their_own(self):
+        site, daemon = self.start()
+        token = self.run_cli(site, "new", "account", "alice@mbox.test")
+        handle = self.run_cli(site, "new", "handle", token)
+        good = socket.create_connection(("127.0.0.1", self.policy_port), timeout=10)
+        self.addCleanup(good.close)
+        good.sendall(policy_request(handle) + policy_request("nosuch@incognito.test") + policy_request("x@example.org"))
+        answers = b""
+        while answers.count(b"\n\n") < 3:
+            chunk = good.recv(4096)
+            self.assertTrue(chunk, "connection closed early")
+            answers += chunk
+        self.assertEqual(answers, b"action=DUNNO\n\n" * 3)
+        for garbage in (b"\x00\xff\xfe binary garbage\n\n", b"no equals sign here\n\n", b"recipient=" + b"x" * 70000):
+            with self.subTest(garbage=garbage[:20]):
+                bad = socket.create_connection(("127.0.0.1", self.policy_port), timeout=10)
+                self.addCleanup(bad.close)
+                try:
+                    bad.sendall(garbage)
+                    self.assertEqual(bad.recv(4096), b"", "a malformed request got an answer")
+                except ConnectionResetError:
+                    pass
+                good.sendall(policy_request(handle))
+                self.assertEqual(read_policy_answer(good), b"action=DUNNO\n\n")
+        self.assertIn("policy service", daemon.log())
+        self.assertIsNone(daemon.proc.poll())
+
+
+class SocketmapTest(PostfixInstanceTestCase):
+    """``SocketmapListen``: Postfix asks the daemon; a change is visible with no postmap at all."""
+
+    @classmethod
+    def extra_main_cf(cls):
+        folder = make_folder(prefix="incognitomail-test-socketmap-")
+        cls.addClassCleanup(shutil.rmtree, folder, True)
+        cls.socket_path = os.path.join(folder, "run", "socketmap.sock")
+        postfix_folder(os.path.dirname(cls.socket_path))
+        return ["virtual_alias_maps = socketmap:unix:%s:virtual" % cls.socket_path]
+
+    def daemon_sections(self):
+        return {"General": {"SocketmapListen": "unix:%s" % self.socket_path}}
+
+    def start_without_postmap(self):
+        folder, _, _ = failing_postmap_folder(self, mode="always-fail")
+        return self.start(env=dict(os.environ, PATH=path_with(folder)))
+
+    def ask(self, sock, key, name="virtual"):
+        sock.sendall(im.netstring(("%s %s" % (name, key)).encode()))
+        data = b""
+        while not (data and data.endswith(b",") and data.split(b":", 1)[0].isdigit()
+                   and len(data) >= len(data.split(b":", 1)[0]) + 2 + int(data.split(b":", 1)[0])):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    def test_new_handles_receive_mail_sent_the_moment_they_are_made_with_no_postmap(self):
+        site, daemon = self.start_without_postmap()
+        client = im.ControlClient(site.config)
+        token = client.request("new_account", address="dave@mbox.test")["token"]
+        marks = []
+        for round in range(20):
+            handle = client.request("new_handle", token=token)["handle"]["address"]
+            ok, code, text, mark = self.pf.send(handle)
+            self.assertTrue(ok, "round %d: %s refused right after it was made: %s %s" % (round, handle, code, text))
+            marks.append(mark)
+        for mark in marks:
+            self.assertTrue(self.pf.wait_for_mail("dave", mark))
+
+    def test_deleted_and_disabled_handles_are_rejected_at_once(self):
+        site, daemon = self.start_without_postmap()
+        client = im.ControlClient(site.config)
+        token = client.request("new_account", address="dave@mbox.test")["token"]
+        for round in range(10):
+            handle = client.request("new_handle", token=token)["handle"]["address"]
+            self.assertEqual(self.pf.rcpt_check(handle)[0], 250)
+            client.request("update_handle", token=token, address=handle, enabled=False)
+            self.assertEqual(self.pf.rcpt_check(handle)[0], 550, "round %d: disabled handle accepted" % round)
+            client.request("update_handle", token=token, address=handle, enabled=True)
+            self.assertEqual(self.pf.rcpt_check(handle)[0], 250, "round %d: enabled handle refused" % round)
+            client.request("delete_handle", token=token, address=handle)
+            self.assertEqual(self.pf.rcpt_check(handle)[0], 550, "round %d: deleted handle accepted" % round)
+
+    def test_socketmap_protocol_answers_ok_or_notfound_and_survives_garbage(self):
+        site, daemon = self.start_without_postmap()
+        client = im.ControlClient(site.config)
+        token = client.request("new_account", address="dave@mbox.test")["token"]
+        handle = client.request("new_handle", token=token)["handle"]["address"]
+        disabled = client.request("new_handle", token=token)["handle"]["address"]
+        client.request("update_handle", token=token, address=disabled, enabled=False)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        sock.settimeout(10)
+        sock.connect(self.socket_path)
+        self.assertEqual(self.ask(sock, handle), im.netstring(b"OK dave@mbox.test"))
+        self.assertEqual(self.ask(sock, handle.upper()), im.netstring(b"OK dave@mbox.test"))
+        self.assertEqual(self.ask(sock, disabled), im.netstring(b"NOTFOUND "))
+        self.assertEqual(self.ask(sock, "nosuch@incognito.test"), im.netstring(b"NOTFOUND "))
+        self.assertEqual(self.ask(sock, handle.split("@")[0] + "@elsewhere.test"), im.netstring(b"NOTFOUND "))
+        bad = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(bad.close)
+        bad.settimeout(10)
+        bad.connect(self.socket_path)
+        bad.sendall(b"xyz:not a netstring")
+        try:
+            self.assertEqual(bad.recv(4096), b"")
+        except ConnectionResetError:
+            pass
+        self.assertEqual(self.ask(sock, handle), im.netstring(b"OK dave@mbox.test"))
+        done = self.pf.run("postmap", "-q", handle, "socketmap:unix:%s:virtual" % self.socket_path, check=False)
+        self.assertEqual(done.stdout.strip(), "dave@mbox.test")
+
+    def test_stopped_daemon_means_a_temporary_failure_not_a_bounce(self):
+        site, daemon = self.start_without_postmap()
+        client = im.ControlClient(site.config)
+        token = client.request("new_account", address="dave@mbox.test")["token"]
+        handle = client.request("new_handle", token=token)["handle"]["address"]
+        self.assertEqual(daemon.stop(), 0)
+        self.assertFalse(os.path.exists(self.socket_path), "socketmap socket left behind")
+        code, text = self.pf.rcpt_check(handle)
+        self.assertEqual(code // 100, 4, text)
+
+
+###############################################################################
+# Command line
+###############################################################################
+
+class CommandLineTest(PostmapTestCase):
+    """Every command against one running server; each test makes its own accounts."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        folder = make_folder()
+        cls.addClassCleanup(shutil.rmtree, folder, True)
+        cls.site = Site(folder, admin_lines=ADMIN_LINES)
+        cls.daemon = DaemonProcess(cls.site).start()
+        cls.addClassCleanup(cls.daemon.stop)
+
+    def run_cli(self, *args, input=None, rc=0):
+        done = cli(self.site, *args, input=input)
+        self.assertEqual(done.returncode, rc, "%s -> stdout %r, stderr %r" % (args, done.stdout, done.stderr))
+        self.assertNotIn("Traceback", done.stderr)
+        return done
+
+    def new_account(self, address="me@example.org"):
+        return self.run_cli("new", "account", address).stdout.strip()
+
+    def new_handle(self, token, *options):
+        return self.run_cli("new", "handle", token, *options).stdout.strip()
+
+    def listed(self, token):
+        return [line.split()[0] for line in self.run_cli("list", token).stdout.splitlines()]
+
+    # -- the original's commands ---------------------------------------------------------
+
+    def test_new_account_prints_only_the_token(self):
+        done = self.run_cli("new", "account", "me@example.org")
+        self.assertRegex(done.stdout, r"^[A-Za-z0-9_-]{43,}\n$")
+        self.assertIn("secret token", done.stderr)
+
+    def test_new_handle_prints_only_the_address(self):
+        token = self.new_account()
+        done = self.run_cli("new", "handle", token)
+        self.assertRegex(done.stdout, r"^[a-z0-9]{16}@incognito\.test\n$")
+        self.assertEqual(self.site.query(done.stdout.strip()), "me@example.org")
+
+    def test_list_prints_one_line_per_handle_starting_with_its_address_newest_first(self):
+        token = self.new_account()
+        handles = [self.new_handle(token) for _ in range(3)]
+        lines = self.run_cli("list", token).stdout.splitlines()
+        self.assertEqual([line.split()[0] for line in lines], handles[::-1])
+        for line in lines:
+            self.assertIn("enabled", line)
+            self.assertIn("received 0", line)
+
+    def test_list_of_an_account_without_handles_prints_nothing_on_stdout(self):
+        done = self.run_cli("list", self.new_account())
+        self.assertEqual(done.stdout, "")
+        self.assertIn("no handles", done.stderr)
+
+    def test_delete_handle_removes_it_from_the_map(self):
+        token = self.new_account()
+        keep, gone = self.new_handle(token), self.new_handle(token)
+        done = self.run_cli("delete", "handle", gone, token)
+        self.assertEqual(done.stdout, "")
+        self.assertIsNone(self.site.query(gone))
+        self.assertEqual(self.site.query(keep), "me@example.org")
+        self.assertEqual(self.listed(token), [keep])
+
+    def test_delete_handle_accepts_the_handle_with_or_without_its_domain(self):
+        token = self.new_account()
+        first, second = self.new_handle(token), self.new_handle(token, "--domain", "other.test")
+        self.run_cli("delete", "handle", first.split("@")[0], token)
+        self.run_cli("delete", "handle", second.upper(), token)
+        self.assertEqual(self.listed(token), [])
+        self.assertIsNone(self.site.query(first))
+        self.assertIsNone(self.site.query(second))
+
+    def test_delete_handle_with_another_accounts_secret_is_refused_and_changes_nothing(self):
+        mine, theirs = self.new_account(), self.new_account("them@example.org")
+        handle = self.new_handle(mine)
+        their_handle = self.new_handle(theirs)
+        for name in (handle, handle.split("@")[0]):
+            done = self.run_cli("delete", "handle", name, theirs, rc=1)
+            self.assertIn("no handle", done.stderr)
+        self.assertEqual(self.listed(mine), [handle])
+        self.assertEqual(self.listed(theirs), [their_handle])
+        self.assertEqual(self.site.query(handle), "me@example.org")
+        self.assertIn("%s me@example.org" % handle, self.site.our_lines())
+
+    def test_delete_account_removes_the_account_and_its_handles(self):
+        token = self.new_account()
+        handles = [self.new_handle(token) for _ in range(2)]
+        done = self.run_cli("delete", "account", token)
+        self.assertEqual(done.stdout.strip(), "")
+        self.assertIn("2 handles", done.stderr)
+        for handle in handles:
+            self.assertIsNone(self.site.query(handle))
+        self.run_cli("list", token, rc=1)
+
+    def test_stop_takes_no_arguments(self):
+        # stopping itself is tested on servers of their own in DaemonLifecycleTest
+        done = cli(self.site, "stop", "now")
+        self.assertEqual(done.returncode, 2)
+        self.assertIsNone(self.daemon.proc.poll())
+
+    # -- what an owner needs beyond the original --------------------------------------------
+
+    def test_new_handle_takes_a_label_and_a_domain(self):
+        token = self.new_account()
+        handle = self.new_handle(token, "--label", "shop.example.com", "--domain", "other.test")
+        self.assertRegex(handle, r"^[a-z0-9]{16}@other\.test$")
+        self.assertRegex(self.new_handle(token, "--domain", "@Other.Test"), r"@other\.test$")
+        line = self.run_cli("list", token).stdout.splitlines()[-1]
+        self.assertTrue(line.startswith(handle + "\t"), line)
+        self.assertTrue(line.endswith("shop.example.com"), line)
+
+    def test_new_handle_in_a_domain_not_served_is_an_error_naming_the_served_ones(self):
+        done = self.run_cli("new", "handle", self.new_account(), "--domain", "elsewhere.test", rc=1)
+        self.assertIn("incognito.test", done.stderr)
+        self.assertEqual(done.stdout, "")
+
+    def test_disable_and_enable_handle_change_what_postfix_sees(self):
+        token = self.new_account()
+        handle = self.new_handle(token)
+        done = self.run_cli("disable", "handle", handle, token)
+        self.assertTrue(done.stdout.startswith(handle + "\tdisabled"), done.stdout)
+        self.assertIsNone(self.site.query(handle))
+        done = self.run_cli("enable", "handle", handle.split("@")[0], token)
+        self.assertTrue(done.stdout.startswith(handle + "\tenabled"), done.stdout)
+        self.assertEqual(self.site.query(handle), "me@example.org")
+
+    def test_label_handle_sets_the_label_shown_by_list(self):
+        token = self.new_account()
+        handle = self.new_handle(token)
+        self.run_cli("label", "handle", handle, token, "newsletter of shop.example.com")
+        handles = json.loads(self.run_cli("list", token, "--json").stdout)
+        self.assertEqual(handles[0]["label"], "newsletter of shop.example.com")
+        self.run_cli("label", "handle", handle, token, "line\nbreak", rc=1)
+
+    def test_rotate_prints_a_new_token_and_the_old_one_no_longer_works(self):
+        old = self.new_account()
+        handle = self.new_handle(old)
+        done = self.run_cli("rotate", old)
+        new = done.stdout.strip()
+        self.assertRegex(done.stdout, r"^[A-Za-z0-9_-]{43,}\n$")
+        self.assertNotEqual(new, old)
+        self.run_cli("list", old, rc=1)
+        self.assertEqual(self.listed(new), [handle])
+        self.assertEqual(self.site.query(handle), "me@example.org")
+
+    def test_secret_dash_is_read_from_standard_input(self):
+        token = self.new_account()
+        secret = token + "\n"
+        handle = self.run_cli("new", "handle", "-", input=secret).stdout.strip()
+        self.assertRegex(handle, r"@incognito\.test$")
+        self.assertEqual(self.run_cli("list", "-", input=secret).stdout.split()[0], handle)
+        self.run_cli("label", "handle", handle, "-", "shop", input=secret)
+        self.run_cli("disable", "handle", handle, "-", input=secret)
+        self.run_cli("enable", "handle", handle, "-", input=secret)
+        self.run_cli("delete", "handle", handle, "-", input=secret)
+        self.assertEqual(self.listed(token), [])
+        new = self.run_cli("rotate", "-", input=secret).stdout.strip()
+        self.run_cli("delete", "account", "-", input=new + "\n")
+        self.run_cli("list", new, rc=1)
+        self.run_cli("list", "-", input="", rc=1)
+
+    def test_secret_starting_with_a_dash_is_accepted_as_an_argument(self):
+        token = "-" + im.new_token()[1:]            # an account whose token begins with "-"
+        db = sqlite3.connect(self.site.config.database_path, timeout=10)
+        db.execute("INSERT INTO accounts (address, token_sha256, created) VALUES (?, ?, ?)",
+                   ("dash@example.org", im.token_digest(token), int(time.time())))
+        db.commit()
+        db.close()
+        handle = self.new_handle(token)
+        self.assertEqual(self.listed(token), [handle])
+        self.run_cli("delete", "handle", handle, token)
+        self.assertEqual(self.listed(token), [])
+
+    def test_json_is_accepted_anywhere_on_the_command_line(self):
+        token = self.new_account()
+        config = self.site.config_path
+        for argv in (["--json", "-c", config, "new", "handle", token],
+                     ["-c", config, "--json", "new", "handle", token],
+                     ["-c", config, "new", "--json", "handle", token],
+                     ["-c", config, "new", "handle", "--json", token],
+                     ["-c", config, "new", "handle", token, "--json"]):
+            with self.subTest(argv=argv):
+                done = run_module(*argv)
+                self.assertEqual(done.returncode, 0, done.stderr)
+                self.assertRegex(json.loads(done.stdout)["address"], r"^[a-z0-9]{16}@incognito\.test$")
+
+    def test_json_output_of_each_command(self):
+        token = json.loads(self.run_cli("--json", "new", "account", "me@example.org").stdout)["token"]
+        handle = json.loads(self.run_cli("--json", "new", "handle", token, "--label", "shop").stdout)
+        self.assertEqual(set(handle), {"address", "label", "enabled", "created", "received", "last_received", "id",
+                                       "state", "expires", "max_messages", "blocked", "last_blocked"})
+        self.assertEqual((handle["label"], handle["enabled"], handle["received"], handle["last_received"]),
+                         ("shop", True, 0, None))
+        self.assertRegex(handle["created"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        listed = json.loads(self.run_cli("--json", "list", token).stdout)
+        self.assertEqual(listed, [handle])
+        disabled = json.loads(self.run_cli("--json", "disable", "handle", handle["address"], token).stdout)
+        self.assertEqual(disabled["enabled"], False)
+        self.assertEqual(json.loads(self.run_cli("--json", "delete", "handle", handle["address"], token).stdout), {})
+        new = json.loads(self.run_cli("--json", "rotate", token).stdout)["token"]
+        self.assertEqual(json.loads(self.run_cli("--json", "delete", "account", new).stdout), {"deleted_handles": 0})
+        error = self.run_cli("--json", "list", token, rc=1)
+        self.assertEqual(json.loads(error.stdout)["ok"], False)
+
+    def test_list_json_gives_an_empty_array_for_an_account_without_handles(self):
+        self.assertEqual(json.loads(self.run_cli("list", self.new_account(), "--json").stdout), [])
+
+    def test_original_go_style_config_flags_are_accepted(self):
+        for argv in (["-config", self.site.config_path, "status"], ["-config=" + self.site.config_path, "status"],
+                     ["--config", self.site.config_path, "status"], ["--config=" + self.site.config_path, "status"],
+                     ["-c", self.site.config_path, "status"]):
+            with self.subTest(argv=argv):
+                done = run_module(*argv)
+                self.assertEqual(done.returncode, 0, done.stderr)
+                self.assertIn("pid %d" % self.daemon.pid, done.stdout)
+
+    def test_status_reports_pid_counts_and_version(self):
+        status = json.loads(self.run_cli("status", "--json").stdout)
+        self.assertEqual((status["running"], status["pid"], status["version"]), (True, self.daemon.pid, im.__version__))
+        self.assertEqual(status["domains"], ["incognito.test", "other.test"])
+        self.assertEqual(status["map"], "hash:%s" % self.site.map_path)
+        token = self.new_account()
+        self.new_handle(token)
+        after = json.loads(self.run_cli("--json", "status").stdout)
+        self.assertEqual(after["accounts"], status["accounts"] + 1)
+        self.assertEqual(after["handles"], status["handles"] + 1)
+        self.assertEqual(after["enabled_handles"], status["enabled_handles"] + 1)
+        text = self.run_cli("status").stdout
+        self.assertIn("running (pid %d)" % self.daemon.pid, text)
+        self.assertIn(im.__version__, text)
+        self.assertIn("accounts %d" % after["accounts"], text)
+
+    # -- errors and exit codes ------------------------------------------------------------
+
+    def test_errors_exit_1_with_a_message_and_nothing_on_stdout(self):
+        for args in (["new", "account", "me@example.org, evil@example.net"],
+                     ["new", "account", "me@example.org\nevil@incognito.test mallory@example.net"],
+                     ["new", "handle", "no-such-token"],
+                     ["list", "no-such-token"],
+                     ["delete", "handle", "abc", "no-such-token"],
+                     ["delete", "handle", "not a handle!", self.new_account()]):
+            with self.subTest(args=args):
+                done = self.run_cli(*args, rc=1)
+                self.assertEqual(done.stdout, "")
+                self.assertTrue(done.stderr.startswith("incognitomail: error: "), done.stderr)
+
+    def test_wrong_secret_is_not_repeated_in_the_error(self):
+        wrong = "Zx9-wrong-secret-" + uuid.uuid4().hex
+        done = self.run_cli("list", wrong, rc=1)
+        self.assertIn("unknown secret token", done.stderr)
+        self.assertNotIn(wrong, done.stderr + done.stdout)
+        self.assertNotIn(wrong, self.daemon.log())
+
+    def test_wrong_usage_exits_2(self):
+        for args in (["new"], ["new", "thing", "x"], ["new", "handle"], ["frobnicate"], ["list"], ["list", "a", "b"],
+                     ["delete", "handle", "only-one"], ["delete", "account"], ["label", "handle", "h", "secret"],
+                     ["enable", "account", "x"], ["prune", "--handles-unused-days", "soon"], ["--no-such-flag"]):
+            with self.subTest(args=args):
+                done = cli(self.site, *args)
+                self.assertEqual(done.returncode, 2, done)
+                self.assertIn("usage", done.stderr)
+                self.assertEqual(done.stdout, "")
+
+    def test_prune_without_the_policy_service_is_refused_naming_PolicyListen(self):
+        token = self.new_account()
+        handle = self.new_handle(token)
+        done = self.run_cli("prune", "--handles-unused-days", "0", rc=1)
+        self.assertIn("PolicyListen", done.stderr)
+        self.assertIn("policy service", done.stderr)
+        self.assertEqual(self.listed(token), [handle])
+
+    # -- logging ------------------------------------------------------------------------
+
+    def test_every_change_is_logged_at_info_without_the_token(self):
+        token = self.new_account("logged@example.org")
+        handle = self.new_handle(token, "--label", "shop")
+        other = self.new_handle(token)
+        self.run_cli("label", "handle", handle, token, "renamed")
+        self.run_cli("disable", "handle", handle, token)
+        self.run_cli("enable", "handle", handle, token)
+        self.run_cli("delete", "handle", other, token)
+        new = self.run_cli("rotate", token).stdout.strip()
+        self.run_cli("delete", "account", new)
+        log = self.daemon.log()
+        info = [line for line in log.splitlines() if " INFO " in line]
+        expectations = [("new account", "logged@example.org"), ("new handle " + handle, "logged@example.org"),
+                        ("new handle " + other, ""), ("handle " + handle, "renamed"), ("handle " + handle, "disabled"),
+                        ("handle " + handle, "enabled"), ("deleted handle " + other, ""),
+                        ("new secret token", "logged@example.org"), ("deleted account", "logged@example.org")]
+        for words in expectations:
+            with self.subTest(words=words):
+                self.assertTrue(any(all(w in line for w in words) for line in info), "no INFO line with %s" % (words,))
+        for secret in (token, new):
+            self.assertNotIn(secret, log)
+
+
+class StatusWhenStoppedTest(unittest.TestCase):
+    """With no server: status says so, commands say how to start it (no Postfix needed)."""
+
+    def setUp(self):
+        folder = make_folder(self)
+        self.config = os.path.join(folder, "incognitomail.ini")
+        write_ini(self.config, minimal_ini_sections(folder))
+
+    def test_status_exits_1_saying_not_running(self):
+        done = run_module("-c", self.config, "status")
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("not running", done.stdout + done.stderr)
+        self.assertNotIn("Traceback", done.stderr)
+
+    def test_status_json_is_one_json_document_saying_not_running(self):
+        done = run_module("-c", self.config, "--json", "status")
+        self.assertEqual(done.returncode, 1)
+        self.assertEqual(json.loads(done.stdout).get("running"), False, done.stdout)
+
+    def test_commands_say_how_to_start_the_server(self):
+        done = run_module("-c", self.config, "new", "account", "me@example.org")
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("not running", done.stderr)
+        self.assertIn("UnixSockPath", done.stderr)
+        self.assertIn(self.config, done.stderr)
+
+
+class CheckCommandTest(PostmapTestCase):
+    """``check`` passes on a good setup and names the fault on each broken one."""
+
+    GOOD_MAIN_CF = ("virtual_alias_domains = incognito.test, other.test\n"
+                    "virtual_alias_maps = hash:{map}\n"
+                    "smtpd_recipient_restrictions = check_policy_service inet:127.0.0.1:{port}\n")
+
+    def setUp(self):
+        self.port = free_port()
+        self.site = self.make_site(sections={"General": {"PolicyListen": "inet:127.0.0.1:%d" % self.port}})
+        self.set_main_cf(self.GOOD_MAIN_CF)
+
+    def set_main_cf(self, template):
+        write_postfix_config_dir(self.site.config.postfix_config_dir,
+                                 template.format(map=self.site.map_path, port=self.port))
+
+    def check(self, rc):
+        done = cli(self.site, "check")
+        self.assertEqual(done.returncode, rc, done.stdout + done.stderr)
+        self.assertNotIn("Traceback", done.stderr)
+        lines = done.stdout.splitlines()
+        self.assertTrue(lines)
+        for line in lines:
+            self.assertRegex(line, r"^(OK|FAIL) ")
+        return [line for line in lines if line.startswith("FAIL")]
+
+    def start_with_handles(self):
+        daemon = start_daemon(self, self.site)
+        token = new_account(self.site, "me@example.org")
+        return daemon, token, [new_handle(self.site, token) for _ in range(2)]
+
+    def test_check_passes_on_a_good_setup(self):
+        self.start_with_handles()
+        self.assertEqual(self.check(0), [])
+        results = json.loads(cli(self.site, "--json", "check").stdout)
+        self.assertTrue(all(r["ok"] for r in results), results)
+        self.assertGreaterEqual(len(results), 7)
+
+    def test_check_passes_with_a_recipient_canonical_map_too(self):
+        self.set_main_cf("mydestination = localhost, incognito.test, other.test\n"
+                         "recipient_canonical_maps = hash:{map}\n"
+                         "smtpd_recipient_restrictions = check_policy_service inet:127.0.0.1:{port}\n")
+        self.start_with_handles()
+        self.assertEqual(self.check(0), [])
+
+    def test_check_names_a_map_missing_from_main_cf(self):
+        self.set_main_cf("virtual_alias_domains = incognito.test, other.test\n"
+                         "smtpd_recipient_restrictions = check_policy_service inet:127.0.0.1:{port}\n")
+        self.start_with_handles()
+        failed = self.check(1)
+        self.assertEqual(len(failed), 1, failed)
+        self.assertIn("virtual_alias_maps", failed[0])
+        self.assertIn("hash:%s" % self.site.map_path, failed[0])
+
+    def test_check_names_a_map_out_of_step(self):
+        daemon, token, handles = self.start_with_handles()
+        self.site.postmap("-d", handles[0], "hash:%s" % self.site.map_path)
+        failed = self.check(1)
+        self.assertEqual(len(failed), 1, failed)
+        self.assertIn("in step", failed[0])
+        self.assertIn(handles[0], failed[0])
+
+    def test_check_names_a_map_entry_the_database_does_not_know(self):
+        self.start_with_handles()
+        self.site.postmap("-i", "hash:%s" % self.site.map_path, stdin="ghost1234ghost12@incognito.test evil@example.net\n")
+        failed = self.check(1)
+        self.assertEqual(len(failed), 1, failed)
+        self.assertIn("in step", failed[0])
+        self.assertIn("ghost1234ghost12@incognito.test", failed[0])
+
+    def test_check_names_a_domain_not_routed(self):
+        self.set_main_cf("virtual_alias_domains = incognito.test\n"
+                         "virtual_alias_maps = hash:{map}\n"
+                         "smtpd_recipient_restrictions = check_policy_service inet:127.0.0.1:{port}\n")
+        self.start_with_handles()
+        failed = self.check(1)
+        self.assertEqual(len(failed), 1, failed)
+        self.assertIn("other.test", failed[0])
+        self.assertIn("virtual_alias_domains", failed[0])
+
+    def test_check_names_a_policy_service_postfix_does_not_ask(self):
+        self.set_main_cf("virtual_alias_domains = incognito.test, other.test\nvirtual_alias_maps = hash:{map}\n")
+        self.start_with_handles()
+        failed = self.check(1)
+        self.assertEqual(len(failed), 1, failed)
+        self.assertIn("check_policy_service", failed[0])
+
+    def test_check_names_a_server_that_is_not_running(self):
+        daemon, token, handles = self.start_with_handles()
+        daemon.stop()
+        failed = self.check(1)
+        self.assertEqual(len(failed), 1, failed)
+        self.assertIn("not running", failed[0])
+
+
+class LoggingTest(unittest.TestCase):
+    """LogLevel and LogTarget: stderr or syslog with facility mail."""
+
+    def setUp(self):
+        logger = logging.getLogger("incognitomail")
+        saved = (list(logger.handlers), logger.level, logger.propagate)
+
+        def restore():
+            logger.handlers[:] = saved[0]
+            logger.setLevel(saved[1])
+            logger.propagate = saved[2]
+        self.addCleanup(restore)
+        self.folder = make_folder(self)
+
+    def config(self, **general):
+        site = Site(self.folder, sections={"General": general}, config_dir=write_postfix_config_dir(
+            os.path.join(self.folder, "postfix")))
+        return site.config
+
+    def test_syslog_target_uses_dev_log_with_facility_mail(self):
+        config = self.config(LogTarget="syslog")
+        calls = []
+
+        class FakeSysLogHandler(logging.Handler):
+            LOG_MAIL = logging.handlers.SysLogHandler.LOG_MAIL
+
+            def __init__(self, address, facility):
+                super().__init__()
+                calls.append((address, facility))
+        with mock.patch("os.path.exists", lambda path: path == "/dev/log" or os.path.isfile(path)), \
+                mock.patch.object(logging.handlers, "SysLogHandler", FakeSysLogHandler):
+            im.setup_logging(config)
+        self.assertEqual(calls, [("/dev/log", 2)])      # 2: the mail facility of syslog(3)
+        self.assertIsInstance(logging.getLogger("incognitomail").handlers[0], FakeSysLogHandler)
+
+    def test_syslog_without_dev_log_names_log_target(self):
+        config = self.config(LogTarget="syslog")
+        with mock.patch("os.path.exists", lambda path: False):
+            with self.assertRaises(im.ConfigError) as caught:
+                im.setup_logging(config)
+        self.assertIn("[General] LogTarget", str(caught.exception))
+
+    def test_log_level_warning_leaves_out_the_info_lines(self):
+        require_postfix()
+        site = Site(self.folder, sections={"General": {"LogLevel": "warning"}})
+        daemon = start_daemon(self, site)
+        self.assertEqual(cli(site, "new", "account", "alice@example.org").returncode, 0)
+        daemon.stop()
+        self.assertNotIn("new account", daemon.log())
+        self.assertNotIn(" INFO ", daemon.log())
