@@ -4289,7 +4289,7 @@ class WebSocketConnection(asyncio.Protocol):
             return False
         if ("writing" in self._paused_by
                 and self.transport.get_write_buffer_size() > MAX_UNSENT_BYTES):
-            self.transport.abort()      # the peer lets our replies pile up: drop it
+            self.drop()                 # the peer lets our replies pile up
             return False
         self.transport.write(encode_message(message))
         return True
@@ -4303,7 +4303,18 @@ class WebSocketConnection(asyncio.Protocol):
             return
         self.state = self.CLOSING
         self.transport.write(encode_close(code, reason))
-        self._set_timer(self._close_timeout, self.transport.abort)
+        self._set_timer(self._close_timeout, self.drop)
+
+    def drop(self):
+        """End the connection at once with a reset: whatever the peer left unread is thrown
+        away, here and in the kernel (a plain close would keep sending it)."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+        self.transport.abort()
 
     def pause_reading(self, reason):
         """Read nothing more from the peer until ``resume_reading(reason)``."""
@@ -4321,7 +4332,7 @@ class WebSocketConnection(asyncio.Protocol):
     def connection_made(self, transport):
         self.transport = transport
         self.remote_address = transport.get_extra_info("peername")
-        self._set_timer(self._handshake_timeout, transport.abort)
+        self._set_timer(self._handshake_timeout, self.drop)
 
     def data_received(self, data):
         if self.state == self.HTTP:
@@ -4339,7 +4350,7 @@ class WebSocketConnection(asyncio.Protocol):
         """The peer is not reading our replies: stop reading its requests, and give it time."""
         self.pause_reading("writing")
         if self.state != self.CLOSING:  # when closing, the close timeout already runs
-            self._set_timer(self._idle_timeout or SEND_TIMEOUT, self.transport.abort)
+            self._set_timer(self._idle_timeout or SEND_TIMEOUT, self.drop)
 
     def resume_writing(self):
         self.resume_reading("writing")
@@ -4400,7 +4411,7 @@ class WebSocketConnection(asyncio.Protocol):
         if close:
             self.transport.close()
         else:
-            self._set_timer(self._handshake_timeout, self.transport.abort)
+            self._set_timer(self._handshake_timeout, self.drop)
 
     def _upgrade(self, request):
         """The opening handshake: answer 101 (or an HTTP error, and close)."""
@@ -4465,7 +4476,7 @@ class WebSocketConnection(asyncio.Protocol):
             self.transport.write(encode_close(code, reason))
         if self.transport.can_write_eof():
             self.transport.write_eof()  # so a peer we can no longer parse hangs up too
-        self._set_timer(self._close_timeout, self.transport.abort)
+        self._set_timer(self._close_timeout, self.drop)
 
     def _set_timer(self, delay, callback):
         if self._timer is not None:
@@ -4484,7 +4495,7 @@ class WebSocketConnection(asyncio.Protocol):
         elif self.state == self.OPEN or (self.state == self.HTTP and self._answering):
             self._cancel_timer()
         elif self.state == self.HTTP:
-            self._set_timer(self._handshake_timeout, self.transport.abort)
+            self._set_timer(self._handshake_timeout, self.drop)
 
     def _idle_check(self):
         """One timer per connection: re-armed for what is left, closing when the time is up."""
@@ -4656,6 +4667,7 @@ class Daemon:
         self._creation_per_client = TokenBucket(config.handles_per_minute_per_client)
         self._failures_per_client = TokenBucket(config.failed_tokens_per_minute_per_client)
         self._known_tokens = collections.OrderedDict()  # token digests that were right lately
+        self._checking = {}             # digest of a token not known yet -> done once checked
         self._received = []             # (address, time, blocked) seen at RCPT, not yet written
         self._uncounted = {}            # address -> messages received, not in the database yet
         self._counted = {}              # (instance, recipient) already counted: once per message
@@ -4780,7 +4792,8 @@ class Daemon:
         the rate limits first; the local command line (client None) has none.
 
         A token the daemon has not seen right lately is counted as wrong before it is checked,
-        and given back when it was right, so that a burst of guesses meets the limit at once.
+        and given back when it was right, so that a burst of guesses meets the limit at once;
+        requests with that same token wait for the first one's answer rather than count too.
         """
         if client is None:
             return await self.service.run(op, **fields)
@@ -4791,9 +4804,15 @@ class Daemon:
                               % (client, wait), wait)
         token = fields.get("token")
         digest = token_digest(token) if isinstance(token, str) else None
+        while digest in self._checking:     # the same new token is being checked: wait for it
+            await asyncio.shield(self._checking[digest])
         charged = digest not in self._known_tokens
         if charged:
-            failures.take(client)
+            wait = failures.take(client)
+            if wait:
+                raise RateLimited("too many wrong secret tokens from %s; retry in %d s"
+                                  % (client, wait), wait)
+            self._checking[digest] = asyncio.get_running_loop().create_future()
         try:
             if op == "new_handle":
                 wait = self._creation_per_client.take(client)
@@ -4811,6 +4830,9 @@ class Daemon:
             if charged:
                 failures.give_back(client)
             raise
+        finally:
+            if charged:
+                self._checking.pop(digest).set_result(None)
         if charged:
             failures.give_back(client)
         if digest is not None:
