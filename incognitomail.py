@@ -53,7 +53,7 @@ import time
 import urllib.parse
 from http import HTTPStatus
 
-__version__ = "2.0.0"
+__version__ = "2.1.0"
 
 log = logging.getLogger("incognitomail")
 
