@@ -132,6 +132,11 @@ class WebSocketProtocolError(IncognitoMailError):
         self.close_code, self.reason = close_code, reason
 
 
+def _is_number(text):
+    """Only ASCII digits: ``str.isdigit`` also takes ``"²"``, which ``int`` refuses."""
+    return bool(re.fullmatch(r"[0-9]+", text))
+
+
 def _os_reason(error):
     """The readable part of an OSError, without Python's ``[Errno N]`` decoration."""
     return getattr(error, "strerror", None) or str(error)
@@ -203,7 +208,7 @@ _DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)"
 def parse_host_port(text):
     """``":9090"`` -> ("", 9090) (all interfaces); ``"[::1]:9090"`` -> ("::1", 9090)."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not _is_number(port) or not 0 < int(port) < 65536:
         raise ValueError("%r must be HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:9090 "
                          "or :9090" % text)
     if host.startswith("[") and host.endswith("]"):
@@ -590,6 +595,7 @@ def split_handle(text, domains):
 
 
 MAX_MESSAGES = 1000000
+MAX_TIME = 1 << 62
 def parse_when(text, now):
     """A duration from ``now`` (``30d``) or an ISO 8601 date or time (UTC unless it says
     otherwise) -> seconds since the epoch, in the future; BadRequest otherwise."""
@@ -675,7 +681,9 @@ _MIGRATIONS = (
     ALTER TABLE handles ADD COLUMN max_messages INTEGER;
     ALTER TABLE handles ADD COLUMN blocked INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE handles ADD COLUMN last_blocked INTEGER;
+    ALTER TABLE handles ADD COLUMN used_up INTEGER;
     CREATE INDEX handles_by_expiry ON handles (expires) WHERE expires IS NOT NULL;
+    CREATE INDEX handles_by_used_up ON handles (used_up) WHERE used_up IS NOT NULL;
     """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -683,11 +691,11 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 # A handle as every query returns it, with its account's target address.
 _HANDLE_SELECT = ("SELECT h.id, h.local, h.domain, h.account_id, a.address, h.label, h.enabled, "
                   "h.created, coalesce(h.updated, h.created), h.received, h.last_received, "
-                  "h.blocked, h.last_blocked, h.expires, h.max_messages FROM handles h "
+                  "h.blocked, h.last_blocked, h.expires, h.max_messages, h.used_up FROM handles h "
                   "JOIN accounts a ON a.id = h.account_id")
-# Postfix may deliver to it: switched on, not expired, not used up (the Handle.state() rule).
+# In the map after a sweep at :now (the Handle.in_map() rule).
 _ROUTABLE = ("h.enabled AND (h.expires IS NULL OR h.expires > :now) "
-             "AND (h.max_messages IS NULL OR h.received < h.max_messages)")
+             "AND (h.max_messages IS NULL OR h.received < h.max_messages OR h.used_up > :now)")
 
 ENABLED, DISABLED, EXPIRED, USED_UP = "enabled", "disabled", "expired", "used up"
 # What the policy service tells a sender about a handle that takes no more mail.
@@ -697,22 +705,30 @@ REFUSALS = {DISABLED: "this address is disabled", EXPIRED: "this address has exp
 
 class Handle(collections.namedtuple("Handle", "id local domain account_id target label enabled "
                                               "created updated received last_received blocked "
-                                              "last_blocked expires max_messages")):
+                                              "last_blocked expires max_messages used_up")):
     __slots__ = ()
 
     @property
     def address(self):
         return "%s@%s" % (self.local, self.domain)
 
-    def state(self, now, pending=0):
+    def state(self, now):
         """ENABLED (mail is delivered), DISABLED (by its owner), EXPIRED or USED_UP: a handle
-        ends by itself whatever its owner's switch says. ``pending``: messages received but
-        not counted in ``received`` yet."""
+        ends by itself whatever its owner's switch says."""
         if self.expires is not None and self.expires <= now:
             return EXPIRED
-        if self.max_messages is not None and self.received + pending >= self.max_messages:
+        if self.max_messages is not None and self.received >= self.max_messages:
             return USED_UP
         return ENABLED if self.enabled else DISABLED
+
+    def in_map(self, swept_until):
+        """Is it in the map, given that the last sweep was at ``swept_until``? A handle leaves
+        the map at the first sweep after it expired or took its last message (which is then
+        still on its way through Postfix); the policy service refuses it from the first second.
+        """
+        if self.state(swept_until) == USED_UP:
+            return bool(self.enabled) and (self.used_up or 0) > swept_until
+        return self.state(swept_until) == ENABLED
 
 
 Account = collections.namedtuple("Account", "id address created last_used")
@@ -890,6 +906,18 @@ class Store:
         return [Handle(*row) for row in self.db.execute(
             _HANDLE_SELECT + " WHERE h.expires > ? AND h.expires <= ? AND h.enabled",
             (int(after), int(until)))]
+
+    def used_up_between(self, after, until):
+        """Handles that took their last message in (after, until], by the index."""
+        return [Handle(*row) for row in self.db.execute(
+            _HANDLE_SELECT + " WHERE h.used_up > ? AND h.used_up <= ?", (int(after), int(until)))]
+
+    def set_used_up(self, handle_id, when):
+        self.db.execute("UPDATE handles SET used_up = ? WHERE id = ?", (int(when), handle_id))
+
+    def settle_used_up(self, now):
+        """Move every later used-up time back to ``now`` (by the index)."""
+        self.db.execute("UPDATE handles SET used_up = ? WHERE used_up > ?", (int(now), int(now)))
 
     def expired_before(self, until):
         return [Handle(*row) for row in self.db.execute(
@@ -1415,7 +1443,8 @@ class PostfixMap(LookupTable):
         """
         try:
             self._read_foreign()
-            expected = {key: target for key, target in store.map_entries(time.time())
+            swept = int(store.get_meta("swept_until") or time.time())
+            expected = {key: target for key, target in store.map_entries(swept)
                         if key not in self.foreign_keys}
             indexed = {key: value for key, value in self.dump() if key not in self.foreign_keys}
         except (OSError, IncognitoMailError) as e:
@@ -1627,6 +1656,7 @@ class Service:
         self._lookups = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="incognitomail-lookup")
         self._creation_per_account = TokenBucket(config.handles_per_minute_per_account)
+        self.swept_until = 0            # the last sweep's time (the database has it too)
         self._lookup_store = None
         self.batches = 0
 
@@ -1648,7 +1678,7 @@ class Service:
         self.table.reconcile(self.store.map_entries(self.clock()), clean)
         # what expired while the server was down leaves the map before anything is served
         sweep = concurrent.futures.Future()
-        self._run_batch([(sweep, OPERATIONS["sweep"], (), {})])
+        self._run_batch([(sweep, OPERATIONS["sweep"], (), {"restarting": True})])
         sweep.result()
         self._thread = threading.Thread(target=self._work, name="incognitomail-service",
                                         daemon=True)
@@ -1851,8 +1881,10 @@ class Service:
         log.info("new account %d for %s", account_id, address)
         return token
 
-    def _routable(self, handle, now):
-        return handle.state(now) == ENABLED
+    def _swept_until(self):
+        """The time the last sweep took expired handles out of the map up to."""
+        return int(self.store.get_meta("swept_until") or 0)
+
 
     def _lifetime(self, expires, max_messages, now):
         """(expires, max_messages) checked: a future time, a count the policy service keeps."""
@@ -1908,7 +1940,7 @@ class Service:
         account = self._authenticate(token)
         handle = self._own_handle(account, address, handle_id)
         self.store.delete_handle(handle.id)
-        if self._routable(handle, self.clock()):
+        if handle.in_map(self._swept_until()):
             changes.remove(handle.address)
         log.info("deleted handle %s of account %d (%s)", handle.address, account.id,
                  account.address)
@@ -1930,10 +1962,11 @@ class Service:
             expires=handle.expires if expires is _UNCHANGED else new_expires,
             max_messages=handle.max_messages if max_messages is _UNCHANGED else new_max)
         self.store.update_handle(changed, now)
-        was, now_routable = self._routable(handle, now), self._routable(changed, now)
-        if now_routable and not was:
+        swept = self._swept_until()
+        was, will_be = handle.in_map(swept), changed.in_map(swept)
+        if will_be and not was:
             changes.add(handle.address, account.address)
-        elif was and not now_routable:
+        elif was and not will_be:
             changes.remove(handle.address)
         log.info("handle %s of account %d: %s%s", handle.address, account.id,
                  changed.state(now), ", label %r" % changed.label if changed.label else "")
@@ -1958,10 +1991,10 @@ class Service:
 
     def _delete_account(self, changes, token):
         account = self._authenticate(token)
-        handles, now = self.store.handles_of(account.id)[0], self.clock()
+        handles, swept = self.store.handles_of(account.id)[0], self._swept_until()
         self.store.delete_account(account.id)
         for handle in handles:
-            if self._routable(handle, now):
+            if handle.in_map(swept):
                 changes.remove(handle.address)
         log.info("deleted account %d (%s) and its %d handles", account.id, account.address,
                  len(handles))
@@ -1984,38 +2017,45 @@ class Service:
     def _record_mail(self, changes, events):
         """``events``: [(address, time, blocked)] of messages the policy service saw at RCPT.
 
-        A handle that has now received all the messages it accepts leaves the map."""
+        A handle that has now received all the messages it accepts leaves the map at the next
+        sweep, once its last message is through Postfix."""
         counts = {False: {}, True: {}}
         latest = {False: {}, True: {}}
         for address, when, blocked in events:
             key = tuple(address.lower().split("@", 1))
             counts[blocked][key] = counts[blocked].get(key, 0) + 1
             latest[blocked][key] = max(latest[blocked].get(key, 0), when)
-        now = self.clock()
         before = {key: self.store.handle(*key) for key in counts[False]}
+        swept = self._swept_until()
         self.store.record_mail("received", counts[False], latest[False])
         self.store.record_mail("blocked", counts[True], latest[True])
         for key, handle in before.items():
             if handle is not None and handle.max_messages is not None and \
-                    self._routable(handle, now) and not self._routable(
-                        handle._replace(received=handle.received + counts[False][key]), now):
-                changes.remove(handle.address)
+                    handle.received < handle.max_messages <= handle.received + counts[False][key]:
+                # it leaves the map at the first sweep after this (a later second)
+                self.store.set_used_up(handle.id, max(latest[False][key], swept + 1))
                 log.info("handle %s has received all the %d messages it accepts",
                          handle.address, handle.max_messages)
         return len(events)
 
-    def _sweep(self, changes):
-        """Take the handles whose time ran out since the last sweep out of the map (at most
-        once a minute, by the expiry index: the cost follows what expires, not the table)."""
+    def _sweep(self, changes, restarting=False):
+        """Take the handles that expired or were used up since the last sweep out of the map
+        (at most once a minute, by two indexes: the cost follows what ends, not the table).
+
+        At a start no message is on its way any more: every used-up handle leaves at once."""
         now = int(self.clock())
         since = int(self.store.get_meta("swept_until") or now)
-        gone = [h for h in self.store.expiring(since, now)
-                if self._routable(h, h.expires - 1)]
-        for handle in gone:
-            changes.remove(handle.address)
+        used_up = self.store.used_up_between(since, MAX_TIME if restarting else now)
+        ended = self.store.expiring(since, now) + used_up
+        gone = {h.address for h in ended if h.in_map(since) and (restarting or not h.in_map(now))}
+        if restarting:
+            self.store.settle_used_up(now)
+        for address in gone:
+            changes.remove(address)
         self.store.set_meta("swept_until", str(max(since, now)))
+        self.swept_until = max(since, now)
         if gone:
-            log.info("%d handles expired", len(gone))
+            log.info("%d handles expired or used up left the map", len(gone))
         return len(gone)
 
     def _prune(self, changes, handles_unused_days=None, accounts_unused_days=None, dry_run=False,
@@ -2030,7 +2070,7 @@ class Service:
                              "receives: without it every handle looks unused. Set [General] "
                              "PolicyListen and add the policy service to Postfix first "
                              "(see README.md)")
-        now = self.clock()
+        now, swept = self.clock(), self._swept_until()
         removed = []
         if handles_days is not None:
             counting_since = int(self.store.get_meta("counting_since") or now)
@@ -2044,7 +2084,7 @@ class Service:
                 removed.append(handle.address)
                 if not dry_run:
                     self.store.delete_handle(handle.id)
-                    if self._routable(handle, now):
+                    if handle.in_map(swept):
                         changes.remove(handle.address)
         if handles_expired_days is not None:
             for handle in self.store.expired_before(now - handles_expired_days * 86400):
@@ -2052,6 +2092,8 @@ class Service:
                     removed.append(handle.address)
                     if not dry_run:
                         self.store.delete_handle(handle.id)
+                        if handle.in_map(swept):
+                            changes.remove(handle.address)
         if accounts_days is not None:
             for account in self.store.unused_accounts(now - accounts_days * 86400):
                 removed.append(account.address)
@@ -2436,7 +2478,11 @@ class HttpParser:
             if head is None:
                 return None
             request = parse_request(head + b"\r\n\r\n")
-            self._length = self._body_length(request.headers)
+            try:
+                self._length = self._body_length(request.headers)
+            except HttpError as e:
+                e.request = request     # whoever answers may still read its headers
+                raise
             self._request = request
         if len(self._buffer) < self._length:
             return None
@@ -2447,7 +2493,7 @@ class HttpParser:
         if "transfer-encoding" in headers:
             raise HttpError(411, "send the body with a Content-Length, not chunked")
         length = headers.get("content-length", "0")
-        if not length.isdigit() or len(set(v.strip() for v in length.split(","))) > 1:
+        if not _is_number(length) or len(set(v.strip() for v in length.split(","))) > 1:
             raise HttpError(400, "malformed Content-Length")
         if int(length) > self.max_body_bytes:
             raise HttpError(413, "request body larger than %d bytes" % self.max_body_bytes)
@@ -2817,7 +2863,7 @@ def addy_alias(handle, now):
 
 
 def simplelogin_alias(handle, now):
-    """A handle as SimpleLogin shows an alias."""
+    """A handle as SimpleLogin shows an alias, and how it ends (as in addy_alias)."""
     mailbox = {"id": handle.account_id, "email": handle.target}
     return {"alias": handle.address, "id": handle.id, "email": handle.address,
             "creation_date": datetime.datetime.fromtimestamp(
@@ -2826,7 +2872,9 @@ def simplelogin_alias(handle, now):
             "note": handle.label, "name": None, "nb_forward": handle.received,
             "nb_block": handle.blocked,
             "nb_reply": 0, "mailbox": mailbox, "mailboxes": [mailbox], "pinned": False,
-            "latest_activity": None, "support_pgp": False, "disable_pgp": False}
+            "latest_activity": None, "support_pgp": False, "disable_pgp": False,
+            "expires_at": _addy_time(handle.expires), "max_messages": handle.max_messages,
+            "state": handle.state(now)}
 
 
 def _json_body(request, dialect, required=True):
@@ -2860,9 +2908,19 @@ class _Invalid(BadRequest):
         self.field = field
 
 
+def _description(body):
+    """addy.io's ``description``: the handle's label, its faults named as the field's."""
+    try:
+        return check_label(_text_field(body, "description"))
+    except _Invalid:
+        raise
+    except BadRequest as e:
+        raise _Invalid("description", str(e)) from None
+
+
 def _handle_id(text):
     """A handle's id in a URL: a positive whole number, else no such handle (404)."""
-    if not text.isdigit() or len(text) > 18:
+    if not _is_number(text) or len(text) > 18:
         raise NotFound("no such alias")
     return int(text)
 
@@ -2871,7 +2929,7 @@ def _addy_page(request):
     """``page[number]``, ``page[size]`` (at most 100), ``filter[active]``, ``filter[search]``."""
     def number(name, default, high):
         text = request.query.get(name, str(default))
-        if not text.isdigit() or not 1 <= int(text) <= high:
+        if not _is_number(text) or not 1 <= int(text) <= high:
             raise _Invalid(name, "%s must be a whole number from 1 to %d" % (name, high))
         return int(text)
     size = number("page[size]", 50, MAX_PAGE_SIZE)
@@ -2918,7 +2976,7 @@ def _addy_new(request, token, match, site):
     if not isinstance(body.get("recipient_ids", []), (list, type(None))):
         raise _Invalid("recipient_ids", "recipient_ids must be a list")
     fields = {"token": token, "domain": domain.strip().lstrip("@").lower(),
-              "label": _text_field(body, "description")}
+              "label": _description(body)}
     fields.update(_addy_lifetime(body))
     return ApiCall("new_handle", fields,
                    lambda handle: _reply(201, {"data": addy_alias(handle, site.now)}))
@@ -2946,7 +3004,7 @@ def _addy_update(request, token, match, site):
     body = _json_body(request, ADDY)
     fields = dict(_addy_lifetime(body), token=token, handle_id=_handle_id(match["id"]))
     if "description" in body:
-        fields["label"] = _text_field(body, "description")
+        fields["label"] = _description(body)
     return ApiCall("update_handle", fields,
                    lambda handle: _reply(200, {"data": addy_alias(handle, site.now)}))
 
@@ -3003,10 +3061,14 @@ def _addy_recipients(account):
 
 
 def _simplelogin_new(request, token, match, site):
-    if request.query.get("mode") not in (None, "uuid", "word"):
+    # Bitwarden sends the hostname unencoded: a whole URL may hold "?" and "&" of its own
+    whole = re.fullmatch(r"hostname=(.*?)(&mode=(uuid|word))?", request.target.partition("?")[2])
+    query = {"hostname": urllib.parse.unquote(whole.group(1)), "mode": whole.group(3)} \
+        if whole else request.query
+    if query.get("mode") not in (None, "uuid", "word"):
         raise BadRequest("mode must be uuid or word")
     note = _text_field(_json_body(request, SIMPLELOGIN, required=False), "note")
-    hostname = request.query.get("hostname") or None
+    hostname = query.get("hostname") or None
     label = note if note else hostname[:MAX_LABEL_LENGTH] if hostname else None
     return ApiCall("new_handle", {"token": token, "label": label},
                    lambda handle: _reply(201, simplelogin_alias(handle, site.now)))
@@ -3014,7 +3076,7 @@ def _simplelogin_new(request, token, match, site):
 
 def _simplelogin_list(request, token, match, site):
     page = request.query.get("page_id", "")
-    if not page.isdigit() or len(page) > 9:
+    if not _is_number(page) or len(page) > 9:
         raise BadRequest("page_id must be given, a whole number from 0")
     search = None
     if request.method == "POST":
@@ -3106,7 +3168,7 @@ def api_error(dialect, error):
 def route_api(request, site):
     """The request's route: an ApiCall to run, or an ApiReply (an error, or 405 with Allow)."""
     for path, dialect, methods in API_ROUTES:
-        match = path.fullmatch(request.path)
+        match = path.fullmatch(re.sub("/{2,}", "/", request.path))  # Bitwarden's base URL + path
         if match is None:
             continue
         method = "GET" if request.method == "HEAD" else request.method
@@ -3116,13 +3178,14 @@ def route_api(request, site):
             return _reply(405, {"error": text} if dialect == SIMPLELOGIN else {"message": text},
                           (("Allow", ", ".join(allowed)),)), dialect
         auth = request.headers.get("authentication") or request.headers.get("authorization", "")
-        token = auth[7:].strip() if auth[:7].lower() == "bearer " else auth.strip()
+        token = auth[6:].strip() if auth[:6].lower() == "bearer" else auth.strip()
         if not token:
             return api_error(dialect, Unauthorized("no API token")), dialect
         try:
             return methods[method](request, token, match, site), dialect
         except IncognitoMailError as e:     # told only to the account's owner: the token first
-            return ApiCall("account", {"token": token}, lambda _: api_error(dialect, e)), dialect
+            return ApiCall("account", {"token": token},
+                           lambda _, error=e: api_error(dialect, error)), dialect
     return _reply(404, {"message": "nothing here", "error": "nothing here"}), None
 
 
@@ -3309,6 +3372,7 @@ tbody:hover tr.main td { background: var(--soft); }
 .switch[aria-pressed="true"]::after { transform: translateX(18px); }
 tbody.busy { opacity: .6; }
 tr.sub td { background: var(--bad-soft); }
+.addr-q { overflow-wrap: anywhere; }
 .empty { padding: var(--s6) var(--s4); text-align: center; color: var(--muted); }
 .pager { display: flex; align-items: center; justify-content: space-between; gap: var(--s2); }
 #page-info {
@@ -3778,7 +3842,7 @@ ol.steps { margin: 0; padding-left: 20px; display: grid; gap: 6px; font-size: 14
   function stateOf(a) {
     const st = a.state || (a.active ? "active" : "disabled");
     if (st === "expired") return [["Expired " + String(a.expires_at || "").slice(0, 10)], "bad"];
-    if (st === "used_up") return [["Used up"], "bad"];
+    if (st === "used up") return [["Used up"], "bad"];
     if (st === "disabled" || !a.active) return [["Off"], "off"];
     const parts = [];
     if (a.max_messages) {
@@ -3951,12 +4015,11 @@ ol.steps { margin: 0; padding-left: 20px; display: grid; gap: 6px; font-size: 14
 
   function askDelete(tb, a) {
     rowMsg(tb, null);
-    const email = String(a.email), i = email.lastIndexOf("@");
-    const short = i > 8 ? email.slice(0, 4) + "…" + email.slice(i) : email;
+    const email = String(a.email);
     const cancel = button("cancel-delete", null, "Cancel");
     tb.append(el("tr", { class: "sub" }, el("td", { colspan: 7 },
       el("div", { class: "sub-in", role: "group", "aria-label": "Confirm delete" },
-        el("p", { title: email }, "Delete " + short + "? Mail to it will be refused."),
+        el("p", { class: "addr-q" }, "Delete " + email + "? Mail to it will be refused."),
         el("div", { class: "acts" },
           button("confirm-delete", "Delete " + email + " for good", "Delete", "btn sm danger"),
           cancel)))));
@@ -4279,6 +4342,11 @@ class WebSocketConnection(asyncio.Protocol):
     def closed(self):
         """The connection is over (called once)."""
 
+    def refusal(self, error, request):
+        """The response to an HTTP request refused before an answer (``error``: HttpError);
+        ``request`` is None when its head could not be read."""
+        return error_response(error.status, error.reason, error.headers)
+
     @property
     def is_open(self):
         return self.state == self.OPEN and not self.transport.is_closing()
@@ -4383,7 +4451,7 @@ class WebSocketConnection(asyncio.Protocol):
             try:
                 request = self._http.next_request()
             except HttpError as exc:
-                self._answer_http((error_response(exc.status, exc.reason, exc.headers), True))
+                self._answer_http((self.refusal(exc, getattr(exc, "request", None)), True))
                 return
             if request is None:
                 break
@@ -4400,7 +4468,7 @@ class WebSocketConnection(asyncio.Protocol):
         if self.transport.is_closing():
             return
         if future.cancelled() or future.exception() is not None:
-            self._answer_http((error_response(500, "internal error"), True))
+            self._answer_http((self.refusal(HttpError(500, "internal error"), None), True))
             return
         self._answer_http(future.result())
         self._parse_http()
@@ -4646,6 +4714,9 @@ class _WebClient(WebSocketConnection):
         self.client = client_key(self.front.client_address(self.peer, request.headers))
         return self.front.answer_http(self, request)
 
+    def refusal(self, error, request):
+        return self.front.http_refusal(error, request)
+
     def closed(self):
         self.front.release(self)
 
@@ -4669,7 +4740,7 @@ class Daemon:
         self._known_tokens = collections.OrderedDict()  # token digests that were right lately
         self._checking = {}             # digest of a token not known yet -> done once checked
         self._received = []             # (address, time, blocked) seen at RCPT, not yet written
-        self._uncounted = {}            # address -> messages received, not in the database yet
+        self._burners = {}              # address -> asyncio.Lock: one message at a time
         self._counted = {}              # (instance, recipient) already counted: once per message
         # listener name -> {writer: None}, least recently active first
         self._stream_clients = {}
@@ -4721,9 +4792,7 @@ class Daemon:
         config = self.config
         if config.listen_address:
             self._max_connections = descriptor_budget(config.max_connections or 1 << 30)
-        servers = [await _start_unix_server(self._serve_control, config.unix_sock_path,
-                                            "[General] UnixSockPath", 0o600)]
-        background = []
+        servers, background = [], []
         try:
             if config.listen_address:
                 servers += self._listen_web(loop)
@@ -4733,6 +4802,9 @@ class Daemon:
             if config.socketmap_listen:
                 servers.append(await _start_listener(self._serve_socketmap, config.socketmap_listen,
                                                      "[General] SocketmapListen"))
+            # last: the command line (and whoever waits for it) finds every listener up
+            servers.append(await _start_unix_server(self._serve_control, config.unix_sock_path,
+                                                    "[General] UnixSockPath", 0o600))
             log.info("IncognitoMail %s serving %s for %s (pid %d)%s", __version__,
                      self.service.table.name, ", ".join(config.domains), os.getpid(),
                      "; WebSocket on %s%s%s" % ("wss://" if self.tls else "ws://",
@@ -4943,8 +5015,8 @@ class Daemon:
             if not self.admit(client):
                 if self.tls is None:
                     try:
-                        sock.send(error_response(503, "too many connections",
-                                                 [("Retry-After", "10")]))
+                        sock.send(self.http_refusal(HttpError(503, "too many connections; try "
+                                                              "again", [("Retry-After", "10")])))
                     except OSError:
                         pass
                 sock.close()
@@ -5035,6 +5107,23 @@ class Daemon:
         except IncognitoMailError as e:
             return "error %s" % e
 
+    def http_refusal(self, error, request=None):
+        """An HTTP-level refusal (413, 411, 431, 503...) as the API answers: JSON, CORS and
+        no-store, so that a browser page or Bitwarden can show why."""
+        headers = [("Cache-Control", "no-store"), ("Content-Type", "application/json")]
+        headers += self._cors(request) + list(error.headers)
+        body = json.dumps({"message": error.reason, "error": error.reason}).encode("utf-8")
+        return http_response(error.status, headers, body, close=True)
+
+    def _cors(self, request):
+        """Access-Control-Allow-Origin for any answer: * when AllowedOrigins is empty, else the
+        request's Origin when it is listed (or the owner page's own)."""
+        if not self.config.allowed_origins:
+            return [("Access-Control-Allow-Origin", "*")]
+        if request is not None and origin_allowed(request, self.config.allowed_origins):
+            return [("Access-Control-Allow-Origin", request.headers["origin"]), ("Vary", "Origin")]
+        return [("Vary", "Origin")]
+
     def answer_http(self, connection, request):
         return self._track(self._answer_http(connection, request))
 
@@ -5060,13 +5149,7 @@ class Daemon:
             except Exception:
                 log.exception("internal error answering an HTTP request")
                 call = api_error(dialect, IncognitoMailError("internal error"))
-        headers = [("Cache-Control", "no-store")] + list(call.headers)
-        origin_ok = origin_allowed(request, self.config.allowed_origins)
-        if origin_ok:
-            headers.append(("Access-Control-Allow-Origin",
-                            "*" if not self.config.allowed_origins else request.headers["origin"]))
-        if self.config.allowed_origins:
-            headers.append(("Vary", "Origin"))
+        headers = [("Cache-Control", "no-store")] + list(call.headers) + self._cors(request)
         if request.method == "OPTIONS" and dialect is not None:
             reply = ApiReply(204, None, tuple(CORS_HEADERS))
             headers = [h for h in headers if h[0] != "Allow"] + list(CORS_HEADERS)
@@ -5127,15 +5210,32 @@ class Daemon:
 
     async def _policy_action(self, request):
         """DUNNO for mail a handle accepts (counted once per message), 550 for one that is
-        switched off, expired or used up (counted as blocked), DUNNO for other recipients."""
+        switched off, expired or used up (counted as blocked), DUNNO for other recipients.
+
+        A burner handle's message is written before it is let through, one at a time per
+        handle, so that no crash and no race lets one more in than it accepts."""
         recipient = request.get("recipient", "").strip().lower()
         handle = await self.service.lookup(recipient) if "@" in recipient else None
+        if handle is None or handle.max_messages is None:
+            return await self._policy_decision(request, recipient, handle, durable=False)
+        lock = self._burners.setdefault(recipient, asyncio.Lock())
+        try:
+            async with lock:
+                handle = await self.service.lookup(recipient)   # its count as of now
+                return await self._policy_decision(request, recipient, handle, durable=True)
+        finally:
+            if not lock.locked():
+                self._burners.pop(recipient, None)
+
+    async def _policy_decision(self, request, recipient, handle, durable):
         if handle is None:
             return "DUNNO"
-        state = handle.state(self.clock(), self._uncounted.get(recipient, 0))
-        rcpt = request.get("protocol_state", "RCPT").upper() == "RCPT"
-        if state == ENABLED and request.get("protocol_state", "").upper() != "RCPT":
+        now = self.clock()
+        state = handle.state(now)
+        state_name = request.get("protocol_state", "").upper()
+        if state == ENABLED and state_name != "RCPT":
             return "DUNNO"
+        rcpt = state_name in ("RCPT", "")
         message = (request.get("instance") or "", recipient)
         if rcpt and (not message[0] or message not in self._counted):
             if message[0]:
@@ -5143,10 +5243,11 @@ class Daemon:
                 if len(self._counted) > 10000:
                     for old in list(self._counted)[:5000]:
                         del self._counted[old]
-            blocked = state != ENABLED
-            self._received.append((recipient, self.clock(), blocked))
-            if not blocked:
-                self._uncounted[recipient] = self._uncounted.get(recipient, 0) + 1
+            event = (recipient, now, state != ENABLED)
+            if durable and state == ENABLED:
+                await self.service.run("record_mail", [event])
+            else:
+                self._received.append(event)
         if state == ENABLED or not rcpt:
             return "DUNNO"
         return "550 5.1.1 <%s>: %s" % (recipient, REFUSALS[state])
@@ -5167,12 +5268,6 @@ class Daemon:
         except IncognitoMailError as e:
             log.error("could not record %d received messages (will retry): %s", len(events), e)
             self._received[:0] = events[-MAX_UNWRITTEN_RECEIVED:]
-            return
-        for recipient, _, blocked in events:
-            if not blocked:
-                left = self._uncounted.pop(recipient, 1) - 1
-                if left > 0:
-                    self._uncounted[recipient] = left
 
     # -- socketmap: Postfix asks the daemon -----------------------------------------------------
 
@@ -5181,15 +5276,16 @@ class Daemon:
                                   "socketmap")
 
     async def _socketmap_answer(self, request):
-        """``name key`` -> ``OK target`` for a handle that takes mail, else ``NOTFOUND ``."""
+        """``name key`` -> ``OK target`` for a handle in the map, else ``NOTFOUND ``: like a map
+        file, but an expired handle is not found from the first second."""
         _, _, key = request.decode("utf-8", "replace").partition(" ")
         try:
             handle = await self.service.lookup(key.strip())
         except (IncognitoMailError, sqlite3.Error) as e:
             log.error("socketmap: lookup failed (%s); answering TEMP", e)
             return netstring(b"TEMP lookup failed")
-        pending = self._uncounted.get(key.strip().lower(), 0)
-        if handle is not None and handle.state(self.clock(), pending) == ENABLED:
+        swept = self.service.swept_until
+        if handle is not None and handle.in_map(swept) and handle.state(self.clock()) != EXPIRED:
             return netstring(b"OK " + handle.target.encode("utf-8"))
         return netstring(b"NOTFOUND ")
 
@@ -5288,13 +5384,13 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def _days(text):
-    if not text.isdigit():
+    if not _is_number(text):
         raise argparse.ArgumentTypeError("%r is not a number of days (0 or more)" % text)
     return int(text)
 
 
 def _count(text):
-    if not text.isdigit() or not 0 < int(text) <= MAX_MESSAGES:
+    if not _is_number(text) or not 0 < int(text) <= MAX_MESSAGES:
         raise argparse.ArgumentTypeError("%r is not a number of messages from 1 to %d"
                                          % (text, MAX_MESSAGES))
     return int(text)

@@ -44,10 +44,12 @@ import email.utils
 import errno
 import grp
 import hashlib
+import http.client
 import io
 import json
 import logging
 import os
+import re
 import resource
 import shutil
 import signal
@@ -2423,6 +2425,830 @@ class TokenBucketTest(unittest.TestCase):
         self.assertEqual({bucket.take("a") for _ in range(1000)}, {0})
 
 
+
+###############################################################################
+# Test support: a daemon whose clock the test moves
+###############################################################################
+
+# ``python3 -c CODE -c CONFIG CLOCK_FILE SWEEP_SECONDS FLUSH_SECONDS``: the daemon with a clock
+# that is time.time() plus the seconds in CLOCK_FILE, sweeping what expired every SWEEP_SECONDS
+# and writing the policy service's counts every FLUSH_SECONDS.
+_MOVED_CLOCK_DAEMON = """\
+import sys, time
+import incognitomail as im
+config_path, clock_path, sweep_seconds, flush_seconds = sys.argv[2:6]
+im.SWEEP_SECONDS = float(sweep_seconds)
+im.RECEIVED_FLUSH_SECONDS = float(flush_seconds)
+
+
+def clock():
+    with open(clock_path) as f:
+        return time.time() + float(f.read() or 0)
+
+
+config = im.load_config(config_path)
+im.setup_logging(config)
+im.Daemon(config, clock=clock).run()
+"""
+
+
+class MovedClockDaemon(DaemonProcess):
+    """A DaemonProcess whose clock is ahead (or behind) by an offset the test sets.
+
+    The offset lives in ``SITE/clock-offset``, so a daemon started again on the same site
+    keeps the moved clock. ``sweep_seconds`` replaces SWEEP_SECONDS (60 s), ``flush_seconds``
+    RECEIVED_FLUSH_SECONDS.
+    """
+
+    def __init__(self, site, env=None, sweep_seconds=0.2, flush_seconds=im.RECEIVED_FLUSH_SECONDS):
+        super().__init__(site, env=env)
+        self.clock_path = os.path.join(site.folder, "clock-offset")
+        self.sweep_seconds, self.flush_seconds = sweep_seconds, flush_seconds
+        if not os.path.exists(self.clock_path):
+            self.set_offset(0)
+
+    def set_offset(self, seconds):
+        """Replaced atomically: the daemon never reads half a number."""
+        with open(self.clock_path + ".tmp", "w") as f:
+            f.write(repr(float(seconds)))
+        os.replace(self.clock_path + ".tmp", self.clock_path)
+
+    def offset(self):
+        with open(self.clock_path) as f:
+            return float(f.read() or 0)
+
+    def now(self):
+        """The daemon's time."""
+        return time.time() + self.offset()
+
+    def move_clock_to(self, when):
+        self.set_offset(when - time.time())
+
+    def start(self, wait=True):
+        number = len([n for n in os.listdir(self.site.folder) if n.startswith("daemon-")])
+        self.log_path = os.path.join(self.site.folder, "daemon-%d.log" % number)
+        self._log_file = open(self.log_path, "wb")
+        command = [sys.executable, "-c", _MOVED_CLOCK_DAEMON, "-c", self.site.config_path,
+                   self.clock_path, str(self.sweep_seconds), str(self.flush_seconds)]
+        self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=self._log_file, env=module_env(self.env), cwd=HERE,
+                                     preexec_fn=self.preexec_fn)
+        self.returncode = None
+        DaemonProcess.start.__globals__["_LIVE_DAEMONS"].add(self)    # tearDownModule's leak check
+        if wait:
+            self.wait_ready()
+        return self
+
+
+def start_moved_clock_daemon(testcase, site, **kwargs):
+    daemon = MovedClockDaemon(site, **kwargs).start()
+    testcase.addCleanup(daemon.stop)
+    return daemon
+
+
+def from_iso(text):
+    """``2026-11-25T01:27:23Z`` -> seconds since the epoch."""
+    return calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ"))
+
+
+def control(site, op, **fields):
+    """Set-up through the control socket, in-process (as the command line asks)."""
+    return im.ControlClient(site.config).request(op, **fields)
+
+
+def ask_policy(port, recipient, instance=None):
+    """What the daemon's policy service answers about one recipient of one message."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(policy_request(recipient, instance=instance))
+        return read_policy_answer(s).decode()
+
+
+DAY = 86400
+T0 = 1700000000.0           # 2023-11-14T22:13:20Z: the in-process clocks start here
+
+
+###############################################################################
+# Service: handles that end by themselves, with a clock the test moves
+###############################################################################
+
+class HandleExpiryTest(PostmapTestCase):
+    """An expired handle leaves the map at the first sweep after its time, and comes back at
+    once when its expiry moves into the future or goes."""
+
+    def setUp(self):
+        self.now = [T0]
+        self.site = self.make_site()
+        self.fixture = self.start_service(self.site, clock=lambda: self.now[0])
+        self.token = self.new_account(self.fixture)
+
+    def new_expiring(self, expires="90m", **kwargs):
+        return self.fixture.call("new_handle", self.token, None, None, expires, **kwargs)
+
+    def update(self, handle, **fields):
+        return im.json_value(self.fixture.service.call("update_handle", self.token, handle, **fields),
+                             self.now[0])
+
+    def listed(self, handle):
+        handles = im.json_value(self.fixture.service.call("list_handles", self.token), self.now[0])
+        return next(h for h in handles if h["address"] == handle)
+
+    def test_an_expired_handle_leaves_the_map_at_the_first_sweep_after_its_expiry_not_before(self):
+        made = self.new_expiring("90m")
+        handle, expires = made["address"], from_iso(made["expires"])
+        self.assertEqual(expires, T0 + 90 * 60)
+        self.now[0] = expires - 1
+        self.assertEqual(self.fixture.call("sweep"), 0)
+        self.assertEqual(self.site.query(handle), "me@example.org")
+        self.assertEqual(self.listed(handle)["state"], "enabled")
+        self.now[0] = expires
+        self.assertEqual(self.listed(handle)["state"], "expired")
+        self.assertEqual(self.fixture.call("sweep"), 1)
+        self.assertIsNone(self.site.query(handle))
+        self.assertEqual(self.fixture.call("sweep"), 0)
+        self.fixture.stop()
+        self.assertEqual(self.site.our_lines(), set())
+
+    def test_never_or_a_later_time_brings_an_expired_handle_back_at_once(self):
+        handle = self.new_expiring("1h")["address"]
+        self.now[0] += 2 * 3600
+        self.fixture.call("sweep")
+        self.assertIsNone(self.site.query(handle))
+        self.assertEqual(self.update(handle, expires="never")["state"], "enabled")
+        self.assertEqual(self.site.query(handle), "me@example.org")
+        self.assertEqual(self.update(handle, expires="1h")["expires"], im.iso_time(self.now[0] + 3600))
+        self.now[0] += 2 * 3600
+        self.fixture.call("sweep")
+        self.assertIsNone(self.site.query(handle))
+        later = im.iso_time(self.now[0] + 5 * DAY)
+        self.assertEqual(self.update(handle, expires=later)["expires"], later)
+        self.assertEqual(self.site.query(handle), "me@example.org")
+        self.now[0] += 6 * DAY
+        self.fixture.call("sweep")
+        self.assertIsNone(self.site.query(handle))
+        self.assertIsNone(self.update(handle, expires=None)["expires"])         # JSON null: never
+        self.assertEqual(self.site.query(handle), "me@example.org")
+        self.fixture.stop()
+        self.assertEqual(self.site.our_lines(), {"%s me@example.org" % handle})
+
+    def test_expired_is_its_own_state_apart_from_the_owners_switch(self):
+        handle = self.new_expiring("1h")["address"]
+        self.update(handle, enabled=False)
+        self.now[0] += 2 * 3600
+        self.fixture.call("sweep")
+        self.assertEqual((self.listed(handle)["state"], self.listed(handle)["enabled"]), ("expired", False))
+        self.assertEqual(self.update(handle, enabled=True)["state"], "expired")   # still ended
+        self.assertIsNone(self.site.query(handle))
+        self.update(handle, enabled=False)
+        self.assertEqual(self.update(handle, expires="never")["state"], "disabled")
+        self.assertIsNone(self.site.query(handle))
+        self.assertEqual(self.update(handle, enabled=True)["state"], "enabled")
+        self.assertEqual(self.site.query(handle), "me@example.org")
+
+    def test_a_handle_deleted_after_it_expired_but_before_the_sweep_leaves_the_map(self):
+        handle = self.new_expiring("1h")["address"]
+        self.now[0] += 3600 + 5                             # expired; the next sweep is still to come
+        self.fixture.call("delete_handle", self.token, handle)
+        self.fixture.call("sweep")
+        self.assertIsNone(self.site.query(handle), "a deleted handle is still routable")
+        self.fixture.stop()
+        self.assertEqual(self.site.our_lines(), set())
+
+    def test_a_handle_disabled_after_it_expired_but_before_the_sweep_leaves_the_map(self):
+        handle = self.new_expiring("1h")["address"]
+        self.now[0] += 3600 + 5
+        self.update(handle, enabled=False)
+        self.fixture.call("sweep")
+        self.assertIsNone(self.site.query(handle), "an expired, disabled handle is still routable")
+
+    def test_moving_the_expiry_of_a_handle_not_swept_yet_keeps_one_line_for_it_in_the_map_file(self):
+        handle = self.new_expiring("1h")["address"]
+        self.now[0] += 3600 + 5
+        self.update(handle, expires="never")
+        self.assertEqual(self.site.query(handle), "me@example.org")
+        self.fixture.stop()
+        lines = self.site.map_text().split(im.MAP_MARKER, 1)[1].decode().splitlines()
+        self.assertEqual(lines, ["%s me@example.org" % handle])
+
+    def test_what_expired_while_the_server_was_stopped_is_out_of_the_map_when_it_starts_again(self):
+        gone = [self.new_expiring("1h")["address"] for _ in range(3)]
+        kept = self.new_expiring("30d")["address"]
+        self.fixture.stop()                                 # a clean stop: the map is trusted at start
+        self.now[0] += 2 * 3600
+        ServiceFixture(self, self.site, clock=lambda: self.now[0]).start()
+        for handle in gone:
+            self.assertIsNone(self.site.query(handle))
+        self.assertEqual(self.site.query(kept), "me@example.org")
+
+    def test_the_sweep_takes_a_thousand_handles_expiring_in_the_same_minute_out_with_one_postmap_call(self):
+        service, table = self.fixture.service, self.fixture.table
+        futures = [service.submit("new_handle", self.token, None, None, im.iso_time(T0 + 3600 + n % 60))
+                   for n in range(1000)]
+        expiring = [f.result(60).address for f in futures]
+        forever = [self.fixture.call("new_handle", self.token, None, None, "never")["address"] for _ in range(3)]
+        self.now[0] = T0 + 3600 + 60
+        with mock.patch.object(table, "postmap", wraps=table.postmap) as postmap:
+            self.assertEqual(self.fixture.call("sweep"), 1000)
+        calls = [c for c in postmap.call_args_list if c.args[0] != "-q"]
+        self.assertEqual([c.args[0] for c in calls], ["-d"], calls)
+        self.assertEqual(sorted(calls[0].kwargs["stdin"].decode().split()), sorted(expiring))
+        for handle in expiring[::97]:
+            self.assertIsNone(self.site.query(handle))
+        for handle in forever:
+            self.assertEqual(self.site.query(handle), "me@example.org")
+
+    def test_the_worker_sweeps_once_a_period_however_many_batches_run(self):
+        sweep = im.OPERATIONS["sweep"]
+        swept = []
+
+        def counted(service, changes, **fields):
+            swept.append(time.monotonic())
+            return sweep.run(service, changes, **fields)
+        site = self.make_site()
+        with mock.patch.object(im, "SWEEP_SECONDS", 0.3), \
+                mock.patch.dict(im.OPERATIONS, sweep=sweep._replace(run=counted)):
+            fixture = self.start_service(site, clock=lambda: self.now[0])
+            token = self.new_account(fixture)
+            batches = fixture.service.batches
+            deadline = time.monotonic() + 10
+            while len(swept) < 4 and time.monotonic() < deadline:     # the worker is kept busy
+                fixture.call("new_handle", token, None, None)
+            fixture.stop()
+        self.assertGreaterEqual(len(swept), 4, "the worker did not sweep every 0.3 s")
+        self.assertGreater(fixture.service.batches - batches, 3 * len(swept))
+        gaps = [later - earlier for earlier, later in zip(swept, swept[1:])]
+        self.assertGreaterEqual(min(gaps), 0.3 * 0.9, gaps)
+
+
+class HandleLifetimeDefaultTest(PostmapTestCase):
+    """[PostfixConfig] HandleLifetime: new handles that say nothing about their end get it."""
+
+    def start(self, lifetime):
+        self.now = [T0]
+        self.site = self.make_site(sections={"PostfixConfig": {"HandleLifetime": lifetime}})
+        self.fixture = self.start_service(self.site, clock=lambda: self.now[0])
+        self.token = self.new_account(self.fixture)
+
+    def json_new_handle(self, **fields):
+        """As the daemon does for a JSON request from the add-on or the HTTP API."""
+        request = im.parse_json_request(json.dumps(dict(fields, op="new_handle", token=self.token)),
+                                        im.WEBSOCKET)
+        return im.json_value(self.fixture.service.call(request.op, **request.fields), self.now[0])
+
+    def test_handles_made_with_no_expiry_get_the_configured_lifetime(self):
+        self.start("30d")
+        legacy = self.fixture.service.call("new_handle", self.token)        # the add-on's "new handle"
+        self.assertEqual(legacy.expires, T0 + 30 * DAY)
+        self.assertEqual(self.json_new_handle(label="shop")["expires"], im.iso_time(T0 + 30 * DAY))
+        self.assertEqual(self.fixture.call("new_handle", self.token, None, None)["expires"],
+                         im.iso_time(T0 + 30 * DAY))
+
+    def test_an_explicit_null_never_or_time_overrides_the_default(self):
+        self.start("30d")
+        self.assertIsNone(self.json_new_handle(expires=None)["expires"])
+        self.assertIsNone(self.json_new_handle(expires="never")["expires"])
+        self.assertEqual(self.json_new_handle(expires="2h")["expires"], im.iso_time(T0 + 7200))
+        handle = self.json_new_handle()["address"]
+        self.assertIsNone(self.fixture.call("update_handle", self.token, handle, im._UNCHANGED, im._UNCHANGED,
+                                            None, "never")["expires"])
+
+    def test_without_a_lifetime_new_handles_never_expire(self):
+        self.start("")
+        self.assertIsNone(self.json_new_handle()["expires"])
+        self.assertIsNone(self.fixture.service.call("new_handle", self.token).expires)
+
+    def test_a_bad_lifetime_is_a_configuration_error_naming_the_key(self):
+        folder = make_folder(self)
+        for bad in ("5x", "0d", "-1d", "40000d", "30 days"):
+            with self.subTest(lifetime=bad):
+                with self.assertRaises(im.ConfigError) as caught:
+                    Site(folder, sections={"PostfixConfig": {"HandleLifetime": bad}})
+                self.assertIn("[PostfixConfig] HandleLifetime", str(caught.exception))
+                self.assertIn(bad, str(caught.exception))
+
+
+class LifetimeInputTest(PostmapTestCase):
+    """WHEN is a duration or an ISO 8601 date or time (UTC unless it says otherwise); anything
+    else, a past time, 0 or an absurd duration, a limit of 0 messages, is a clear error."""
+
+    def setUp(self):
+        self.now = [T0]
+        self.site = self.make_site(sections={"General": {"PolicyListen": "inet:127.0.0.1:%d" % free_port()}})
+        self.fixture = self.start_service(self.site, clock=lambda: self.now[0])
+        self.token = self.new_account(self.fixture)
+
+    def new_handle(self, expires=im._UNCHANGED, max_messages=None):
+        return self.fixture.call("new_handle", self.token, None, None, expires, max_messages)
+
+    def test_durations_and_iso_8601_times_are_understood_utc_unless_they_say_otherwise(self):
+        for when, expected in (("90m", T0 + 5400), ("12h", T0 + 12 * 3600), ("30d", T0 + 30 * DAY),
+                               ("2w", T0 + 14 * DAY), ("45s", T0 + 45), ("12H", T0 + 12 * 3600),
+                               ("2023-12-01", calendar.timegm((2023, 12, 1, 0, 0, 0))),
+                               ("2023-12-01T10:00:00", calendar.timegm((2023, 12, 1, 10, 0, 0))),
+                               ("2023-12-01T10:00:00Z", calendar.timegm((2023, 12, 1, 10, 0, 0))),
+                               ("2023-12-01 10:00:00", calendar.timegm((2023, 12, 1, 10, 0, 0))),
+                               ("2023-12-01T12:00:00+02:00", calendar.timegm((2023, 12, 1, 10, 0, 0)))):
+            with self.subTest(when=when):
+                self.assertEqual(self.new_handle(when)["expires"], im.iso_time(expected))
+
+    def test_a_bad_expiry_is_refused_with_a_clear_error_and_nothing_is_made(self):
+        for when, words in (("2023-11-01", "not in the future"), ("2023-11-14T22:13:20Z", "not in the future"),
+                            ("0d", "1 s to 100 years"), ("40000d", "1 s to 100 years"),
+                            ("-3d", "duration"), ("5x", "units: s, m, h, d, w"), ("3 days", "duration"),
+                            ("2023-13-45", "ISO 8601"), ("next tuesday", "ISO 8601"), ("", "ISO 8601")):
+            with self.subTest(when=when):
+                with self.assertRaises(im.BadRequest) as caught:
+                    self.new_handle(when)
+                message = str(caught.exception)
+                self.assertIn(words, message)
+                if when and "future" not in words:
+                    self.assertIn(repr(when), message)                  # it says what it did not understand
+        self.assertEqual(self.fixture.call("list_handles", self.token), [])
+
+    def test_a_bad_expiry_in_an_update_changes_nothing(self):
+        made = self.new_handle("1h")
+        for when in ("2023-11-01", "0d", "5x", "40000d"):
+            with self.subTest(when=when):
+                with self.assertRaises(im.BadRequest):
+                    self.fixture.call("update_handle", self.token, made["address"], im._UNCHANGED,
+                                      im._UNCHANGED, None, when)
+        [listed] = self.fixture.call("list_handles", self.token)
+        self.assertEqual(listed["expires"], made["expires"])
+
+    def test_max_messages_must_be_a_whole_number_from_1(self):
+        for bad in (0, -1, im.MAX_MESSAGES + 1):
+            with self.subTest(max_messages=bad):
+                with self.assertRaises(im.BadRequest) as caught:
+                    self.new_handle(max_messages=bad)
+                self.assertIn("max_messages must be a whole number from 1", str(caught.exception))
+        for bad in ("3", True, 2.5):
+            with self.subTest(max_messages=bad):
+                with self.assertRaises(im.BadRequest) as caught:
+                    im.parse_json_request(json.dumps({"op": "new_handle", "token": self.token,
+                                                      "max_messages": bad}), im.WEBSOCKET)
+                self.assertIn("max_messages", str(caught.exception))
+        self.assertEqual(self.fixture.call("list_handles", self.token), [])
+        self.assertEqual(self.new_handle(max_messages=1)["max_messages"], 1)
+
+    def test_max_messages_without_the_policy_service_is_refused_naming_PolicyListen(self):
+        site = self.make_site()
+        fixture = self.start_service(site)
+        token = self.new_account(fixture)
+        with self.assertRaises(im.BadRequest) as caught:
+            fixture.call("new_handle", token, None, None, im._UNCHANGED, 2)
+        self.assertIn("[General] PolicyListen", str(caught.exception))
+        self.assertIn("policy service", str(caught.exception))
+        self.assertEqual(fixture.call("list_handles", token), [])
+        handle = self.new_handle_in(fixture, token)
+        with self.assertRaises(im.BadRequest) as caught:
+            fixture.call("update_handle", token, handle, im._UNCHANGED, im._UNCHANGED, None, im._UNCHANGED, 2)
+        self.assertIn("PolicyListen", str(caught.exception))
+        self.assertIsNone(fixture.call("list_handles", token)[0]["max_messages"])
+
+    def new_handle_in(self, fixture, token):
+        return fixture.call("new_handle", token, None, None)["address"]
+
+    def test_the_command_line_refuses_max_messages_0_and_names_the_range(self):
+        for bad in ("0", "-2"):
+            with self.subTest(max_messages=bad):
+                done = cli(self.site, "new", "handle", self.token, "--max-messages", bad)
+                self.assertEqual(done.returncode, 2, done.stderr)
+                self.assertIn("not a number of messages from 1 to %d" % im.MAX_MESSAGES, done.stderr)
+                self.assertEqual(done.stdout, "")
+
+
+class BurnerAndBlockedCountsTest(PostmapTestCase):
+    """The policy service (in-process, with the test's clock): a burner takes its first N
+    messages, then refuses; every refused message is counted as blocked, once."""
+
+    def setUp(self):
+        self.now = [T0]
+        self.site = self.make_site(sections={"General": {"PolicyListen": "inet:127.0.0.1:%d" % free_port()}})
+        self.fixture = self.start_service(self.site, clock=lambda: self.now[0])
+        self.token = self.new_account(self.fixture)
+        self.daemon = im.Daemon(self.site.config, clock=lambda: self.now[0])
+        self.daemon.service = self.fixture.service
+
+    def new_handle(self, expires=None, max_messages=None):
+        return self.fixture.call("new_handle", self.token, None, None, expires, max_messages)["address"]
+
+    def ask(self, *requests):
+        """The policy service's answers to (recipient, message instance) pairs at RCPT, then
+        the counts written, as the daemon does every second."""
+        async def run():
+            answers = [await self.daemon._policy_action({"protocol_state": "RCPT", "recipient": recipient,
+                                                         "instance": instance})
+                       for recipient, instance in requests]
+            await self.daemon._flush_received()
+            return answers
+        return asyncio.run(run())
+
+    def listed(self, handle):
+        handles = im.json_value(self.fixture.service.call("list_handles", self.token), self.now[0])
+        return next(h for h in handles if h["address"] == handle)
+
+    def test_a_burner_takes_its_first_n_messages_then_refuses_with_the_used_up_text(self):
+        burner = self.new_handle(max_messages=2)
+        refusal = "550 5.1.1 <%s>: this address has received all the messages it accepts" % burner
+        # all three before the counts are written: the ones not written yet count too
+        self.assertEqual(self.ask((burner, "m1"), (burner, "m2"), (burner, "m3")), ["DUNNO", "DUNNO", refusal])
+        self.assertEqual(self.ask((burner, "m4")), [refusal])
+        listed = self.listed(burner)
+        self.assertEqual((listed["state"], listed["received"], listed["blocked"]), ("used up", 2, 2))
+        # its last message may still be on its way through Postfix: it leaves the map at the sweep
+        self.assertEqual(self.site.query(burner), "me@example.org")
+        self.now[0] += 60
+        self.fixture.call("sweep")
+        self.assertIsNone(self.site.query(burner))
+
+    def test_refused_messages_count_as_blocked_once_per_message_and_not_as_received(self):
+        disabled, expired, burner = self.new_handle(), self.new_handle("1h"), self.new_handle(max_messages=1)
+        self.fixture.call("update_handle", self.token, disabled, im._UNCHANGED, False)
+        self.ask((burner, "first"))
+        self.now[0] += 2 * 3600
+        self.fixture.call("sweep")
+        answers = self.ask(*[(handle, message) for handle in (disabled, expired, burner)
+                             for message in ("a", "a", "b")])         # Postfix may ask twice about one message
+        self.assertEqual(answers[:3], ["550 5.1.1 <%s>: this address is disabled" % disabled] * 3)
+        self.assertEqual(answers[3:6], ["550 5.1.1 <%s>: this address has expired" % expired] * 3)
+        self.assertEqual(answers[6:], ["550 5.1.1 <%s>: this address has received all the messages it accepts"
+                                       % burner] * 3)
+        for handle, received in ((disabled, 0), (expired, 0), (burner, 1)):
+            listed = self.listed(handle)
+            self.assertEqual((listed["blocked"], listed["received"]), (2, received), handle)
+            self.assertEqual(listed["last_blocked"], im.iso_time(self.now[0]))
+        unused = self.new_handle()
+        self.assertEqual((self.listed(unused)["blocked"], self.listed(unused)["last_blocked"]), (0, None))
+
+    def test_raising_or_clearing_max_messages_reopens_a_used_up_handle_at_once(self):
+        burner = self.new_handle(max_messages=1)
+        self.ask((burner, "m1"))
+        self.now[0] += 60
+        self.fixture.call("sweep")
+        self.assertIsNone(self.site.query(burner))
+        self.fixture.call("update_handle", self.token, burner, im._UNCHANGED, im._UNCHANGED, None, im._UNCHANGED, 3)
+        self.assertEqual(self.site.query(burner), "me@example.org")
+        self.assertEqual(self.ask((burner, "m2"), (burner, "m3"), (burner, "m4"))[2][:3], "550")
+        self.now[0] += 60
+        self.fixture.call("sweep")
+        self.assertIsNone(self.site.query(burner))
+        self.fixture.call("update_handle", self.token, burner, im._UNCHANGED, im._UNCHANGED, None, im._UNCHANGED,
+                          None)
+        self.assertEqual(self.site.query(burner), "me@example.org")
+        self.assertEqual(self.listed(burner)["state"], "enabled")
+        self.assertEqual(self.ask((burner, "m5")), ["DUNNO"])
+
+    def test_a_burner_used_up_after_it_expired_but_before_the_sweep_leaves_the_map(self):
+        burner = self.new_handle("1h", max_messages=2)
+        self.ask((burner, "m1"))
+        self.now[0] += 3600 - 10
+        async def accepted_then_written_late():
+            self.assertEqual(await self.daemon._policy_action({"protocol_state": "RCPT", "recipient": burner,
+                                                               "instance": "m2"}), "DUNNO")
+            self.now[0] += 20                                       # the count is written after the expiry
+            await self.daemon._flush_received()
+        asyncio.run(accepted_then_written_late())
+        self.fixture.call("sweep")
+        self.assertIsNone(self.site.query(burner), "an expired, used-up burner is still in the map")
+
+    def test_the_socketmap_answers_notfound_for_expired_handles_at_once_and_used_up_ones_after_the_sweep(self):
+        expiring, burner = self.new_handle("1h"), self.new_handle(max_messages=1)
+        expires = self.listed(expiring)["expires"]
+
+        def answer(handle):
+            return asyncio.run(self.daemon._socketmap_answer(("virtual %s" % handle).encode()))
+        found, notfound = im.netstring(b"OK me@example.org"), im.netstring(b"NOTFOUND ")
+        self.assertEqual((answer(expiring), answer(burner)), (found, found))
+        self.now[0] = from_iso(expires) - 1
+        self.assertEqual(answer(expiring), found)
+        self.now[0] = from_iso(expires)
+        self.assertEqual(answer(expiring), notfound)                # before any sweep
+        async def one_message():
+            await self.daemon._policy_action({"protocol_state": "RCPT", "recipient": burner, "instance": "x"})
+        asyncio.run(one_message())      # written before it was let through
+        self.assertEqual(answer(burner), found)     # its last message is still on its way
+        self.now[0] += 60
+        self.fixture.call("sweep")
+        self.assertEqual(answer(burner), notfound)
+
+
+class PruneExpiredHandlesTest(PostmapTestCase):
+    """prune --handles-expired-days N: exactly the handles that expired more than N days ago."""
+
+    def setUp(self):
+        self.now = [T0]
+        self.site = self.make_site(sections={"General": {"PolicyListen": "inet:127.0.0.1:%d" % free_port()}})
+        self.fixture = self.start_service(self.site, clock=lambda: self.now[0])
+        call = self.fixture.call
+        token = self.token = call("new_account", "me@example.org")
+        self.long_expired = call("new_handle", token, None, None, "1d")["address"]
+        self.long_expired_disabled = call("new_handle", token, None, None, "2d")["address"]
+        call("update_handle", token, self.long_expired_disabled, im._UNCHANGED, False)
+        self.recently_expired = call("new_handle", token, None, None, "20d")["address"]
+        self.not_yet = call("new_handle", token, None, None, "60d")["address"]
+        self.never = call("new_handle", token, None, None, "never")["address"]
+        self.used_up = call("new_handle", token, None, None, "never", 1)["address"]
+        call("record_mail", [(self.used_up, T0, False)])
+        self.now[0] = T0 + 30 * DAY              # expired 29, 28 and 10 days ago; one in 30 days
+        self.fixture.call("sweep")
+
+    def addresses(self):
+        return set("%s@%s" % row for row in self.fixture.store.db.execute("SELECT local, domain FROM handles"))
+
+    def test_dry_run_lists_the_long_expired_handles_and_removes_nothing(self):
+        before = self.addresses()
+        removed = self.fixture.call("prune", None, None, True, 14)
+        self.assertEqual(sorted(removed), sorted([self.long_expired, self.long_expired_disabled]))
+        self.assertEqual(self.addresses(), before)
+
+    def test_prune_removes_exactly_the_handles_that_expired_more_than_n_days_ago(self):
+        removed = self.fixture.call("prune", None, None, False, 14)
+        self.assertEqual(sorted(removed), sorted([self.long_expired, self.long_expired_disabled]))
+        self.assertEqual(self.addresses(), {self.recently_expired, self.not_yet, self.never, self.used_up})
+        for handle in (self.not_yet, self.never):
+            self.assertEqual(self.site.query(handle), "me@example.org")
+        self.assertEqual(self.fixture.call("prune", None, None, False, 14), [])
+        self.assertEqual(sorted(self.fixture.call("prune", None, None, False, 9)), [self.recently_expired])
+
+    def test_zero_days_removes_every_expired_handle_and_nothing_else(self):
+        removed = self.fixture.call("prune", None, None, False, 0)
+        self.assertEqual(sorted(removed), sorted([self.long_expired, self.long_expired_disabled,
+                                                  self.recently_expired]))
+        self.assertEqual(self.addresses(), {self.not_yet, self.never, self.used_up})
+
+    def test_zero_days_right_after_an_expiry_takes_the_handle_out_of_the_map_too(self):
+        handle = self.fixture.call("new_handle", self.token, None, None, "1h")["address"]
+        self.now[0] += 3600 + 1                                     # expired; not swept yet
+        self.assertIn(handle, self.fixture.call("prune", None, None, False, 0))
+        self.assertIsNone(self.site.query(handle), "a pruned handle is still routable")
+
+    def test_negative_days_are_refused(self):
+        with self.assertRaises(im.BadRequest):
+            self.fixture.call("prune", None, None, False, -1)
+
+    def test_pruning_expired_handles_needs_no_policy_service(self):
+        site = self.make_site()
+        fixture = self.start_service(site, clock=lambda: self.now[0])
+        token = self.new_account(fixture)
+        handle = fixture.call("new_handle", token, None, None, "1d")["address"]
+        self.now[0] += 10 * DAY
+        self.assertEqual(fixture.call("prune", None, None, False, 7), [handle])
+
+    def test_the_automatic_daily_prune_removes_long_expired_handles_too(self):
+        site = self.make_site(sections={"Prune": {"Automatic": "yes", "HandlesExpiredDays": "14"}})
+        fixture = self.start_service(site, clock=lambda: self.now[0])
+        token = self.new_account(fixture)
+        old = fixture.call("new_handle", token, None, None, "1d")["address"]
+        young = fixture.call("new_handle", token, None, None, "20d")["address"]
+        self.now[0] += 30 * DAY
+        daemon = im.Daemon(site.config, clock=lambda: self.now[0])
+        daemon.service = fixture.service
+        slept = []
+
+        class OneDayIsEnough(Exception):
+            pass
+
+        async def sleep(seconds):
+            slept.append(seconds)
+            if len(slept) > 1:
+                raise OneDayIsEnough()
+        with mock.patch.object(asyncio, "sleep", sleep), self.assertRaises(OneDayIsEnough):
+            asyncio.run(daemon._prune_daily())
+        self.assertEqual(slept, [60, 86400])
+        self.assertEqual([h["address"] for h in fixture.call("list_handles", token)], [young])
+        self.assertNotIn(old, str(fixture.call("list_handles", token)))
+
+
+###############################################################################
+# Servers: end to end (a real Postfix asking the policy service; the daemon's clock moved)
+###############################################################################
+
+class HandleLifetimeFrontEndsTest(PostmapTestCase):
+    """list and --json, expire handle, the JSON protocol, the HTTP API and the owner page, on one
+    server with HandleLifetime = 30d. The list line's words are computed with the real clock:
+    the daemon's clock is moved only where a test says so, and put back after."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        folder = make_folder()
+        cls.addClassCleanup(shutil.rmtree, folder, True)
+        cls.port, cls.policy_port = free_port(), free_port()
+        cls.site = Site(folder, sections={
+            "General": {"ListenAddress": "127.0.0.1:%d" % cls.port,
+                        "PolicyListen": "inet:127.0.0.1:%d" % cls.policy_port},
+            "PostfixConfig": {"HandleLifetime": "30d"},
+            "Limits": {"HandlesPerMinutePerClient": "0", "HandlesPerMinutePerAccount": "0"}})
+        cls.daemon = MovedClockDaemon(cls.site).start()
+        cls.addClassCleanup(cls.daemon.stop)
+
+    def setUp(self):
+        self.token = control(self.site, "new_account", address="me@example.org")["token"]
+        self.addCleanup(self.daemon.set_offset, 0)
+
+    def run_cli(self, *args, rc=0):
+        done = cli(self.site, *args)
+        self.assertEqual(done.returncode, rc, "%s -> stdout %r, stderr %r" % (args, done.stdout, done.stderr))
+        self.assertNotIn("Traceback", done.stderr)
+        return done
+
+    def lines(self):
+        return {line.split("\t")[0]: line.split("\t") for line in self.run_cli("list", self.token).stdout.splitlines()}
+
+    def listed_json(self):
+        return {h["address"]: h for h in json.loads(self.run_cli("list", self.token, "--json").stdout)}
+
+    def handle(self, address):
+        return next(h for h in control(self.site, "list_handles", token=self.token)["handles"]
+                    if h["address"] == address)
+
+    def wait_counted(self, address, field, count):
+        self.assertTrue(wait_until(lambda: self.handle(address)[field] >= count, timeout=10, interval=0.05),
+                        "%s never reached %d: %s" % (field, count, self.handle(address)))
+
+    def api(self, method, path, body=None):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            headers = {"Authorization": "Bearer " + self.token, "Accept": "application/json"}
+            data = None
+            if body is not None:
+                data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
+            connection.request(method, path, body=data, headers=headers)
+            response = connection.getresponse()
+            payload = response.read()
+            return response.status, json.loads(payload) if payload else None
+        finally:
+            connection.close()
+
+    def assert_about(self, iso, when, slack=120):
+        self.assertIsNotNone(iso)
+        self.assertLessEqual(abs(from_iso(iso) - when), slack, iso)
+
+    def test_list_line_says_the_state_and_how_the_handle_ends_in_words(self):
+        in_3_days = im.iso_time(time.time() + 3 * DAY + 3600)
+        soon = self.run_cli("new", "handle", self.token, "--expires", in_3_days, "--label", "shop").stdout.strip()
+        burner = self.run_cli("new", "handle", self.token, "--max-messages", "5", "--expires", "never").stdout.strip()
+        disabled = self.run_cli("new", "handle", self.token, "--expires", "never").stdout.strip()
+        self.run_cli("disable", "handle", disabled, self.token)
+        self.daemon.set_offset(-10 * DAY)                   # made 10 days ago, to end 5 days ago
+        ended_at = time.time() - 5 * DAY
+        ended = self.run_cli("new", "handle", self.token, "--expires", im.iso_time(ended_at)).stdout.strip()
+        self.daemon.set_offset(0)
+        for instance in ("m1", "m2"):
+            self.assertEqual(ask_policy(self.policy_port, burner, instance), "action=DUNNO\n\n")
+        self.assertIn("disabled", ask_policy(self.policy_port, disabled))
+        self.wait_counted(burner, "received", 2)
+        self.wait_counted(disabled, "blocked", 1)
+        lines = self.lines()
+        self.assertEqual(lines[soon][1], "enabled")
+        self.assertIn("expires in 3 days", lines[soon])
+        self.assertEqual(lines[soon][-1], "shop")
+        self.assertEqual(lines[burner][1], "enabled")
+        self.assertIn("received 2", lines[burner])
+        self.assertIn("2 of 5 messages", lines[burner])
+        self.assertFalse([f for f in lines[burner] if f.startswith(("expire", "blocked"))], lines[burner])
+        self.assertEqual(lines[disabled][1], "disabled")
+        self.assertIn("blocked 1", lines[disabled])
+        self.assertEqual(lines[ended][1], "expired")
+        self.assertIn("expired %s" % im.iso_time(ended_at)[:10], lines[ended])
+        listed = self.listed_json()
+        self.assertEqual((listed[soon]["state"], listed[soon]["expires"], listed[soon]["max_messages"]),
+                         ("enabled", in_3_days, None))
+        self.assertEqual((listed[burner]["max_messages"], listed[burner]["received"], listed[burner]["expires"]),
+                         (5, 2, None))
+        self.assertEqual((listed[disabled]["state"], listed[disabled]["blocked"]), ("disabled", 1))
+        self.assert_about(listed[disabled]["last_blocked"], time.time())
+        self.assertEqual((listed[ended]["state"], listed[ended]["expires"]), ("expired", im.iso_time(ended_at)))
+
+    def test_expire_handle_sets_moves_and_clears_the_expiry(self):
+        handle = self.run_cli("new", "handle", self.token).stdout.strip()
+        line = self.run_cli("expire", "handle", handle, self.token, "12h").stdout.strip().split("\t")
+        self.assertEqual(line[:2], [handle, "enabled"])
+        self.assertIn("expires in 12 hours", line)
+        reply = json.loads(self.run_cli("expire", "handle", handle, self.token, "2099-06-01T12:00:00+02:00",
+                                        "--json").stdout)
+        self.assertEqual(reply["expires"], "2099-06-01T10:00:00Z")
+        self.assertIsNone(json.loads(self.run_cli("expire", "handle", handle, self.token, "never", "--json")
+                                     .stdout)["expires"])
+        self.assertFalse([f for f in self.lines()[handle] if f.startswith("expire")])
+        for bad, words in (("2001-01-01", "not in the future"), ("5x", "not a duration"), ("0d", "100 years")):
+            with self.subTest(when=bad):
+                done = self.run_cli("expire", "handle", handle, self.token, bad, rc=1)
+                self.assertIn(words, done.stderr)
+                self.assertEqual(done.stdout, "")
+        self.assertIsNone(self.listed_json()[handle]["expires"])
+
+    def test_new_handle_with_bad_lifetime_options_is_refused_and_makes_nothing(self):
+        for args, rc, words in ((("--expires", "5x"), 1, "not a duration"),
+                                (("--expires", "2001-01-01"), 1, "not in the future"),
+                                (("--expires", "-3d"), 1, "duration"),
+                                (("--max-messages", "0"), 2, "not a number of messages")):
+            with self.subTest(args=args):
+                done = self.run_cli("new", "handle", self.token, *args, rc=rc)
+                self.assertIn(words, done.stderr)
+        self.assertEqual(self.run_cli("list", self.token).stdout, "")
+
+    def test_handles_made_with_no_expiry_get_the_configured_lifetime_from_every_front_end(self):
+        now = time.time()
+        client = WsClient(self.port)
+        self.addCleanup(client.close)
+        client.send("new handle " + self.token)
+        made = {"legacy add-on": client.recv()}
+        made["JSON"] = client.request(id=1, op="new_handle", token=self.token)["handle"]["address"]
+        made["command line"] = self.run_cli("new", "handle", self.token).stdout.strip()
+        made["addy.io"] = self.api("POST", "/api/v1/aliases", {"domain": "incognito.test"})[1]["data"]["email"]
+        made["SimpleLogin"] = self.api("POST", "/api/alias/random/new?hostname=shop.example", {})[1]["alias"]
+        never = {"JSON null": client.request(id=2, op="new_handle", token=self.token, expires=None)["handle"]["address"],
+                 "command line never": self.run_cli("new", "handle", self.token, "--expires", "never").stdout.strip(),
+                 "addy.io null": self.api("POST", "/api/v1/aliases", {"domain": "incognito.test",
+                                                                    "expires_at": None})[1]["data"]["email"]}
+        listed = self.listed_json()
+        for front_end, handle in made.items():
+            with self.subTest(front_end=front_end):
+                self.assert_about(listed[handle]["expires"], now + 30 * DAY)
+        for front_end, handle in never.items():
+            with self.subTest(front_end=front_end):
+                self.assertIsNone(listed[handle]["expires"])
+
+    def test_the_json_protocol_takes_and_shows_expires_and_max_messages(self):
+        client = WsClient(self.port)
+        self.addCleanup(client.close)
+        when = im.iso_time(time.time() + 7 * DAY)
+        handle = client.request(id=1, op="new_handle", token=self.token, expires=when, max_messages=3)["handle"]
+        self.assertEqual({k: handle[k] for k in ("state", "expires", "max_messages", "blocked", "last_blocked")},
+                         {"state": "enabled", "expires": when, "max_messages": 3, "blocked": 0, "last_blocked": None})
+        address = handle["address"]
+        reply = client.request(id=2, op="update_handle", token=self.token, address=address, expires="12h")
+        self.assert_about(reply["handle"]["expires"], time.time() + 12 * 3600)
+        reply = client.request(id=3, op="update_handle", token=self.token, address=address, expires=None,
+                               max_messages=None)
+        self.assertEqual((reply["handle"]["expires"], reply["handle"]["max_messages"]), (None, None))
+        reply = client.request(id=4, op="update_handle", token=self.token, address=address, expires="2001-01-01")
+        self.assertEqual((reply["ok"], reply["error"]), (False, "bad_request"))
+        self.assertIn("not in the future", reply["message"])
+        reply = client.request(id=5, op="new_handle", token=self.token, max_messages=0)
+        self.assertEqual((reply["ok"], reply["error"]), (False, "bad_request"))
+        self.daemon.move_clock_to(time.time() + 8 * DAY)
+        reply = client.request(id=6, op="new_handle", token=self.token, expires=when)
+        self.assertIn("not in the future", reply["message"])
+        client.request(id=7, op="update_handle", token=self.token, address=address, expires=im.iso_time(
+            self.daemon.now() + 60))
+        self.daemon.move_clock_to(self.daemon.now() + 120)
+        listed = client.request(id=8, op="get_handle", token=self.token, address=address)["handle"]
+        self.assertEqual((listed["state"], listed["enabled"]), ("expired", True))
+
+    def test_the_http_api_shows_and_sets_how_an_alias_ends(self):
+        status, body = self.api("POST", "/api/v1/aliases", {"domain": "incognito.test", "max_messages": 4,
+                                                          "expires_at": "2099-01-02 03:04:05"})
+        self.assertEqual(status, 201, body)
+        alias = body["data"]
+        self.assertEqual({k: alias[k] for k in ("expires_at", "max_messages", "state", "emails_blocked",
+                                                "last_blocked", "active")},
+                         {"expires_at": "2099-01-02 03:04:05", "max_messages": 4, "state": "enabled",
+                          "emails_blocked": 0, "last_blocked": None, "active": True})
+        self.api("DELETE", "/api/v1/active-aliases/%d" % alias["id"])
+        self.assertIn("disabled", ask_policy(self.policy_port, alias["email"]))
+        self.wait_counted(alias["email"], "blocked", 1)
+        status, body = self.api("GET", "/api/v1/aliases/%d" % alias["id"])
+        self.assertEqual((body["data"]["emails_blocked"], body["data"]["state"], body["data"]["active"]),
+                         (1, "disabled", False))
+        self.assertRegex(body["data"]["last_blocked"], r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d$")
+        status, body = self.api("GET", "/api/aliases/%d" % alias["id"])
+        self.assertEqual((body["nb_block"], body["nb_forward"]), (1, 0))
+        status, body = self.api("PATCH", "/api/v1/aliases/%d" % alias["id"], {"expires_at": None,
+                                                                            "max_messages": None})
+        self.assertEqual((status, body["data"]["expires_at"], body["data"]["max_messages"]), (200, None, None))
+        status, body = self.api("PATCH", "/api/v1/aliases/%d" % alias["id"], {"expires_at": "2001-01-01 00:00:00"})
+        self.assertEqual(status, 422)
+        self.assertIn("not in the future", body["message"])
+        self.assertIsNone(self.api("GET", "/api/v1/aliases/%d" % alias["id"])[1]["data"]["expires_at"])
+        ending = self.api("POST", "/api/v1/aliases", {"domain": "incognito.test", "expires_at": "1h"})[1]["data"]
+        self.daemon.move_clock_to(self.daemon.now() + 2 * 3600)
+        status, body = self.api("GET", "/api/v1/aliases/%d" % ending["id"])
+        self.assertEqual((body["data"]["state"], body["data"]["active"]), ("expired", True))
+
+    def test_the_owner_page_knows_each_state_the_http_api_sends(self):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        self.addCleanup(connection.close)
+        connection.request("GET", "/")
+        page = connection.getresponse().read().decode()
+        compared = set(re.findall(r"\bst === \"([^\"]+)\"", page))
+        self.assertTrue(compared, "the page no longer compares states this way: update this test")
+        self.assertLessEqual(compared, {im.ENABLED, im.DISABLED, im.EXPIRED, im.USED_UP})
+        self.assertIn(im.USED_UP, compared)
+        self.assertIn(im.EXPIRED, compared)
+
+    def test_prune_with_no_options_uses_HandlesExpiredDays(self):
+        site = Site(make_folder(self), sections={"Prune": {"HandlesExpiredDays": "3"}})
+        daemon = start_moved_clock_daemon(self, site)
+        token = control(site, "new_account", address="me@example.org")["token"]
+        old = control(site, "new_handle", token=token, expires="1h")["handle"]["address"]
+        young = control(site, "new_handle", token=token, expires="4d")["handle"]["address"]
+        daemon.move_clock_to(daemon.now() + 5 * DAY)        # expired 5 days and 1 day ago
+        done = cli(site, "prune")
+        self.assertEqual((done.returncode, done.stdout.strip()), (0, old), done.stderr)
+        self.assertEqual([h["address"] for h in control(site, "list_handles", token=token)["handles"]], [young])
+
+
 ###############################################################################
 # Wire formats: JSON requests (control socket and WebSocket)
 ###############################################################################
@@ -4393,6 +5219,203 @@ class SocketmapTest(PostfixInstanceTestCase):
         code, text = self.pf.rcpt_check(handle)
         self.assertEqual(code // 100, 4, text)
 
+
+class HandleLifetimeDeliveryTest(PostfixInstanceTestCase):
+    """Expiry, burners and blocked counts with real mail: Postfix asks the policy service (as
+    in PolicyServiceTest) and the test moves the daemon's clock instead of waiting."""
+
+    @classmethod
+    def extra_main_cf(cls):
+        cls.policy_port = free_port()
+        endpoint = "inet:127.0.0.1:%d" % cls.policy_port
+        return ["smtpd_recipient_restrictions = check_policy_service %s" % endpoint,
+                "smtpd_end_of_data_restrictions = check_policy_service %s" % endpoint,
+                "smtpd_policy_service_default_action = DUNNO"]
+
+    def daemon_sections(self):
+        return {"General": {"PolicyListen": "inet:127.0.0.1:%d" % self.policy_port}}
+
+    def start_clocked(self, **kwargs):
+        site = self.make_site()
+        daemon = start_moved_clock_daemon(self, site, **kwargs)
+        return site, daemon, control(site, "new_account", address="alice@mbox.test")["token"]
+
+    def new_handle(self, site, token, **fields):
+        return control(site, "new_handle", token=token, **fields)["handle"]
+
+    def handles(self, site, token):
+        return {h["address"]: h for h in control(site, "list_handles", token=token)["handles"]}
+
+    def wait_counted(self, site, token, handle, received=0, blocked=0):
+        counted = wait_until(lambda: self.handles(site, token)[handle]["received"] >= received
+                             and self.handles(site, token)[handle]["blocked"] >= blocked, timeout=15, interval=0.05)
+        self.assertTrue(counted, "never counted %d received, %d blocked: %s"
+                        % (received, blocked, self.handles(site, token)[handle]))
+        return self.handles(site, token)[handle]
+
+    def assert_refused(self, handle, words=None):
+        """550 5.1.1 at RCPT; ``words``: the policy service's reason, which Postfix quotes after
+        its own "<address>: Recipient address rejected:"."""
+        code, text = self.pf.rcpt_check(handle)
+        self.assertEqual(code, 550, text)
+        self.assertTrue(text.startswith("5.1.1 <%s>: " % handle), text)
+        if words:
+            self.assertTrue(text.endswith("<%s>: %s" % (handle, words)), text)
+
+    def test_an_expired_handle_is_refused_at_rcpt_at_once_and_leaves_the_map_at_the_sweep(self):
+        site, daemon, token = self.start_clocked()
+        made = self.new_handle(site, token, expires="2h")
+        handle, expires = made["address"], from_iso(made["expires"])
+        self.assert_delivered(handle, "alice")
+        daemon.move_clock_to(expires - 5)
+        self.assertEqual(self.pf.rcpt_check(handle)[0], 250)
+        self.assertEqual(self.pf.query(handle), "alice@mbox.test")
+        daemon.move_clock_to(expires + 0.5)
+        self.assert_refused(handle, "this address has expired")
+        self.assertTrue(wait_until(lambda: self.pf.query(handle) is None, timeout=10),
+                        "the expired handle is still in the map:\n%s" % daemon.log())
+        self.assertEqual(self.handles(site, token)[handle]["state"], "expired")
+
+    def test_moving_the_expiry_forward_or_to_never_makes_an_expired_handle_deliver_again(self):
+        site, daemon, token = self.start_clocked()
+        made = self.new_handle(site, token, expires="1h")
+        handle = made["address"]
+        daemon.move_clock_to(from_iso(made["expires"]) + 60)
+        self.assertTrue(wait_until(lambda: self.pf.query(handle) is None, timeout=10))
+        line = self.run_cli(site, "expire", "handle", handle, token, "30d")
+        self.assertEqual(line.split("\t")[:2], [handle, "enabled"])
+        self.assert_delivered(handle, "alice")
+        daemon.move_clock_to(daemon.now() + 31 * DAY)
+        self.assert_refused(handle, "this address has expired")
+        self.assertTrue(wait_until(lambda: self.pf.query(handle) is None, timeout=10))
+        self.run_cli(site, "expire", "handle", handle, token, "never")
+        self.assert_delivered(handle, "alice")
+        self.assertIsNone(self.handles(site, token)[handle]["expires"])
+
+    def test_a_burner_with_max_messages_2_delivers_two_messages_and_refuses_the_third(self):
+        site, daemon, token = self.start_clocked()
+        burner = self.new_handle(site, token, max_messages=2)["address"]
+        for _ in range(2):
+            self.assert_delivered(burner, "alice")
+        ok, code, text, mark = self.pf.send(burner)
+        self.assertFalse(ok, "the third message was accepted")
+        self.assertEqual(code, 550, text)
+        self.assertTrue(text.startswith("5.1.1 <%s>: " % burner), text)
+        self.assertTrue(text.endswith("<%s>: this address has received all the messages it accepts" % burner), text)
+        counted = self.wait_counted(site, token, burner, received=2, blocked=1)
+        self.assertEqual((counted["received"], counted["blocked"], counted["state"]), (2, 1, "used up"))
+        self.assertTrue(wait_until(lambda: self.pf.query(burner) is None, timeout=10),
+                        "the used-up burner is still in the map")
+
+    def test_refused_messages_raise_blocked_and_not_received(self):
+        site, daemon, token = self.start_clocked()
+        disabled = self.new_handle(site, token)["address"]
+        control(site, "update_handle", token=token, address=disabled, enabled=False)
+        expired = self.new_handle(site, token, expires="1h")
+        burner = self.new_handle(site, token, max_messages=1)["address"]
+        self.assert_delivered(burner, "alice")
+        self.wait_counted(site, token, burner, received=1)
+        daemon.move_clock_to(from_iso(expired["expires"]) + 60)
+        expired = expired["address"]
+        for handle in (disabled, expired, burner):
+            for _ in range(2):
+                self.assertEqual(self.pf.send(handle)[1], 550)
+        for handle, received in ((disabled, 0), (expired, 0), (burner, 1)):
+            counted = self.wait_counted(site, token, handle, blocked=2)
+            self.assertEqual((counted["blocked"], counted["received"]), (2, received), handle)
+            self.assertLessEqual(abs(from_iso(counted["last_blocked"]) - daemon.now()), 120)
+        self.assertEqual(daemon.stop(), 0)                  # any late double count is written by now
+        start_moved_clock_daemon(self, site)
+        self.assertEqual([self.handles(site, token)[h]["blocked"] for h in (disabled, expired, burner)], [2, 2, 2])
+        self.assertEqual([self.handles(site, token)[h]["received"] for h in (disabled, expired, burner)], [0, 0, 1])
+
+    def test_prune_removes_long_expired_handles_and_nothing_else(self):
+        site, daemon, token = self.start_clocked()
+        old = self.new_handle(site, token, expires="1h")["address"]
+        recent = self.new_handle(site, token, expires="9d")["address"]
+        later = self.new_handle(site, token, expires="30d")["address"]
+        forever = self.new_handle(site, token)["address"]
+        unused_disabled = self.new_handle(site, token)["address"]
+        control(site, "update_handle", token=token, address=unused_disabled, enabled=False)
+        daemon.move_clock_to(daemon.now() + 10 * DAY)         # old expired 10 days ago, recent 1 day ago
+        self.assertEqual(self.run_cli(site, "prune", "--handles-expired-days", "7", "--dry-run"), old)
+        self.assertEqual(len(self.handles(site, token)), 5)
+        self.assertEqual(self.run_cli(site, "prune", "--handles-expired-days", "7"), old)
+        self.assertEqual(set(self.handles(site, token)), {recent, later, forever, unused_disabled})
+        self.assert_refused(old)
+        for handle in (later, forever):
+            self.assert_delivered(handle, "alice")
+        self.assertEqual(self.run_cli(site, "prune", "--handles-expired-days", "7"), "")
+
+    def test_a_restart_after_sigkill_with_handles_that_expired_while_it_was_down_leaves_none_routable(self):
+        site, daemon, token = self.start_clocked()
+        expiring = [self.new_handle(site, token, expires="1h") for _ in range(3)]
+        kept = self.new_handle(site, token, expires="30d")["address"]
+        forever = self.new_handle(site, token)["address"]
+        for handle in [h["address"] for h in expiring] + [kept, forever]:
+            self.assertEqual(self.pf.query(handle), "alice@mbox.test")
+        daemon.kill()
+        daemon.move_clock_to(max(from_iso(h["expires"]) for h in expiring) + 60)
+        start_moved_clock_daemon(self, site, sweep_seconds=3600)   # only the start can clear them
+        for handle in [h["address"] for h in expiring]:
+            self.assertIsNone(self.pf.query(handle), "an expired handle is routable after the restart")
+            self.assert_refused(handle, "this address has expired")
+        for handle in (kept, forever):
+            self.assert_delivered(handle, "alice")
+
+    def test_a_burner_used_up_just_before_a_sigkill_stays_closed_after_the_restart(self):
+        site, daemon, token = self.start_clocked(flush_seconds=3600)   # counts not written yet
+        burner = self.new_handle(site, token, max_messages=2)["address"]
+        for _ in range(2):
+            self.assert_delivered(burner, "alice")
+        daemon.kill()
+        start_moved_clock_daemon(self, site)
+        self.assertIsNone(self.pf.query(burner), "a used-up burner is in the map after the restart")
+        self.assert_refused(burner, "this address has received all the messages it accepts")
+
+
+class SocketmapExpiryTest(PostfixInstanceTestCase):
+    """With SocketmapListen (SocketmapTest's setup), an expired handle is NOTFOUND at once."""
+
+    @classmethod
+    def extra_main_cf(cls):
+        folder = make_folder(prefix="incognitomail-test-socketmap-")
+        cls.addClassCleanup(shutil.rmtree, folder, True)
+        cls.socket_path = os.path.join(folder, "run", "socketmap.sock")
+        postfix_folder(os.path.dirname(cls.socket_path))
+        return ["virtual_alias_maps = socketmap:unix:%s:virtual" % cls.socket_path]
+
+    daemon_sections = SocketmapTest.daemon_sections
+    ask = SocketmapTest.ask
+
+    def test_an_expired_handle_is_notfound_at_once_and_found_again_when_its_expiry_moves(self):
+        folder, _, _ = failing_postmap_folder(self, mode="always-fail")
+        site = self.make_site()
+        daemon = start_moved_clock_daemon(self, site, env=dict(os.environ, PATH=path_with(folder)),
+                                          sweep_seconds=3600)
+        token = control(site, "new_account", address="dave@mbox.test")["token"]
+        made = control(site, "new_handle", token=token, expires="1h")["handle"]
+        handle, expires = made["address"], from_iso(made["expires"])
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        sock.settimeout(10)
+        sock.connect(self.socket_path)
+        self.assertEqual(self.ask(sock, handle), im.netstring(b"OK dave@mbox.test"))
+        daemon.move_clock_to(expires - 5)
+        self.assertEqual(self.ask(sock, handle), im.netstring(b"OK dave@mbox.test"))
+        daemon.move_clock_to(expires + 0.5)
+        self.assertEqual(self.ask(sock, handle), im.netstring(b"NOTFOUND "))
+        self.assertEqual(self.pf.rcpt_check(handle)[0], 550)
+        control(site, "update_handle", token=token, address=handle, expires="never")
+        self.assertEqual(self.ask(sock, handle), im.netstring(b"OK dave@mbox.test"))
+        ok, code, text, mark = self.pf.send(handle)
+        self.assertTrue(ok, "%s %s" % (code, text))
+        self.assertTrue(self.pf.wait_for_mail("dave", mark))
+
+
+###############################################################################
+# Front ends: how a handle that ends by itself is set and shown
+###############################################################################
 
 ###############################################################################
 # Command line

@@ -669,9 +669,9 @@ def main():
         rate_ratio = http["concurrent"]["per_second"] / ws_rate
         median_target = 3.0 if args.mode == "socketmap" else 8.0
         targets = [
-            ("HTTP sequential median <= 1.1x WebSocket's", "%.2f / %.2f ms = %.2fx"
+            ("HTTP sequential median <= 1.1x WebSocket's", "%.2f / %.2f ms = %.3fx"
              % (http["sequential_ms"]["median"], ws_median, seq_ratio), seq_ratio <= 1.1),
-            ("HTTP concurrent >= 0.9x WebSocket's", "%.1f / %.1f per s = %.2fx"
+            ("HTTP concurrent >= 0.9x WebSocket's", "%.1f / %.1f per s = %.3fx"
              % (http["concurrent"]["per_second"], ws_rate, rate_ratio), rate_ratio >= 0.9),
             ("HTTP p99 <= 100 ms", "concurrent %.2f ms, sequential %.2f ms"
              % (http["concurrent"]["p99_ms"], http["sequential_ms"]["p99"]),
