@@ -3167,8 +3167,10 @@ def api_error(dialect, error):
 
 def route_api(request, site):
     """The request's route: an ApiCall to run, or an ApiReply (an error, or 405 with Allow)."""
+    # Bitwarden joins its base URL and the path as strings: "https://host/" gives "//api/..."
+    request = request._replace(path=re.sub("/{2,}", "/", request.path))
     for path, dialect, methods in API_ROUTES:
-        match = path.fullmatch(re.sub("/{2,}", "/", request.path))  # Bitwarden's base URL + path
+        match = path.fullmatch(request.path)
         if match is None:
             continue
         method = "GET" if request.method == "HEAD" else request.method
