@@ -4670,7 +4670,8 @@ def running_pid(config):
 
 def descriptor_budget(wanted):
     """Raise the soft limit of open files towards the hard one; how many WebSocket/HTTP
-    connections fit beside RESERVED_DESCRIPTORS (``wanted``, or fewer)."""
+    connections fit beside RESERVED_DESCRIPTORS: ``wanted`` ([Limits] MaxConnections, 0 for no
+    limit of its own), or fewer, said once."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else max(soft, wanted + RESERVED_DESCRIPTORS)
     if soft != resource.RLIM_INFINITY and soft < target:
@@ -4680,13 +4681,12 @@ def descriptor_budget(wanted):
         except (ValueError, OSError):
             pass
     budget = max(0, soft - RESERVED_DESCRIPTORS)
-    if budget < wanted:
+    if wanted and budget < wanted:
         log.warning("open-file limit %d leaves room for %d WebSocket/HTTP connections, fewer than "
                     "[Limits] MaxConnections %d (%d descriptors are kept for the command line, "
                     "Postfix and files); raise the limit (LimitNOFILE in the systemd unit, "
-                    "ulimit -n)",
-                    soft, budget, wanted, RESERVED_DESCRIPTORS)
-    return min(budget, wanted)
+                    "ulimit -n)", soft, budget, wanted, RESERVED_DESCRIPTORS)
+    return min(budget, wanted) if wanted else budget
 
 
 class _WebClient(WebSocketConnection):
@@ -4793,7 +4793,7 @@ class Daemon:
         loop.set_exception_handler(self._loop_exception)
         config = self.config
         if config.listen_address:
-            self._max_connections = descriptor_budget(config.max_connections or 1 << 30)
+            self._max_connections = descriptor_budget(config.max_connections)
         servers, background = [], []
         try:
             if config.listen_address:
@@ -4968,7 +4968,7 @@ class Daemon:
                                                             COMMAND_LINE, None))
                 writer.write((reply + "\n").encode("utf-8"))
                 await writer.drain()
-        except (ConnectionError, OSError, asyncio.TimeoutError):
+        except (ConnectionError, OSError, asyncio.TimeoutError, asyncio.CancelledError):
             pass
         finally:
             clients.pop(writer, None)
@@ -5197,7 +5197,7 @@ class Daemon:
                 await writer.drain()
         except PostfixProtocolError as e:
             log.warning("%s: closing a connection: %s", name, e)
-        except (ConnectionError, OSError, asyncio.TimeoutError):
+        except (ConnectionError, OSError, asyncio.TimeoutError, asyncio.CancelledError):
             pass
         finally:
             clients.pop(writer, None)

@@ -53,6 +53,7 @@ import os
 import re
 import resource
 import secrets
+import select
 import shutil
 import signal
 import smtplib
@@ -67,6 +68,7 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.request
 import uuid
 from unittest import mock
 
@@ -1272,6 +1274,326 @@ def bitwarden_headers(auth, xhr=False):
 
 def from_addy_time(text):
     return calendar.timegm(time.strptime(text, "%Y-%m-%d %H:%M:%S"))
+
+
+###############################################################################
+# Test support: headless Chromium over the DevTools protocol (for the owner page)
+###############################################################################
+
+def require_chromium():
+    """Chromium's path; skip without it, or fail when INCOGNITOMAIL_REQUIRE_BROWSER is set."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        if os.environ.get(BROWSER_VARIABLE):
+            raise AssertionError("chromium is not installed, and %s is set" % BROWSER_VARIABLE)
+        raise unittest.SkipTest("chromium is not installed (apt-get install chromium)")
+    return chromium
+
+
+class Chromium:
+    """Headless Chromium on a fresh profile, its one page driven over the DevTools protocol.
+
+    Every event is kept in ``events`` ({"method", "params"}) for the checks afterwards: the
+    URLs the page asked for, CSP violations (Log.entryAdded, source "security"), uncaught
+    exceptions, dialogs. The protocol's WebSocket is a WsClient: no driver to install.
+    """
+
+    KEYS = {"Tab": ("Tab", 9, ""), "Enter": ("Enter", 13, "\r"), " ": ("Space", 32, " "),
+            "Escape": ("Escape", 27, "")}
+
+    def __init__(self, folder):
+        self.profile = tempfile.mkdtemp(prefix="profile-", dir=folder)
+        self.proc = subprocess.Popen(
+            [require_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--remote-debugging-port=0", "--user-data-dir=" + self.profile,
+             "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)                 # its own process group: see close()
+        self.events, self.next_id, self.ws = [], 0, None
+        try:
+            port, path = self._page_target()
+            self.ws = WsClient(port, path=path, timeout=60)
+            for domain in ("Page", "Runtime", "Log", "Network"):
+                self.send(domain + ".enable")
+            self.send("Emulation.setFocusEmulationEnabled", enabled=True)   # focus, clipboard
+        except BaseException:
+            self.close()
+            raise
+
+    def _page_target(self):
+        """(port, path) of the page's DevTools WebSocket: DevToolsActivePort, then /json/list."""
+        def target():
+            if self.proc.poll() is not None:
+                raise AssertionError("chromium exited with status %s" % self.proc.returncode)
+            try:
+                with open(os.path.join(self.profile, "DevToolsActivePort")) as f:
+                    port = int(f.readline())
+                with urllib.request.urlopen("http://127.0.0.1:%d/json/list" % port, timeout=5) as r:
+                    pages = [t for t in json.load(r) if t["type"] == "page"]
+            except (OSError, ValueError):
+                return None
+            return pages and (port, pages[0]["webSocketDebuggerUrl"].split(str(port), 1)[1])
+        found = wait_until(target, timeout=30, interval=0.05)
+        if not found:
+            raise AssertionError("chromium offered no page to drive within 30 s")
+        return found
+
+    def _message(self, timeout):
+        """The next message from Chromium, or None when none starts within ``timeout`` s."""
+        if not self.ws.buffer and not select.select([self.ws.sock], [], [], max(timeout, 0))[0]:
+            return None
+        opcode, payload = self.ws.recv_frame()      # Chromium sends each message as one frame
+        if opcode == 0x8:
+            raise AssertionError("chromium closed the DevTools connection")
+        return json.loads(payload) if opcode == 0x1 else {}
+
+    def send(self, method, timeout=30, **params):
+        """Run one command and return its result; events that arrive meanwhile are kept."""
+        self.next_id += 1
+        me, deadline = self.next_id, time.monotonic() + timeout
+        self.ws.send_json(id=me, method=method, params=params)
+        while True:
+            message = self._message(deadline - time.monotonic())
+            if message is None:
+                raise AssertionError("%s: no answer from chromium within %d s" % (method, timeout))
+            if "method" in message:
+                self.events.append(message)
+            elif message.get("id") == me:
+                if "error" in message:
+                    raise AssertionError("%s: %s" % (method, message["error"]))
+                return message.get("result", {})
+
+    def wait_event(self, method, predicate=lambda params: True, start=0, timeout=10):
+        """Params of the first ``method`` event from events[start:] on that ``predicate`` likes."""
+        deadline, seen = time.monotonic() + timeout, start
+        while True:
+            for event in self.events[seen:]:
+                if event["method"] == method and predicate(event["params"]):
+                    return event["params"]
+            seen = len(self.events)
+            message = self._message(deadline - time.monotonic())
+            if message is None:
+                raise AssertionError("no %s event within %d s" % (method, timeout))
+            if "method" in message:
+                self.events.append(message)
+
+    def js(self, expression):
+        """The value of a JavaScript expression in the page (promises awaited)."""
+        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True,
+                           awaitPromise=True)
+        if "exceptionDetails" in result:
+            details = result["exceptionDetails"]
+            raise AssertionError("%s: %s" % (expression, (details.get("exception") or {}).get(
+                "description") or details.get("text")))
+        return result["result"].get("value")
+
+    def wait_for(self, expression, timeout=10):
+        """Poll ``expression`` until it is true; return that value, or the last one."""
+        return wait_until(lambda: self.js(expression), timeout, 0.02)
+
+    def navigate(self, url):
+        start = len(self.events)
+        error = self.send("Page.navigate", url=url).get("errorText")
+        if error:
+            raise AssertionError("cannot load %s: %s" % (url, error))
+        self.wait_event("Page.loadEventFired", start=start)
+
+    def viewport(self, width, height=800, dark=False):
+        """Stays in force until changed; below 500 px wide, a phone (overlay scrollbars)."""
+        self.size = (width, height, dark)
+        self.send("Emulation.setDeviceMetricsOverride", width=width, height=height,
+                  deviceScaleFactor=1, mobile=width < 500)
+        self.send("Emulation.setEmulatedMedia", features=[
+            {"name": "prefers-color-scheme", "value": "dark" if dark else "light"}])
+
+    def screenshot(self, path):
+        """The whole page as a PNG: the viewport is as high as the page for the shot."""
+        width, height, dark = self.size
+        self.viewport(width, self.js("document.documentElement.scrollHeight"), dark)
+        shot = self.send("Page.captureScreenshot", format="png")["data"]
+        self.viewport(width, height, dark)
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(shot))
+
+    def click(self, element):
+        """A real mouse click in the middle of ``element`` (a JavaScript expression), scrolled
+        into view first: a hidden or covered control does not get it."""
+        x, y = self.js("(() => { const e = %s; e.scrollIntoView({block: 'center'}); "
+                       "const r = e.getBoundingClientRect(); "
+                       "return [r.x + r.width / 2, r.y + r.height / 2]; })()" % element)
+        for kind in ("mousePressed", "mouseReleased"):
+            self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+
+    def press(self, key):
+        """One key: "Tab", "Enter", " ", "Escape" or a printable character."""
+        code, number, text = self.KEYS.get(key) or ("", ord(key.upper()) * key.isalnum(), key)
+        event = dict(key=key, code=code, windowsVirtualKeyCode=number)
+        self.send("Input.dispatchKeyEvent", type="keyDown" if text else "rawKeyDown",
+                  text=text, **event)
+        self.send("Input.dispatchKeyEvent", type="keyUp", **event)
+
+    def type(self, text):
+        """Key presses, one per character; "\n" is Enter."""
+        for character in text:
+            self.press("Enter" if character == "\n" else character)
+
+    def paste(self, text):
+        self.send("Input.insertText", text=text)
+
+    # -- what the page did -----------------------------------------------------------------
+
+    def requested_urls(self):
+        """Every URL the page asked for, blocked ones too, WebSockets included."""
+        return ([e["params"]["request"]["url"] for e in self.events
+                 if e["method"] == "Network.requestWillBeSent"]
+                + [e["params"]["url"] for e in self.events
+                   if e["method"] == "Network.webSocketCreated"])
+
+    def csp_violations(self):
+        return [e["params"]["entry"]["text"] for e in self.events
+                if e["method"] == "Log.entryAdded" and e["params"]["entry"]["source"] == "security"]
+
+    def exceptions(self):
+        return [(e["params"]["exceptionDetails"].get("exception") or {}).get(
+            "description", e["params"]["exceptionDetails"]["text"]) for e in self.events
+            if e["method"] == "Runtime.exceptionThrown"]
+
+    def close(self):
+        if self.ws is not None:
+            self.ws.sock.close()
+        try:                    # the browser and its renderers: the process group it leads
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+def element(css):
+    """A JavaScript expression for the page's first element matching ``css``."""
+    return "document.querySelector(%s)" % json.dumps(css)
+
+
+SCREENSHOTS_VARIABLE = "INCOGNITOMAIL_SCREENSHOTS"
+HOSTILE_LABEL = "<img src=x onerror=alert(1)>"
+
+
+class OwnerPageDriver:
+    """Mixin for a TestCase: one headless Chromium per class, and the owner page used as its
+    owner uses it (real clicks and keys), against a daemon the test starts."""
+
+    @classmethod
+    def setUpClass(cls):
+        require_chromium()
+        super().setUpClass()
+        folder = make_folder(prefix="incognitomail-test-browser-")
+        cls.addClassCleanup(shutil.rmtree, folder, True)
+        cls.browser = Chromium(folder)
+        cls.addClassCleanup(cls.browser.close)
+
+    def setUp(self):
+        super().setUp()
+        self.browser.viewport(1280, 900)
+        self.browser.events.clear()
+
+    def listen_sections(self, **limits):
+        """Sections putting the owner page on a free loopback port (``self.origin``)."""
+        self.port = free_port()
+        self.origin = "http://127.0.0.1:%d" % self.port
+        return {"General": {"ListenAddress": "127.0.0.1:%d" % self.port},
+                "Limits": {key: str(value) for key, value in limits.items()}}
+
+    def page_site(self, **limits):
+        """A site serving the page, needing no Postfix (its map is a socketmap)."""
+        return socketmap_site(self, sections=self.listen_sections(**limits))
+
+    def open_page(self):
+        b = self.browser
+        b.send("Browser.grantPermissions", origin=self.origin,
+               permissions=["clipboardReadWrite", "clipboardSanitizedWrite"])
+        b.navigate(self.origin + "/")
+        self.assertTrue(b.wait_for("document.body.dataset.state"), "the page never started")
+
+    def sign_in(self, token, remember=False):
+        """Paste the token and sign in; wait for the first list of handles."""
+        b = self.browser
+        b.click(element("#token"))
+        b.paste(token)
+        if remember:
+            b.click(element("#remember"))
+        b.click(element("#sign-in"))
+        self.assertTrue(b.wait_for("document.body.dataset.state === 'signed-in' "
+                                   "&& +document.body.dataset.loaded >= 1"),
+                        "not signed in: %r" % self.text("#sign-in-error"))
+        self.assertNotIn(token, b.js("document.documentElement.outerHTML"))
+
+    def text(self, css):
+        return self.browser.js(element(css) + ".textContent")
+
+    def shown(self, css):
+        return self.browser.js("!%s.closest('[hidden]')" % element(css))
+
+    def loads(self):
+        return self.browser.js("+(document.body.dataset.loaded || 0)")
+
+    def wait_loaded(self, before):
+        self.assertTrue(self.browser.wait_for("+document.body.dataset.loaded > %d" % before),
+                        "the list did not load again")
+
+    def row(self, address, test=None):
+        """A JavaScript expression: the handle's row on the page (a <tbody>), or one of its
+        [data-test] parts; undefined when the handle is not on the page."""
+        found = ("[...document.querySelectorAll('#handles [data-handle-id]')].find(t => "
+                 "t.querySelector('[data-test=address]').textContent === %s)" % json.dumps(address))
+        return found if test is None else "%s?.querySelector('[data-test=%s]')" % (found, test)
+
+    def addresses(self):
+        return self.browser.js("[...document.querySelectorAll('#handles [data-test=address]')]"
+                               ".map(a => a.textContent)")
+
+    def stored(self):
+        """Every value in the page's sessionStorage and localStorage."""
+        return self.browser.js("({session: Object.values(sessionStorage), "
+                               "local: Object.values(localStorage)})")
+
+    def listed(self, site, token):
+        """The account's handles as the command line lists them: {address: handle}."""
+        done = cli(site, "--json", "list", token)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        return {h["address"]: h for h in json.loads(done.stdout)}
+
+    def tab_to(self, css, limit=40):
+        """Press Tab until ``css`` has the focus; every element on the way shows that it has.
+        (Past the last one, the focus leaves the page for a step: the body.)"""
+        for _ in range(limit):
+            self.browser.press("Tab")
+            focused = self.browser.js(
+                "(() => { const e = document.activeElement, s = getComputedStyle(e); return {"
+                "match: e.matches(%s), ring: e === document.body || s.outlineStyle !== 'none'"
+                " && s.outlineWidth !== '0px',"
+                " name: e.id || e.dataset.test || e.tagName}; })()" % json.dumps(css))
+            self.assertTrue(focused["ring"], "%s has the focus, unseen" % focused["name"])
+            if focused["match"]:
+                return
+        self.fail("Tab never reached %s" % css)
+
+    def clipboard(self):
+        return self.browser.js("navigator.clipboard.readText()")
+
+    def assert_page_behaved(self, *secrets):
+        """No request to another origin, no CSP violation, no uncaught exception, no dialog,
+        and no secret in any URL the page asked for or in the page's markup."""
+        b = self.browser
+        ours = ("http://127.0.0.1:%d/" % self.port, "ws://127.0.0.1:%d/" % self.port)
+        urls = b.requested_urls()
+        self.assertTrue(urls)
+        self.assertEqual([url for url in urls if not url.startswith(ours)], [])
+        self.assertEqual(b.csp_violations(), [])
+        self.assertEqual(b.exceptions(), [])
+        self.assertEqual([e for e in b.events if e["method"] == "Page.javascriptDialogOpening"], [])
+        markup = b.js("document.documentElement.outerHTML")
+        for secret in secrets:
+            self.assertEqual([url for url in urls if secret in url], [])
+            self.assertNotIn(secret, markup)
 
 
 ###############################################################################
@@ -7040,6 +7362,570 @@ class BrowserApiDeliveryTest(PostfixInstanceTestCase):
         self.assert_delivered(email, "alice")
         self.assert_delivered(alias["alias"], "alice")
         self.assert_foreign_line_kept()
+
+
+###############################################################################
+# Servers: the owner page in a real browser
+###############################################################################
+
+class OwnerPageEndToEndTest(OwnerPageDriver, PostfixInstanceTestCase):
+    """Every action on the owner page has its effect, seen through the command line, the map
+    Postfix reads and real mail (a private Postfix that asks the daemon's policy service)."""
+
+    @classmethod
+    def extra_main_cf(cls):
+        cls.policy_port = free_port()
+        return ["virtual_alias_domains = incognito.test other.test",
+                "smtpd_recipient_restrictions = check_policy_service inet:127.0.0.1:%d"
+                % cls.policy_port, "smtpd_policy_service_default_action = DUNNO"]
+
+    def make_site(self):
+        sections = self.listen_sections()
+        sections["General"]["PolicyListen"] = "inet:127.0.0.1:%d" % self.policy_port
+        return Site(make_folder(self), map_type=self.pf.map_type, map_path=self.pf.map_path,
+                    config_dir=self.pf.config_dir, domains="incognito.test, other.test",
+                    sections=sections)
+
+    def test_each_action_on_the_page_shows_in_the_command_line_the_map_and_real_mail(self):
+        site, daemon = self.start()
+        token = self.run_cli(site, "new", "account", "alice@mbox.test")
+        b = self.browser
+        self.open_page()
+        self.sign_in(token)
+        self.assertEqual(self.stored(), {"session": [token], "local": []})
+        self.assertEqual(self.text("#target"), "alice@mbox.test")
+        self.assertIn("No handles yet", self.text("#empty"))
+        self.assertEqual(self.text("#bitwarden-url"), self.origin)
+        self.assertEqual(self.text("#addon-url"), "ws://127.0.0.1:%d/incognitomail" % self.port)
+
+        # make a handle with a label, in the second domain served
+        b.click(element("#new-label"))
+        b.type("shop.example.com")
+        self.assertTrue(self.shown("#new-domain"))
+        b.press("Tab")
+        b.press("o")                                # the select's type-ahead: other.test
+        self.assertEqual(b.js(element("#new-domain") + ".value"), "other.test")
+        b.click(element("#create"))
+        address = b.wait_for("/^[a-z0-9]+@other[.]test$/.test(%s.textContent) && %s.textContent"
+                             % (element("#created-address"), element("#created-address")))
+        self.assertTrue(address, self.text("#create-error"))
+        handle = self.listed(site, token)[address]
+        self.assertEqual((handle["label"], handle["enabled"]), ("shop.example.com", True))
+        self.assertEqual(site.query(address), "alice@mbox.test")
+        self.assertTrue(b.wait_for("!!" + self.row(address)), "the new handle is not in the list")
+        self.assertEqual(b.js(self.row(address, "label") + ".textContent"), "shop.example.com")
+        self.assertEqual(b.js(self.row(address, "state") + ".textContent"), "Active")
+
+        b.click(element("#copy-created"))
+        self.assertTrue(b.wait_for("document.querySelector('#status').textContent === 'Copied'"))
+        self.assertEqual(self.clipboard(), address)
+
+        # real mail reaches it
+        self.assert_delivered(address, "alice")
+        self.assertTrue(wait_until(lambda: self.listed(site, token)[address]["received"] == 1,
+                                   timeout=15, interval=0.1), "the message was never counted")
+
+        # one that ends by itself, in a day or after 3 messages
+        b.click(element("summary"))
+        b.js("const s = %s; s.value = '86400'; s.dispatchEvent(new Event('change'))"
+             % element("#new-expires"))
+        b.click(element("#new-max"))
+        b.type("3")
+        b.click(element("#create"))
+        newer = b.wait_for("%s.textContent !== %s && %s.textContent" % (
+            element("#created-address"), json.dumps(address), element("#created-address")))
+        self.assertTrue(newer, self.text("#create-error"))
+        handle = self.listed(site, token)[newer]
+        self.assertEqual(handle["max_messages"], 3)
+        expires = calendar.timegm(time.strptime(handle["expires"], "%Y-%m-%dT%H:%M:%SZ"))
+        self.assertAlmostEqual(expires, time.time() + 86400, delta=120)
+        self.assertEqual(site.query(newer), "alice@mbox.test")
+
+        # after a reload (still signed in): newest first, with what each received
+        self.open_page()
+        self.assertTrue(b.wait_for("document.body.dataset.loaded && !!" + self.row(address)))
+        self.assertEqual(self.addresses(), [newer, address])
+        self.assertEqual(b.js(self.row(newer, "state") + ".textContent"),
+                         "0 of 3 messages · Expires tomorrow")
+        self.assertEqual(b.js(self.row(address, "received") + ".textContent"), "1")
+        last = self.listed(site, token)[address]["last_received"]
+        self.assertEqual(b.js(self.row(address) + ".querySelector('time[datetime]').title"),
+                         last.replace("T", " ").rstrip("Z") + " UTC")
+
+        # search narrows the list to the matching handles
+        before = self.loads()
+        b.click(element("#search"))
+        b.type("shop")
+        self.wait_loaded(before)
+        self.assertEqual(self.addresses(), [address])
+        before = self.loads()
+        b.js("const s = %s; s.value = ''; s.dispatchEvent(new Event('input'))" % element("#search"))
+        self.wait_loaded(before)
+
+        # switched off: refused at RCPT; on again: accepted
+        b.click(self.row(address, "toggle"))
+        self.assertTrue(b.wait_for(self.row(address, "toggle") + ".ariaPressed === 'false'"))
+        self.assertEqual(b.js(self.row(address, "state") + ".textContent"), "Off")
+        self.assertEqual(self.listed(site, token)[address]["enabled"], False)
+        self.assertIsNone(site.query(address))
+        self.assertEqual(self.pf.rcpt_check(address)[0], 550)
+        b.click(self.row(address, "toggle"))
+        self.assertTrue(b.wait_for(self.row(address, "toggle") + ".ariaPressed === 'true'"))
+        self.assertEqual(self.listed(site, token)[address]["enabled"], True)
+        self.assertEqual(site.query(address), "alice@mbox.test")
+        self.assertEqual(self.pf.rcpt_check(address)[0], 250)
+
+        # a new label, typed into the row and saved with Enter
+        b.click(self.row(address, "edit"))
+        self.assertTrue(b.wait_for("document.activeElement.dataset.test === 'label-input'"))
+        b.js("document.activeElement.select()")
+        b.type("shop, renamed\n")
+        label = self.row(address, "label")
+        self.assertTrue(b.wait_for(label + "?.textContent === 'shop, renamed'"))
+        self.assertEqual(self.listed(site, token)[address]["label"], "shop, renamed")
+
+        # delete, after a confirmation naming the address
+        b.click(self.row(address, "delete"))
+        question = b.wait_for(self.row(address) + "?.querySelector('tr.sub')?.innerText")
+        self.assertIn(address, question)
+        b.click(self.row(address, "confirm-delete"))
+        self.assertTrue(b.wait_for("!" + self.row(address)), "the deleted handle is still shown")
+        self.assertNotIn(address, self.listed(site, token))
+        self.assertIsNone(site.query(address))
+        self.assertEqual(self.pf.rcpt_check(address)[0], 550)
+
+        # a new token, shown once: the old one stops working, the new one works
+        b.click(element("#rotate"))
+        b.click(element("#confirm-rotate"))
+        fresh = b.wait_for("/^[A-Za-z0-9]{43}$/.test(%s.textContent) && %s.textContent"
+                           % (element("#new-token"), element("#new-token")))
+        self.assertTrue(fresh, self.text("#rotate-error"))
+        self.assertNotEqual(fresh, token)
+        self.assertEqual(cli(site, "list", token).returncode, 1)
+        self.assertEqual(list(self.listed(site, fresh)), [newer])
+        self.assertEqual(self.stored(), {"session": [fresh], "local": []})
+        b.click(element("#hide-token"))
+        self.assertEqual(self.text("#new-token"), "")
+        before = self.loads()
+        b.click(self.row(newer, "toggle"))           # the page goes on with the new token
+        self.assertTrue(b.wait_for(self.row(newer, "toggle") + ".ariaPressed === 'false'"))
+        self.assertEqual(self.listed(site, fresh)[newer]["enabled"], False)
+        self.assertEqual(b.js(self.row(newer, "row-error")), None)
+
+        b.click(element("#sign-out"))
+        self.assertTrue(b.wait_for("document.body.dataset.state === 'signed-out'"))
+        self.assertEqual(self.stored(), {"session": [], "local": []})
+        self.assert_page_behaved(token, fresh)
+        self.assertNotIn(token, daemon.log())
+        self.assertNotIn(fresh, daemon.log())
+
+
+
+class OwnerPageSecurityTest(OwnerPageDriver, unittest.TestCase):
+    """The page runs only its own script and style, talks only to its own origin, and shows
+    what the server sends as text: a hostile label stays text."""
+
+    def test_hostile_label_is_shown_as_text_and_never_runs(self):
+        site = self.page_site()
+        start_daemon(self, site)
+        token = new_account(site)
+        address = new_handle(site, token)
+        done = cli(site, "label", "handle", address, token, HOSTILE_LABEL)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        b = self.browser
+        self.open_page()
+        self.sign_in(token)
+        self.assertEqual(b.js(self.row(address, "label") + ".textContent"), HOSTILE_LABEL)
+        self.assertEqual(b.js("document.querySelectorAll('#handles img, [onerror]').length"), 0)
+        b.click(self.row(address, "edit"))
+        self.assertEqual(b.wait_for(self.row(address, "label-input") + "?.value"), HOSTILE_LABEL)
+        b.press("Escape")
+        before = self.loads()
+        b.click(element("#search"))
+        b.type(HOSTILE_LABEL[:12])
+        self.wait_loaded(before)
+        self.assertEqual(self.addresses(), [address])
+        self.assertEqual(b.js("document.querySelectorAll('#handles img').length"), 0)
+        self.assertEqual([url for url in b.requested_urls() if url.endswith("/x")], [])
+        self.assert_page_behaved(token)
+
+    def test_page_is_served_with_a_policy_allowing_only_its_own_script_style_and_origin(self):
+        site = self.page_site()
+        start_daemon(self, site)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n\r\n"
+                      % self.port)
+            response = b"".join(iter(lambda: s.recv(65536), b"")).decode("utf-8")
+        head, body = response.split("\r\n\r\n", 1)
+        lines = head.split("\r\n")
+        self.assertEqual(lines[0], "HTTP/1.1 200 OK")
+        headers = {name.lower(): value.strip() for name, _, value in
+                   (line.partition(":") for line in lines[1:])}
+        self.assertEqual(headers["content-type"], "text/html; charset=utf-8")
+        self.assertEqual(headers["x-content-type-options"], "nosniff")
+        self.assertEqual(headers["referrer-policy"], "no-referrer")
+        self.assertEqual(headers["cache-control"], "no-store")
+
+        def inline(tag):
+            self.assertEqual(body.count("<%s" % tag), 1, "one inline <%s>" % tag)
+            text = body.split("<%s>" % tag, 1)[1].split("</%s>" % tag, 1)[0]
+            digest = base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode()
+            return ["'sha256-%s'" % digest]
+        policy = {}
+        for directive in headers["content-security-policy"].split(";"):
+            name, *values = directive.split()
+            policy[name] = values
+        port = self.port
+        self.assertEqual(policy, {
+            "default-src": ["'none'"], "script-src": inline("script"), "style-src": inline("style"),
+            "connect-src": ["'self'", "ws://127.0.0.1:%d" % port, "wss://127.0.0.1:%d" % port],
+            "img-src": ["'self'", "data:"], "frame-ancestors": ["'none'"],
+            "base-uri": ["'none'"], "form-action": ["'none'"]})
+        markup = re.sub(r"(?s)<(script|style)>.*?</\1>", "", body)
+        self.assertNotRegex(markup, r"<[^>]+\s(on[a-z]+|style)\s*=|javascript:")
+
+    def test_the_browser_reports_what_the_policy_blocks_so_a_violation_fails_the_tests(self):
+        site = self.page_site()
+        start_daemon(self, site)
+        b = self.browser
+        self.open_page()
+        self.assertEqual(b.csp_violations(), [])
+        start = len(b.events)
+        b.js("const s = document.createElement('script'); s.textContent = 'window.ran = 1';"
+             "document.body.append(s); const i = document.createElement('img');"
+             "i.src = 'http://example.invalid/x.png'; document.body.append(i)")
+        b.wait_event("Log.entryAdded", lambda p: "example.invalid" in p["entry"]["text"],
+                     start=start)
+        self.assertIsNone(b.js("window.ran"))
+        self.assertEqual(len(b.csp_violations()), 2, b.csp_violations())
+        self.assertIn("http://example.invalid/x.png", b.requested_urls())
+        with self.assertRaises(AssertionError):
+            self.assert_page_behaved()
+
+
+class OwnerPageSignInTest(OwnerPageDriver, unittest.TestCase):
+    """The token is pasted once: it stays for the browser session, or on the device when the
+    owner asks to be remembered; signing out forgets it; it never shows in a URL or the page."""
+
+    def test_token_stays_for_the_session_unless_remembered_and_sign_out_forgets_it(self):
+        site = self.page_site()
+        daemon = start_daemon(self, site)
+        token = new_account(site)
+        b = self.browser
+        self.open_page()
+        self.sign_in(token)
+        self.assertEqual(self.stored(), {"session": [token], "local": []})
+        self.assertEqual(b.js(element("#token") + ".value"), "")
+        self.open_page()
+        self.assertEqual(b.wait_for("document.body.dataset.state"), "signed-in")
+        b.click(element("#sign-out"))
+        self.assertEqual(b.js("document.body.dataset.state"), "signed-out")
+        self.assertEqual(self.stored(), {"session": [], "local": []})
+
+        self.sign_in(token, remember=True)
+        self.assertEqual(self.stored(), {"session": [], "local": [token]})
+        self.open_page()
+        self.assertEqual(b.wait_for("document.body.dataset.state"), "signed-in")
+        b.click(element("#sign-out"))
+        self.assertEqual(self.stored(), {"session": [], "local": []})
+        self.open_page()
+        self.assertEqual(b.wait_for("document.body.dataset.state"), "signed-out")
+        self.assert_page_behaved(token)
+        self.assertNotIn(token, daemon.log())
+
+
+class OwnerPageErrorsTest(OwnerPageDriver, unittest.TestCase):
+    """What goes wrong is said in place, in words: a wrong token, and a request the rate limit
+    refuses, with the seconds to wait."""
+
+    def test_wrong_token_is_refused_in_place_and_nothing_is_kept(self):
+        site = self.page_site()
+        daemon = start_daemon(self, site)
+        new_account(site)
+        wrong = im.new_token()
+        b = self.browser
+        self.open_page()
+        b.click(element("#token"))
+        b.paste(wrong)
+        b.click(element("#sign-in"))
+        message = b.wait_for("%s.textContent" % element("#sign-in-error"))
+        self.assertIn("token is not valid", message)
+        self.assertTrue(self.shown("#sign-in-error"))
+        self.assertEqual(b.js("document.body.dataset.state"), "signed-out")
+        self.assertEqual(b.js("document.activeElement.id"), "token")
+        self.assertEqual(self.stored(), {"session": [], "local": []})
+        self.assert_page_behaved(wrong)
+        self.assertNotIn(wrong, daemon.log())
+
+    def test_rate_limited_create_is_refused_in_place_with_the_seconds_to_wait(self):
+        site = self.page_site(HandlesPerMinutePerClient=1)
+        start_daemon(self, site)
+        token = new_account(site)
+        b = self.browser
+        self.open_page()
+        self.sign_in(token)
+        b.click(element("#create"))
+        address = b.wait_for(element("#created-address") + ".textContent")
+        self.assertTrue(address, self.text("#create-error"))
+        b.click(element("#create"))
+        message = b.wait_for(element("#create-error") + ".textContent")
+        self.assertRegex(message, r"^Too many requests: try again in [1-9][0-9]* s$")
+        self.assertTrue(self.shown("#create-error"))
+        self.assertEqual(list(self.listed(site, token)), [address])
+        self.assertEqual(self.addresses(), [address])
+        self.assert_page_behaved(token)
+
+    def test_token_rotated_elsewhere_signs_the_page_out_saying_why(self):
+        site = self.page_site()
+        start_daemon(self, site)
+        token = new_account(site)
+        b = self.browser
+        self.open_page()
+        self.sign_in(token)
+        rotated = cli(site, "rotate", token)
+        self.assertEqual(rotated.returncode, 0, rotated.stderr)
+        b.click(element("#create"))
+        self.assertTrue(b.wait_for("document.body.dataset.state === 'signed-out'"))
+        self.assertIn("token is not valid", self.text("#sign-in-error"))
+        self.assertEqual(self.stored(), {"session": [], "local": []})
+        self.assertEqual(self.listed(site, rotated.stdout.strip()), {})
+        self.assert_page_behaved(token)
+
+
+class OwnerPageSettingsTest(OwnerPageDriver, unittest.TestCase):
+    """The page follows the listener's settings: its ListenPath, and AllowedOrigins naming
+    only the add-on (the page's own origin stays allowed, its WebSocket included)."""
+
+    def test_page_uses_the_listen_path_and_works_when_allowed_origins_name_only_the_add_on(self):
+        sections = self.listen_sections()
+        sections["General"].update(ListenPath="/mail/ws", AllowedOrigins="moz-extension://abc")
+        site = socketmap_site(self, sections=sections)
+        start_daemon(self, site)
+        token = new_account(site)
+        b = self.browser
+        self.open_page()
+        self.sign_in(token)
+        self.assertEqual(self.text("#addon-url"), "ws://127.0.0.1:%d/mail/ws" % self.port)
+        b.click(element("#create"))
+        address = b.wait_for(element("#created-address") + ".textContent")
+        self.assertTrue(address, self.text("#create-error"))
+        b.click(element("#rotate"))
+        b.click(element("#confirm-rotate"))
+        fresh = b.wait_for(element("#new-token") + ".textContent")
+        self.assertTrue(fresh, self.text("#rotate-error"))
+        self.assertEqual(list(self.listed(site, fresh)), [address])
+        self.assertIn("ws://127.0.0.1:%d/mail/ws" % self.port, b.requested_urls())
+        self.assert_page_behaved(token)
+
+
+class OwnerPageKeyboardTest(OwnerPageDriver, unittest.TestCase):
+    """The page works by keyboard alone, each control showing when it has the focus."""
+
+    def test_sign_in_and_make_a_handle_with_tab_enter_and_space_only(self):
+        site = self.page_site()
+        start_daemon(self, site)
+        token = new_account(site)
+        b = self.browser
+        self.open_page()
+        self.assertEqual(b.js("document.activeElement.id"), "token")
+        b.type(token)
+        self.tab_to("#sign-in")
+        b.press("Enter")
+        self.assertTrue(b.wait_for("+document.body.dataset.loaded >= 1"))
+        self.assertEqual(b.js("document.body.dataset.state"), "signed-in")
+        self.tab_to("#new-label")
+        b.type("by keyboard")
+        self.tab_to("#create")
+        b.press(" ")
+        address = b.wait_for(element("#created-address") + ".textContent")
+        self.assertTrue(address, self.text("#create-error"))
+        self.assertEqual(self.listed(site, token)[address]["label"], "by keyboard")
+        self.assertEqual(b.js("document.activeElement.id"), "copy-created")
+        b.press("Enter")
+        self.assertTrue(b.wait_for("%s.textContent === 'Copied'" % element("#status")))
+        self.assertEqual(self.clipboard(), address)
+        self.tab_to("[data-test=toggle]")
+        b.press(" ")
+        self.assertTrue(b.wait_for(self.row(address, "toggle") + ".ariaPressed === 'false'"))
+        self.assertEqual(self.listed(site, token)[address]["enabled"], False)
+        self.assert_page_behaved(token)
+
+
+def seed_account(site, handles, address="alice@example.org"):
+    """Before the daemon starts: an account and its handles written straight into the
+    database; its token. Each handle is a dict of columns (local, domain and created needed)."""
+    token = im.new_token()
+    columns = ("account_id", "local", "domain", "label", "created", "enabled", "received",
+               "last_received", "blocked", "last_blocked", "expires", "max_messages")
+    store = im.Store(site.config.database_path)
+    try:
+        with store.transaction():
+            account_id = store.add_account(address, im.token_digest(token), time.time())
+            defaults = dict.fromkeys(columns)
+            defaults.update(account_id=account_id, enabled=1, received=0, blocked=0)
+            store.db.executemany(
+                "INSERT INTO handles (%s) VALUES (%s)" % (", ".join(columns),
+                                                          ", ".join(":" + c for c in columns)),
+                (dict(defaults, **handle) for handle in handles))
+    finally:
+        store.close()
+    return token
+
+
+class OwnerPageManyHandlesTest(OwnerPageDriver, unittest.TestCase):
+    """10,000 handles: the first screen comes at once (one page from the server), and paging
+    and search stay quick."""
+
+    def test_first_screen_of_10000_handles_comes_quickly_then_pages_and_search_work(self):
+        site = self.page_site()
+        now = int(time.time())
+        token = seed_account(site, ({"local": "h%05d" % n, "domain": "incognito.test",
+                                     "label": "site-%05d.example" % n, "created": now - 10000 + n}
+                                    for n in range(1, 10001)))
+        start_daemon(self, site)
+        b = self.browser
+        self.open_page()
+        b.click(element("#token"))
+        b.paste(token)
+        seconds = b.js("new Promise(done => { const t0 = performance.now();"
+                       "document.querySelector('#sign-in').click(); (function check() {"
+                       "if (document.querySelectorAll('#handles [data-handle-id]').length) {"
+                       "requestAnimationFrame(() => done((performance.now() - t0) / 1000)) }"
+                       "else setTimeout(check, 2) })() })")
+        sys.stderr.write("sign-in to the first screen of 10,000 handles: %.0f ms ... "
+                         % (seconds * 1000))
+        self.assertLess(seconds, 3.0)
+        self.assertEqual(self.text("#page-info"), "1–50 of 10,000")
+        shown = self.addresses()
+        self.assertEqual(shown, ["h%05d@incognito.test" % n for n in range(10000, 9950, -1)])
+        before, started = self.loads(), time.monotonic()
+        b.click(element("#next"))
+        self.wait_loaded(before)
+        turn = time.monotonic() - started
+        sys.stderr.write("next page: %.0f ms ... " % (turn * 1000))
+        self.assertLess(turn, 3.0)
+        self.assertEqual(self.text("#page-info"), "51–100 of 10,000")
+        self.assertEqual(self.addresses()[0], "h09950@incognito.test")
+        before = self.loads()
+        b.click(element("#prev"))
+        self.wait_loaded(before)
+        self.assertEqual(self.addresses(), shown)
+        before = self.loads()
+        b.click(element("#search"))
+        b.type("site-04242")
+        self.wait_loaded(before)
+        self.assertEqual(self.addresses(), ["h04242@incognito.test"])
+        self.assertEqual(self.text("#total"), "1 found")
+        self.assert_page_behaved(token)
+
+
+
+# What the page looks like at the current viewport: how wide it is, the controls that stick out
+# of it, the body's relative luminance and its text's contrast (WCAG 2 formulas).
+LAYOUT_PROBE = """(() => {
+  const lum = (color) => { const [r, g, b] = color.match(/[0-9.]+/g).slice(0, 3).map((v) => {
+    v = v / 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+  const style = getComputedStyle(document.body), width = innerWidth;
+  const bg = lum(style.backgroundColor), fg = lum(style.color);
+  const outside = [...document.querySelectorAll('button, input, select, summary, code, output')]
+    .filter((e) => e.getClientRects().length).map((e) => [e, e.getBoundingClientRect()])
+    .filter(([e, r]) => r.left < -0.5 || r.right > width + 0.5)
+    .map(([e, r]) => (e.id || e.dataset.test || e.tagName) + ' ' + Math.round(r.right));
+  return {scroll: document.documentElement.scrollWidth, width, outside, background: bg,
+          contrast: (Math.max(bg, fg) + 0.05) / (Math.min(bg, fg) + 0.05)};
+})()"""
+
+
+class OwnerPageLookTest(OwnerPageDriver, unittest.TestCase):
+    """Each handle shows its address, label, state, counts and times, newest first; the page
+    fits 360 and 1280 px wide, light and dark (with INCOGNITOMAIL_SCREENSHOTS naming a folder,
+    a screenshot of each goes there)."""
+
+    def setUp(self):
+        super().setUp()
+        self.site = self.page_site()
+        now, day = int(time.time()), 86400
+        self.handles = [                                  # oldest first
+            dict(local="k2v9d7q1m4x8p3z6", label="Newsletter: The Weekly Byte", received=1284,
+                 last_received=now - 7200, blocked=3, last_blocked=now - 86000,
+                 created=now - 90 * day),
+            dict(local="s8f3j2w9c4n7b1t5", label="shop.example.com", enabled=0, received=7,
+                 last_received=now - 20 * day, created=now - 60 * day),
+            dict(local="c6r1y8e3u5h2a9g4", label="Conference 2024", received=2,
+                 last_received=now - 45 * day, expires=now - 3 * day, created=now - 50 * day),
+            dict(local="o3t7p1m9w5q2z8d4", label="one-time login code", max_messages=1,
+                 received=1, last_received=now - 3600, created=now - 2 * day),
+            dict(local="f9t4r7i2a6l1x3e8", label="free trial", max_messages=10, received=2,
+                 last_received=now - 600, expires=now + 5 * day + 600, created=now - day),
+            dict(local="n5e8w1h3a7n2d6l9", domain="other.test", created=now - 60),
+        ]
+        for handle in self.handles:
+            handle.setdefault("domain", "incognito.test")
+        self.token = seed_account(self.site, self.handles, "alice@example.org")
+        start_daemon(self, self.site)
+        self.open_page()
+
+    def test_each_handle_shows_its_address_label_state_counts_and_times_newest_first(self):
+        self.sign_in(self.token)
+        shown = self.browser.js("""[...document.querySelectorAll('#handles [data-handle-id]')]
+          .map((t) => { const part = (test) => t.querySelector('[data-test=' + test + ']');
+            const cell = (name) => t.querySelector('td[data-label="' + name + '"]');
+            const time = (name) => cell(name).querySelector('time');
+            return [part('address').textContent, part('label').textContent,
+                    part('state').textContent, part('received').textContent,
+                    part('blocked').textContent, time('Last received')?.title
+                    || cell('Last received').textContent, time('Created').title]; })""")
+
+        def utc(seconds):
+            return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
+        expected_states = ["Active", "Off", "Expired " + time.strftime(
+            "%Y-%m-%d", time.gmtime(self.handles[2]["expires"])), "Used up",
+            "2 of 10 messages · Expires in 5 days", "Active"]
+        expected = [["%s@%s" % (h["local"], h["domain"]), h.get("label") or "", state,
+                     "{:,}".format(h.get("received", 0)), str(h.get("blocked", 0)),
+                     utc(h["last_received"]) if h.get("last_received") else "Never",
+                     utc(h["created"])] for h, state in zip(self.handles, expected_states)]
+        self.assertEqual(shown, expected[::-1])
+        self.assertEqual(self.text("#page-info"), "1–6 of 6")
+        before = self.loads()
+        self.browser.js(element("#filter") + ".focus()")
+        self.browser.press("O")                     # the select's type-ahead: Off
+        self.wait_loaded(before)
+        self.assertEqual(self.addresses(), ["s8f3j2w9c4n7b1t5@incognito.test"])
+        self.assert_page_behaved(self.token)
+
+    def test_page_fits_360_and_1280_pixels_wide_in_light_and_dark(self):
+        b = self.browser
+        folder = os.environ.get(SCREENSHOTS_VARIABLE)
+
+        def check(name, width, dark, shoot=True):
+            b.viewport(width, 800, dark)
+            b.js("new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)))")
+            look = b.js(LAYOUT_PROBE)
+            self.assertLessEqual(look["scroll"], width, "%s: wider than the screen" % name)
+            self.assertEqual(look["outside"], [], "%s: controls outside the screen" % name)
+            if dark:
+                self.assertLess(look["background"], 0.05, "%s: not dark" % name)
+            else:
+                self.assertGreater(look["background"], 0.8, "%s: not light" % name)
+            self.assertGreaterEqual(look["contrast"], 7, name)
+            if folder and shoot:
+                os.makedirs(folder, exist_ok=True)
+                b.screenshot(os.path.join(folder, "owner-page-%s.png" % name))
+        for width, dark in ((360, False), (360, True), (1280, False), (1280, True)):
+            check("signed-out-%d-%s" % (width, "dark" if dark else "light"), width, dark,
+                  shoot=(width, dark) == (360, False))
+        b.viewport(1280)
+        self.sign_in(self.token)
+        b.click(element("#new-label"))
+        b.type("forum.example.net\n")
+        self.assertTrue(b.wait_for(element("#created-address") + ".textContent"))
+        b.click(self.row("s8f3j2w9c4n7b1t5@incognito.test", "delete"))
+        b.js("scrollTo(0, 0)")
+        for width, dark in ((360, False), (360, True), (1280, False), (1280, True)):
+            check("signed-in-%d-%s" % (width, "dark" if dark else "light"), width, dark)
+        self.assert_page_behaved(self.token)
 
 
 ###############################################################################
