@@ -159,15 +159,6 @@ def _file_identity(path):
     return [st.st_ino, st.st_size, st.st_mtime_ns]
 
 
-def _file_identity(path):
-    """What a file is now (inode, size, mtime), to notice that someone else changed it."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return [st.st_ino, st.st_size, st.st_mtime_ns]
-
-
 def _others_may_write(st):
     """Could a user other than root or us write into the folder whose stat is ``st``?"""
     if st.st_uid not in (0, os.geteuid()) or st.st_mode & stat.S_IWOTH:
@@ -4680,12 +4671,13 @@ def descriptor_budget(wanted):
             soft = target
         except (ValueError, OSError):
             pass
-    budget = max(0, soft - RESERVED_DESCRIPTORS)
+    # with a very low limit, half of it is kept back
+    budget = soft - min(RESERVED_DESCRIPTORS, soft // 2)
     if wanted and budget < wanted:
         log.warning("open-file limit %d leaves room for %d WebSocket/HTTP connections, fewer than "
                     "[Limits] MaxConnections %d (%d descriptors are kept for the command line, "
                     "Postfix and files); raise the limit (LimitNOFILE in the systemd unit, "
-                    "ulimit -n)", soft, budget, wanted, RESERVED_DESCRIPTORS)
+                    "ulimit -n)", soft, budget, wanted, soft - budget)
     return min(budget, wanted) if wanted else budget
 
 
@@ -4735,7 +4727,7 @@ class Daemon:
         self._requests = set()          # in-flight request tasks: finished before stopping
         self._web_clients = set()       # open _WebClient connections
         self._connections = {}          # client -> how many WebSocket/HTTP connections it has open
-        self._max_connections = config.max_connections
+        self._max_connections = None    # WebSocket/HTTP connections in all (None: no limit)
         self._trusted = [ipaddress.ip_network(p, strict=False) for p in config.trusted_proxies]
         self._creation_per_client = TokenBucket(config.handles_per_minute_per_client)
         self._failures_per_client = TokenBucket(config.failed_tokens_per_minute_per_client)
@@ -5048,8 +5040,8 @@ class Daemon:
         client = connection.counted_as
         count = self._connections.get(client, 0)
         per_client = self.config.max_connections_per_client
-        if ((self._max_connections and len(self._web_clients) >= self._max_connections) or
-                (per_client and count >= per_client and not self._is_trusted(connection.peer))):
+        full = self._max_connections is not None and len(self._web_clients) >= self._max_connections
+        if full or (per_client and count >= per_client and not self._is_trusted(connection.peer)):
             return False
         self._connections[client] = count + 1
         self._web_clients.add(connection)
