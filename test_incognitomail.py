@@ -1418,9 +1418,17 @@ class Chromium:
     def click(self, element):
         """A real mouse click in the middle of ``element`` (a JavaScript expression), scrolled
         into view first: a hidden or covered control does not get it."""
-        x, y = self.js("(() => { const e = %s; e.scrollIntoView({block: 'center'}); "
-                       "const r = e.getBoundingClientRect(); "
-                       "return [r.x + r.width / 2, r.y + r.height / 2]; })()" % element)
+        where = ("(() => { const e = %s; e.scrollIntoView({block: 'center'}); "
+                 "const r = e.getBoundingClientRect(); "
+                 "return r.width && r.height ? [r.x + r.width / 2, r.y + r.height / 2] : null; })()"
+                 % element)
+        spots = [None]
+
+        def settled():     # shown, and where it was a moment ago (nothing moves it any more)
+            spots.append(self.js(where))
+            return spots[-1] is not None and spots[-1] == spots[-2]
+        wait_until(settled, 5, 0.03)
+        x, y = spots[-1] or (0, 0)
         for kind in ("mousePressed", "mouseReleased"):
             self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
 
