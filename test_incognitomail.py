@@ -4283,11 +4283,7 @@ def parsed(parser, *chunks):
     requests = []
     for chunk in chunks:
         parser.feed(chunk)
-        while True:
-            request = parser.next_request()
-            if request is None:
-                break
-            requests.append(request)
+        requests.extend(iter(parser.next_request, None))
     return requests
 
 
