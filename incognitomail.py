@@ -5644,9 +5644,10 @@ def run_command(config, args, out=sys.stdout):
     result = reply.get(OPERATIONS[command.op].reply)
     if command.op in ("new_account", "rotate_token"):
         emit({"token": result}, result)
-        print("This is the account's %s secret token%s." % (
-            ("", ": keep it like a password") if command.op == "new_account"
-            else ("new", "; the old one no longer works")), file=sys.stderr)
+        print("This is the account's secret token: keep it like a password."
+              if command.op == "new_account" else
+              "This is the account's new secret token; the old one no longer works.",
+              file=sys.stderr)
     elif command.op == "new_handle":
         emit(result, result["address"])
     elif command.op == "update_handle":
