@@ -600,11 +600,11 @@ def parse_when(text, now):
             raise BadRequest(str(e)) from None
     try:
         timestamp = from_iso_time(text)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise BadRequest("%r is neither a time (ISO 8601, e.g. 2026-12-31T18:00:00Z) nor a "
                          "duration (e.g. 30d)" % text) from None
     if timestamp <= now:
-        raise BadRequest("%s is not in the future" % iso_time(timestamp))
+        raise BadRequest("%s is not in the future" % text.strip())
     if timestamp > now + MAX_LIFETIME:
         raise BadRequest("%s is more than 100 years away" % iso_time(timestamp))
     return timestamp
@@ -1666,7 +1666,8 @@ class Service:
                 self.store.set_meta("counting_since", str(int(self.clock())))
             if self.store.get_meta("swept_until") is None:
                 self.store.set_meta("swept_until", str(int(self.clock())))
-        self.table.reconcile(self.store.map_entries(self.clock()), clean)
+        # as of the last sweep; the sweep below then takes out what ended since
+        self.table.reconcile(self.store.map_entries(self._swept_until()), clean)
         # what expired while the server was down leaves the map before anything is served
         sweep = concurrent.futures.Future()
         self._run_batch([(sweep, OPERATIONS["sweep"], (), {"restarting": True})])
@@ -1717,6 +1718,8 @@ class Service:
         local, _, domain = address.lower().partition("@")
         if not domain or domain not in self.config.domains:
             return None
+        # an address extension (Postfix's recipient_delimiter: k3v9+shop@...) routes as the handle
+        local = re.match("[%s]*" % HANDLE_ALPHABET, local).group()
         return self._lookup_store.handle(local, domain)
 
     # -- the worker -------------------------------------------------------------------------
@@ -1766,7 +1769,7 @@ class Service:
     def _rebuild_map(self):
         """After a change that could not be undone: the store says what the map must hold."""
         try:
-            self.table.rebuild(self.store.map_entries(self.clock()))
+            self.table.rebuild(self.store.map_entries(self._swept_until()))
         except IncognitoMailError as e:
             log.error("%s (the map stays in doubt; "
                       "it is rebuilt after the next batch or at start)", e)
@@ -2038,7 +2041,9 @@ class Service:
         since = int(self.store.get_meta("swept_until") or now)
         used_up = self.store.used_up_between(since, MAX_TIME if restarting else now)
         ended = self.store.expiring(since, now) + used_up
-        gone = {h.address for h in ended if h.in_map(since) and (restarting or not h.in_map(now))}
+        after = [h._replace(used_up=min(h.used_up or 0, now)) if restarting else h for h in ended]
+        gone = {h.address for h, later in zip(ended, after) if h.in_map(since)
+                and not later.in_map(now)}
         if restarting:
             self.store.settle_used_up(now)
         for address in gone:
@@ -2211,6 +2216,8 @@ def check_fields(operation, message):
         if (not isinstance(value, field.kind)
                 or (isinstance(value, bool) and field.kind is not bool)):
             raise BadRequest("%r has the wrong type" % field.name)
+        if field.kind is int and not -MAX_TIME <= value <= MAX_TIME:
+            raise BadRequest("%r is out of range" % field.name)
         if isinstance(value, str):
             try:
                 # JSON may carry lone surrogates ("\ud800"), which are not text
@@ -2556,8 +2563,11 @@ def origin_allowed(request, allowed_origins):
     origin = request.headers.get("origin", "").lower()
     if not allowed_origins or origin in {o.lower() for o in allowed_origins}:
         return True
-    return bool(origin) and urllib.parse.urlsplit(origin).netloc == request.headers.get(
-        "host", "").lower()
+    try:
+        netloc = urllib.parse.urlsplit(origin).netloc
+    except ValueError:      # "http://[" and the like
+        return False
+    return bool(origin) and netloc == request.headers.get("host", "").lower()
 
 
 def accept_response(key):
@@ -4734,8 +4744,8 @@ class Daemon:
         self._known_tokens = collections.OrderedDict()  # token digests that were right lately
         self._checking = {}             # digest of a token not known yet -> done once checked
         self._received = []             # (address, time, blocked) seen at RCPT, not yet written
-        self._burners = {}              # address -> asyncio.Lock: one message at a time
-        self._counted = {}              # (instance, recipient) already counted: once per message
+        self._burners = {}              # address -> (asyncio.Lock, users): one message at a time
+        self._decided = {}              # (instance, recipient) -> answer: once per message
         # listener name -> {writer: None}, least recently active first
         self._stream_clients = {}
         self._fd_shortage_logged = float("-inf")   # when a shortage of descriptors was last seen
@@ -5212,39 +5222,50 @@ class Daemon:
         handle = await self.service.lookup(recipient) if "@" in recipient else None
         if handle is None or handle.max_messages is None:
             return await self._policy_decision(request, recipient, handle, durable=False)
-        lock = self._burners.setdefault(recipient, asyncio.Lock())
+        lock, users = self._burners.get(handle.address, (asyncio.Lock(), 0))
+        self._burners[handle.address] = (lock, users + 1)
         try:
             async with lock:
                 handle = await self.service.lookup(recipient)   # its count as of now
                 return await self._policy_decision(request, recipient, handle, durable=True)
         finally:
-            if not lock.locked():
-                self._burners.pop(recipient, None)
+            lock, users = self._burners[handle.address]
+            if users > 1:
+                self._burners[handle.address] = (lock, users - 1)
+            else:
+                del self._burners[handle.address]
 
     async def _policy_decision(self, request, recipient, handle, durable):
         if handle is None:
             return "DUNNO"
+        state_name = request.get("protocol_state", "").upper()
+        message = (request.get("instance") or "", recipient)
+        if message[0] and message in self._decided:     # Postfix asks again: the same answer
+            return self._decided[message]
         now = self.clock()
         state = handle.state(now)
-        state_name = request.get("protocol_state", "").upper()
         if state == ENABLED and state_name != "RCPT":
             return "DUNNO"
-        rcpt = state_name in ("RCPT", "")
-        message = (request.get("instance") or "", recipient)
-        if rcpt and (not message[0] or message not in self._counted):
-            if message[0]:
-                self._counted[message] = True
-                if len(self._counted) > 10000:
-                    for old in list(self._counted)[:5000]:
-                        del self._counted[old]
-            event = (recipient, now, state != ENABLED)
-            if durable and state == ENABLED:
-                await self.service.run("record_mail", [event])
-            else:
-                self._received.append(event)
-        if state == ENABLED or not rcpt:
+        if state_name not in ("RCPT", ""):
             return "DUNNO"
-        return "550 5.1.1 <%s>: %s" % (recipient, REFUSALS[state])
+        answer = "DUNNO" if state == ENABLED else \
+            "550 5.1.1 <%s>: %s" % (recipient, REFUSALS[state])
+        event = (handle.address, now, state != ENABLED)
+        if durable and state == ENABLED:
+            try:
+                await self.service.run("record_mail", [event])
+            except (IncognitoMailError, sqlite3.Error) as e:
+                log.error("policy service: cannot count a message to %s (%s); asking the "
+                          "sender to try again later", handle.address, e)
+                return "451 4.3.0 <%s>: try again later" % recipient
+        else:
+            self._received.append(event)
+        if message[0]:
+            self._decided[message] = answer
+            if len(self._decided) > 10000:
+                for old in list(self._decided)[:5000]:
+                    del self._decided[old]
+        return answer
 
     async def _write_received_periodically(self):
         while True:

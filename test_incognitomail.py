@@ -3697,6 +3697,68 @@ class BurnerAndBlockedCountsTest(PostmapTestCase):
         self.assertEqual(answer(burner), notfound)
 
 
+    def test_concurrent_messages_to_a_burner_take_no_more_than_it_accepts(self):
+        burner = self.new_handle(max_messages=2)
+
+        async def overlapping():     # each arrives while earlier ones are being answered
+            tasks = []
+            for n in range(8):
+                tasks.append(asyncio.ensure_future(self.daemon._policy_action(
+                    {"protocol_state": "RCPT", "recipient": burner, "instance": "m%d" % n})))
+                await asyncio.sleep(0.002 * (n % 3))
+            return await asyncio.gather(*tasks)
+        answers = asyncio.run(overlapping())
+        self.assertEqual(answers.count("DUNNO"), 2, answers)
+        self.assertEqual(self.listed(burner)["received"], 2)
+        self.assertEqual(self.daemon._burners, {})
+
+    def test_postfix_asking_twice_about_one_message_gets_the_same_answer(self):
+        burner = self.new_handle(max_messages=1)
+        self.assertEqual(self.ask((burner, "m1"), (burner, "m1")), ["DUNNO", "DUNNO"])
+        self.assertEqual(self.ask((burner, "m2"))[0][:3], "550")
+        self.assertEqual(self.listed(burner)["received"], 1)
+
+    def test_an_address_extension_is_counted_and_refused_as_its_handle(self):
+        burner, expiring = self.new_handle(max_messages=1), self.new_handle("1h")
+        local, domain = burner.split("@")
+        extended = "%s+shop@%s" % (local, domain)
+        self.assertEqual(self.ask((extended, "m1")), ["DUNNO"])
+        self.assertEqual(self.ask((extended, "m2"))[0][:3], "550")
+        self.assertEqual(self.listed(burner)["received"], 1)
+        self.now[0] += 2 * 3600
+        local, domain = expiring.split("@")
+        self.assertIn("has expired", self.ask(("%s-news@%s" % (local, domain), "m3"))[0])
+
+    def test_a_burner_whose_count_cannot_be_written_asks_the_sender_to_try_later(self):
+        burner = self.new_handle(max_messages=3)
+        with mock.patch.object(self.fixture.service, "run",
+                               side_effect=im.StoreError("the database is not available")), \
+                self.assertLogs(im.log, logging.ERROR):
+            self.assertEqual(self.ask((burner, "m1"))[0][:3], "451")
+        self.assertEqual(self.listed(burner)["received"], 0)
+
+    def test_a_limit_raised_after_use_keeps_the_handle_in_the_map_across_a_restart(self):
+        burner = self.new_handle(max_messages=1)
+        self.ask((burner, "m1"))
+        self.fixture.call("update_handle", self.token, burner, im._UNCHANGED, im._UNCHANGED, None,
+                          im._UNCHANGED, 5)
+        self.fixture.stop()
+        again = self.start_service(self.site, clock=lambda: self.now[0])
+        self.assertEqual(self.site.query(burner), "me@example.org")
+        self.assertEqual(im.json_value(again.service.call("list_handles", self.token),
+                                       self.now[0])[0]["state"], "enabled")
+
+    def test_a_map_rebuilt_after_a_failed_undo_holds_what_the_last_sweep_left(self):
+        expiring = self.new_handle("1h")
+        self.now[0] += 3600 + 5            # expired, the sweep has not run yet
+        service = self.fixture.service
+        service.table.needs_rebuild = True
+        service._rebuild_map()
+        self.fixture.call("update_handle", self.token, expiring, im._UNCHANGED, im._UNCHANGED, None,
+                          "30d")
+        self.assertEqual(self.site.query(expiring), "me@example.org")
+
+
 class PruneExpiredHandlesTest(PostmapTestCase):
     """prune --handles-expired-days N: exactly the handles that expired more than N days ago."""
 
@@ -4042,6 +4104,10 @@ class JsonRequestFormatTest(unittest.TestCase):
             with self.assertRaises(im.BadRequest, msg=text):
                 self.parse(text, im.COMMAND_LINE)
 
+    def test_a_number_beyond_sqlite_is_a_bad_request_not_an_internal_error(self):
+        with self.assertRaises(im.BadRequest):
+            self.parse('{"op": "get_handle", "token": "t", "handle_id": %d}' % 10 ** 30)
+
     def test_replies_carry_the_id_and_the_result_under_its_name(self):
         self.assertEqual(json.loads(im.json_reply("x", "rotate_token", "new")), {"id": "x", "ok": True, "token": "new"})
         self.assertEqual(json.loads(im.json_reply(2, "delete_handle", None)), {"id": 2, "ok": True})
@@ -4255,6 +4321,12 @@ class CheckUpgradeTest(unittest.TestCase):
     def test_empty_allowed_list_accepts_any_origin(self):
         head = upgrade_head(Origin='https://anything.example')
         self.assertEqual(im.check_upgrade(im.parse_request(head), '/ws', []), KEY)
+
+    def test_the_listeners_own_page_is_allowed_and_a_malformed_origin_is_refused_not_a_crash(self):
+        own = upgrade_head(Origin='http://localhost')           # upgrade_head's Host: localhost
+        self.assertEqual(im.check_upgrade(im.parse_request(own), '/ws', ['moz-extension://a']), KEY)
+        broken = upgrade_head(Origin='http://[')
+        self.assertEqual(self.status(broken, origins=['moz-extension://a']).status, 403)
 
 
 class ResponsesTest(unittest.TestCase):
