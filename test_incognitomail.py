@@ -6108,23 +6108,30 @@ class FileDescriptorExhaustionTest(unittest.TestCase):
         held, refused = [], 0
         try:
             for _ in range(300):
-                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-                held.append(sock)
-            for sock in held:
-                sock.settimeout(0.2)
-                try:
-                    refused += sock.recv(100).startswith(b"HTTP/1.1 503")
-                except (socket.timeout, ConnectionResetError):
-                    pass
-            self.assertGreater(refused, 100, "connections beyond the budget were not refused")
+                held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+
+            def refused():
+                count = 0
+                for sock in held:
+                    sock.setblocking(False)
+                    try:
+                        count += sock.recv(12, socket.MSG_PEEK).startswith(b"HTTP/1.1 503")
+                    except (BlockingIOError, ConnectionResetError):
+                        pass
+                return count
+            self.assertGreater(wait_until(lambda: refused() > 100 and refused(), timeout=10), 100,
+                               "connections beyond the budget were not refused")
             self.assertEqual(json.loads(cli(site, "--json", "status").stdout)["running"], True)
         finally:
             for sock in held:
                 sock.close()
         client = wait_until(lambda: _try_ws_client(port), timeout=10)
         self.assertTrue(client, "the server did not recover once descriptors were free")
-        client.send("new handle " + token)
-        self.assertTrue(client.recv().endswith("@incognito.test"))
+        try:
+            client.send("new handle " + token)
+            self.assertTrue(client.recv().endswith("@incognito.test"))
+        except OSError as e:
+            raise AssertionError("%s\n%s" % (e, daemon.log()[-3000:]))
         client.close()
         self.assertNotIn("Traceback", daemon.log())
 
@@ -6138,10 +6145,15 @@ class FileDescriptorExhaustionTest(unittest.TestCase):
 
 
 def _try_ws_client(port):
+    """A WebSocket client whose handshake succeeded, or None (refused, or 503: not yet)."""
     try:
-        return WsClient(port, timeout=2)
+        client = WsClient(port, timeout=2)
     except (OSError, ConnectionError):
         return None
+    if client.status != 101:
+        client.sock.close()
+        return None
+    return client
 
 
 BROWSER_VARIABLE = "INCOGNITOMAIL_REQUIRE_BROWSER"
