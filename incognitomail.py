@@ -4,8 +4,10 @@
 An *account* is a real target address plus a secret token. A *handle* is a random address
 (``k3v9q0x2m7ab5ts1@mail.example.org``) made with that token; IncognitoMail records it and keeps
 Postfix's canonical or virtual alias map in step, so mail to the handle reaches the account's
-address at once. One daemon owns the data; the command line talks to it over a Unix socket, the
-browser add-on over a WebSocket.
+address at once, until the handle is switched off or ends by itself. One daemon owns the data;
+the command line talks to it over a Unix socket, the browser add-on over a WebSocket, password
+managers over an HTTP API in addy.io's and SimpleLogin's dialects, and owners through a page it
+serves; Postfix asks it through a policy service or a socketmap.
 
 One module, standard library only, Python 3.9 or newer. Read it top to bottom: each section uses
 only those above it.
