@@ -230,10 +230,6 @@ def parse_duration(text):
 # How a key's text becomes its value: reader(file, text) -> value, or ValueError naming the
 # problem. ``file`` is the _ConfigFile being read, for relative paths.
 
-def _text(file, text):
-    return text
-
-
 def _path(file, text):
     return os.path.normpath(os.path.join(file.folder, text)) if text else ""
 
@@ -2458,11 +2454,6 @@ class HttpParser:
     @property
     def buffered(self):
         return len(self._buffer)
-
-    @property
-    def started(self):
-        """Has a request begun (its first bytes arrived) that is not complete yet?"""
-        return bool(self._buffer.data.lstrip(b"\r\n")) or self._request is not None
 
     def take_rest(self):
         """The bytes after the last request, when the connection stops speaking HTTP."""

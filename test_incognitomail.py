@@ -1038,6 +1038,16 @@ def tcp_state(local, remote):
     return None
 
 
+def events(parser, *chunks):
+    """Feed each chunk to a pull parser (frames or HTTP requests); what is complete after it."""
+    take = getattr(parser, "next_event", None) or parser.next_request
+    result = []
+    for chunk in chunks:
+        parser.feed(chunk)
+        result.extend(iter(take, None))
+    return result
+
+
 class WsClient:
     """A blocking WebSocket client for tests: what a browser add-on does, byte by byte."""
 
@@ -4350,21 +4360,12 @@ class ResponsesTest(unittest.TestCase):
         self.assertEqual(body, b'use WebSocket\n')
 
 
-def parsed(parser, *chunks):
-    """Feed each chunk; every request that is complete after it, in order."""
-    requests = []
-    for chunk in chunks:
-        parser.feed(chunk)
-        requests.extend(iter(parser.next_request, None))
-    return requests
-
-
 class HttpParserTest(unittest.TestCase):
     """Requests from a client's bytes, without I/O: keep-alive, bodies by Content-Length."""
 
     def assertHttpError(self, status, parser, *chunks):
         with self.assertRaises(im.HttpError) as caught:
-            parsed(parser, *chunks)
+            events(parser, *chunks)
         self.assertEqual(caught.exception.status, status)
         return caught.exception
 
@@ -4387,27 +4388,26 @@ class HttpParserTest(unittest.TestCase):
                              b'{"note": "split"}')
         head_end = data.index(b"\r\n\r\n") + 4
         parser = im.HttpParser()
-        self.assertEqual(parsed(parser, data[:head_end], *[bytes([b]) for b in data[head_end:-1]]),
+        self.assertEqual(events(parser, data[:head_end], *[bytes([b]) for b in data[head_end:-1]]),
                          [])
-        self.assertTrue(parser.started)
-        [request] = parsed(parser, data[-1:])
+        [request] = events(parser, data[-1:])
         self.assertEqual(request.body, b'{"note": "split"}')
         self.assertEqual(request.query, {"hostname": "example.com"})
-        self.assertFalse(parser.started)
+        self.assertEqual(parser.buffered, 0)
 
     def test_request_fed_byte_by_byte_is_the_same_request(self):
         data = request_bytes("PATCH", "/api/v1/aliases/7", [("Authorization", "Bearer x")],
                              {"description": "shop"})
-        whole = parsed(im.HttpParser(), data)
-        self.assertEqual(parsed(im.HttpParser(), *[bytes([b]) for b in data]), whole)
+        whole = events(im.HttpParser(), data)
+        self.assertEqual(events(im.HttpParser(), *[bytes([b]) for b in data]), whole)
 
     def test_no_content_length_means_an_empty_body_and_the_next_request_follows(self):
         data = request_bytes("DELETE", "/api/v1/aliases/7") + request_bytes("GET", "/api/mailboxes")
-        self.assertEqual([(r.method, r.body) for r in parsed(im.HttpParser(), data)],
+        self.assertEqual([(r.method, r.body) for r in events(im.HttpParser(), data)],
                          [("DELETE", b""), ("GET", b"")])
 
     def test_body_of_exactly_the_limit_is_accepted(self):
-        [request] = parsed(im.HttpParser(max_body_bytes=100),
+        [request] = events(im.HttpParser(max_body_bytes=100),
                            request_bytes("POST", "/api/v1/aliases", (), b"x" * 100))
         self.assertEqual(len(request.body), 100)
 
@@ -4432,7 +4432,7 @@ class HttpParserTest(unittest.TestCase):
                              b"X-Flood: y\r\n" * 200)
         flood = b"GET /api/user_info HTTP/1.1\r\n" + b"X-A: b\r\n" * 200 + b"\r\n"
         self.assertHttpError(431, im.HttpParser(max_header_bytes=1024), flood)
-        self.assertEqual(len(parsed(im.HttpParser(max_header_bytes=len(flood) + 100), flood)), 1)
+        self.assertEqual(len(events(im.HttpParser(max_header_bytes=len(flood) + 100), flood)), 1)
 
     def test_malformed_or_conflicting_content_length_is_400(self):
         for value in (b"-1", b"+5", b"5 5", b"0x5", b"1e3", b"five", b"", b"5, 6"):
@@ -4453,24 +4453,16 @@ class HttpParserTest(unittest.TestCase):
     def test_empty_lines_before_a_request_are_tolerated(self):
         data = (b"\r\n\r\n" + request_bytes("POST", "/api/v1/aliases", (), b"{}") + b"\r\n"
                 + request_bytes("GET", "/api/user_info"))
-        self.assertEqual([r.path for r in parsed(im.HttpParser(), data)],
+        self.assertEqual([r.path for r in events(im.HttpParser(), data)],
                          ["/api/v1/aliases", "/api/user_info"])
         parser = im.HttpParser()
-        self.assertEqual(parsed(parser, b"\r\n"), [])
-        self.assertFalse(parser.started)
+        self.assertEqual(events(parser, b"\r\n"), [])
+        self.assertEqual(parser.buffered, 0)
 
 
 ###############################################################################
 # Wire formats: RFC 6455 frames
 ###############################################################################
-
-def events(parser, *chunks):
-    result = []
-    for chunk in chunks:
-        parser.feed(chunk)
-        result.extend(iter(parser.next_event, None))
-    return result
-
 
 class ProtocolErrorAssertions(unittest.TestCase):
     def assertProtocolError(self, code, parser, *chunks):
@@ -4739,7 +4731,7 @@ TOKEN = "T" * 43
 
 def api_request(method, target, headers=(), body=None):
     """The request a client's bytes make (through the module's own parser)."""
-    [request] = parsed(im.HttpParser(), request_bytes(method, target, headers, body))
+    [request] = events(im.HttpParser(), request_bytes(method, target, headers, body))
     return request
 
 
