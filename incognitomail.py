@@ -24,9 +24,11 @@ import codecs
 import collections
 import concurrent.futures
 import configparser
+import contextlib
 import datetime
 import errno
 import fcntl
+import functools
 import hashlib
 import html
 import ipaddress
@@ -35,7 +37,6 @@ import logging
 import logging.handlers
 import os
 import pwd
-import queue
 import re
 import resource
 import secrets
@@ -50,6 +51,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import urllib.parse
@@ -79,8 +81,13 @@ class ConfigError(IncognitoMailError):
 
 
 class BadRequest(IncognitoMailError):
-    """The caller asked for something malformed: a bad address, an unknown operation."""
+    """The caller asked for something malformed: a bad address, an unknown operation.
+    ``field`` names the request field at fault, when one is."""
     code = "bad_request"
+
+    def __init__(self, message, field=None):
+        super().__init__(message)
+        self.field = field
 
 
 class Unauthorized(IncognitoMailError):
@@ -348,53 +355,164 @@ def _listen(*kinds):
     return read
 
 
-ConfigKey = collections.namedtuple("ConfigKey", "section name default field read")
+ConfigKey = collections.namedtuple("ConfigKey", "section name default field read example help")
 
 # Every key a user may write, once: its section, name, default (None: required), the Config
-# field it fills (None: checked, then not needed) and how its text is read. The first three
-# sections and their first keys are the original (2016) ones.
+# field it fills (None: checked, then not needed), how its text is read, the value the example
+# file shows (None: the default) and what it means. ``incognitomail.py example`` turns this
+# table into incognitomail.ini.example. The first three sections and their first keys are the
+# original (2016) ones.
 CONFIG_KEYS = (
-    ConfigKey("General", "MailSystem", "postfix", None, _mail_system),
+    ConfigKey("General", "MailSystem", "postfix", None, _mail_system, None,
+              "Only postfix is supported; any other value is an error."),
     ConfigKey("General", "UnixSockPath", "/run/incognitomail/incognitomail.sock", "unix_sock_path",
-              _path),
+              _path, "var/run/incognitomail.sock",
+              "The command line talks to the server over this Unix socket. The server creates it "
+              "mode 0600, and its folder mode 0700 when missing: only root and the server's own "
+              "user may use it."),
     ConfigKey("General", "LockFilePath", "/run/incognitomail/incognitomail.lock", "lock_file_path",
-              _path),
-    ConfigKey("General", "ListenPath", "/incognitomail", "listen_path", _url_path),
-    ConfigKey("General", "ListenAddress", "127.0.0.1:9090", "listen_address", _host_port),
-    ConfigKey("General", "TLSCertFile", "", "tls_cert_file", _path),
-    ConfigKey("General", "TLSKeyFile", "", "tls_key_file", _path),
-    ConfigKey("General", "AllowedOrigins", "", "allowed_origins", _list),
-    ConfigKey("General", "TrustedProxies", "", "trusted_proxies", _networks),
+              _path, "var/run/incognitomail.lock",
+              "One server per lock file: the server holds an flock on it and writes its PID into "
+              "it; a second server fails with \"already running\". The folder is created when "
+              "missing; the file is removed at stop."),
+    ConfigKey("General", "ListenPath", "/incognitomail", "listen_path", _url_path, None,
+              "URL path of the WebSocket endpoint for the browser add-on; starts with /."),
+    ConfigKey("General", "ListenAddress", "127.0.0.1:9090", "listen_address", _host_port, None,
+              "HOST:PORT of the web listener: the owner page at /, the HTTP API under /api/ and "
+              "the WebSocket endpoint. \":9090\" means all interfaces, \"[::1]:9090\" an IPv6 "
+              "address; empty turns the listener off."),
+    ConfigKey("General", "TLSCertFile", "", "tls_cert_file", _path, None,
+              "Set TLSCertFile and TLSKeyFile together to serve https:// and wss://. The "
+              "certificate file holds the server's certificate followed by every intermediate "
+              "(the full chain, e.g. Let's Encrypt's fullchain.pem). Empty: plain http:// and "
+              "ws://."),
+    ConfigKey("General", "TLSKeyFile", "", "tls_key_file", _path, None,
+              "The private key of TLSCertFile."),
+    ConfigKey("General", "AllowedOrigins", "", "allowed_origins", _list, None,
+              "Comma-separated Origin values a browser may connect from (WebSocket) or call the "
+              "HTTP API from (CORS), e.g. https://vault.example.org, chrome-extension://abcdefgh, "
+              "moz-extension://0f2d5c8e-1111-2222-3333-444455556666. The owner page's own origin "
+              "is always allowed. Empty: any origin."),
+    ConfigKey("General", "TrustedProxies", "", "trusted_proxies", _networks, None,
+              "Reverse proxies (addresses or networks, comma-separated, e.g. 127.0.0.1, ::1) whose "
+              "X-Forwarded-For or X-Real-IP header names the real client for the limits. Nobody "
+              "else's such headers are believed. Empty: clients connect directly."),
     ConfigKey("General", "LogLevel", "info", "log_level",
-              _one_of("debug", "info", "warning", "error")),
-    ConfigKey("General", "LogTarget", "stderr", "log_target", _one_of("stderr", "syslog")),
-    ConfigKey("General", "PolicyListen", "", "policy_listen", _listen("unix", "inet")),
-    ConfigKey("General", "SocketmapListen", "", "socketmap_listen", _listen("unix")),
-    ConfigKey("Persistence", "Type", "sqlite", None, _store_type),
-    ConfigKey("Persistence", "DatabasePath", "incognitomail.sqlite3", "database_path", _path),
-    ConfigKey("PostfixConfig", "Domain", None, "domains", _domains),
-    ConfigKey("PostfixConfig", "MapFilePath", None, "map_file", _map_file),
-    ConfigKey("PostfixConfig", "ConfigDir", "", "postfix_config_dir", _path),
-    ConfigKey("PostfixConfig", "HandleLength", "16", "handle_length", _number(12, 64)),
-    ConfigKey("PostfixConfig", "HandleLifetime", "", "handle_lifetime", _lifetime),
-    ConfigKey("Limits", "MaxMessageSize", "65536", "max_message_size", _number(1024)),
-    ConfigKey("Limits", "IdleTimeout", "300", "idle_timeout", _number(0)),
+              _one_of("debug", "info", "warning", "error"), None,
+              "debug, info, warning or error. Every account and handle change is logged at info."),
+    ConfigKey("General", "LogTarget", "stderr", "log_target", _one_of("stderr", "syslog"), None,
+              "stderr, or syslog: facility mail through /dev/log, beside Postfix's own lines."),
+    ConfigKey("General", "PolicyListen", "", "policy_listen", _listen("unix", "inet"), None,
+              "Where the Postfix policy service listens (it counts the mail each handle receives, "
+              "refuses switched-off and ended handles with 550, and is needed by prune and by "
+              "handles that close after some messages): inet:127.0.0.1:10040 or unix:/path. "
+              "Empty: off."),
+    ConfigKey("General", "SocketmapListen", "", "socketmap_listen", _listen("unix"), None,
+              "unix:/path. Postfix asks the daemon over this socket instead of reading a map file, "
+              "e.g. unix:/var/spool/postfix/incognitomail/socketmap.sock. Empty: off (the map "
+              "file is used)."),
+    ConfigKey("Persistence", "Type", "sqlite", None, _store_type, None,
+              "sqlite, the only store. boltdb (the original's) is read as sqlite, with a warning; "
+              "the original's data is not imported."),
+    ConfigKey("Persistence", "DatabasePath", "incognitomail.sqlite3", "database_path", _path,
+              "var/incognitomail.sqlite3",
+              "The sqlite database (WAL mode). The server creates it mode 0600, its folder 0700 "
+              "when missing, and moves its schema forward at start. A folder other users may "
+              "write is refused."),
+    ConfigKey("PostfixConfig", "Domain", None, "domains", _domains, "incognito.example.org",
+              "Required. The domain or domains handles are made in, comma-separated, \"@\" "
+              "optional (@example.org, @example.net); the first is the default for new handles. "
+              "Postfix must route each of them (README.md, \"Postfix setup\")."),
+    ConfigKey("PostfixConfig", "MapFilePath", None, "map_file", _map_file, "hash:var/virtual",
+              "Required. The Postfix map IncognitoMail keeps in step, TYPE:PATH with TYPE hash "
+              "(the default when none is given), btree or lmdb (package postfix-lmdb, "
+              "recommended in production). Use exactly this map in main.cf. Its folder must exist "
+              "and be writable by the server's user; the file and its indexed file (.db or .lmdb) "
+              "are created."),
+    ConfigKey("PostfixConfig", "ConfigDir", "", "postfix_config_dir", _path, None,
+              "Postfix's configuration folder, given to postmap and postconf as -c. Empty: "
+              "Postfix's own default, /etc/postfix. That folder must hold a main.cf."),
+    ConfigKey("PostfixConfig", "HandleLength", "16", "handle_length", _number(12, 64), None,
+              "Characters in the random part of a handle (lowercase letters and digits, as Postfix "
+              "folds keys to lower case), 12 to 64; 16 give about 82 bits."),
+    ConfigKey("PostfixConfig", "HandleLifetime", "", "handle_lifetime", _lifetime, None,
+              "How long a new handle lives unless its owner says otherwise: 90m, 12h, 30d, 2w. "
+              "Handles made by the add-on or a password manager get it too. Empty: handles never "
+              "end by themselves."),
+    ConfigKey("Limits", "MaxMessageSize", "65536", "max_message_size", _number(1024), None,
+              "Largest WebSocket message, and largest HTTP request body, in bytes (at least "
+              "1024)."),
+    ConfigKey("Limits", "IdleTimeout", "300", "idle_timeout", _number(0), None,
+              "Seconds after which an idle WebSocket connection is closed; 0: never."),
     ConfigKey("Limits", "HandlesPerMinutePerClient", "20", "handles_per_minute_per_client",
-              _number(0)),
+              _number(0), None,
+              "New handles one client may make per minute over the network (bursts up to this "
+              "many); 0: no limit. A client is an IPv4 address, or the /64 an IPv6 address is in."),
     ConfigKey("Limits", "HandlesPerMinutePerAccount", "30", "handles_per_minute_per_account",
-              _number(0)),
+              _number(0), None,
+              "New handles one account may make per minute over the network, from any client; "
+              "0: no limit. The command line has no limits."),
     ConfigKey("Limits", "FailedTokensPerMinutePerClient", "10",
-              "failed_tokens_per_minute_per_client", _number(0)),
-    ConfigKey("Limits", "MaxConnections", "20000", "max_connections", _number(0)),
-    ConfigKey("Limits", "MaxConnectionsPerClient", "50", "max_connections_per_client", _number(0)),
+              "failed_tokens_per_minute_per_client", _number(0), None,
+              "Wrong secret tokens one client may send per minute before it is refused; "
+              "0: no limit."),
+    ConfigKey("Limits", "MaxConnections", "20000", "max_connections", _number(0), None,
+              "Open WebSocket and HTTP connections in all (fewer when the open-file limit leaves "
+              "room for fewer; the server says so at start); 0: as many as the limit allows."),
+    ConfigKey("Limits", "MaxConnectionsPerClient", "50", "max_connections_per_client", _number(0),
+              None, "Open WebSocket and HTTP connections per client; 0: no limit."),
     ConfigKey("Prune", "HandlesUnusedDays", "", "prune_handles_unused_days",
-              _number(0, empty_is_none=True)),
+              _number(0, empty_is_none=True), None,
+              "For prune without options, and Automatic: remove handles older than N days that "
+              "never received a message (needs PolicyListen). Empty: do not prune such handles."),
     ConfigKey("Prune", "AccountsUnusedDays", "", "prune_accounts_unused_days",
-              _number(0, empty_is_none=True)),
+              _number(0, empty_is_none=True), None,
+              "The same for accounts older than N days whose token was never used and that have "
+              "no handles (needs PolicyListen). Empty: do not prune accounts."),
     ConfigKey("Prune", "HandlesExpiredDays", "", "prune_handles_expired_days",
-              _number(0, empty_is_none=True)),
-    ConfigKey("Prune", "Automatic", "no", "auto_prune", _yes_no),
+              _number(0, empty_is_none=True), None,
+              "The same for handles that expired more than N days ago (needs no policy service). "
+              "Empty: do not prune them."),
+    ConfigKey("Prune", "Automatic", "no", "auto_prune", _yes_no, None,
+              "yes: prune with the three values above once a day while the server runs, the first "
+              "time a minute after start. Needs at least one of them."),
 )
+
+
+_EXAMPLE_INTRO = """\
+; IncognitoMail example configuration, written by "python3 incognitomail.py example".
+;
+; It starts a working server as is, from the folder this file is in, as root:
+;
+;     python3 incognitomail.py -c incognitomail.ini.example
+;
+; Relative paths are relative to the folder this file is in (not to the current directory),
+; so the server keeps its socket, lock file, database and map under ./var next to this file,
+; and creates ./var and ./var/run itself. For a real installation copy this file to
+; /etc/incognitomail/incognitomail.ini and use absolute paths (README.md, "Running as a
+; service").
+;
+; Syntax: "Key = value". Comments start with ";" or "#" on their own line, or with " ; " after a
+; value. Values may be written in double quotes, as in the original 2016 sample file. Section and
+; key names are not case-sensitive. A key left out takes its default.
+"""
+
+
+def example_config():
+    """incognitomail.ini.example: every key with its meaning and default, from CONFIG_KEYS."""
+    lines = [line.rstrip() for line in _EXAMPLE_INTRO.splitlines()]
+    section = None
+    for key in CONFIG_KEYS:
+        if key.section != section:
+            section = key.section
+            lines += ["[%s]" % section] if not lines[-1] else ["", "[%s]" % section]
+        # a required key's help says so, an empty default's says what empty means
+        text = "%s Default: %s." % (key.help, key.default) if key.default else key.help
+        lines += ["; " + line for line in textwrap.wrap(text, 96, break_on_hyphens=False,
+                                                         break_long_words=False)]
+        value = key.default if key.example is None else key.example
+        lines += [("%s = %s" % (key.name, value or "")).rstrip(), ""]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 class Config(collections.namedtuple("Config",
@@ -413,28 +531,6 @@ class Config(collections.namedtuple("Config",
     @property
     def map_file_path(self):
         return self.map_file[1]
-
-
-def load_config(path):
-    """Read and validate the INI file at ``path``; raise ConfigError naming what is wrong.
-
-    The original's sample file loads unchanged: double-quoted values, ``;`` comments after
-    values and after section headers, and ``Type = "boltdb"``.
-    """
-    path = os.path.abspath(path)
-    parser = configparser.ConfigParser(
-        inline_comment_prefixes=(";",), comment_prefixes=("#", ";"),
-        interpolation=None, strict=False, empty_lines_in_values=False)
-    try:
-        with open(path, encoding="utf-8") as f:
-            parser.read_file(f)
-    except FileNotFoundError:
-        raise ConfigError("%s: configuration file not found (give another with -c PATH)" % path)
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError("%s: cannot read the configuration file: %s" % (path, _os_reason(e)))
-    except configparser.Error as e:
-        raise ConfigError("%s: not a valid INI file: %s" % (path, str(e).splitlines()[0]))
-    return _ConfigFile(path, parser).config()
 
 
 class _ConfigFile:
@@ -489,6 +585,28 @@ class _ConfigFile:
             self.fail("Prune", "Automatic", "needs HandlesUnusedDays, AccountsUnusedDays and/or "
                       "HandlesExpiredDays")
         return config
+
+
+def load_config(path):
+    """Read and validate the INI file at ``path``; raise ConfigError naming what is wrong.
+
+    The original's sample file loads unchanged: double-quoted values, ``;`` comments after
+    values and after section headers, and ``Type = "boltdb"``.
+    """
+    path = os.path.abspath(path)
+    parser = configparser.ConfigParser(
+        inline_comment_prefixes=(";",), comment_prefixes=("#", ";"),
+        interpolation=None, strict=False, empty_lines_in_values=False)
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except FileNotFoundError:
+        raise ConfigError("%s: configuration file not found (give another with -c PATH)" % path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("%s: cannot read the configuration file: %s" % (path, _os_reason(e)))
+    except configparser.Error as e:
+        raise ConfigError("%s: not a valid INI file: %s" % (path, str(e).splitlines()[0]))
+    return _ConfigFile(path, parser).config()
 
 
 ###############################################################################
@@ -585,6 +703,22 @@ def split_handle(text, domains):
 
 MAX_MESSAGES = 1000000
 MAX_TIME = 1 << 62
+def from_iso_time(text):
+    """An ISO 8601 date or time, UTC unless it says otherwise -> seconds since the epoch."""
+    when = datetime.datetime.fromisoformat(re.sub(r"[zZ]$", "+00:00", text.strip()))
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return int(when.timestamp())
+
+
+def iso_time(timestamp):
+    """Seconds since the epoch -> ISO 8601 UTC (``2026-11-25T01:27:23Z``); None stays None."""
+    if timestamp is None:
+        return None
+    return datetime.datetime.fromtimestamp(int(timestamp), datetime.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+
+
 def parse_when(text, now):
     """A duration from ``now`` (``30d``) or an ISO 8601 date or time (UTC unless it says
     otherwise) -> seconds since the epoch, in the future; BadRequest otherwise."""
@@ -617,22 +751,6 @@ def describe_expiry(expires, now):
         if left >= 2 * seconds or unit == "minute":
             count = max(1, int(round(left / seconds)))
             return "expires in %d %s%s" % (count, unit, "" if count == 1 else "s")
-
-
-def from_iso_time(text):
-    """An ISO 8601 date or time, UTC unless it says otherwise -> seconds since the epoch."""
-    when = datetime.datetime.fromisoformat(re.sub(r"[zZ]$", "+00:00", text.strip()))
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.timezone.utc)
-    return int(when.timestamp())
-
-
-def iso_time(timestamp):
-    """Seconds since the epoch -> ISO 8601 UTC (``2026-11-25T01:27:23Z``); None stays None."""
-    if timestamp is None:
-        return None
-    return datetime.datetime.fromtimestamp(int(timestamp), datetime.timezone.utc).strftime(
-        "%Y-%m-%dT%H:%M:%SZ")
 
 
 ###############################################################################
@@ -674,13 +792,26 @@ _MIGRATIONS = (
     CREATE INDEX handles_by_expiry ON handles (expires) WHERE expires IS NOT NULL;
     CREATE INDEX handles_by_used_up ON handles (used_up) WHERE used_up IS NOT NULL;
     """,
+    # Ids that tell an owner nothing about other accounts: a handle's id (``number``) counts
+    # within its account, from where the global ids left off for accounts made before; new
+    # accounts get random ids (add_account). The ids shown so far stay what they were.
+    """
+    ALTER TABLE handles ADD COLUMN number INTEGER;
+    UPDATE handles SET number = id;
+    CREATE UNIQUE INDEX handles_by_number ON handles (account_id, number);
+    DROP INDEX handles_by_account;
+    ALTER TABLE accounts ADD COLUMN next_number INTEGER NOT NULL DEFAULT 1;
+    UPDATE accounts SET next_number = (SELECT coalesce(max(id), 0) + 1 FROM handles);
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
+MAX_ACCOUNT_ID = (1 << 53) - 1
 
 # A handle as every query returns it, with its account's target address.
 _HANDLE_SELECT = ("SELECT h.id, h.local, h.domain, h.account_id, a.address, h.label, h.enabled, "
                   "h.created, coalesce(h.updated, h.created), h.received, h.last_received, "
-                  "h.blocked, h.last_blocked, h.expires, h.max_messages, h.used_up FROM handles h "
+                  "h.blocked, h.last_blocked, h.expires, h.max_messages, h.used_up, h.number "
+                  "FROM handles h "
                   "JOIN accounts a ON a.id = h.account_id")
 # In the map after a sweep at :now (the Handle.in_map() rule).
 _ROUTABLE = ("h.enabled AND (h.expires IS NULL OR h.expires > :now) "
@@ -694,7 +825,9 @@ REFUSALS = {DISABLED: "this address is disabled", EXPIRED: "this address has exp
 
 class Handle(collections.namedtuple("Handle", "id local domain account_id target label enabled "
                                               "created updated received last_received blocked "
-                                              "last_blocked expires max_messages used_up")):
+                                              "last_blocked expires max_messages used_up number")):
+    """One handle, with its account's target address. ``id`` is the row's, inside the store;
+    ``number`` is the id every front end shows (counted within its account)."""
     __slots__ = ()
 
     @property
@@ -721,6 +854,25 @@ class Handle(collections.namedtuple("Handle", "id local domain account_id target
 
 
 Account = collections.namedtuple("Account", "id address created last_used")
+
+
+def _sqlite_uri_path(path):
+    return path.replace("%", "%25").replace("?", "%3f").replace("#", "%23")
+
+
+@contextlib.contextmanager
+def _transaction(db, begin, commit, rollback):
+    """Run ``begin``; at the end ``commit()``, or the ``rollback`` statements after an exception
+    (in the block, or from the commit itself)."""
+    db.execute(begin)
+    try:
+        yield
+        commit()
+    except BaseException:
+        if db.in_transaction:
+            for statement in rollback:
+                db.execute(statement)
+        raise
 
 
 class Store:
@@ -787,13 +939,16 @@ class Store:
     # -- transactions ------------------------------------------------------------------
 
     def transaction(self):
-        return _Transaction(self.db, "BEGIN IMMEDIATE", "COMMIT", "ROLLBACK")
+        """``with store.transaction():`` commits at the end, rolls back on an exception."""
+        return _transaction(self.db, "BEGIN IMMEDIATE", self.commit, ("ROLLBACK",))
 
     def savepoint(self):
-        return _Transaction(self.db, "SAVEPOINT op", "RELEASE op", "ROLLBACK TO op; RELEASE op")
+        return _transaction(self.db, "SAVEPOINT op", lambda: self.db.execute("RELEASE op"),
+                            ("ROLLBACK TO op", "RELEASE op"))
 
-    def begin(self):
-        self.db.execute("BEGIN IMMEDIATE")
+    def snapshot(self):
+        """A read transaction: every query inside sees the database as of its first one."""
+        return _transaction(self.db, "BEGIN", self.commit, ("ROLLBACK",))
 
     def commit(self):
         self.db.execute("COMMIT")
@@ -805,10 +960,15 @@ class Store:
     # -- accounts ----------------------------------------------------------------------
 
     def add_account(self, address, digest, now):
-        cursor = self.db.execute(
-            "INSERT INTO accounts (address, token_sha256, created) VALUES (?, ?, ?)",
-            (address, digest, int(now)))
-        return cursor.lastrowid
+        """A new account with a random id (below 2**53, so JavaScript reads it exactly)."""
+        while True:
+            account_id = secrets.randbelow(MAX_ACCOUNT_ID) + 1
+            if not self.db.execute("SELECT 1 FROM accounts WHERE id = ?",
+                                   (account_id,)).fetchone():
+                break
+        self.db.execute("INSERT INTO accounts (id, address, token_sha256, created) "
+                        "VALUES (?, ?, ?, ?)", (account_id, address, digest, int(now)))
+        return account_id
 
     def account_by_digest(self, digest):
         row = self.db.execute(
@@ -833,14 +993,23 @@ class Store:
                                (local, domain)).fetchone() is not None
 
     def add_handle(self, account_id, local, domain, label, now, expires=None, max_messages=None):
+        number = self.db.execute("SELECT next_number FROM accounts WHERE id = ?",
+                                 (account_id,)).fetchone()[0]
+        self.db.execute("UPDATE accounts SET next_number = ? WHERE id = ?",
+                        (number + 1, account_id))
         cursor = self.db.execute(
             "INSERT INTO handles (local, domain, account_id, label, created, expires, "
-            "max_messages) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (local, domain, account_id, label, int(now), expires, max_messages))
+            "max_messages, number) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (local, domain, account_id, label, int(now), expires, max_messages, number))
         return self.handle_by_id(cursor.lastrowid)
 
-    def handle_by_id(self, handle_id):
-        row = self.db.execute(_HANDLE_SELECT + " WHERE h.id = ?", (handle_id,)).fetchone()
+    def handle_by_id(self, row_id):
+        row = self.db.execute(_HANDLE_SELECT + " WHERE h.id = ?", (row_id,)).fetchone()
+        return Handle(*row) if row else None
+
+    def handle_by_number(self, account_id, number):
+        row = self.db.execute(_HANDLE_SELECT + " WHERE h.account_id = ? AND h.number = ?",
+                              (account_id, number)).fetchone()
         return Handle(*row) if row else None
 
     def handle(self, local, domain):
@@ -860,9 +1029,16 @@ class Store:
             values.append(int(enabled))
         total = self.db.execute("SELECT count(*) FROM handles h WHERE " + where,
                                 values).fetchone()[0]
-        rows = self.db.execute(_HANDLE_SELECT + " WHERE %s ORDER BY h.id DESC LIMIT ? OFFSET ?"
+        rows = self.db.execute(_HANDLE_SELECT + " WHERE %s ORDER BY h.number DESC LIMIT ? OFFSET ?"
                                % where, values + [limit, offset])
         return [Handle(*row) for row in rows], total
+
+    def handles_before(self, account_id, before, limit):
+        """Up to ``limit`` of an account's handles, newest first, those numbered below
+        ``before`` (None: from the newest)."""
+        return [Handle(*row) for row in self.db.execute(
+            _HANDLE_SELECT + " WHERE h.account_id = ? AND h.number < ? ORDER BY h.number DESC "
+            "LIMIT ?", (account_id, MAX_TIME if before is None else before, limit))]
 
     def update_handle(self, handle, now):
         """Store ``handle``'s label, switch, expiry and message limit."""
@@ -946,28 +1122,6 @@ class Store:
                             (name, value))
 
 
-class _Transaction:
-    """A context manager running SQL at enter, and one of two statements at exit."""
-
-    def __init__(self, db, begin, commit, rollback):
-        self.db, self.begin, self.commit_sql, self.rollback_sql = db, begin, commit, rollback
-
-    def __enter__(self):
-        self.db.execute(self.begin)
-        return self
-
-    def __exit__(self, kind, value, traceback):
-        if kind is None:
-            self.db.execute(self.commit_sql)
-        else:
-            for statement in self.rollback_sql.split(";"):
-                self.db.execute(statement)
-
-
-def _sqlite_uri_path(path):
-    return path.replace("%", "%25").replace("?", "%3f").replace("#", "%23")
-
-
 ###############################################################################
 # Postfix
 ###############################################################################
@@ -1004,31 +1158,6 @@ def map_line_key(line):
     return line.split(None, 1)[0].decode("utf-8", "replace").lower()
 
 
-def _write_atomically(path, chunks, mode=0o644):
-    """Write ``chunks`` to a new file beside ``path``, fsync, and rename it into place.
-
-    The new file is created exclusively (never through a name someone else prepared) and gets
-    the owner and mode of the file it replaces, so an admin's ``chown root:postfix`` survives
-    every rewrite; a first file gets ``mode``.
-    """
-    folder = os.path.dirname(path)
-    fd, temp = tempfile.mkstemp(dir=folder, prefix=".%s." % os.path.basename(path))
-    try:
-        with open(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-            if not _copy_ownership(path, f.fileno()):
-                os.chmod(f.fileno(), mode)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.lexists(temp):
-            os.unlink(temp)
-        raise
-    _fsync_folder(folder)
-
-
 def _copy_ownership(source, target):
     """Give ``target`` (a path or a file descriptor) the owner and mode of ``source``;
     False when there is no ``source``."""
@@ -1053,6 +1182,31 @@ def _fsync_folder(folder):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_atomically(path, chunks, mode=0o644):
+    """Write ``chunks`` to a new file beside ``path``, fsync, and rename it into place.
+
+    The new file is created exclusively (never through a name someone else prepared) and gets
+    the owner and mode of the file it replaces, so an admin's ``chown root:postfix`` survives
+    every rewrite; a first file gets ``mode``.
+    """
+    folder = os.path.dirname(path)
+    fd, temp = tempfile.mkstemp(dir=folder, prefix=".%s." % os.path.basename(path))
+    try:
+        with open(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+            if not _copy_ownership(path, f.fileno()):
+                os.chmod(f.fileno(), mode)
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.lexists(temp):
+            os.unlink(temp)
+        raise
+    _fsync_folder(folder)
 
 
 class LookupTable:
@@ -1540,8 +1694,10 @@ def make_table(config):
 TEXT_FLUSH_DELAY = 2.0
 TEXT_FLUSH_MAX_DELAY = 60.0
 SWEEP_SECONDS = 60.0    # how often handles whose time is up leave the map
+MAX_BATCH = 64          # owners' operations in one batch: its work and the results it holds
+READERS = 2             # threads answering owners' reads, each from a snapshot of its own
 
-_UNCHANGED = object()
+ABSENT = object()       # a field the request left out (None is a value: "never", "no label")
 
 
 class _MapChanges:
@@ -1577,6 +1733,774 @@ class _MapChanges:
     @property
     def removes(self):
         return [k for k, t in self.entries.items() if t is None]
+
+
+Job = collections.namedtuple("Job", "future run fields")    # run(work, **fields) -> result
+
+
+class _FairQueue:
+    """Jobs from many owners, served in turns: each key's jobs in order, the keys round robin,
+    and urgent jobs (mail flow) before any. ``take`` returns [] after a timeout, and None
+    once the queue is closed and empty."""
+
+    def __init__(self):
+        self._ready = threading.Condition()
+        self._urgent = collections.deque()
+        self._turns = collections.OrderedDict()     # key -> its waiting jobs, in turn order
+        self._closed = False
+
+    def put(self, job, key=None, urgent=False):
+        """False once the queue is closed: nobody would take the job."""
+        with self._ready:
+            if self._closed:
+                return False
+            if urgent:
+                self._urgent.append(job)
+            else:
+                self._turns.setdefault(key, collections.deque()).append(job)
+            self._ready.notify()
+            return True
+
+    def close(self):
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+
+    def take(self, most, timeout=None):
+        with self._ready:
+            if not self._urgent and not self._turns and not self._closed:
+                self._ready.wait(timeout)
+            if self._closed and not self._urgent and not self._turns:
+                return None
+            jobs = []
+            while self._urgent and len(jobs) < most:
+                jobs.append(self._urgent.popleft())
+            while self._turns and len(jobs) < most:
+                key, waiting = next(iter(self._turns.items()))
+                jobs.append(waiting.popleft())
+                del self._turns[key]
+                if waiting:
+                    self._turns[key] = waiting      # its next job waits for everyone else's
+            return jobs
+
+
+class Work:
+    """What an operation sees: the store (inside the batch's transaction, or a reader's
+    snapshot), the batch's map changes (None for a read), the configuration and the time."""
+    __slots__ = ("service", "store", "changes", "now")
+
+    def __init__(self, service, store, changes, now):
+        self.service, self.store, self.changes, self.now = service, store, changes, now
+
+    @property
+    def config(self):
+        return self.service.config
+
+    def account(self, token):
+        """The account whose secret ``token`` this is, marked as used; Unauthorized otherwise."""
+        if not token or len(token) > 256:
+            raise Unauthorized("a secret token is required")
+        account = self.store.account_by_digest(token_digest(token))
+        if account is None:
+            raise Unauthorized("unknown secret token")
+        if self.changes is None:
+            self.service.touch(account.id, self.now)    # a read writes nothing: later
+        else:
+            self.store.touch_account(account.id, self.now)
+        return account
+
+    def own_handle(self, account, address=None, handle_id=None):
+        """The account's handle named by its address ((local, domain)) or its id; NotFound for
+        anyone else's."""
+        if handle_id is not None:
+            handle, name = self.store.handle_by_number(account.id, handle_id), \
+                "number %d" % handle_id
+        elif address is not None:
+            handle, name = self.store.handle(*address), "%s@%s" % address
+        else:
+            raise BadRequest("a handle is required, e.g. k3v9q0x2m7ab5ts1@%s"
+                             % self.config.default_domain)
+        if handle is None or handle.account_id != account.id:
+            raise NotFound("no handle %s belongs to this account" % name)
+        return handle
+
+    def swept_until(self):
+        """The time the last sweep took expired handles out of the map up to."""
+        return int(self.store.get_meta("swept_until") or 0)
+
+
+def _record_mail(work, events):
+    """``events``: [(address, time, blocked)] of messages the policy service saw at RCPT.
+
+    A handle that has now received all the messages it accepts leaves the map at the next
+    sweep, once its last message is through Postfix."""
+    counts = {False: {}, True: {}}
+    latest = {False: {}, True: {}}
+    for address, when, blocked in events:
+        key = tuple(address.lower().split("@", 1))
+        counts[blocked][key] = counts[blocked].get(key, 0) + 1
+        latest[blocked][key] = max(latest[blocked].get(key, 0), when)
+    store = work.store
+    before = {key: store.handle(*key) for key in counts[False]}
+    swept = work.swept_until()
+    store.record_mail("received", counts[False], latest[False])
+    store.record_mail("blocked", counts[True], latest[True])
+    for key, handle in before.items():
+        if handle is not None and handle.max_messages is not None and \
+                handle.received < handle.max_messages <= handle.received + counts[False][key]:
+            # it leaves the map at the first sweep after this (a later second)
+            store.set_used_up(handle.id, max(latest[False][key], swept + 1))
+            log.info("handle %s has received all the %d messages it accepts",
+                     handle.address, handle.max_messages)
+    return len(events)
+
+
+def _sweep(work, restarting=False):
+    """Take the handles that expired or were used up since the last sweep out of the map
+    (at most once a minute, by two indexes: the cost follows what ends, not the table).
+
+    At a start no message is on its way any more: every used-up handle leaves at once."""
+    store, now = work.store, int(work.now)
+    since = int(store.get_meta("swept_until") or now)
+    used_up = store.used_up_between(since, MAX_TIME if restarting else now)
+    ended = store.expiring(since, now) + used_up
+    after = [h._replace(used_up=min(h.used_up or 0, now)) if restarting else h for h in ended]
+    gone = {h.address for h, later in zip(ended, after) if h.in_map(since)
+            and not later.in_map(now)}
+    if restarting:
+        store.settle_used_up(now)
+    for address in gone:
+        work.changes.remove(address)
+    store.set_meta("swept_until", str(max(since, now)))
+    work.service.swept_until = max(since, now)
+    if gone:
+        log.info("%d handles expired or used up left the map", len(gone))
+    return len(gone)
+
+
+def _operation_error(job, error, done):
+    """What the caller of a failed operation is told: its own error, or a short one (the log
+    has the details)."""
+    if isinstance(error, IncognitoMailError):
+        return error
+    name = getattr(job.run, "__name__", "an operation").lstrip("_")
+    if isinstance(error, sqlite3.Error):
+        log.error("database error in %s: %s", name, error)
+        return StoreError("the database could not be %s: %s" % (done, error))
+    log.error("internal error in %s", name, exc_info=error)
+    return IncognitoMailError("internal error; the server log has details")
+
+
+class Service:
+    """The one place that changes anything: every write is store + Postfix, all or nothing.
+
+    Writes go to one worker thread, which takes up to MAX_BATCH of them, owners' in turns
+    (``key``: one account or client) and mail flow's first, and runs them as one batch: one
+    sqlite transaction (a savepoint per operation, so one bad request fails alone), one
+    ``postmap -d`` and one ``postmap -i``, then the commit. A result is handed back only after
+    both the commit and the map update, so a reported handle is always recorded and routable.
+    Reads go to READERS threads of their own, in turns too, each answered from a consistent
+    snapshot (sqlite's WAL readers): writes wait only for writes.
+
+    ``write`` and ``read`` return a concurrent.futures.Future. ``clock`` is injectable so tests
+    can move time.
+    """
+
+    def __init__(self, config, store, table, clock=time.time):
+        self.config = config
+        self.store = store
+        self.table = table
+        self.clock = clock
+        self._writes, self._reads = _FairQueue(), _FairQueue()
+        self._threads = []
+        self._touched = {}              # account id -> when a read used its token, to write
+        self._touched_lock = threading.Lock()
+        self.swept_until = 0            # the last sweep's time (the database has it too)
+        self.batches = 0
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def start(self):
+        """Reconcile the map from the store, then start taking operations."""
+        self.table.check_access()
+        clean = self.store.get_meta("clean_stop")
+        with self.store.transaction():
+            self.store.set_meta("clean_stop", None)
+            # Received counts mean "unused" only for the time the policy service has been counting.
+            if not self.config.policy_listen:
+                self.store.set_meta("counting_since", None)
+            elif self.store.get_meta("counting_since") is None:
+                self.store.set_meta("counting_since", str(int(self.clock())))
+            if self.store.get_meta("swept_until") is None:
+                self.store.set_meta("swept_until", str(int(self.clock())))
+        # as of the last sweep; the sweep below then takes out what ended since
+        self.table.reconcile(self.store.map_entries(self._swept_until()), clean)
+        # what expired while the server was down leaves the map before anything is served
+        sweep = Job(concurrent.futures.Future(), _sweep, {"restarting": True})
+        self._run_batch([sweep])
+        sweep.future.result()
+        self._threads = [threading.Thread(target=self._write_loop, name="incognitomail-writer",
+                                          daemon=True)]
+        self._threads += [threading.Thread(target=self._read_loop, daemon=True,
+                                           name="incognitomail-reader-%d" % n)
+                          for n in range(READERS)]
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self):
+        """Finish every queued operation, flush the text map, remember that the stop was clean."""
+        self._reads.close()
+        self._writes.close()
+        for thread in self._threads:
+            thread.join()
+        self._threads = []
+        self.table.flush_text()
+        with self.store.transaction():
+            self._write_touched()
+            self.store.set_meta("clean_stop", self.table.fingerprint())
+
+    # -- entry points -----------------------------------------------------------------------
+
+    def write(self, run, fields, key=None, urgent=False):
+        """Queue ``run(work, **fields)`` for the worker: a Future of its result. ``urgent``:
+        before every owner's operation (mail flow)."""
+        job = Job(concurrent.futures.Future(), run, fields)
+        if not self._writes.put(job, key, urgent):
+            job.future.set_exception(ServerError("the server is stopping"))
+        return job.future
+
+    def read(self, run, fields, key=None):
+        """Queue ``run(work, **fields)`` for a reader: it changes nothing."""
+        job = Job(concurrent.futures.Future(), run, fields)
+        if not self._reads.put(job, key):
+            job.future.set_exception(ServerError("the server is stopping"))
+        return job.future
+
+    def record_mail(self, events):
+        """Count messages Postfix asked about, ahead of every owner's operation."""
+        return self.write(_record_mail, {"events": events}, urgent=True)
+
+    def touch(self, account_id, when):
+        """A read used the account's token: its last use is written with the next batch."""
+        with self._touched_lock:
+            self._touched[account_id] = max(when, self._touched.get(account_id, 0))
+
+    # -- the readers ------------------------------------------------------------------------
+
+    def _read_loop(self):
+        store = None
+        try:
+            store = Store(self.store.path, readonly=True)
+            while True:
+                jobs = self._reads.take(1)
+                if jobs is None:
+                    return
+                for job in jobs:
+                    if job.future.set_running_or_notify_cancel():
+                        self._answer(job, store)
+        except StoreError as e:
+            log.error("%s", e)
+            while True:                 # nobody waits for ever
+                jobs = self._reads.take(1)
+                if jobs is None:
+                    return
+                for job in jobs:
+                    job.future.set_exception(e)
+        finally:
+            if store is not None:
+                store.close()
+
+    def _answer(self, job, store):
+        try:
+            with store.snapshot():
+                result = job.run(Work(self, store, None, self.clock()), **job.fields)
+        except Exception as e:
+            job.future.set_exception(_operation_error(job, e, "read"))
+        else:
+            job.future.set_result(result)
+
+    # -- the worker -------------------------------------------------------------------------
+
+    def _write_loop(self):
+        last_batch = time.monotonic()
+        next_sweep = last_batch + SWEEP_SECONDS
+        while True:
+            due = min(self._flush_due(last_batch), next_sweep)
+            jobs = self._writes.take(MAX_BATCH, max(0.0, due - time.monotonic()))
+            if jobs is None:
+                return
+            if time.monotonic() >= next_sweep:
+                jobs.append(Job(concurrent.futures.Future(), _sweep, {}))
+                next_sweep = time.monotonic() + SWEEP_SECONDS
+            if not jobs:
+                self.table.flush_text()     # idle (or the oldest removal is old): tidy the map
+                last_batch = time.monotonic()
+                continue
+            jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+            try:
+                self._run_batch(jobs)
+            except Exception:       # never let one batch stop the worker: nobody would be answered
+                log.exception("internal error in the service worker")
+                self.store.rollback()
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(
+                            IncognitoMailError("internal error; the server log has details"))
+            if self.table.needs_rebuild:
+                self._rebuild_map()
+            last_batch = time.monotonic()
+            if (self.table.unflushed_since is not None
+                    and last_batch - self.table.unflushed_since >= TEXT_FLUSH_MAX_DELAY):
+                self.table.flush_text()
+
+    def _rebuild_map(self):
+        """After a change that could not be undone: the store says what the map must hold."""
+        try:
+            self.table.rebuild(self.store.map_entries(self._swept_until()))
+        except IncognitoMailError as e:
+            log.error("%s (the map stays in doubt; "
+                      "it is rebuilt after the next batch or at start)", e)
+
+    def _flush_due(self, last_batch):
+        """When the text map should drop removed lines: once idle, or when they are too old."""
+        since = self.table.unflushed_since
+        if since is None:
+            return float("inf")
+        return min(last_batch + TEXT_FLUSH_DELAY, since + TEXT_FLUSH_MAX_DELAY)
+
+    def _swept_until(self):
+        return int(self.store.get_meta("swept_until") or 0)
+
+    def _write_touched(self):
+        with self._touched_lock:
+            touched, self._touched = self._touched, {}
+        for account_id, when in touched.items():
+            self.store.touch_account(account_id, when)
+
+    def _run_batch(self, jobs, retrying=False):
+        """One transaction, one map update, one commit for every job; see the class docstring.
+
+        When the map update or the commit fails, every job that changed the map fails with
+        that error; the others are run again in a transaction of their own.
+        """
+        if not jobs:
+            return
+        self.batches += 1
+        outcomes, undo = [], None
+        try:
+            with self.store.transaction():
+                self._write_touched()
+                changes = _MapChanges()
+                outcomes = [self._run_job(job, changes) for job in jobs]
+                undo = self.table.apply(changes.adds, changes.removes)
+        except Exception as e:
+            if undo is not None:
+                undo()              # the commit failed after the map was changed
+            self._batch_failed(jobs, outcomes, e, retrying)
+            return
+        for job, result, _ in outcomes:
+            if isinstance(result, BaseException):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(result)
+
+    def _run_job(self, job, changes):
+        """One operation in a savepoint of its own: it fails alone, and its map changes too."""
+        own = _MapChanges()
+        try:
+            with self.store.savepoint():
+                result = job.run(Work(self, self.store, own, self.clock()), **job.fields)
+        except Exception as e:
+            result = _operation_error(job, e, "written")
+        else:
+            changes.merge(own)
+        return job, result, bool(own.entries)
+
+    def _batch_failed(self, jobs, outcomes, error, retrying):
+        if isinstance(error, sqlite3.Error):
+            error = StoreError("the database %s: %s%s" % (
+                "could not be written" if outcomes else "is not available", error,
+                "; nothing was changed" if outcomes else ""))
+        elif not isinstance(error, IncognitoMailError):
+            log.exception("internal error while writing a batch")
+            error = IncognitoMailError("internal error; the server log has details")
+        log.error("%s", error)
+        if not outcomes:            # nothing ran: the transaction did not even begin
+            for job in jobs:
+                job.future.set_exception(error)
+            return
+        retry = []
+        for job, result, changed in outcomes:
+            if isinstance(result, IncognitoMailError):
+                job.future.set_exception(result)
+            elif changed or retrying:
+                job.future.set_exception(error)
+            else:
+                retry.append(job)
+        if not retrying:
+            self._run_batch(retry, retrying=True)
+
+
+###############################################################################
+# Operations: what each front end may ask for, described once, and the gate to them
+###############################################################################
+
+# Each operation is a function run(work, **fields) on a Work, inside the Service: the gate
+# below has checked every field with its rule, so an operation trusts what it is given.
+
+MAX_PAGE_SIZE = 100
+HandlePage = collections.namedtuple("HandlePage", "handles total offset limit")
+HandleList = collections.namedtuple("HandleList", "handles next")
+AccountSummary = collections.namedtuple("AccountSummary", "id address created handles domains")
+
+
+def _new_account(work, address):
+    token = new_token()
+    account_id = work.store.add_account(address, token_digest(token), work.now)
+    log.info("new account %d for %s", account_id, address)
+    return token
+
+
+def _account_id(work, token):
+    return work.account(token).id
+
+
+def _new_handle(work, token, label=None, domain=None, expires=ABSENT, max_messages=None):
+    """``expires`` left out: the configured HandleLifetime."""
+    account, store, config = work.account(token), work.store, work.config
+    if expires is ABSENT:
+        lifetime = config.handle_lifetime
+        expires = None if lifetime is None else int(work.now) + lifetime
+    domain = domain or config.default_domain
+    while True:
+        local = new_handle_name(config.handle_length)
+        key = "%s@%s" % (local, domain)
+        if not work.service.table.is_taken(key) and not store.handle_taken(local, domain):
+            break
+    handle = store.add_handle(account.id, local, domain, label, work.now, expires, max_messages)
+    work.changes.add(key, account.address)
+    log.info("new handle %s for account %d (%s)", key, account.id, account.address)
+    return handle
+
+
+def _get_handle(work, token, address=None, handle_id=None):
+    return work.own_handle(work.account(token), address, handle_id)
+
+
+def _update_handle(work, token, address=None, handle_id=None, label=ABSENT, enabled=ABSENT,
+                   expires=ABSENT, max_messages=ABSENT):
+    """Change what is given; ``expires`` None: never, ``max_messages`` None: no limit."""
+    account = work.account(token)
+    handle = work.own_handle(account, address, handle_id)
+    given = {name: value for name, value in (("label", label), ("enabled", enabled),
+                                             ("expires", expires), ("max_messages", max_messages))
+             if value is not ABSENT}
+    changed = handle._replace(**given)
+    work.store.update_handle(changed, work.now)
+    swept = work.swept_until()
+    was, will_be = handle.in_map(swept), changed.in_map(swept)
+    if will_be and not was:
+        work.changes.add(handle.address, account.address)
+    elif was and not will_be:
+        work.changes.remove(handle.address)
+    log.info("handle %s of account %d: %s%s", handle.address, account.id,
+             changed.state(work.now), ", label %r" % changed.label if changed.label else "")
+    return work.store.handle_by_id(handle.id)
+
+
+def _delete_handle(work, token, address=None, handle_id=None):
+    account = work.account(token)
+    handle = work.own_handle(account, address, handle_id)
+    work.store.delete_handle(handle.id)
+    if handle.in_map(work.swept_until()):
+        work.changes.remove(handle.address)
+    log.info("deleted handle %s of account %d (%s)", handle.address, account.id, account.address)
+
+
+def _list_handles(work, token, before=None, limit=MAX_PAGE_SIZE):
+    """A page of the account's handles, newest first; ``next`` is where the next page starts
+    (give it as ``before``), None after the last."""
+    handles = work.store.handles_before(work.account(token).id, before, limit + 1)
+    more = len(handles) > limit
+    return HandleList(handles[:limit], handles[limit - 1].number if more else None)
+
+
+def _find_handles(work, token, search=None, enabled=None, offset=0, limit=50):
+    """One page of an account's handles, newest first, and how many there are in all."""
+    handles, total = work.store.handles_of(work.account(token).id, search, enabled, offset, limit)
+    return HandlePage(handles, total, offset, limit)
+
+
+def _account(work, token):
+    account = work.account(token)
+    return AccountSummary(account.id, account.address, account.created,
+                          work.store.handles_of(account.id, limit=0)[1], work.config.domains)
+
+
+def _rotate_token(work, token):
+    account = work.account(token)
+    new = new_token()
+    work.store.set_token_digest(account.id, token_digest(new))
+    log.info("new secret token for account %d (%s); the old one no longer works",
+             account.id, account.address)
+    return new
+
+
+def _delete_account(work, token):
+    account = work.account(token)
+    handles, swept = work.store.handles_of(account.id)[0], work.swept_until()
+    work.store.delete_account(account.id)
+    for handle in handles:
+        if handle.in_map(swept):
+            work.changes.remove(handle.address)
+    log.info("deleted account %d (%s) and its %d handles", account.id, account.address,
+             len(handles))
+    return len(handles)
+
+
+def _status(work):
+    status = work.store.counts()
+    status.update({"version": __version__, "pid": os.getpid(), "map": work.service.table.name,
+                   "domains": list(work.config.domains)})
+    return status
+
+
+def _prune(work, handles_unused_days=None, accounts_unused_days=None, handles_expired_days=None,
+           dry_run=False):
+    store, now, swept = work.store, work.now, work.swept_until()
+    if (handles_unused_days is not None or accounts_unused_days is not None) and \
+            not work.config.policy_listen:
+        raise BadRequest("pruning needs the policy service, which counts the mail each handle "
+                         "receives: without it every handle looks unused. Set [General] "
+                         "PolicyListen and add the policy service to Postfix first "
+                         "(see README.md)")
+    doomed = []
+    if handles_unused_days is not None:
+        counting_since = int(store.get_meta("counting_since") or now)
+        if handles_unused_days and counting_since > now - handles_unused_days * 86400:
+            raise BadRequest("the policy service has counted mail only since %s, so a handle "
+                             "cannot yet be known to be unused for %d days; prune from %s "
+                             "on, or give a shorter time"
+                             % (iso_time(counting_since), handles_unused_days,
+                                iso_time(counting_since + handles_unused_days * 86400)))
+        doomed += store.unused_handles(now - handles_unused_days * 86400)
+    if handles_expired_days is not None:
+        doomed += store.expired_before(now - handles_expired_days * 86400)
+    removed = []
+    for handle in doomed:
+        if handle.address not in removed:
+            removed.append(handle.address)
+            if not dry_run:
+                store.delete_handle(handle.id)
+                if handle.in_map(swept):
+                    work.changes.remove(handle.address)
+    if accounts_unused_days is not None:
+        for account in store.unused_accounts(now - accounts_unused_days * 86400):
+            removed.append(account.address)
+            if not dry_run:
+                store.delete_account(account.id)
+    if removed and not dry_run:
+        log.info("pruned %d never-used or long-expired handles and accounts", len(removed))
+        log.debug("pruned: %s", ", ".join(removed))
+    return removed
+
+
+# How a field's JSON value becomes what an operation receives: rule(value, config, now) ->
+# value, or BadRequest saying why (the gate names the field). The value has the field's type.
+
+def _as_is(value, config, now):
+    return value
+
+
+def _handle_address(value, config, now):
+    return split_handle(value, config.domains)
+
+
+def _target_address(value, config, now):
+    return check_address(value)
+
+
+def _label(value, config, now):
+    return check_label(value)
+
+
+def _served_domain(value, config, now):
+    domain = value.strip().lstrip("@").lower()
+    if domain and domain not in config.domains:
+        raise BadRequest("domain %r is not served here; choose one of: %s"
+                         % (value, ", ".join(config.domains)))
+    return domain or None
+
+
+def _expiry(value, config, now):
+    return None if value.strip().lower() == "never" else parse_when(value, now)
+
+
+def _message_limit(value, config, now):
+    if not 1 <= value <= MAX_MESSAGES:
+        raise BadRequest("max_messages must be a whole number from 1 to %d" % MAX_MESSAGES)
+    if not config.policy_listen:
+        raise BadRequest("a handle that closes after some messages needs the policy service, "
+                         "which counts them: set [General] PolicyListen and add the policy "
+                         "service to Postfix (see README.md)")
+    return value
+
+
+def _from(low, what, high=MAX_TIME):
+    def rule(value, config, now):
+        if not low <= value <= high:
+            raise BadRequest(what)
+        return value
+    return rule
+
+
+# ``nullable``: null means "none" (no label, never, no limit); otherwise null is refused.
+Field = collections.namedtuple("Field", "name kind required rule nullable",
+                               defaults=(False, _as_is, True))
+
+
+def check_fields(operation, message, config, now):
+    """The operation's fields from ``message`` (a dict of JSON values), each of its declared
+    type and passed through its rule; BadRequest naming the field otherwise.
+
+    A required field must be present and not null; an optional one may be null (None), which
+    its operation reads as "none"; one left out is left to the operation's default.
+    """
+    fields = {}
+    for field in operation.fields:
+        value = message.get(field.name)
+        if field.name not in message or (value is None and field.nullable
+                                         and not field.required):
+            if field.required:
+                raise BadRequest("%s needs %r" % (operation.name, field.name), field.name)
+            if field.name in message:
+                fields[field.name] = None
+            continue
+        if (not isinstance(value, field.kind)
+                or (isinstance(value, bool) and field.kind is not bool)):
+            raise BadRequest("%r has the wrong type" % field.name, field.name)
+        if field.kind is int and not -MAX_TIME <= value <= MAX_TIME:
+            raise BadRequest("%r is out of range" % field.name, field.name)
+        if isinstance(value, str):
+            try:
+                # JSON may carry lone surrogates ("\ud800"), which are not text
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadRequest("%r is not valid Unicode text" % field.name, field.name) from None
+        try:
+            fields[field.name] = field.rule(value, config, now)
+        except BadRequest as e:
+            e.field = field.name
+            raise
+    return fields
+
+
+# How the command line shows a result (a JSON value): show(value, fields) -> (what --json
+# prints, the text printed instead (None: nothing), a note for standard error or None).
+
+def handle_line(handle):
+    """address, state, received N, last TIME, created TIME, then how it ends and its label."""
+    fields = [handle["address"], handle["state"], "received %d" % handle["received"],
+              "last %s" % (handle["last_received"] or "never"), "created %s" % handle["created"]]
+    if handle["blocked"]:
+        fields.append("blocked %d" % handle["blocked"])
+    if handle["expires"]:
+        fields.append(describe_expiry(from_iso_time(handle["expires"]), time.time()))
+    if handle["max_messages"]:
+        fields.append("%d of %d messages" % (handle["received"], handle["max_messages"]))
+    return "\t".join(fields + [handle["label"] or ""]).rstrip("\t")
+
+
+def _show_token(note):
+    return lambda token, fields: ({"token": token}, token, note)
+
+
+def _show_handles(handles, fields):
+    return (handles, "\n".join(handle_line(h) for h in handles) or None,
+            None if handles else "this account has no handles yet")
+
+
+def _show_removed(removed, fields):
+    done = "would remove" if fields.get("dry_run") else "removed"
+    return removed, "\n".join(removed) or None, "%s %d handles and accounts" % (done, len(removed))
+
+
+def _show_deleted_account(count, fields):
+    return {"deleted_handles": count}, None, "deleted the account and its %d handles" % count
+
+
+def _show_status(status, fields):
+    text = ("running (pid %d), version %s\naccounts %d, handles %d (%d enabled)\nmap %s, "
+            "domains %s" % (status["pid"], status["version"], status["accounts"],
+                            status["handles"], status["enabled_handles"], status["map"],
+                            ", ".join(status["domains"])))
+    return dict(status, running=True), text, None
+
+
+# Who calls: the command line (over the control socket), the WebSocket's JSON protocol, the
+# HTTP API (and the owner page through it).
+COMMAND_LINE, WEBSOCKET, HTTP = "command line", "WebSocket", "HTTP"
+EVERYONE = (COMMAND_LINE, WEBSOCKET, HTTP)
+
+
+class Operation(collections.namedtuple("Operation", "name run fields reply callers reads "
+                                                    "limited show")):
+    """One thing a front end may ask for: ``run`` (a function of a Work, then the fields), its
+    request ``fields`` (name, JSON type, required, rule), the ``reply`` field its result is
+    sent in (None: the result's own fields, or nothing), the front ends that may call it,
+    whether it only ``reads`` (answered beside the writes), whether it counts against the
+    new-handle rate limits (``limited``), and how the command line shows its result."""
+    __slots__ = ()
+
+
+_TOKEN = Field("token", str, True)
+_HANDLE = (Field("address", str, rule=_handle_address), Field("handle_id", int))
+_LABEL = Field("label", str, rule=_label)
+_LIFETIME = (Field("expires", str, rule=_expiry), Field("max_messages", int, rule=_message_limit))
+_PAGE_SIZE = _from(1, "limit must be from 1 to %d" % MAX_PAGE_SIZE, MAX_PAGE_SIZE)
+_DAYS = _from(0, "days must be 0 or more")
+_SHOW_HANDLE = lambda handle, fields: (handle, handle["address"], None)       # noqa: E731
+_SHOW_NOTHING = lambda value, fields: (value, None, None)                     # noqa: E731
+
+OPERATIONS = {operation.name: operation for operation in (
+    Operation("new_account", _new_account, (Field("address", str, True, _target_address),),
+              "token", (COMMAND_LINE,), False, False,
+              _show_token("This is the account's secret token: keep it like a password.")),
+    Operation("new_handle", _new_handle,
+              (_TOKEN, _LABEL, Field("domain", str, rule=_served_domain)) + _LIFETIME, "handle",
+              EVERYONE, False, True, _SHOW_HANDLE),
+    Operation("list_handles", _list_handles,
+              (_TOKEN, Field("before", int), Field("limit", int, rule=_PAGE_SIZE, nullable=False)),
+              None,
+              (COMMAND_LINE, WEBSOCKET), True, False, _show_handles),
+    Operation("find_handles", _find_handles,
+              (_TOKEN, Field("search", str), Field("enabled", bool),
+               Field("offset", int, rule=_from(0, "offset must be 0 or more"), nullable=False),
+               Field("limit", int, rule=_PAGE_SIZE, nullable=False)), "page", (WEBSOCKET, HTTP),
+              True, False, _SHOW_NOTHING),
+    Operation("get_handle", _get_handle, (_TOKEN,) + _HANDLE, "handle", (WEBSOCKET, HTTP), True,
+              False, _SHOW_HANDLE),
+    Operation("update_handle", _update_handle,
+              (_TOKEN,) + _HANDLE + (_LABEL, Field("enabled", bool, nullable=False)) + _LIFETIME,
+              "handle",
+              EVERYONE, False, False,
+              lambda handle, fields: (handle, handle_line(handle), None)),
+    Operation("delete_handle", _delete_handle, (_TOKEN,) + _HANDLE, None, EVERYONE, False, False,
+              lambda _, fields: ({}, None, "deleted %s" % fields["address"])),
+    Operation("account", _account, (_TOKEN,), "account", EVERYONE, True, False, _SHOW_NOTHING),
+    Operation("rotate_token", _rotate_token, (_TOKEN,), "token", (COMMAND_LINE, WEBSOCKET), False,
+              False, _show_token("This is the account's new secret token; the old one no longer "
+                                 "works.")),
+    Operation("delete_account", _delete_account, (_TOKEN,), "deleted_handles", (COMMAND_LINE,),
+              False, False, _show_deleted_account),
+    Operation("status", _status, (), "status", (COMMAND_LINE,), True, False, _show_status),
+    Operation("prune", _prune,
+              (Field("handles_unused_days", int, rule=_DAYS),
+               Field("accounts_unused_days", int, rule=_DAYS),
+               Field("handles_expired_days", int, rule=_DAYS), Field("dry_run", bool)),
+              "removed", (COMMAND_LINE,), False, False, _show_removed),
+    Operation("stop", None, (), None, (COMMAND_LINE,), False, False, _SHOW_NOTHING),
+)}
 
 
 class TokenBucket:
@@ -1622,540 +2546,121 @@ class TokenBucket:
                 del self._buckets[key]
 
 
-class Service:
-    """The one place that changes anything: every operation is store + Postfix, all or nothing.
+KNOWN_TOKENS = 10000        # digests of tokens seen right lately, not charged in advance
 
-    Operations are queued to one worker thread, which takes everything that arrived while
-    the previous batch was being written and runs it as one batch: one sqlite transaction
-    (a savepoint per operation, so one bad request fails alone), one ``postmap -d`` and one
-    ``postmap -i``, then the commit. A result is handed back only after both the commit and
-    the map update, so a reported handle is always recorded and routable.
 
-    ``submit`` returns a concurrent.futures.Future; ``call`` waits for it; ``run`` awaits it
-    from asyncio. ``clock`` is injectable so tests can move time.
+class Gate:
+    """The one way in: every front end asks here, never the Service directly.
+
+    ``check`` says whether the caller may ask for the operation and turns its fields into
+    checked values; ``run`` then applies the limits of a network client and hands the
+    operation to the Service in the client's or account's turn. ``on_stop`` is what the
+    ``stop`` operation does (the daemon's).
     """
 
-    def __init__(self, config, store, table, clock=time.time):
-        self.config = config
-        self.store = store
-        self.table = table
-        self.clock = clock
-        self._queue = queue.Queue()
-        self._thread = None
-        self._lookups = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="incognitomail-lookup")
+    def __init__(self, config, service, clock=time.time):
+        self.config, self.service, self.clock = config, service, clock
+        self.on_stop = None
+        self._creation_per_client = TokenBucket(config.handles_per_minute_per_client)
         self._creation_per_account = TokenBucket(config.handles_per_minute_per_account)
-        self.swept_until = 0            # the last sweep's time (the database has it too)
-        self._lookup_store = None
-        self.batches = 0
+        self._failures_per_client = TokenBucket(config.failed_tokens_per_minute_per_client)
+        self._known_tokens = collections.OrderedDict()  # digest -> its account id, or None
+        self._checking = {}             # digest of a token not known yet -> done once checked
 
-    # -- life cycle -------------------------------------------------------------------------
+    def check(self, caller, name, fields):
+        """(the Operation, its checked fields) when ``caller`` may ask for ``name``; BadRequest
+        naming the fault otherwise. ``fields`` holds JSON values; names it does not know are
+        ignored."""
+        operation = OPERATIONS.get(name) if isinstance(name, str) else None
+        if operation is None or caller not in operation.callers:
+            known = [n for n, op in OPERATIONS.items() if caller in op.callers]
+            raise BadRequest("unknown op %r; known here: %s" % (name, ", ".join(known)))
+        return operation, check_fields(operation, fields, self.config, self.clock())
 
-    def start(self):
-        """Reconcile the map from the store, then start taking operations."""
-        self.table.check_access()
-        clean = self.store.get_meta("clean_stop")
-        with self.store.transaction():
-            self.store.set_meta("clean_stop", None)
-            # Received counts mean "unused" only for the time the policy service has been counting.
-            if not self.config.policy_listen:
-                self.store.set_meta("counting_since", None)
-            elif self.store.get_meta("counting_since") is None:
-                self.store.set_meta("counting_since", str(int(self.clock())))
-            if self.store.get_meta("swept_until") is None:
-                self.store.set_meta("swept_until", str(int(self.clock())))
-        # as of the last sweep; the sweep below then takes out what ended since
-        self.table.reconcile(self.store.map_entries(self._swept_until()), clean)
-        # what expired while the server was down leaves the map before anything is served
-        sweep = concurrent.futures.Future()
-        self._run_batch([(sweep, OPERATIONS["sweep"], (), {"restarting": True})])
-        sweep.result()
-        self._thread = threading.Thread(target=self._work, name="incognitomail-service",
-                                        daemon=True)
-        self._thread.start()
+    def submit(self, operation, fields, key=None):
+        """Hand checked ``fields`` to the Service (a concurrent Future of the result), in the
+        turn of ``key``."""
+        if operation.run is None:
+            future = concurrent.futures.Future()
+            future.set_result(self.on_stop())
+            return future
+        queue_for = self.service.read if operation.reads else self.service.write
+        return queue_for(operation.run, fields, key)
 
-    def stop(self):
-        """Finish every queued operation, flush the text map, remember that the stop was clean."""
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
-        self._lookups.shutdown(wait=True)
-        if self._lookup_store is not None:
-            self._lookup_store.close()
-            self._lookup_store = None
-        self.table.flush_text()
-        with self.store.transaction():
-            self.store.set_meta("clean_stop", self.table.fingerprint())
-
-    # -- entry points -----------------------------------------------------------------------
-
-    def submit(self, operation, *args, **fields):
-        """Queue one of OPERATIONS (by name) for the worker; a Future of its result."""
-        future = concurrent.futures.Future()
-        if operation not in OPERATIONS:
-            future.set_exception(BadRequest("unknown operation %r" % operation))
-        else:
-            self._queue.put((future, OPERATIONS[operation], args, fields))
-        return future
-
-    def call(self, operation, *args, **fields):
-        return self.submit(operation, *args, **fields).result()
-
-    async def run(self, operation, *args, **fields):
-        return await asyncio.wrap_future(self.submit(operation, *args, **fields))
-
-    async def lookup(self, address):
-        """The Handle at ``address``, or None; read beside the batches, for Postfix's lookups."""
-        return await asyncio.get_running_loop().run_in_executor(self._lookups, self._lookup,
-                                                                 address)
-
-    def _lookup(self, address):
-        if self._lookup_store is None:
-            self._lookup_store = Store(self.store.path, readonly=True)
-        local, _, domain = address.lower().partition("@")
-        if not domain or domain not in self.config.domains:
-            return None
-        # an address extension (Postfix's recipient_delimiter: k3v9+shop@...) routes as the handle
-        local = re.match("[%s]*" % HANDLE_ALPHABET, local).group()
-        return self._lookup_store.handle(local, domain)
-
-    # -- the worker -------------------------------------------------------------------------
-
-    def _work(self):
-        last_batch = time.monotonic()
-        next_sweep = last_batch + SWEEP_SECONDS
-        while True:
-            flush_due = self._flush_due(last_batch)
-            try:
-                batch = [self._queue.get(timeout=max(0.0, min(flush_due, next_sweep)
-                                                     - time.monotonic()))]
-            except queue.Empty:
-                batch = []
-            while True:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            if time.monotonic() >= next_sweep:
-                batch.append((concurrent.futures.Future(), OPERATIONS["sweep"], (), {}))
-                next_sweep = time.monotonic() + SWEEP_SECONDS
-            if not batch:
-                self.table.flush_text()     # idle (or the oldest removal is old): tidy the map
-                last_batch = time.monotonic()
-                continue
-            items = [item for item in batch
-                     if item is not None and item[0].set_running_or_notify_cancel()]
-            try:
-                self._run_batch(items)
-            except Exception:       # never let one batch stop the worker: nobody would be answered
-                log.exception("internal error in the service worker")
-                self.store.rollback()
-                for future, _, _, _ in items:
-                    if not future.done():
-                        future.set_exception(
-                            IncognitoMailError("internal error; the server log has details"))
-            if self.table.needs_rebuild:
-                self._rebuild_map()
-            last_batch = time.monotonic()
-            if (self.table.unflushed_since is not None
-                    and last_batch - self.table.unflushed_since >= TEXT_FLUSH_MAX_DELAY):
-                self.table.flush_text()
-            if None in batch:
-                return
-
-    def _rebuild_map(self):
-        """After a change that could not be undone: the store says what the map must hold."""
+    async def run(self, caller, client, name, fields):
+        """Run one operation for a front end. Network clients (``client``: their address) meet
+        the rate limits first; the local command line (client None) has none, and a turn of
+        its own."""
+        if client is None:
+            operation, fields = self.check(caller, name, fields)
+            return await asyncio.wrap_future(self.submit(operation, fields, COMMAND_LINE))
         try:
-            self.table.rebuild(self.store.map_entries(self._swept_until()))
-        except IncognitoMailError as e:
-            log.error("%s (the map stays in doubt; "
-                      "it is rebuilt after the next batch or at start)", e)
+            operation, fields = self.check(caller, name, fields)
+        except (BadRequest, NotFound) as e:
+            token = fields.get("token")
+            if isinstance(token, str) and getattr(e, "field", None) != "token":
+                # told only to the account's owner: the token first
+                await self._limited(OPERATIONS["account"], {"token": token}, client)
+            raise
+        return await self._limited(operation, fields, client)
 
-    def _flush_due(self, last_batch):
-        """When the text map should drop removed lines: once idle, or when they are too old."""
-        since = self.table.unflushed_since
-        if since is None:
-            return float("inf")
-        return min(last_batch + TEXT_FLUSH_DELAY, since + TEXT_FLUSH_MAX_DELAY)
-
-    def _run_batch(self, items, retrying=False):
-        """One transaction, one map update, one commit for every item; see the class docstring.
-
-        When the map update or the commit fails, every operation that changed the map fails
-        with that error; the others are run again in a transaction of their own.
-        """
-        if not items:
-            return
-        self.batches += 1
+    async def _limited(self, operation, fields, client):
+        """A token the gate has not seen right lately is counted as wrong before it is checked,
+        and given back when it was right, so that a burst of guesses meets the limit at once;
+        requests with that same token wait for the first one's answer rather than count too."""
+        failures = self._failures_per_client
+        self._refuse_if_limited(failures.take(client, peek=True), client)
+        token = fields.get("token")
+        digest = token_digest(token) if token is not None else None
+        while digest in self._checking:     # the same new token is being checked: wait for it
+            await asyncio.shield(self._checking[digest])
+        charged = digest not in self._known_tokens
+        if charged:
+            self._refuse_if_limited(failures.take(client), client)
+            self._checking[digest] = asyncio.get_running_loop().create_future()
         try:
-            self.store.begin()
-        except sqlite3.Error as e:
-            error = StoreError("the database is not available: %s" % e)
-            for future, _, _, _ in items:
-                future.set_exception(error)
-            return
-        changes = _MapChanges()
-        outcomes = []           # (item, result or error, changed the map)
-        for item in items:
-            future, operation, args, fields = item
-            op_changes = _MapChanges()
-            try:
-                with self.store.savepoint():
-                    result = operation.run(self, op_changes, *args, **fields)
-            except IncognitoMailError as e:
-                result = e
-            except sqlite3.Error as e:
-                log.error("database error in %s: %s", operation.name, e)
-                result = StoreError("the database could not be written: %s" % e)
-            except Exception:
-                log.exception("internal error in %s", operation.name)
-                result = IncognitoMailError("internal error; the server log has details")
-            else:
-                changes.merge(op_changes)
-            outcomes.append((item, result, bool(op_changes.entries)))
-        try:
-            undo = self.table.apply(changes.adds, changes.removes)
-            try:
-                self.store.commit()
-            except sqlite3.Error as e:
-                undo()
-                raise StoreError("the database could not be written: %s; nothing was changed" % e)
-        except Exception as e:
-            error = e
-            if not isinstance(error, IncognitoMailError):
-                log.exception("internal error while writing a batch")
-                error = IncognitoMailError("internal error; the server log has details")
-            log.error("%s", error)
-            self.store.rollback()
-            retry = [item for item, result, changed in outcomes
-                     if not changed and not isinstance(result, IncognitoMailError)]
-            for item, result, changed in outcomes:
-                if isinstance(result, IncognitoMailError):
-                    item[0].set_exception(result)
-                elif changed or retrying:
-                    item[0].set_exception(error)
-            if not retrying:
-                self._run_batch(retry, retrying=True)
-            return
-        for (future, _, _, _), result, _ in outcomes:
-            if isinstance(result, BaseException):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+            if operation.limited:
+                await self._take_creation(client, digest, token)
+            result = await asyncio.wrap_future(self.submit(operation, fields, digest or client))
+        except Unauthorized:
+            self._known_tokens.pop(digest, None)
+            if not charged:
+                failures.take(client)
+            raise
+        except BaseException:
+            if charged:
+                failures.give_back(client)
+            raise
+        finally:
+            if charged:
+                self._checking.pop(digest).set_result(None)
+        if charged:
+            failures.give_back(client)
+        if digest is not None:
+            self._known_tokens[digest] = self._known_tokens.get(digest)
+            self._known_tokens.move_to_end(digest)
+            if len(self._known_tokens) > KNOWN_TOKENS:
+                self._known_tokens.popitem(last=False)
+        return result
 
-    # -- operations (run in the worker, inside a savepoint) ------------------------------------
+    @staticmethod
+    def _refuse_if_limited(wait, client):
+        if wait:
+            raise RateLimited("too many wrong secret tokens from %s; retry in %d s"
+                              % (client, wait), wait)
 
-    def _authenticate(self, token):
-        if not isinstance(token, str) or not token or len(token) > 256:
-            raise Unauthorized("a secret token is required")
-        account = self.store.account_by_digest(token_digest(token))
-        if account is None:
-            raise Unauthorized("unknown secret token")
-        self.store.touch_account(account.id, self.clock())
-        return account
-
-    def _own_handle(self, account, address=None, handle_id=None):
-        """The account's handle named by its address or its id; NotFound for anyone else's."""
-        if handle_id is not None:
-            handle, name = self.store.handle_by_id(handle_id), "number %d" % handle_id
-        else:
-            local, domain = split_handle(address, self.config.domains)
-            handle, name = self.store.handle(local, domain), "%s@%s" % (local, domain)
-        if handle is None or handle.account_id != account.id:
-            raise NotFound("no handle %s belongs to this account" % name)
-        return handle
-
-    def _new_account(self, changes, address):
-        address = check_address(address)
-        token = new_token()
-        account_id = self.store.add_account(address, token_digest(token), self.clock())
-        log.info("new account %d for %s", account_id, address)
-        return token
-
-    def _swept_until(self):
-        """The time the last sweep took expired handles out of the map up to."""
-        return int(self.store.get_meta("swept_until") or 0)
-
-
-    def _lifetime(self, expires, max_messages, now):
-        """(expires, max_messages) checked: a future time, a count the policy service keeps."""
-        if isinstance(expires, str) and expires.strip().lower() == "never":
-            expires = None
-        if expires is not None:
-            expires = parse_when(expires, now)
-        if max_messages is not None:
-            if not isinstance(max_messages, int) or not 1 <= max_messages <= MAX_MESSAGES:
-                raise BadRequest("max_messages must be a whole number from 1 to %d"
-                                 % MAX_MESSAGES)
-            if not self.config.policy_listen:
-                raise BadRequest("a handle that closes after some messages needs the policy "
-                                 "service, which counts them: set [General] PolicyListen and add "
-                                 "the policy service to Postfix (see README.md)")
-        return expires, max_messages
-
-    def _new_handle(self, changes, token, label=None, domain=None, expires=_UNCHANGED,
-                    max_messages=None, rate_limited=False):
-        """``expires`` left out: the configured HandleLifetime. ``rate_limited``: a network
-        client's request meets the account's limit."""
-        account = self._authenticate(token)
-        wait = self._creation_per_account.take(account.id) if rate_limited else 0
+    async def _take_creation(self, client, digest, token):
+        """A new handle meets the client's limit, then its account's (whatever the client)."""
+        wait = self._creation_per_client.take(client)
+        if not wait:
+            account_id = self._known_tokens.get(digest)
+            if account_id is None:
+                account_id = await asyncio.wrap_future(
+                    self.service.read(_account_id, {"token": token}, digest))
+                self._known_tokens[digest] = account_id
+            wait = self._creation_per_account.take(account_id)
         if wait:
             raise RateLimited("rate limited: too many new handles; retry in %d s" % wait, wait)
-        label = check_label(label)
-        now = self.clock()
-        if expires is _UNCHANGED:
-            lifetime = self.config.handle_lifetime
-            expires = None if lifetime is None else "%ds" % lifetime
-        expires, max_messages = self._lifetime(expires, max_messages, now)
-        if domain is None or domain == "":
-            domain = self.config.default_domain
-        if not isinstance(domain, str) or domain.lstrip("@").lower() not in self.config.domains:
-            raise BadRequest("domain %r is not served here; choose one of: %s"
-                             % (domain, ", ".join(self.config.domains)))
-        domain = domain.lstrip("@").lower()
-        while True:
-            local = new_handle_name(self.config.handle_length)
-            key = "%s@%s" % (local, domain)
-            if not self.table.is_taken(key) and not self.store.handle_taken(local, domain):
-                break
-        handle = self.store.add_handle(account.id, local, domain, label, now, expires,
-                                       max_messages)
-        changes.add(key, account.address)
-        log.info("new handle %s for account %d (%s)", key, account.id, account.address)
-        return handle
-
-    def _get_handle(self, changes, token, address=None, handle_id=None):
-        return self._own_handle(self._authenticate(token), address, handle_id)
-
-    def _delete_handle(self, changes, token, address=None, handle_id=None):
-        account = self._authenticate(token)
-        handle = self._own_handle(account, address, handle_id)
-        self.store.delete_handle(handle.id)
-        if handle.in_map(self._swept_until()):
-            changes.remove(handle.address)
-        log.info("deleted handle %s of account %d (%s)", handle.address, account.id,
-                 account.address)
-
-    def _update_handle(self, changes, token, address=None, label=_UNCHANGED, enabled=_UNCHANGED,
-                       handle_id=None, expires=_UNCHANGED, max_messages=_UNCHANGED):
-        """Change what is given; ``expires`` None: never, ``max_messages`` None: no limit."""
-        account = self._authenticate(token)
-        handle = self._own_handle(account, address, handle_id)
-        now = self.clock()
-        if enabled is not _UNCHANGED and not isinstance(enabled, bool):
-            raise BadRequest("enabled must be true or false")
-        new_expires, new_max = self._lifetime(
-            None if expires is _UNCHANGED else expires,
-            None if max_messages is _UNCHANGED else max_messages, now)
-        changed = handle._replace(
-            label=handle.label if label is _UNCHANGED else check_label(label),
-            enabled=handle.enabled if enabled is _UNCHANGED else enabled,
-            expires=handle.expires if expires is _UNCHANGED else new_expires,
-            max_messages=handle.max_messages if max_messages is _UNCHANGED else new_max)
-        self.store.update_handle(changed, now)
-        swept = self._swept_until()
-        was, will_be = handle.in_map(swept), changed.in_map(swept)
-        if will_be and not was:
-            changes.add(handle.address, account.address)
-        elif was and not will_be:
-            changes.remove(handle.address)
-        log.info("handle %s of account %d: %s%s", handle.address, account.id,
-                 changed.state(now), ", label %r" % changed.label if changed.label else "")
-        return self.store.handle_by_id(handle.id)
-
-    def _list_handles(self, changes, token):
-        return self.store.handles_of(self._authenticate(token).id)[0]
-
-    def _find_handles(self, changes, token, search=None, enabled=None, offset=0, limit=50):
-        """One page of an account's handles, newest first, and how many there are in all."""
-        account = self._authenticate(token)
-        if not isinstance(offset, int) or offset < 0 or not isinstance(limit, int) \
-                or not 0 < limit <= MAX_PAGE_SIZE:
-            raise BadRequest("offset must be 0 or more and limit from 1 to %d" % MAX_PAGE_SIZE)
-        handles, total = self.store.handles_of(account.id, search, enabled, offset, limit)
-        return HandlePage(handles, total, offset, limit)
-
-    def _account(self, changes, token):
-        account = self._authenticate(token)
-        return AccountSummary(account.id, account.address, account.created,
-                              self.store.handles_of(account.id, limit=0)[1], self.config.domains)
-
-    def _delete_account(self, changes, token):
-        account = self._authenticate(token)
-        handles, swept = self.store.handles_of(account.id)[0], self._swept_until()
-        self.store.delete_account(account.id)
-        for handle in handles:
-            if handle.in_map(swept):
-                changes.remove(handle.address)
-        log.info("deleted account %d (%s) and its %d handles", account.id, account.address,
-                 len(handles))
-        return len(handles)
-
-    def _rotate_token(self, changes, token):
-        account = self._authenticate(token)
-        new = new_token()
-        self.store.set_token_digest(account.id, token_digest(new))
-        log.info("new secret token for account %d (%s); the old one no longer works",
-                 account.id, account.address)
-        return new
-
-    def _status(self, changes):
-        status = self.store.counts()
-        status.update({"version": __version__, "pid": os.getpid(), "map": self.table.name,
-                       "domains": list(self.config.domains)})
-        return status
-
-    def _record_mail(self, changes, events):
-        """``events``: [(address, time, blocked)] of messages the policy service saw at RCPT.
-
-        A handle that has now received all the messages it accepts leaves the map at the next
-        sweep, once its last message is through Postfix."""
-        counts = {False: {}, True: {}}
-        latest = {False: {}, True: {}}
-        for address, when, blocked in events:
-            key = tuple(address.lower().split("@", 1))
-            counts[blocked][key] = counts[blocked].get(key, 0) + 1
-            latest[blocked][key] = max(latest[blocked].get(key, 0), when)
-        before = {key: self.store.handle(*key) for key in counts[False]}
-        swept = self._swept_until()
-        self.store.record_mail("received", counts[False], latest[False])
-        self.store.record_mail("blocked", counts[True], latest[True])
-        for key, handle in before.items():
-            if handle is not None and handle.max_messages is not None and \
-                    handle.received < handle.max_messages <= handle.received + counts[False][key]:
-                # it leaves the map at the first sweep after this (a later second)
-                self.store.set_used_up(handle.id, max(latest[False][key], swept + 1))
-                log.info("handle %s has received all the %d messages it accepts",
-                         handle.address, handle.max_messages)
-        return len(events)
-
-    def _sweep(self, changes, restarting=False):
-        """Take the handles that expired or were used up since the last sweep out of the map
-        (at most once a minute, by two indexes: the cost follows what ends, not the table).
-
-        At a start no message is on its way any more: every used-up handle leaves at once."""
-        now = int(self.clock())
-        since = int(self.store.get_meta("swept_until") or now)
-        used_up = self.store.used_up_between(since, MAX_TIME if restarting else now)
-        ended = self.store.expiring(since, now) + used_up
-        after = [h._replace(used_up=min(h.used_up or 0, now)) if restarting else h for h in ended]
-        gone = {h.address for h, later in zip(ended, after) if h.in_map(since)
-                and not later.in_map(now)}
-        if restarting:
-            self.store.settle_used_up(now)
-        for address in gone:
-            changes.remove(address)
-        self.store.set_meta("swept_until", str(max(since, now)))
-        self.swept_until = max(since, now)
-        if gone:
-            log.info("%d handles expired or used up left the map", len(gone))
-        return len(gone)
-
-    def _prune(self, changes, handles_unused_days=None, accounts_unused_days=None, dry_run=False,
-               handles_expired_days=None):
-        handles_days, accounts_days = handles_unused_days, accounts_unused_days
-        if any(days is not None and days < 0
-               for days in (handles_days, accounts_days, handles_expired_days)):
-            raise BadRequest("days must be 0 or more")
-        if (handles_days is not None or accounts_days is not None) and \
-                not self.config.policy_listen:
-            raise BadRequest("pruning needs the policy service, which counts the mail each handle "
-                             "receives: without it every handle looks unused. Set [General] "
-                             "PolicyListen and add the policy service to Postfix first "
-                             "(see README.md)")
-        now, swept = self.clock(), self._swept_until()
-        removed = []
-        if handles_days is not None:
-            counting_since = int(self.store.get_meta("counting_since") or now)
-            if handles_days and counting_since > now - handles_days * 86400:
-                raise BadRequest("the policy service has counted mail only since %s, so a handle "
-                                 "cannot yet be known to be unused for %d days; prune from %s "
-                                 "on, or give a shorter time"
-                                 % (iso_time(counting_since), handles_days,
-                                    iso_time(counting_since + handles_days * 86400)))
-            for handle in self.store.unused_handles(now - handles_days * 86400):
-                removed.append(handle.address)
-                if not dry_run:
-                    self.store.delete_handle(handle.id)
-                    if handle.in_map(swept):
-                        changes.remove(handle.address)
-        if handles_expired_days is not None:
-            for handle in self.store.expired_before(now - handles_expired_days * 86400):
-                if handle.address not in removed:
-                    removed.append(handle.address)
-                    if not dry_run:
-                        self.store.delete_handle(handle.id)
-                        if handle.in_map(swept):
-                            changes.remove(handle.address)
-        if accounts_days is not None:
-            for account in self.store.unused_accounts(now - accounts_days * 86400):
-                removed.append(account.address)
-                if not dry_run:
-                    self.store.delete_account(account.id)
-        if removed and not dry_run:
-            log.info("pruned %d never-used or long-expired handles and accounts", len(removed))
-            log.debug("pruned: %s", ", ".join(removed))
-        return removed
-
-
-MAX_PAGE_SIZE = 100
-HandlePage = collections.namedtuple("HandlePage", "handles total offset limit")
-AccountSummary = collections.namedtuple("AccountSummary", "id address created handles domains")
-
-
-###############################################################################
-# Operations: what each front end may ask the Service for, described once
-###############################################################################
-
-# Who calls: the command line (over the control socket), the WebSocket's JSON protocol, the
-# HTTP API. An operation no front end may call (record_mail, sweep) is the daemon's own.
-COMMAND_LINE, WEBSOCKET, HTTP = "command line", "WebSocket", "HTTP"
-EVERYONE = (COMMAND_LINE, WEBSOCKET, HTTP)
-
-Field = collections.namedtuple("Field", "name kind required")
-
-
-class Operation(collections.namedtuple("Operation", "name run fields reply callers")):
-    """One thing the Service does: ``run`` (a Service method taking the batch's map changes,
-    then the fields), its request ``fields`` (name, type, required), the ``reply`` field its
-    result is sent in (None: nothing), and the front ends that may call it."""
-    __slots__ = ()
-
-
-_TOKEN = Field("token", str, True)
-_ADDRESS, _ID = Field("address", str, False), Field("handle_id", int, False)
-_LABEL = Field("label", str, False)
-_LIFETIME = (Field("expires", str, False), Field("max_messages", int, False))
-
-OPERATIONS = {operation.name: operation for operation in (
-    Operation("new_account", Service._new_account, (Field("address", str, True),), "token",
-              (COMMAND_LINE,)),
-    Operation("new_handle", Service._new_handle,
-              (_TOKEN, _LABEL, Field("domain", str, False)) + _LIFETIME, "handle", EVERYONE),
-    Operation("list_handles", Service._list_handles, (_TOKEN,), "handles", EVERYONE),
-    Operation("find_handles", Service._find_handles,
-              (_TOKEN, Field("search", str, False), Field("enabled", bool, False),
-               Field("offset", int, False), Field("limit", int, False)), "page", (WEBSOCKET, HTTP)),
-    Operation("get_handle", Service._get_handle, (_TOKEN, _ADDRESS, _ID), "handle",
-              (WEBSOCKET, HTTP)),
-    Operation("update_handle", Service._update_handle,
-              (_TOKEN, _ADDRESS, _ID, _LABEL, Field("enabled", bool, False)) + _LIFETIME,
-              "handle", EVERYONE),
-    Operation("delete_handle", Service._delete_handle, (_TOKEN, _ADDRESS, _ID), None, EVERYONE),
-    Operation("account", Service._account, (_TOKEN,), "account", EVERYONE),
-    Operation("rotate_token", Service._rotate_token, (_TOKEN,), "token", EVERYONE),
-    Operation("delete_account", Service._delete_account, (_TOKEN,), "deleted_handles",
-              (COMMAND_LINE,)),
-    Operation("status", Service._status, (), "status", (COMMAND_LINE,)),
-    Operation("prune", Service._prune,
-              (Field("handles_unused_days", int, False), Field("accounts_unused_days", int, False),
-               Field("handles_expired_days", int, False), Field("dry_run", bool, False)),
-              "removed", (COMMAND_LINE,)),
-    Operation("stop", None, (), None, (COMMAND_LINE,)),
-    Operation("record_mail", Service._record_mail, (), None, ()),
-    Operation("sweep", Service._sweep, (), None, ()),
-)}
 
 
 ###############################################################################
@@ -2169,66 +2674,19 @@ def _refuse_constant(name):
     raise ValueError("%s is not a JSON number" % name)
 
 
-def parse_json_request(text, caller):
-    """One JSON request -> JsonRequest; BadRequest (carrying the id when known) otherwise.
+def parse_json_request(text):
+    """One JSON request -> JsonRequest; BadRequest otherwise.
 
-    Request: ``{"id": any, "op": name, "token": secret, ...}``. The operation's description
-    says which fields it takes and of what type, so the Service receives only well-formed
-    arguments. An optional field that is absent is left to the operation's default.
+    Request: ``{"id": any, "op": name, "token": secret, ...}``; the gate checks the rest.
     """
     try:
         message = json.loads(text, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as e:
         problem = e if isinstance(e, ValueError) else "nested too deeply"
-        raise _with_id(BadRequest("not valid JSON: %s" % problem), None)
+        raise BadRequest("not valid JSON: %s" % problem)
     if not isinstance(message, dict):
-        raise _with_id(BadRequest("a request must be a JSON object"), None)
-    request_id = message.get("id")
-    operation = OPERATIONS.get(message.get("op"))
-    if operation is None or caller not in operation.callers:
-        known = [name for name, op in OPERATIONS.items() if caller in op.callers]
-        raise _with_id(BadRequest("unknown op %r; known here: %s"
-                                  % (message.get("op"), ", ".join(known))),
-                       request_id)
-    try:
-        fields = check_fields(operation, message)
-    except BadRequest as e:
-        raise _with_id(e, request_id)
-    return JsonRequest(request_id, operation.name, fields)
-
-
-def check_fields(operation, message):
-    """The operation's fields from ``message`` (a dict), each of its declared type.
-
-    A required field must be present and not null; an optional one may be null.
-    """
-    fields = {}
-    for field in operation.fields:
-        value = message.get(field.name)
-        if field.name not in message or (value is None and not field.required):
-            if field.required:
-                raise BadRequest("%s needs %r" % (operation.name, field.name))
-            if field.name in message:
-                fields[field.name] = None
-            continue
-        if (not isinstance(value, field.kind)
-                or (isinstance(value, bool) and field.kind is not bool)):
-            raise BadRequest("%r has the wrong type" % field.name)
-        if field.kind is int and not -MAX_TIME <= value <= MAX_TIME:
-            raise BadRequest("%r is out of range" % field.name)
-        if isinstance(value, str):
-            try:
-                # JSON may carry lone surrogates ("\ud800"), which are not text
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise BadRequest("%r is not valid Unicode text" % field.name) from None
-        fields[field.name] = value
-    return fields
-
-
-def _with_id(error, request_id):
-    error.request_id = request_id
-    return error
+        raise BadRequest("a request must be a JSON object")
+    return JsonRequest(message.get("id"), message.get("op"), message)
 
 
 def handle_json(handle, now):
@@ -2236,7 +2694,7 @@ def handle_json(handle, now):
     switch; ``state`` says whether mail is delivered (enabled, disabled, expired, used up)."""
     return {"address": handle.address, "label": handle.label, "enabled": bool(handle.enabled),
             "created": iso_time(handle.created), "received": handle.received,
-            "last_received": iso_time(handle.last_received), "id": handle.id,
+            "last_received": iso_time(handle.last_received), "id": handle.number,
             "state": handle.state(now), "expires": iso_time(handle.expires),
             "max_messages": handle.max_messages, "blocked": handle.blocked,
             "last_blocked": iso_time(handle.last_blocked)}
@@ -2250,6 +2708,8 @@ def json_value(result, now=None):
     if isinstance(result, HandlePage):
         return {"handles": [handle_json(h, now) for h in result.handles], "total": result.total,
                 "offset": result.offset, "limit": result.limit}
+    if isinstance(result, HandleList):
+        return {"handles": [handle_json(h, now) for h in result.handles], "next": result.next}
     if isinstance(result, AccountSummary):
         return {"address": result.address, "domains": list(result.domains),
                 "handles": result.handles, "created": iso_time(result.created), "id": result.id}
@@ -2258,11 +2718,13 @@ def json_value(result, now=None):
     return result
 
 
-def json_reply(request_id, op, result, now=None):
+def json_reply(request_id, operation, result, now=None):
     reply = {"id": request_id, "ok": True}
-    field = OPERATIONS[op].reply
-    if field:
-        reply[field] = json_value(result, now)
+    value = json_value(result, now)
+    if operation.reply:
+        reply[operation.reply] = value
+    elif isinstance(value, dict):
+        reply.update(value)
     return json.dumps(reply)
 
 
@@ -2311,8 +2773,9 @@ class _Buffer:
 class PolicyParser:
     """SMTPD_POLICY_README: ``name=value`` lines, a request ends with an empty line.
 
-    ``feed(bytes)`` returns the complete requests as dicts. Oversized requests, lines
-    without ``=`` and non-UTF-8 bytes raise PostfixProtocolError.
+    ``feed`` adds bytes; ``next_request`` returns the next complete request as a dict, or None
+    until one is complete. Oversized requests, lines without ``=`` and non-UTF-8 bytes raise
+    PostfixProtocolError.
     """
     MAX_REQUEST = 16384
 
@@ -2326,23 +2789,23 @@ class PolicyParser:
 
     def feed(self, data):
         self._buffer.feed(data)
-        requests = []
-        while True:
-            block = self._buffer.take_until(b"\n\n", self.MAX_REQUEST, lambda: PostfixProtocolError(
-                "policy request longer than %d bytes" % self.MAX_REQUEST))
-            if block is None:
-                return requests
-            request = {}
-            for line in block.split(b"\n"):
-                name, sep, value = line.partition(b"=")
-                if not sep or not name:
-                    raise PostfixProtocolError("policy request line without name=value: %r"
-                                               % line[:80])
-                try:
-                    request[name.decode("ascii")] = value.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise PostfixProtocolError("policy request is not text: %r" % line[:80])
-            requests.append(request)
+
+    def next_request(self):
+        block = self._buffer.take_until(b"\n\n", self.MAX_REQUEST, lambda: PostfixProtocolError(
+            "policy request longer than %d bytes" % self.MAX_REQUEST))
+        if block is None:
+            return None
+        request = {}
+        for line in block.split(b"\n"):
+            name, sep, value = line.partition(b"=")
+            if not sep or not name:
+                raise PostfixProtocolError("policy request line without name=value: %r"
+                                           % line[:80])
+            try:
+                request[name.decode("ascii")] = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise PostfixProtocolError("policy request is not text: %r" % line[:80])
+        return request
 
 
 def policy_response(action):
@@ -2363,23 +2826,24 @@ class NetstringParser:
 
     def feed(self, data):
         self._buffer.feed(data)
-        strings = []
-        while True:
-            if self._length is None:
-                digits = self._buffer.take_until(b":", 6, lambda: PostfixProtocolError(
-                    "netstring length too long"))
-                if digits is None:
-                    return strings
-                if not digits.isdigit() or int(digits) > self.MAX_LENGTH:
-                    raise PostfixProtocolError("bad netstring length %r" % digits[:12])
-                self._length = int(digits)
-            if len(self._buffer) < self._length + 1:
-                return strings
-            string = self._buffer.take(self._length)
-            if self._buffer.take(1) != b",":
-                raise PostfixProtocolError("netstring not terminated by a comma")
-            strings.append(string)
-            self._length = None
+
+    def next_request(self):
+        """The next complete netstring's bytes, or None until it is complete."""
+        if self._length is None:
+            digits = self._buffer.take_until(b":", 6, lambda: PostfixProtocolError(
+                "netstring length too long"))
+            if digits is None:
+                return None
+            if not digits.isdigit() or int(digits) > self.MAX_LENGTH:
+                raise PostfixProtocolError("bad netstring length %r" % digits[:12])
+            self._length = int(digits)
+        if len(self._buffer) < self._length + 1:
+            return None
+        string = self._buffer.take(self._length)
+        if self._buffer.take(1) != b",":
+            raise PostfixProtocolError("netstring not terminated by a comma")
+        self._length = None
+        return string
 
 
 def netstring(data):
@@ -2519,6 +2983,19 @@ def is_upgrade(request):
     return "websocket" in _tokens(request.headers.get("upgrade"))
 
 
+def origin_allowed(request, allowed_origins):
+    """Any Origin when ``allowed_origins`` is empty, else one of them (ignoring case), or the
+    listener's own: a page it served itself (the Origin names the Host)."""
+    origin = request.headers.get("origin", "").lower()
+    if not allowed_origins or origin in {o.lower() for o in allowed_origins}:
+        return True
+    try:
+        netloc = urllib.parse.urlsplit(origin).netloc
+    except ValueError:      # "http://[" and the like
+        return False
+    return bool(origin) and netloc == request.headers.get("host", "").lower()
+
+
 def check_upgrade(request, path, allowed_origins=()):
     """Validate a WebSocket upgrade request for ``path``; return its Sec-WebSocket-Key.
 
@@ -2548,19 +3025,6 @@ def check_upgrade(request, path, allowed_origins=()):
     if not origin_allowed(request, allowed_origins):
         raise HttpError(403, "origin not allowed")
     return key
-
-
-def origin_allowed(request, allowed_origins):
-    """Any Origin when ``allowed_origins`` is empty, else one of them (ignoring case), or the
-    listener's own: a page it served itself (the Origin names the Host)."""
-    origin = request.headers.get("origin", "").lower()
-    if not allowed_origins or origin in {o.lower() for o in allowed_origins}:
-        return True
-    try:
-        netloc = urllib.parse.urlsplit(origin).netloc
-    except ValueError:      # "http://[" and the like
-        return False
-    return bool(origin) and netloc == request.headers.get("host", "").lower()
 
 
 def accept_response(key):
@@ -2843,7 +3307,7 @@ def _addy_time(timestamp):
 def addy_alias(handle, now):
     """A handle as addy.io shows an alias, and how it ends (``expires_at``, ``max_messages``,
     ``state``: what addy.io lacks)."""
-    return {"id": handle.id, "user_id": handle.account_id, "local_part": handle.local,
+    return {"id": handle.number, "user_id": handle.account_id, "local_part": handle.local,
             "extension": None, "domain": handle.domain, "email": handle.address,
             "active": bool(handle.enabled), "pinned": False, "description": handle.label,
             "from_name": None, "emails_forwarded": handle.received,
@@ -2859,7 +3323,7 @@ def addy_alias(handle, now):
 def simplelogin_alias(handle, now):
     """A handle as SimpleLogin shows an alias, and how it ends (as in addy_alias)."""
     mailbox = {"id": handle.account_id, "email": handle.target}
-    return {"alias": handle.address, "id": handle.id, "email": handle.address,
+    return {"alias": handle.address, "id": handle.number, "email": handle.address,
             "creation_date": datetime.datetime.fromtimestamp(
                 int(handle.created), datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S+00:00"),
             "creation_timestamp": int(handle.created), "enabled": bool(handle.enabled),
@@ -2887,29 +3351,12 @@ def _json_body(request, dialect, required=True):
 
 
 def _text_field(body, name):
-    """An optional text field of a JSON body: a string, or null/absent (None)."""
+    """An optional text field of a JSON body that the dialect reads itself: a string, or
+    null/absent (None). Fields handed on as they are, the gate checks."""
     value = body.get(name)
     if value is not None and not isinstance(value, str):
-        raise _Invalid(name, "%s must be text" % name)
+        raise BadRequest("%s must be text" % name, name)
     return value
-
-
-class _Invalid(BadRequest):
-    """addy.io's 422: a field the request got wrong, and why."""
-
-    def __init__(self, field, message):
-        super().__init__(message)
-        self.field = field
-
-
-def _description(body):
-    """addy.io's ``description``: the handle's label, its faults named as the field's."""
-    try:
-        return check_label(_text_field(body, "description"))
-    except _Invalid:
-        raise
-    except BadRequest as e:
-        raise _Invalid("description", str(e)) from None
 
 
 def _handle_id(text):
@@ -2924,13 +3371,13 @@ def _addy_page(request):
     def number(name, default, high):
         text = request.query.get(name, str(default))
         if not _is_number(text) or not 1 <= int(text) <= high:
-            raise _Invalid(name, "%s must be a whole number from 1 to %d" % (name, high))
+            raise BadRequest("%s must be a whole number from 1 to %d" % (name, high), name)
         return int(text)
     size = number("page[size]", 50, MAX_PAGE_SIZE)
     page = number("page[number]", 1, 1 << 31)
     active = request.query.get("filter[active]")
     if active not in (None, "true", "false"):
-        raise _Invalid("filter[active]", "filter[active] must be true or false")
+        raise BadRequest("filter[active] must be true or false", "filter[active]")
     return {"search": request.query.get("filter[search]") or None,
             "enabled": None if active is None else active == "true",
             "offset": (page - 1) * size, "limit": size}
@@ -2956,37 +3403,31 @@ def _addy_list(request, token, match, site):
     return ApiCall("find_handles", dict(_addy_page(request), token=token), listed)
 
 
+# addy.io's names for the fields of new_handle and update_handle, and IncognitoMail's own
+# (``expires_at``: a time, null: never; ``max_messages``, null: no limit)
+_ADDY_FIELDS = {"description": "label", "expires_at": "expires", "max_messages": "max_messages"}
+
+
+def _addy_fields(body):
+    return {ours: body[theirs] for theirs, ours in _ADDY_FIELDS.items() if theirs in body}
+
+
 def _addy_new(request, token, match, site):
     body = _json_body(request, ADDY)
     domain = _text_field(body, "domain")
     if domain is None or domain.strip().lstrip("@").lower() not in site.domains:
-        raise _Invalid("domain", "the domain must be one of the domains served here: %s"
-                       % ", ".join(site.domains))
+        raise BadRequest("the domain must be one of the domains served here: %s"
+                         % ", ".join(site.domains), "domain")
     if body.get("format") == "custom" or body.get("local_part"):
-        raise _Invalid("local_part", "handles here are random: leave out local_part and use a "
-                       "format other than custom")
+        raise BadRequest("handles here are random: leave out local_part and use a format other "
+                         "than custom", "local_part")
     if body.get("format") is not None and not isinstance(body.get("format"), str):
-        raise _Invalid("format", "format must be text")
+        raise BadRequest("format must be text", "format")
     if not isinstance(body.get("recipient_ids", []), (list, type(None))):
-        raise _Invalid("recipient_ids", "recipient_ids must be a list")
-    fields = {"token": token, "domain": domain.strip().lstrip("@").lower(),
-              "label": _description(body)}
-    fields.update(_addy_lifetime(body))
+        raise BadRequest("recipient_ids must be a list", "recipient_ids")
+    fields = dict(_addy_fields(body), token=token, domain=domain)
     return ApiCall("new_handle", fields,
                    lambda handle: _reply(201, {"data": addy_alias(handle, site.now)}))
-
-
-def _addy_lifetime(body):
-    """IncognitoMail's own fields: ``expires_at`` (a time; null: never) and ``max_messages``."""
-    fields = {}
-    if "expires_at" in body:
-        fields["expires"] = _text_field(body, "expires_at")
-    if "max_messages" in body:
-        value = body["max_messages"]
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-            raise _Invalid("max_messages", "max_messages must be a whole number")
-        fields["max_messages"] = value
-    return fields
 
 
 def _addy_get(request, token, match, site):
@@ -2996,9 +3437,7 @@ def _addy_get(request, token, match, site):
 
 def _addy_update(request, token, match, site):
     body = _json_body(request, ADDY)
-    fields = dict(_addy_lifetime(body), token=token, handle_id=_handle_id(match["id"]))
-    if "description" in body:
-        fields["label"] = _description(body)
+    fields = dict(_addy_fields(body), token=token, handle_id=_handle_id(match["id"]))
     return ApiCall("update_handle", fields,
                    lambda handle: _reply(200, {"data": addy_alias(handle, site.now)}))
 
@@ -3013,7 +3452,7 @@ def _addy_activate(request, token, match, site):
     if isinstance(handle_id, str):
         handle_id = _handle_id(handle_id)
     if not isinstance(handle_id, int) or isinstance(handle_id, bool):
-        raise _Invalid("id", "id must be the alias's id")
+        raise BadRequest("id must be the alias's id", "id")
     return ApiCall("update_handle", {"token": token, "handle_id": handle_id, "enabled": True},
                    lambda handle: _reply(200, {"data": addy_alias(handle, site.now)}))
 
@@ -3155,7 +3594,9 @@ def api_error(dialect, error):
         return _reply(status, {"error": text}, headers)
     body = {"message": text}
     if status == 422:
-        body["errors"] = {getattr(error, "field", "request"): [text]}
+        theirs = {ours: theirs for theirs, ours in _ADDY_FIELDS.items()}
+        field = getattr(error, "field", None) or "request"
+        body["errors"] = {theirs.get(field, "id" if field == "handle_id" else field): [text]}
     return _reply(status, body, headers)
 
 
@@ -3185,23 +3626,1727 @@ def route_api(request, site):
     return _reply(404, {"message": "nothing here", "error": "nothing here"}), None
 
 
+_HOST = re.compile(r"[A-Za-z0-9.\[\]:-]{1,255}")
+
+
+def owner_page(request, config):
+    """(headers, body) of the owner page (the last section's data): the listener's settings
+    filled in, only its own script and style allowed, and connections only to its own origin
+    (the WebSocket's too)."""
+    host = request.headers.get("host", "")
+    sockets = " ws://%s wss://%s" % (host, host) if _HOST.fullmatch(host) else ""
+    body = OWNER_PAGE.replace("{{LISTEN_PATH}}", html.escape(config.listen_path)).replace(
+        "{{DOMAINS}}", html.escape(",".join(config.domains)))
+    return [("Content-Type", "text/html; charset=utf-8"),
+            ("Content-Security-Policy", PAGE_POLICY % sockets),
+            ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
+            ("X-Frame-Options", "DENY")], body.encode("utf-8")
+
+
 ###############################################################################
-# The owner page: served at / by the WebSocket listener, talking to the HTTP API
+# Fronts: shared pieces
 ###############################################################################
 
-# One self-contained page: no framework, no external resource. Values from the server reach
-# it as text (textContent), never as markup; the token lives in sessionStorage (localStorage
-# when the owner asks to be remembered), never in a URL or in the page.
-OWNER_PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="color-scheme" content="light dark">
-<meta name="referrer" content="no-referrer">
-<link rel="icon" href="data:,">
-<title>IncognitoMail</title>
-<style>
+# Each front owns one family of listeners, their clients and their limits, and reaches the
+# data only through the gate (web, control socket) or the Service's lookups and mail-flow
+# entry (Postfix).
+
+STOP_GRACE_SECONDS = 20     # how long a stop waits for requests in flight
+
+
+def _is_ip(text):
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def client_key(address):
+    """The client a limit applies to: an IPv4 address, or the /64 an IPv6 address is in
+    (one host usually holds a whole /64)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 6 and ip.ipv4_mapped:
+        return str(ip.ipv4_mapped)
+    if ip.version == 6:
+        return str(ipaddress.ip_network((int(ip) >> 64 << 64, 64)))
+    return str(ip)
+
+
+def _peer_uid(sock):
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+class _Quiet:
+    """A log line said at most once per ``seconds``; the next one counts those held back."""
+
+    def __init__(self, seconds):
+        self.seconds, self._said, self._held = seconds, float("-inf"), 0
+
+    def say(self, level, message, *args):
+        if time.monotonic() - self._said < self.seconds:
+            self._held += 1
+            return
+        if self._held:
+            message += " (and %d times more since the last such line)" % self._held
+        log.log(level, message, *args)
+        self._said, self._held = time.monotonic(), 0
+
+
+_shortage = _Quiet(60)
+
+
+def descriptor_shortage(error):
+    """Out of file descriptors: one line a minute, not one per retry of accept()."""
+    _shortage.say(logging.ERROR, "out of file descriptors (%s): new connections are refused "
+                  "until some close; raise the limit (ulimit -n) or lower [Limits] MaxConnections",
+                  error)
+
+
+def loop_exception(loop, context):
+    """An event loop's exception handler: asyncio retries accept() every second when out of
+    descriptors, and says so each time."""
+    error = context.get("exception")
+    if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE):
+        descriptor_shortage(error)
+        return
+    loop.default_exception_handler(context)
+
+
+def _prepare_unix_socket_path(path, key, for_postfix):
+    """Make ``path`` ready to bind: a folder of ours, no stale socket, nothing foreign replaced.
+
+    A folder for Postfix's sockets is never created here: Postfix must be able to enter it,
+    which only the admin can arrange."""
+    folder = os.path.dirname(path)
+    if for_postfix and not os.path.isdir(folder):
+        raise ServerError("%s: the folder for %s does not exist; create it so that Postfix (group "
+                          "postfix) may enter it and nobody else may write it: install -d -o root "
+                          "-g postfix -m 0750 %s" % (folder, key, folder))
+    _private_folder(folder, key)
+    try:
+        existing = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(existing.st_mode):
+        raise ServerError("%s (%s) exists and is not a socket; remove it or choose another path"
+                          % (path, key))
+    if existing.st_uid not in (os.geteuid(), 0):
+        raise ServerError("%s (%s) is a socket owned by user %s; remove it or choose another path"
+                          % (path, key, _user_name(existing.st_uid)))
+    try:
+        os.unlink(path)     # we hold the lock file, so no other server is using it: a crash left it
+    except OSError as e:
+        raise ServerError("%s (%s): cannot remove the socket a stopped server left: %s; "
+                          "remove it as its owner (%s) or choose another path"
+                          % (path, key, _os_reason(e), _user_name(existing.st_uid)))
+
+
+class _Listener:
+    """A listening socket whose connections ``accept(listener)`` takes, when they come."""
+
+    def __init__(self, loop, sock, accept):
+        self.loop, self.sock, self.accept = loop, sock, accept
+        sock.setblocking(False)
+
+    def start(self):
+        self.loop.add_reader(self.sock.fileno(), self.accept, self)
+
+    def pause(self, seconds):
+        """Accept nothing for a while (out of descriptors: asyncio's own remedy)."""
+        self.loop.remove_reader(self.sock.fileno())
+        self.loop.call_later(seconds, self._resume)
+
+    def _resume(self):
+        if self.sock.fileno() >= 0:
+            self.start()
+
+    def close(self):
+        if self.sock.fileno() >= 0:
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+
+
+async def _start_unix_server(handler, path, key, mode):
+    """Listen on a Unix socket created with ``mode`` (by the umask: no chmod by name after).
+
+    The command line's socket is 0600; Postfix's are 0666 in a folder only Postfix may enter.
+    """
+    _prepare_unix_socket_path(path, key, for_postfix=mode != 0o600)
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        server = await asyncio.start_unix_server(handler, path, limit=65536)
+    except OSError as e:
+        raise ServerError("%s: cannot listen on %s: %s" % (path, key, _os_reason(e)))
+    finally:
+        os.umask(old_umask)
+    return server
+
+
+async def _start_listener(handler, endpoint, key):
+    """A Postfix-facing ``unix:/path`` or ``inet:host:port`` -> a started asyncio server."""
+    kind, _, rest = endpoint.partition(":")
+    if kind == "unix":
+        return await _start_unix_server(handler, rest, key, 0o666)
+    host, port = parse_host_port(rest)
+    try:
+        return await asyncio.start_server(handler, host or None, port)
+    except OSError as e:
+        raise ServerError("%s: cannot listen on %s: %s" % (key, endpoint, _os_reason(e)))
+
+
+async def answer_json(gate, text, caller, client):
+    """One request of the JSON protocol (the control socket, the WebSocket) -> one JSON reply
+    text; never raises."""
+    request = JsonRequest(None, None, {})
+    try:
+        request = parse_json_request(text)
+        result = await gate.run(caller, client, request.op, request.fields)
+        return json_reply(request.id, OPERATIONS[request.op], result, gate.clock())
+    except IncognitoMailError as e:
+        return json_error(request.id, e)
+    except Exception:
+        log.exception("internal error answering a request")
+        return json_error(request.id,
+                          IncognitoMailError("internal error; the server log has details"))
+
+
+def _close_server(server, endpoint=""):
+    """Stop listening, and remove a Unix socket's file (``unix:PATH`` or a plain path)."""
+    server.close()
+    path = endpoint[5:] if endpoint.startswith("unix:") else endpoint
+    if path and not endpoint.startswith("inet:"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+class _Clients:
+    """The open stream connections of one listener, least recently active first."""
+
+    def __init__(self, name, most):
+        self.name, self.most = name, most
+        self._writers = collections.OrderedDict()
+        self._evictions = _Quiet(60)
+
+    def __len__(self):
+        return len(self._writers)
+
+    def add(self, writer):
+        """Count ``writer`` in; when full, the least recently active connection makes room."""
+        if len(self._writers) >= self.most:
+            oldest, _ = self._writers.popitem(last=False)
+            oldest.close()
+            self._evictions.say(logging.WARNING, "%s: %d connections open; closed the least "
+                                "recently active one", self.name, self.most)
+        self._writers[writer] = None
+
+    def active(self, writer):
+        if writer in self._writers:
+            self._writers.move_to_end(writer)
+
+    def discard(self, writer):
+        self._writers.pop(writer, None)
+
+    def close_all(self):
+        for writer in list(self._writers):
+            writer.close()
+        self._writers.clear()
+
+
+###############################################################################
+# Fronts: HTTP and WebSocket connections over asyncio
+###############################################################################
+
+# how long a peer may read nothing while a reply waits, without an idle timeout
+SEND_TIMEOUT = 30.0
+MAX_PENDING = 16        # messages of one connection being answered: parsing stops there
+READ_AHEAD_BYTES = 65536        # unparsed bytes held before reading from the peer stops
+MAX_UNSENT_BYTES = 4 << 20      # replies a peer that stopped reading left: past this, dropped
+
+
+class WebSocketConnection(asyncio.Protocol):
+    """A server-side WebSocket on a bare asyncio Protocol: HTTP/1.1 until the opening
+    handshake, then frames.
+
+    No task, stream or coroutine waits while a connection is idle, so one costs about 2 KB
+    (asyncio's streams cost 5.6 KB). Subclasses answer ``message_received(message)``, and
+    plain HTTP requests to other paths with ``request_received(request)``; they may ``send``
+    from anywhere in the event loop; ``closed()`` is called once at the end.
+
+    Everything a client can make the server hold is bounded, whatever it sends or fails to
+    read:
+    - unparsed bytes: reading stops above READ_AHEAD_BYTES (plus one read of at most 256 KiB);
+    - a request head (``max_header_bytes``: 431) and body, or a message (``max_message_size``,
+      checked from the frame header: close code 1009);
+    - messages being answered: at most ``max_pending`` (a subclass's ``message_received``
+      returns a future for each); past that, parsing and reading stop until one is answered;
+    - replies it does not read: while they wait, nothing more is read or parsed; a peer that
+      reads nothing for the idle timeout (SEND_TIMEOUT without one) is dropped, and so is one
+      that has stopped reading with more than MAX_UNSENT_BYTES unread when another reply is due;
+    - time: a request must be complete within ``handshake_timeout`` of the connection or of
+      the previous answer, a WebSocket idle for ``idle_timeout`` is closed, and a peer that
+      does not answer our close frame within ``close_timeout`` is cut off.
+    """
+    HTTP, OPEN, CLOSING, CLOSED = "http", "open", "closing", "closed"    # states, in this order
+    __slots__ = ("transport", "remote_address", "state", "_path", "_allowed_origins",
+                 "_http", "_frames", "_answering", "_pending", "_timer", "_last_heard",
+                 "_paused_by", "_idle_timeout", "_handshake_timeout", "_close_timeout",
+                 "_max_pending")
+
+    def __init__(self, *, path, allowed_origins=(), max_message_size=65536, idle_timeout=300.0,
+                 max_header_bytes=8192, handshake_timeout=10.0, close_timeout=3.0,
+                 max_pending=MAX_PENDING):
+        self.transport = None
+        self.remote_address = None
+        self.state = self.HTTP
+        self._path, self._allowed_origins = path, allowed_origins
+        self._http = HttpParser(max_header_bytes, max_message_size)
+        self._frames = FrameParser(max_message_size)
+        self._answering = False         # an HTTP request is being answered: parse no further
+        self._pending = 0               # messages handed to message_received, not answered yet
+        self._timer = None              # the one timer: request, idle, send or close deadline
+        self._last_heard = 0.0
+        self._paused_by = set()         # why reading is paused: "writing", "pending", "buffer"
+        self._idle_timeout, self._handshake_timeout = idle_timeout, handshake_timeout
+        self._close_timeout, self._max_pending = close_timeout, max_pending
+
+    # -- for subclasses ---------------------------------------------------------------------
+
+    def opened(self, request):
+        """The opening handshake (``request``) succeeded."""
+
+    def message_received(self, message):
+        """A text (str) or binary (bytes) message arrived. Return None, or a future that is
+        done once it is answered: at most ``max_pending`` are parsed ahead."""
+
+    def request_received(self, request):
+        """A plain HTTP request (not for the WebSocket path). Return a future of the response
+        bytes and whether to close after them; this one knows no other path."""
+        future = asyncio.get_running_loop().create_future()
+        future.set_result((error_response(404, "no WebSocket endpoint at this path"), True))
+        return future
+
+    def closed(self):
+        """The connection is over (called once)."""
+
+    def refusal(self, error, request):
+        """The response to an HTTP request refused before an answer (``error``: HttpError);
+        ``request`` is None when its head could not be read."""
+        return error_response(error.status, error.reason, error.headers)
+
+    @property
+    def is_open(self):
+        return self.state == self.OPEN and not self.transport.is_closing()
+
+    def send(self, message):
+        """Queue a text (str) or binary (bytes) message; False if the connection is closing."""
+        if not self.is_open:
+            return False
+        if ("writing" in self._paused_by
+                and self.transport.get_write_buffer_size() > MAX_UNSENT_BYTES):
+            self.drop()                 # the peer lets our replies pile up
+            return False
+        self.transport.write(encode_message(message))
+        return True
+
+    def close(self, code=CLOSE_NORMAL, reason=""):
+        """Start the closing handshake; the transport closes when the peer answers, or soon."""
+        if self.transport.is_closing() or self.state in (self.CLOSING, self.CLOSED):
+            return
+        if self.state == self.HTTP:
+            self.transport.close()
+            return
+        self.state = self.CLOSING
+        self.transport.write(encode_close(code, reason))
+        self._set_timer(self._close_timeout, self.drop)
+
+    def drop(self):
+        """End the connection at once with a reset: whatever the peer left unread is thrown
+        away, here and in the kernel (a plain close would keep sending it)."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+        self.transport.abort()
+
+    def pause_reading(self, reason):
+        """Read nothing more from the peer until ``resume_reading(reason)``."""
+        if not self._paused_by and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self._paused_by.add(reason)
+
+    def resume_reading(self, reason):
+        self._paused_by.discard(reason)
+        if not self._paused_by and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.remote_address = transport.get_extra_info("peername")
+        self._set_timer(self._handshake_timeout, self.drop)
+
+    def data_received(self, data):
+        if self.state == self.HTTP:
+            self._http.feed(data)
+            self._parse_http()
+        elif self.state in (self.OPEN, self.CLOSING) and not self._frames.closed:
+            self._last_heard = asyncio.get_running_loop().time()
+            self._frames.feed(data)
+            self._parse_frames()
+
+    def eof_received(self):
+        return False                    # the peer hung up: close our side too
+
+    def pause_writing(self):
+        """The peer is not reading our replies: stop reading its requests, and give it time."""
+        self.pause_reading("writing")
+        if self.state != self.CLOSING:  # when closing, the close timeout already runs
+            self._set_timer(self._idle_timeout or SEND_TIMEOUT, self.drop)
+
+    def resume_writing(self):
+        self.resume_reading("writing")
+        self._restart_timer()
+        if self.state == self.HTTP:
+            self._parse_http()
+        elif not self._frames.closed:
+            self._parse_frames()
+
+    def connection_lost(self, exc):
+        self.state = self.CLOSED
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.closed()
+
+    # -- inside ---------------------------------------------------------------------------------
+
+    def _hold_back(self, buffered):
+        """Stop reading while this many unparsed bytes wait; read again once they are parsed."""
+        if buffered > READ_AHEAD_BYTES:
+            self.pause_reading("buffer")
+        else:
+            self.resume_reading("buffer")
+
+    def _parse_http(self):
+        """Answer the requests that have arrived, one at a time, in order."""
+        while (self.state == self.HTTP and not self._answering and "writing" not in self._paused_by
+               and not self.transport.is_closing()):
+            try:
+                request = self._http.next_request()
+            except HttpError as exc:
+                self._answer_http((self.refusal(exc, getattr(exc, "request", None)), True))
+                return
+            if request is None:
+                break
+            if request.path == self._path or is_upgrade(request):
+                self._upgrade(request)
+            else:
+                self._answering = True
+                self._cancel_timer()
+                self.request_received(request).add_done_callback(self._http_answered)
+        self._hold_back(self._http.buffered)
+
+    def _http_answered(self, future):
+        self._answering = False
+        if self.transport.is_closing():
+            return
+        if future.cancelled() or future.exception() is not None:
+            self._answer_http((self.refusal(HttpError(500, "internal error"), None), True))
+            return
+        self._answer_http(future.result())
+        self._parse_http()
+
+    def _answer_http(self, answer):
+        response, close = answer
+        self.transport.write(response)
+        if close:
+            self.transport.close()
+        else:
+            self._set_timer(self._handshake_timeout, self.drop)
+
+    def _upgrade(self, request):
+        """The opening handshake: answer 101 (or an HTTP error, and close)."""
+        try:
+            key = check_upgrade(request, self._path, self._allowed_origins)
+        except HttpError as exc:
+            self._answer_http((error_response(exc.status, exc.reason, exc.headers), True))
+            return
+        self.transport.write(accept_response(key))
+        self.state = self.OPEN
+        self._last_heard = asyncio.get_running_loop().time()
+        self._restart_timer()
+        self.opened(request)
+        self._frames.feed(self._http.take_rest())
+        self._parse_frames()
+
+    def _parse_frames(self):
+        """Act on the events that have arrived, until max_pending messages await answers."""
+        frames = self._frames
+        try:
+            while (self._pending < self._max_pending and "writing" not in self._paused_by
+                   and not self.transport.is_closing()):
+                event = frames.next_event()
+                if event is None:
+                    break
+                if isinstance(event, WebSocketMessage):
+                    if self.state == self.OPEN:     # nothing is answered after our close frame
+                        self._message(event.data)
+                elif isinstance(event, WebSocketPing):
+                    self.transport.write(encode_frame(OP_PONG, event.payload))
+                elif isinstance(event, WebSocketClose):
+                    if self.state == self.OPEN:
+                        self.state = self.CLOSING
+                        self.transport.write(encode_close(event.code or CLOSE_NORMAL))
+                    self.transport.close()      # the server closes TCP first (RFC 6455 7.1.1)
+                    return
+        except WebSocketProtocolError as exc:
+            self._fail(exc.close_code, exc.reason)
+            return
+        if self._pending >= self._max_pending:
+            self.pause_reading("pending")
+        else:
+            self.resume_reading("pending")
+        self._hold_back(frames.buffered)
+
+    def _message(self, data):
+        answered = self.message_received(data)
+        if answered is not None:
+            self._pending += 1
+            answered.add_done_callback(self._message_answered)
+
+    def _message_answered(self, future):
+        self._pending -= 1
+        if self.state in (self.OPEN, self.CLOSING) and not self._frames.closed:
+            self._parse_frames()
+
+    def _fail(self, code, reason):
+        """A protocol error: close frame with its code, half-close, and stop parsing."""
+        self._frames.closed = True      # the rest is noise
+        if self.state == self.OPEN:
+            self.state = self.CLOSING
+            self.transport.write(encode_close(code, reason))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()  # so a peer we can no longer parse hangs up too
+        self._set_timer(self._close_timeout, self.drop)
+
+    def _set_timer(self, delay, callback):
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(delay, callback)
+
+    def _cancel_timer(self):
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _restart_timer(self):
+        """After the peer read our replies: the deadline of the state we are in."""
+        if self.state == self.OPEN and self._idle_timeout:
+            self._set_timer(self._idle_timeout, self._idle_check)
+        elif self.state == self.OPEN or (self.state == self.HTTP and self._answering):
+            self._cancel_timer()
+        elif self.state == self.HTTP:
+            self._set_timer(self._handshake_timeout, self.drop)
+
+    def _idle_check(self):
+        """One timer per connection: re-armed for what is left, closing when the time is up."""
+        left = self._last_heard + self._idle_timeout - asyncio.get_running_loop().time()
+        if left > 0:
+            self._set_timer(left, self._idle_check)
+        else:
+            self.close(CLOSE_GOING_AWAY, "idle timeout")
+
+
+###############################################################################
+# Fronts: the web listener (the add-on's WebSocket, the HTTP API, the owner page)
+###############################################################################
+
+TLS_HANDSHAKE_TIMEOUT = 10.0
+MAX_CONTROL_CLIENTS = 16
+MAX_POSTFIX_CLIENTS = 200           # per policy or socketmap listener; the oldest makes room
+# Descriptors kept back from the WebSocket/HTTP connections: the control socket's and the
+# Postfix-facing clients, and a margin for listeners, the database, logging and postmap.
+RESERVED_DESCRIPTORS = 64 + MAX_CONTROL_CLIENTS + 2 * MAX_POSTFIX_CLIENTS
+
+
+def descriptor_budget(wanted):
+    """Raise the soft limit of open files towards the hard one; how many WebSocket/HTTP
+    connections fit beside RESERVED_DESCRIPTORS: ``wanted`` ([Limits] MaxConnections, 0 for no
+    limit of its own), or fewer, said once."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, wanted + RESERVED_DESCRIPTORS)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    # with a very low limit, half of it is kept back
+    budget = soft - min(RESERVED_DESCRIPTORS, soft // 2)
+    if wanted and budget < wanted:
+        log.warning("open-file limit %d leaves room for %d WebSocket/HTTP connections, fewer than "
+                    "[Limits] MaxConnections %d (%d descriptors are kept for the command line, "
+                    "Postfix and files); raise the limit (LimitNOFILE in the systemd unit, "
+                    "ulimit -n)", soft, budget, wanted, soft - budget)
+    return min(budget, wanted) if wanted else budget
+
+
+class _WebClient(WebSocketConnection):
+    """One client of the web listener: the add-on's WebSocket, or HTTP requests.
+
+    The front counts it when it accepts it, before any TLS handshake. ``counted_as`` is the
+    peer's address (or its /64) for the connection limits; ``client`` the address the rate
+    limits apply to, which a trusted proxy may name.
+    """
+    __slots__ = ("front", "peer", "counted_as", "client")
+
+    def __init__(self, front, peer):
+        config = front.config
+        super().__init__(path=config.listen_path, allowed_origins=config.allowed_origins,
+                         max_message_size=config.max_message_size,
+                         idle_timeout=config.idle_timeout or None)
+        self.front, self.peer = front, peer
+        self.counted_as = self.client = client_key(peer)
+
+    def opened(self, request):
+        self.client = client_key(self.front.client_address(self.peer, request.headers))
+
+    def message_received(self, message):
+        return self.front.answer_websocket(self, message)
+
+    def request_received(self, request):
+        self.client = client_key(self.front.client_address(self.peer, request.headers))
+        return self.front.answer_http(self, request)
+
+    def refusal(self, error, request):
+        return self.front.http_refusal(error, request)
+
+    def closed(self):
+        self.front.release(self)
+
+
+class WebFront:
+    """The web listener (ListenAddress): accepts and counts each connection before any TLS,
+    keeps clients within the connection limits, and answers them through the gate."""
+
+    def __init__(self, config, gate, clock=time.time, tls=None):
+        self.config, self.gate, self.clock, self.tls = config, gate, clock, tls
+        self._listeners = []
+        self._requests = set()          # in-flight answers: finished before stopping
+        self._clients = set()           # open _WebClient connections
+        self._connections = {}          # client -> how many WebSocket/HTTP connections it has open
+        self._max_connections = None    # in all (None: no limit)
+        self._trusted = [ipaddress.ip_network(p, strict=False) for p in config.trusted_proxies]
+
+    @property
+    def url(self):
+        return "%s://%s%s" % ("wss" if self.tls else "ws", self.config.listen_address,
+                              self.config.listen_path)
+
+    def start(self, loop):
+        """Listen on ListenAddress; connections are accepted (and counted) by ``_accept``."""
+        self._max_connections = descriptor_budget(self.config.max_connections)
+        host, port = parse_host_port(self.config.listen_address)
+        try:
+            for family, kind, proto, _, address in socket.getaddrinfo(
+                    host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+                listener = socket.socket(family, kind, proto)
+                self._listeners.append(_Listener(loop, listener, self._accept))
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                listener.bind(address)
+                listener.listen(1024)
+        except OSError as e:
+            self.close()
+            raise ServerError("cannot listen on [General] ListenAddress %s: %s"
+                              % (self.config.listen_address, _os_reason(e)))
+        for listener in self._listeners:
+            listener.start()
+
+    def close(self):
+        """Listen no more."""
+        for listener in self._listeners:
+            listener.close()
+
+    async def stop(self):
+        """Listen no more, finish the answers in flight, then close every connection."""
+        self.close()
+        if self._requests:
+            await asyncio.wait(set(self._requests), timeout=STOP_GRACE_SECONDS)
+        for connection in list(self._clients):
+            if connection.transport is not None:    # else in its TLS handshake, which times out
+                connection.close(CLOSE_GOING_AWAY, "server stopping")
+        for _ in range(100):        # each answers, or is cut off after its close timeout
+            if not any(c.transport is not None for c in self._clients):
+                break
+            await asyncio.sleep(0.05)
+
+    # -- accepting: counted and limited before anything is read -------------------------------
+
+    def _accept(self, listener):
+        """Accept what is waiting; each connection is counted and limited before anything is
+        read from it, and a TLS handshake must end within TLS_HANDSHAKE_TIMEOUT."""
+        for _ in range(100):
+            try:
+                sock, address = listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    descriptor_shortage(e)
+                    listener.pause(1.0)
+                return
+            sock.setblocking(False)
+            client = _WebClient(self, address[0] if isinstance(address, tuple) else "unknown")
+            if not self.admit(client):
+                if self.tls is None:
+                    try:
+                        sock.send(self.http_refusal(HttpError(503, "too many connections; try "
+                                                              "again", [("Retry-After", "10")])))
+                    except OSError:
+                        pass
+                sock.close()
+                continue
+            asyncio.ensure_future(self._connect(client, sock))
+
+    async def _connect(self, client, sock):
+        tls = {"ssl": self.tls, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT} if self.tls else {}
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: client, sock, **tls)
+        except (Exception, asyncio.CancelledError):     # a failed, slow or cancelled handshake
+            sock.close()
+            if client.transport is None:
+                self.release(client)
+
+    def admit(self, connection):
+        """A new WebSocket/HTTP connection: within the connection limits, or refused (503).
+
+        A trusted proxy speaks for many clients: only the limit in total applies to it."""
+        client = connection.counted_as
+        count = self._connections.get(client, 0)
+        per_client = self.config.max_connections_per_client
+        full = self._max_connections is not None and len(self._clients) >= self._max_connections
+        if full or (per_client and count >= per_client and not self._is_trusted(connection.peer)):
+            return False
+        self._connections[client] = count + 1
+        self._clients.add(connection)
+        return True
+
+    def release(self, connection):
+        if connection not in self._clients:
+            return
+        self._clients.discard(connection)
+        self._connections[connection.counted_as] -= 1
+        if not self._connections[connection.counted_as]:
+            del self._connections[connection.counted_as]
+
+    def _is_trusted(self, address):
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self._trusted)
+
+    def client_address(self, peer, headers):
+        """The client's address: the peer's, or, from a trusted proxy (TrustedProxies), the
+        nearest address it forwarded (X-Forwarded-For, else X-Real-IP) that is not a proxy."""
+        if not self._is_trusted(peer):
+            return peer
+        hops = [hop.strip() for hop in headers.get("x-forwarded-for", "").split(",")]
+        for hop in reversed(hops):
+            if not _is_ip(hop):
+                break
+            if not self._is_trusted(hop):
+                return hop
+        real = headers.get("x-real-ip", "").strip()
+        return real if _is_ip(real) else peer
+
+    # -- answering: through the gate ---------------------------------------------------------
+
+    def _track(self, coroutine):
+        """Run one answer as a task the stop waits for."""
+        task = asyncio.ensure_future(coroutine)
+        self._requests.add(task)
+        task.add_done_callback(self._requests.discard)
+        return task
+
+    def answer_websocket(self, connection, message):
+        return self._track(self._answer_websocket(connection, message))
+
+    async def _answer_websocket(self, connection, message):
+        client = connection.client
+        if isinstance(message, bytes):
+            reply = json_error(None, BadRequest("binary messages are not understood; send text"))
+        elif message.lstrip().startswith("{"):
+            reply = await answer_json(self.gate, message, WEBSOCKET, client)
+        else:
+            reply = await self._answer_legacy(message, client)
+        connection.send(reply)
+
+    async def _answer_legacy(self, message, client):
+        """The original add-on's protocol: ``new handle <secret>`` -> address or ``error ...``."""
+        words = message.split()
+        if len(words) != 3 or words[:2] != ["new", "handle"]:
+            return "error unknown command: only \"new handle <secret>\" is accepted here"
+        try:
+            handle = await self.gate.run(WEBSOCKET, client, "new_handle", {"token": words[2]})
+            return handle.address
+        except RateLimited as e:
+            return "error rate limited: retry in %d s" % e.retry_after
+        except IncognitoMailError as e:
+            return "error %s" % e
+
+    def http_refusal(self, error, request=None):
+        """An HTTP-level refusal (413, 411, 431, 503...) as the API answers: JSON, CORS and
+        no-store, so that a browser page or Bitwarden can show why."""
+        headers = [("Cache-Control", "no-store"), ("Content-Type", "application/json")]
+        headers += self._cors(request) + list(error.headers)
+        body = json.dumps({"message": error.reason, "error": error.reason}).encode("utf-8")
+        return http_response(error.status, headers, body, close=True)
+
+    def _cors(self, request):
+        """Access-Control-Allow-Origin for any answer: * when AllowedOrigins is empty, else the
+        request's Origin when it is listed (or the owner page's own)."""
+        if not self.config.allowed_origins:
+            return [("Access-Control-Allow-Origin", "*")]
+        if request is not None and origin_allowed(request, self.config.allowed_origins):
+            return [("Access-Control-Allow-Origin", request.headers["origin"]), ("Vary", "Origin")]
+        return [("Vary", "Origin")]
+
+    def answer_http(self, connection, request):
+        return self._track(self._answer_http(connection, request))
+
+    async def _answer_http(self, connection, request):
+        """One HTTP request -> (response bytes, close after it): the owner page at /, the API
+        under /api/."""
+        close = "close" in _tokens(request.headers.get("connection")) or request.version < (1, 1)
+        head_only = request.method == "HEAD"
+        if request.path == "/":
+            if request.method not in ("GET", "HEAD"):
+                return http_response(405, [("Allow", "GET, HEAD"), ("Cache-Control", "no-store")],
+                                     close=close), close
+            headers, body = owner_page(request, self.config)
+            return http_response(200, headers + [("Cache-Control", "no-store")], body,
+                                 close=close, head_only=head_only), close
+        reply, dialect = await self._api_reply(connection, request)
+        headers = [("Cache-Control", "no-store")] + list(reply.headers) + self._cors(request)
+        if request.method == "OPTIONS" and dialect is not None:
+            reply = ApiReply(204, None, tuple(CORS_HEADERS))
+            headers = [h for h in headers if h[0] != "Allow"] + list(CORS_HEADERS)
+        body = b""
+        if reply.body is not None:
+            body = json.dumps(reply.body).encode("utf-8")
+            headers.append(("Content-Type", "application/json"))
+        return (http_response(reply.status, headers, body, close=close, head_only=head_only),
+                close)
+
+    async def _api_reply(self, connection, request):
+        """The API's ApiReply to ``request``, and its dialect: each ApiCall on the way goes
+        through the gate."""
+        call, dialect = route_api(request, ApiSite(self.config.domains, self.clock()))
+        while isinstance(call, ApiCall):
+            try:
+                result = await self.gate.run(HTTP, connection.client, call.op, call.fields)
+                call = call.then(result)
+            except IncognitoMailError as e:
+                call = api_error(dialect, e)
+            except Exception:
+                log.exception("internal error answering an HTTP request")
+                call = api_error(dialect, IncognitoMailError("internal error"))
+        return call, dialect
+
+
+###############################################################################
+# Fronts: Postfix's questions (policy service, socketmap), on a thread of their own
+###############################################################################
+
+POSTFIX_IDLE_TIMEOUT = 600.0        # Postfix itself lets a policy connection idle 300 s at most
+RECEIVED_FLUSH_SECONDS = 1.0
+MAX_UNWRITTEN_RECEIVED = 100000     # counts kept for a retry while the database cannot be written
+DECIDED_MESSAGES = 10000            # answers kept for Postfix asking twice about one message
+
+
+class PostfixFront:
+    """Postfix's questions: the policy service (PolicyListen) and the socketmap
+    (SocketmapListen).
+
+    Mail flow comes first: they are answered on an event loop and a thread of their own, from
+    a database connection of their own, so no owner's request, however many, stands before
+    them. Only a burner handle's count waits for the Service's worker, which takes it before
+    any owner's operation. Each listener keeps at most MAX_POSTFIX_CLIENTS connections.
+    """
+
+    def __init__(self, config, service, clock=time.time):
+        self.config, self.service, self.clock = config, service, clock
+        self._store = None              # read-only, for lookups: opened in the front's thread
+        self._received = []             # (address, time, blocked) seen at RCPT, not yet written
+        self._burners = {}              # address -> (asyncio.Lock, users): one message at a time
+        self._decided = collections.OrderedDict()  # (instance, recipient) -> answer
+        self._answering = set()         # answers in flight: finished before stopping
+        self._loop = self._stopping = self._thread = None
+
+    # -- life cycle: a thread and an event loop of its own -------------------------------------
+
+    def start(self):
+        """Listen, in a thread of its own; a listener that cannot start raises ServerError here."""
+        started = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._main, args=(started,), daemon=True,
+                                        name="incognitomail-postfix")
+        self._thread.start()
+        try:
+            started.result()
+        except BaseException:
+            self._thread.join()
+            self._thread = None
+            raise
+
+    def stop(self):
+        """Close the listeners and connections (Postfix asks the next server), write the counts."""
+        if self._thread is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
+            self._thread.join()
+            self._thread = None
+
+    def _main(self, started):
+        try:
+            asyncio.run(self._serve(started))
+        except BaseException as e:          # before it started: the daemon says why
+            if not started.done():
+                started.set_exception(e)
+            else:
+                log.exception("the Postfix front stopped")
+        finally:
+            if self._store is not None:
+                self._store.close()
+
+    async def _serve(self, started):
+        self._loop, self._stopping = asyncio.get_running_loop(), asyncio.Event()
+        self._loop.set_exception_handler(loop_exception)
+        config, servers, clients = self.config, [], []
+        try:
+            for endpoint, key, parser, answer in (
+                    (config.policy_listen, "[General] PolicyListen", PolicyParser,
+                     self.policy_answer),
+                    (config.socketmap_listen, "[General] SocketmapListen", NetstringParser,
+                     self.socketmap_answer)):
+                if endpoint:
+                    name = "policy service" if parser is PolicyParser else "socketmap"
+                    clients.append(_Clients(name, MAX_POSTFIX_CLIENTS))
+                    handler = functools.partial(self._serve_stream, clients[-1], parser, answer)
+                    servers.append((await _start_listener(handler, endpoint, key), endpoint))
+        except BaseException:
+            for server, endpoint in servers:
+                _close_server(server, endpoint)
+            raise
+        started.set_result(None)
+        writer = asyncio.ensure_future(self._write_received_periodically())
+        await self._stopping.wait()
+        for server, endpoint in servers:
+            _close_server(server, endpoint)
+        if self._answering:
+            await asyncio.wait(set(self._answering), timeout=STOP_GRACE_SECONDS)
+        for listener_clients in clients:
+            listener_clients.close_all()    # Postfix asks the next server; nothing counted after
+        writer.cancel()
+        await self._flush_received()
+
+    async def _serve_stream(self, clients, parser_class, answer, reader, writer):
+        """Postfix's side of the policy and socketmap protocols: many requests per connection,
+        answered in order."""
+        clients.add(writer)
+        parser = parser_class()
+        try:
+            while True:
+                data = await asyncio.wait_for(reader.read(4096), POSTFIX_IDLE_TIMEOUT)
+                if not data:
+                    if parser.incomplete:
+                        log.warning("%s: a client hung up in the middle of a request",
+                                    clients.name)
+                    return
+                clients.active(writer)
+                parser.feed(data)
+                request = parser.next_request()
+                while request is not None:
+                    task = asyncio.ensure_future(answer(request))
+                    self._answering.add(task)
+                    task.add_done_callback(self._answering.discard)
+                    writer.write(await task)
+                    request = parser.next_request()
+                await writer.drain()
+        except PostfixProtocolError as e:
+            log.warning("%s: closing a connection: %s", clients.name, e)
+        except (ConnectionError, OSError, asyncio.TimeoutError, asyncio.CancelledError):
+            pass
+        finally:
+            clients.discard(writer)
+            writer.close()
+
+    # -- lookups ----------------------------------------------------------------------------
+
+    def lookup(self, address):
+        """The Handle at ``address``, or None: read at once, from the front's own connection."""
+        if self._store is None:
+            self._store = Store(self.config.database_path, readonly=True)
+        local, _, domain = address.lower().partition("@")
+        if not domain or domain not in self.config.domains:
+            return None
+        # an address extension (Postfix's recipient_delimiter: k3v9+shop@...) routes as the handle
+        local = re.match("[%s]*" % HANDLE_ALPHABET, local).group()
+        return self._store.handle(local, domain)
+
+    # -- socketmap: Postfix asks the daemon instead of a map file -------------------------------
+
+    async def socketmap_answer(self, request):
+        """``name key`` -> ``OK target`` for a handle in the map, else ``NOTFOUND ``: like a map
+        file, but an expired handle is not found from the first second."""
+        _, _, key = request.decode("utf-8", "replace").partition(" ")
+        try:
+            handle = self.lookup(key.strip())
+        except (IncognitoMailError, sqlite3.Error) as e:
+            log.error("socketmap: lookup failed (%s); answering TEMP", e)
+            return netstring(b"TEMP lookup failed")
+        swept = self.service.swept_until
+        if handle is not None and handle.in_map(swept) and handle.state(self.clock()) != EXPIRED:
+            return netstring(b"OK " + handle.target.encode("utf-8"))
+        return netstring(b"NOTFOUND ")
+
+    # -- policy service: what mail each handle receives -------------------------------------
+
+    async def policy_answer(self, request):
+        try:
+            return policy_response(await self.policy_action(request))
+        except (IncognitoMailError, sqlite3.Error) as e:
+            log.error("policy service: lookup failed (%s); answering DUNNO", e)
+            return policy_response("DUNNO")
+
+    async def policy_action(self, request):
+        """DUNNO for mail a handle accepts (counted once per message), 550 for one that is
+        switched off, expired or used up (counted as blocked), DUNNO for other recipients.
+
+        A burner handle's message is written before it is let through, one at a time per
+        handle, so that no crash and no race lets one more in than it accepts."""
+        recipient = request.get("recipient", "").strip().lower()
+        handle = self.lookup(recipient) if "@" in recipient else None
+        if handle is None or handle.max_messages is None:
+            return await self._decide(request, recipient, handle)
+        address = handle.address
+        lock, users = self._burners.get(address, (asyncio.Lock(), 0))
+        self._burners[address] = (lock, users + 1)
+        try:
+            async with lock:
+                # as it is now: counted, changed or deleted while this message waited
+                return await self._decide(request, recipient, self.lookup(recipient))
+        finally:
+            lock, users = self._burners[address]
+            if users > 1:
+                self._burners[address] = (lock, users - 1)
+            else:
+                del self._burners[address]
+
+    async def _decide(self, request, recipient, handle):
+        if handle is None:
+            return "DUNNO"
+        state_name = request.get("protocol_state", "").upper()
+        message = (request.get("instance") or "", recipient)
+        if message[0] and message in self._decided:     # Postfix asks again: the same answer
+            return self._decided[message]
+        now = self.clock()
+        state = handle.state(now)
+        if state_name not in ("RCPT", ""):
+            return "DUNNO"
+        answer = "DUNNO" if state == ENABLED else \
+            "550 5.1.1 <%s>: %s" % (recipient, REFUSALS[state])
+        event = (handle.address, now, state != ENABLED)
+        if handle.max_messages is not None and state == ENABLED:
+            try:
+                await asyncio.wrap_future(self.service.record_mail([event]))
+            except (IncognitoMailError, sqlite3.Error) as e:
+                log.error("policy service: cannot count a message to %s (%s); asking the "
+                          "sender to try again later", handle.address, e)
+                return "451 4.3.0 <%s>: try again later" % recipient
+        else:
+            self._received.append(event)
+        if message[0]:
+            self._decided[message] = answer
+            if len(self._decided) > DECIDED_MESSAGES:
+                self._decided.popitem(last=False)
+        return answer
+
+    async def _write_received_periodically(self):
+        while True:
+            await asyncio.sleep(RECEIVED_FLUSH_SECONDS)
+            await self._flush_received()
+
+    async def _flush_received(self):
+        """Write the counts gathered since the last time; keep them for the next try on failure."""
+        if not self._received:
+            return
+        events, self._received = self._received, []
+        try:
+            # shielded: a stop cancelling the periodic writer must not drop a write under way
+            await asyncio.shield(asyncio.wrap_future(self.service.record_mail(events)))
+        except IncognitoMailError as e:
+            log.error("could not record %d received messages (will retry): %s", len(events), e)
+            self._received[:0] = events[-MAX_UNWRITTEN_RECEIVED:]
+
+
+###############################################################################
+# Fronts: the control socket (the command line)
+###############################################################################
+
+CONTROL_IDLE_TIMEOUT = 60.0
+
+
+class ControlFront:
+    """The command line's socket (UnixSockPath): root and the server's own user only, one JSON
+    request per line, no limits but MAX_CONTROL_CLIENTS connections at once."""
+
+    def __init__(self, config, gate):
+        self.config, self.gate = config, gate
+        self._server = None
+        self._clients = _Clients("control socket", MAX_CONTROL_CLIENTS)
+        self._requests = set()
+
+    async def start(self):
+        self._server = await _start_unix_server(self._serve, self.config.unix_sock_path,
+                                                "[General] UnixSockPath", 0o600)
+
+    async def stop(self):
+        if self._server is not None:
+            _close_server(self._server, self.config.unix_sock_path)
+        if self._requests:
+            await asyncio.wait(set(self._requests), timeout=STOP_GRACE_SECONDS)
+        self._clients.close_all()
+
+    async def _serve(self, reader, writer):
+        try:
+            uid = _peer_uid(writer.get_extra_info("socket"))
+            if uid not in (0, os.geteuid()):
+                log.warning("refused a command-line connection from user %s", _user_name(uid))
+                try:    # read the request first, so the refusal reaches a client still sending
+                    await asyncio.wait_for(reader.readline(), 5)
+                except (asyncio.TimeoutError, ValueError):
+                    pass
+                writer.write((json_error(None, Unauthorized(
+                    "only root and user %s may use this socket" % _user_name())) + "\n").encode())
+                await writer.drain()
+                return
+            if len(self._clients) >= MAX_CONTROL_CLIENTS:
+                writer.write((json_error(None, ServerError(
+                    "too many command-line connections at once; try again")) + "\n").encode())
+                return
+            self._clients.add(writer)
+            while True:
+                try:
+                    line = await asyncio.wait_for(reader.readline(), CONTROL_IDLE_TIMEOUT)
+                except (ValueError, asyncio.LimitOverrunError):
+                    writer.write((json_error(None, BadRequest("request too long")) + "\n").encode())
+                    return
+                if not line:
+                    return
+                task = asyncio.ensure_future(answer_json(
+                    self.gate, line.decode("utf-8", "replace"), COMMAND_LINE, None))
+                self._requests.add(task)
+                task.add_done_callback(self._requests.discard)
+                writer.write((await task + "\n").encode("utf-8"))
+                await writer.drain()
+        except (ConnectionError, OSError, asyncio.TimeoutError, asyncio.CancelledError):
+            pass
+        finally:
+            self._clients.discard(writer)
+            writer.close()
+
+
+###############################################################################
+# Daemon
+###############################################################################
+
+def _process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+class _LockFile:
+    """One server per lock file: an flock held for the server's life, holding its PID."""
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = None
+
+    def acquire(self):
+        folder = os.path.dirname(self.path)
+        for attempt in range(20):
+            try:
+                _private_folder(folder, "[General] LockFilePath")
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o600)
+            except OSError as e:
+                raise ServerError("%s: cannot open the lock file ([General] LockFilePath): %s"
+                                  % (self.path, _os_reason(e)))
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                pid = os.read(fd, 32).decode("ascii", "replace").strip()
+                os.close(fd)
+                if (pid.isdigit() and _process_exists(int(pid))) or attempt == 19:
+                    raise ServerError("already running (pid %s, lock %s)"
+                                      % (pid or "unknown", self.path))
+                time.sleep(0.01)    # a reader's brief shared lock (status, check): try again
+                continue
+            if (_file_identity(self.path) is None
+                    or os.fstat(fd).st_ino != os.stat(self.path).st_ino):
+                os.close(fd)        # a stopping server removed the file we locked: lock the new one
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, b"%d\n" % os.getpid())
+            self.fd = fd
+            return
+        raise ServerError("%s: could not take the lock file" % self.path)
+
+    def release(self):
+        if self.fd is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+
+def running_pid(config):
+    """The PID in the lock file if a server holds the lock, else None."""
+    try:
+        fd = os.open(config.lock_file_path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        text = os.read(fd, 32).decode("ascii", "replace").strip()
+        os.close(fd)
+        return int(text) if text.isdigit() else -1
+    os.close(fd)
+    return None
+
+
+class Daemon:
+    """Owns the lock, the store, the Service, the gate and the fronts: starts them in order,
+    keeps the schedule (automatic pruning) and stops them gracefully."""
+
+    def __init__(self, config, clock=time.time):
+        self.config = config
+        self.clock = clock
+        self.service = None
+        self._stop = None
+
+    def run(self):
+        """Run in the foreground until SIGTERM, SIGINT or ``stop``; raise ServerError on failure."""
+        lock = _LockFile(self.config.lock_file_path)
+        lock.acquire()
+        store = None
+        try:
+            tls = self._ssl_context()
+            store = Store(self.config.database_path)
+            self.service = Service(self.config, store, make_table(self.config), clock=self.clock)
+            self.service.start()
+            try:
+                asyncio.run(self._serve(tls))
+            finally:
+                self.service.stop()
+        finally:
+            if store is not None:
+                store.close()
+            lock.release()
+        log.info("stopped")
+
+    def _ssl_context(self):
+        if not self.config.tls_cert_file:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(self.config.tls_cert_file, self.config.tls_key_file)
+        except (OSError, ssl.SSLError) as e:
+            raise ServerError("cannot use [General] TLSCertFile %s with TLSKeyFile %s: %s"
+                              % (self.config.tls_cert_file, self.config.tls_key_file,
+                                 getattr(e, "strerror", None) or getattr(e, "reason", None) or e))
+        return context
+
+    def stop(self):
+        """Ask a running server to stop (from its own event loop)."""
+        if self._stop is not None:
+            self._stop.set()
+
+    def _stop_requested(self):
+        log.info("stop requested from the command line")
+        asyncio.get_running_loop().call_soon(self._stop.set)
+
+    async def _serve(self, tls):
+        self._stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        loop.set_exception_handler(loop_exception)
+        config = self.config
+        gate = Gate(config, self.service, self.clock)
+        gate.on_stop = self._stop_requested
+        postfix = PostfixFront(config, self.service, self.clock) \
+            if config.policy_listen or config.socketmap_listen else None
+        web = WebFront(config, gate, self.clock, tls) if config.listen_address else None
+        control = ControlFront(config, gate)
+        pruning = None
+        try:
+            if postfix is not None:
+                postfix.start()
+            if web is not None:
+                web.start(loop)
+            # last: the command line (and whoever waits for it) finds every listener up
+            await control.start()
+            log.info("IncognitoMail %s serving %s for %s (pid %d)%s", __version__,
+                     self.service.table.name, ", ".join(config.domains), os.getpid(),
+                     "; WebSocket on %s" % web.url if web else "")
+            if config.auto_prune:
+                pruning = asyncio.ensure_future(self._prune_daily(gate))
+            await self._stop.wait()
+            log.info("stopping")
+        finally:
+            if pruning is not None:
+                pruning.cancel()
+            if web is not None:
+                web.close()
+            await control.stop()
+            if web is not None:
+                await web.stop()
+            if postfix is not None:
+                await loop.run_in_executor(None, postfix.stop)
+
+    async def _prune_daily(self, gate):
+        await asyncio.sleep(60)
+        fields = {"handles_unused_days": self.config.prune_handles_unused_days,
+                  "accounts_unused_days": self.config.prune_accounts_unused_days,
+                  "handles_expired_days": self.config.prune_handles_expired_days}
+        while True:
+            try:
+                removed = await gate.run(COMMAND_LINE, None, "prune", fields)
+                log.info("automatic prune removed %d handles and accounts", len(removed))
+            except IncognitoMailError as e:
+                log.error("automatic prune failed: %s", e)
+            await asyncio.sleep(86400)
+
+
+###############################################################################
+# Command line
+###############################################################################
+
+class ControlClient:
+    """The command line's side of the control socket: one JSON line out, one back."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def request(self, op, **fields):
+        path = self.config.unix_sock_path
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(600)
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            raise ServerError("the server is not running (nothing listens on %s, "
+                              "[General] UnixSockPath); start it with: "
+                              "python3 incognitomail.py -c %s" % (path, self.config.path))
+        except PermissionError:
+            sock.close()
+            raise ServerError("%s: permission denied; run this as root or as the user the "
+                              "server runs as" % path)
+        except OSError as e:
+            sock.close()
+            raise ServerError("cannot connect to %s: %s" % (path, _os_reason(e)))
+        with sock:
+            self._check_server(sock)
+            fields.update(op=op)
+            try:
+                sock.sendall((json.dumps(fields) + "\n").encode("utf-8"))
+            except (BrokenPipeError, ConnectionResetError):
+                pass    # the server refused early; its reply says why
+            data = b""
+            try:
+                while not data.endswith(b"\n"):
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        raise ServerError("the server closed the connection without answering; "
+                                          "see its log")
+                    data += chunk
+                reply = json.loads(data.decode("utf-8"))
+            except (OSError, ValueError) as e:
+                raise ServerError("no valid answer from the server on %s (%s); see its log"
+                                  % (path, e))
+        if not reply.get("ok"):
+            error = {"bad_request": BadRequest, "unauthorized": Unauthorized,
+                     "not_found": NotFound}.get(reply.get("error"), IncognitoMailError)(
+                reply.get("message", "unknown error"))
+            raise error
+        return reply
+
+    def _check_server(self, sock):
+        """Send a secret only to the real server: root, us, or the owner of the database."""
+        uid = _peer_uid(sock)
+        allowed = {0, os.geteuid()}
+        try:
+            allowed.add(os.stat(self.config.database_path).st_uid)
+        except OSError:
+            pass
+        if uid not in allowed:
+            raise ServerError("%s is served by user %s, who owns neither the database nor this "
+                              "session; refusing to send a secret to it"
+                              % (self.config.unix_sock_path, _user_name(uid)))
+
+
+def run_check(config, args, out=sys.stdout):
+    """``check``: one line per check, OK or FAIL with the fix; exit 0 only if all pass."""
+    results = []
+
+    def report(name, problem=None):
+        results.append({"check": name, "ok": problem is None, "problem": problem})
+        if not args.json:
+            print("%-4s %s%s" % ("OK" if problem is None else "FAIL", name,
+                                 "" if problem is None else ": " + problem),
+                  file=out)
+
+    report("configuration %s" % config.path)
+    table = make_table(config)
+    try:
+        table.check_access()
+        report("map file and folder writable (%s)" % table.name)
+    except IncognitoMailError as e:
+        report("map file and folder writable", str(e))
+    store = None
+    try:
+        store = Store(config.database_path, readonly=True)
+        version = store.schema_version()
+        if version != SCHEMA_VERSION:
+            raise StoreError("schema version %d, this program's is %d; start the server once "
+                             "to migrate" % (version, SCHEMA_VERSION))
+        report("database %s readable, schema version %d" % (config.database_path, version))
+    except IncognitoMailError as e:
+        report("database readable", str(e))
+        store = None
+    for name, problem in table.checks(store):
+        report(name, problem)
+    for name, problem in postfix_config_problems(config, table):
+        report(name, problem)
+    pid = running_pid(config)
+    try:
+        if not pid:
+            raise ServerError("not running (no lock held on %s); start it with: "
+                              "python3 incognitomail.py -c %s"
+                              % (config.lock_file_path, config.path))
+        ControlClient(config).request("status")
+        report("server running (pid %d)" % pid)
+    except IncognitoMailError as e:
+        report("server running", str(e))
+    if args.json:
+        print(json.dumps(results, indent=2), file=out)
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+_DESCRIPTION = """\
+IncognitoMail: random forwarding addresses ("handles") for your Postfix server.
+
+With no command, run the server in the foreground (stop it with SIGTERM, Ctrl-C or "stop").
+Every other command talks to the running server over [General] UnixSockPath.
+Where a command takes <secret>, give "-" to read it from standard input, which keeps it out
+of your shell history and of "ps".
+"""
+
+_EXAMPLES = """
+examples:
+  %(prog)s -c /etc/incognitomail/incognitomail.ini
+  %(prog)s -c incognitomail.ini new account me@example.org
+  echo "$TOKEN" | %(prog)s -c incognitomail.ini new handle - --label shop.example.com
+  %(prog)s -c incognitomail.ini --json list - < token.txt
+
+exit status: 0 success, 1 error, 2 wrong usage.
+"""
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(2, "%s: %s (see --help)\n" % (self.prog, message))
+
+
+def _days(text):
+    if not _is_number(text):
+        raise argparse.ArgumentTypeError("%r is not a number of days (0 or more)" % text)
+    return int(text)
+
+
+def _count(text):
+    if not _is_number(text) or not 0 < int(text) <= MAX_MESSAGES:
+        raise argparse.ArgumentTypeError("%r is not a number of messages from 1 to %d"
+                                         % (text, MAX_MESSAGES))
+    return int(text)
+
+
+
+class _NotRunning(Exception):
+    """``status`` found no server: said on standard output (or as JSON), exit status 1."""
+
+
+def _ask(client, command, fields):
+    """Send the command's request; the reply's value (its operation's ``reply`` field)."""
+    reply = client.request(command.op, **fields)
+    operation = OPERATIONS[command.op]
+    return reply.get(operation.reply) if operation.reply else reply
+
+
+def _ask_every_page(client, command, fields):
+    """``list``: every page of the account's handles, one request each."""
+    handles, before = [], None
+    while True:
+        reply = client.request(command.op, before=before, **fields)
+        handles += reply["handles"]
+        before = reply["next"]
+        if before is None:
+            return handles
+
+
+def _ask_status(client, command, fields):
+    try:
+        return _ask(client, command, fields)
+    except ServerError as e:
+        raise _NotRunning(e) from None
+
+
+def _ask_stop(client, command, fields):
+    pid = running_pid(client.config)
+    client.request("stop")
+    deadline = time.monotonic() + STOP_GRACE_SECONDS + 10
+    while running_pid(client.config) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print("stopped the server (pid %s)" % pid, file=sys.stderr)
+
+
+# Each command of the command line: its words, the operation it asks the server for, its
+# arguments (name -> the operation's field), options (flag, field, metavar, type, help),
+# fields it always sends, what it is for, and how it asks (``ask(client, command, fields)``;
+# the operation's ``show`` prints the answer). The first nine are the original's.
+Command = collections.namedtuple("Command", "words op arguments options fixed help ask",
+                                 defaults=(_ask,))
+COMMANDS = (
+    Command(("new", "account"), "new_account", (("address", "address"),), (), {},
+            "make an account for <address>; prints its secret token"),
+    Command(("new", "handle"), "new_handle", (("secret", "token"),), (
+        ("--label", "label", "TEXT", str, "what the handle is for, e.g. shop.example.com"),
+        ("--domain", "domain", "D", str, "one of [PostfixConfig] Domain (default: the first)"),
+        ("--expires", "expires", "WHEN", str, "end it then: 90m, 12h, 30d, or an ISO 8601 "
+         "date or time (UTC unless it says otherwise); never for no end"),
+        ("--max-messages", "max_messages", "N", _count,
+         "close it after N messages (needs the policy service)")),
+        {}, "make a handle for the account; prints its address"),
+    Command(("list",), "list_handles", (("secret", "token"),), (), {},
+            "the account's handles, newest first, one per line", _ask_every_page),
+    Command(("delete", "handle"), "delete_handle", (("handle", "address"), ("secret", "token")),
+            (), {}, "remove a handle (with or without its @domain)"),
+    Command(("disable", "handle"), "update_handle", (("handle", "address"), ("secret", "token")),
+            (), {"enabled": False}, "reject mail to a handle but keep it"),
+    Command(("enable", "handle"), "update_handle", (("handle", "address"), ("secret", "token")),
+            (), {"enabled": True}, "accept mail to a disabled handle again"),
+    Command(("label", "handle"), "update_handle",
+            (("handle", "address"), ("secret", "token"), ("text", "label")), (), {},
+            "say what the handle is for"),
+    Command(("expire", "handle"), "update_handle",
+            (("handle", "address"), ("secret", "token"), ("when", "expires")), (), {},
+            "end a handle at WHEN (90m, 12h, 30d, an ISO 8601 time) or never"),
+    Command(("rotate",), "rotate_token", (("secret", "token"),), (), {},
+            "replace the secret token; prints the new one"),
+    Command(("delete", "account"), "delete_account", (("secret", "token"),), (), {},
+            "remove the account and all its handles"),
+    Command(("prune",), "prune", (), (
+        ("--handles-unused-days", "handles_unused_days", "N", _days,
+         "handles older than N days that never received a message (0: any age)"),
+        ("--accounts-unused-days", "accounts_unused_days", "N", _days,
+         "accounts older than N days whose token was never used and that have no handles"),
+        ("--handles-expired-days", "handles_expired_days", "N", _days,
+         "handles that expired more than N days ago"),
+        ("--dry-run", "dry_run", None, None, "print what would be removed, remove nothing")),
+        {}, "remove never-used handles and accounts"),
+    Command(("status",), "status", (), (), {}, "is the server running: pid, counts, version",
+            _ask_status),
+    Command(("check",), None, (), (), {}, "check the whole installation, with fixes"),
+    Command(("example",), None, (), (), {},
+            "print an example configuration file: every key, its default and meaning"),
+    Command(("stop",), "stop", (), (), {}, "stop the server", _ask_stop),
+)
+
+
+def _usage(command):
+    words = list(command.words) + ["<%s>" % name for name, _ in command.arguments]
+    words += ["[%s%s]" % (flag, " " + metavar if metavar else "")
+              for flag, _, metavar, _, _ in command.options]
+    return " ".join(words)
+
+
+def build_parser():
+    epilog = "commands:\n" + "".join(
+        "  %-36s%s\n" % (_usage(c), c.help) if len(_usage(c)) < 36 else
+        "  %s\n  %-36s%s\n" % (_usage(c), "", c.help) for c in COMMANDS) + _EXAMPLES
+    parser = _ArgumentParser(prog="incognitomail.py", description=_DESCRIPTION, epilog=epilog,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config", default=DEFAULT_CONFIG_PATH, metavar="PATH",
+                        help="configuration file (default: %(default)s)")
+    parser.add_argument("--json", action="store_true",
+                        help="machine-readable output (accepted anywhere)")
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    verbs = parser.add_subparsers(dest="command", metavar="command", parser_class=_ArgumentParser)
+    objects = {}
+    for command in COMMANDS:
+        verb = command.words[0]
+        if len(command.words) == 1:
+            sub = verbs.add_parser(verb, help=command.help, description=command.help)
+        else:
+            if verb not in objects:
+                kinds = "|".join(c.words[1] for c in COMMANDS if c.words[0] == verb)
+                objects[verb] = verbs.add_parser(verb, help="%s %s" % (verb, kinds)).add_subparsers(
+                    dest="what", metavar=kinds, required=True, parser_class=_ArgumentParser)
+            sub = objects[verb].add_parser(command.words[1], help=command.help,
+                                           description=command.help)
+        for name, _ in command.arguments:
+            sub.add_argument(name, metavar="<%s>" % name)
+        for flag, field, metavar, kind, text in command.options:
+            if kind is None:
+                sub.add_argument(flag, dest=field, action="store_true", help=text)
+            else:
+                sub.add_argument(flag, dest=field, metavar=metavar, type=kind, help=text)
+        sub.set_defaults(chosen=command)
+    return parser
+
+
+_DASH_PROTECTED = "\x00"
+
+
+def _normalize_argv(argv, parser):
+    """Accept the original's Go-style ``-config PATH``, ``--json`` anywhere, and arguments
+    that start with "-" without being options (a label, an old secret token).
+
+    Before the command, ``-cPATH`` is the configuration; after it, only the command's own
+    options are options."""
+    wants_json = "--json" in argv
+    argv = ["--config" if a == "-config" else "--config=" + a[8:] if a.startswith("-config=")
+            else a for a in argv if a != "--json"]
+    options = {flag for c in COMMANDS for flag, *_ in c.options} | {"-h", "--help"}
+    normalized, seen_command = [], False
+    for index, arg in enumerate(argv):
+        after_option = index and argv[index - 1] in ("-c", "--config") and not seen_command
+        if not seen_command and not after_option and not arg.startswith("-"):
+            seen_command = True
+        elif seen_command and arg.startswith("-") and arg != "-" and \
+                arg.split("=", 1)[0] not in options and not arg.lstrip("-").isdigit():
+            arg = _DASH_PROTECTED + arg
+        normalized.append(arg)
+    return (["--json"] if wants_json else []) + normalized
+
+
+def _unprotect(args):
+    for name, value in vars(args).items():
+        if isinstance(value, str) and value.startswith(_DASH_PROTECTED):
+            setattr(args, name, value[len(_DASH_PROTECTED):])
+    return args
+
+
+def _read_secret(value):
+    if value != "-":
+        return value
+    line = sys.stdin.readline().strip()
+    if not line:
+        raise BadRequest("expected the secret token on standard input")
+    return line
+
+
+def run_command(config, args, out=sys.stdout):
+    """Carry out one command-line command against the running server; print its result."""
+    command = args.chosen
+    fields = dict(command.fixed)
+    for name, field in command.arguments:
+        value = getattr(args, name)
+        fields[field] = _read_secret(value) if name == "secret" else value
+    for _, field, _, _, _ in command.options:
+        if getattr(args, field) is not None:
+            fields[field] = getattr(args, field)
+    kinds = ("handles_unused_days", "accounts_unused_days", "handles_expired_days")
+    if command.op == "prune" and not set(fields) & set(kinds):
+        fields.update(zip(kinds, (config.prune_handles_unused_days,
+                                  config.prune_accounts_unused_days,
+                                  config.prune_handles_expired_days)))
+        if set(fields.values()) <= {None, False}:
+            raise BadRequest("nothing to prune: give --handles-unused-days N, "
+                             "--accounts-unused-days N and/or --handles-expired-days N, or set "
+                             "them in [Prune] of %s" % config.path)
+    try:
+        value = command.ask(ControlClient(config), command, fields)
+    except _NotRunning as e:
+        print(json.dumps({"running": False, "message": str(e)}, indent=2) if args.json
+              else "not running: %s" % e, file=out)
+        return 1
+    data, text, note = OPERATIONS[command.op].show(value, fields)
+    if args.json and data is not None:
+        print(json.dumps(data, indent=2), file=out)
+    elif text is not None and not args.json:
+        print(text, file=out)
+    if note:
+        print(note, file=sys.stderr)
+    return 0
+
+
+def setup_logging(config=None):
+    """stderr until the configuration says otherwise; syslog uses facility mail, like Postfix."""
+    root = logging.getLogger("incognitomail")
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    if config is not None and config.log_target == "syslog":
+        if not os.path.exists("/dev/log"):
+            raise ConfigError("%s [General] LogTarget: syslog, but /dev/log does not exist "
+                              "(is a syslog daemon running?); use LogTarget = stderr" % config.path)
+        handler = logging.handlers.SysLogHandler("/dev/log",
+                                                 facility=logging.handlers.SysLogHandler.LOG_MAIL)
+        handler.setFormatter(logging.Formatter(
+            "incognitomail[%(process)d]: %(levelname)s %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s incognitomail[%(process)d] %(levelname)s %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, (config.log_level if config else "warning").upper()))
+    root.propagate = False
+
+
+###############################################################################
+# Data: the owner page
+###############################################################################
+
+# One self-contained page, served at / by the web listener and talking to the HTTP API: no
+# framework, no external resource. Values from the server reach it as text (textContent),
+# never as markup; the token lives in sessionStorage (localStorage when the owner asks to be
+# remembered), never in a URL or in the page. Its style and script are allowed by their
+# hashes alone.
+
+PAGE_STYLE = """
 :root {
   --bg: #f4f5f8; --card: #fff; --fg: #171a21; --muted: #5b6270; --line: #e2e5eb; --soft: #f0f2f6;
   --track: #c9ced8; --accent: #4f46e5; --accent-fg: #fff; --accent-soft: #eef0ff;
@@ -3422,189 +5567,9 @@ ol.steps { margin: 0; padding-left: 20px; display: grid; gap: 6px; font-size: 14
   .acts-cell .switch { margin-right: auto; }
   tr.sub td { padding: var(--s3); }
 }
-</style>
-</head>
-<body data-listen-path="{{LISTEN_PATH}}" data-domains="{{DOMAINS}}">
-<main id="signin-view" class="center" hidden>
-  <form id="signin-form" class="card signin" novalidate>
-    <div>
-      <div class="brand"><span class="logo" aria-hidden="true">@</span>IncognitoMail</div>
-      <h1>Sign in</h1>
-      <p class="muted">Random forwarding addresses that keep your real address to yourself.</p>
-    </div>
-    <div>
-      <label for="token">Access token</label>
-      <div class="pw">
-        <input id="token" class="input" type="password" autocomplete="off" autocapitalize="off"
-          spellcheck="false" required aria-describedby="sign-in-error">
-        <button id="token-toggle" class="btn" type="button" aria-pressed="false"
-          aria-controls="token" aria-label="Show token">Show</button>
-      </div>
-    </div>
-    <label class="check"><input id="remember" type="checkbox"> Remember on this device</label>
-    <button id="sign-in" class="btn primary" type="submit">Sign in</button>
-    <p id="sign-in-error" class="error" role="alert" hidden></p>
-    <p class="note insecure" hidden>This page is not using https: your token crosses the network
-      in clear text. Ask your admin to set up TLS.</p>
-  </form>
-</main>
+"""
 
-<div id="app" hidden>
-  <header class="top">
-    <div class="wrap">
-      <div class="top-left">
-        <div class="brand"><span class="logo" aria-hidden="true">@</span>IncognitoMail</div>
-        <p class="who">Forwarding to <strong id="target"></strong></p>
-      </div>
-      <button id="sign-out" class="btn ghost" type="button">Sign out</button>
-    </div>
-  </header>
-  <main class="wrap">
-    <h1 id="app-title" class="sr-only" tabindex="-1">Your handles</h1>
-    <section class="card" aria-labelledby="new-h">
-      <h2 id="new-h">New handle</h2>
-      <form id="new-form" novalidate>
-        <div class="row">
-          <div class="field grow">
-            <label for="new-label">Label <span class="muted">(optional)</span></label>
-            <input id="new-label" class="input" type="text"
-              placeholder="What is it for? e.g. shop.example.com" autocomplete="off">
-          </div>
-          <div id="domain-field" class="field" hidden>
-            <label for="new-domain">Domain</label>
-            <select id="new-domain"></select>
-          </div>
-        </div>
-        <div class="form-foot">
-          <details>
-            <summary>Options</summary>
-            <div class="row">
-              <div class="field">
-                <label for="new-expires">Ends</label>
-                <select id="new-expires">
-                  <option value="">Never</option><option value="3600">In 1 hour</option>
-                  <option value="86400">In 1 day</option><option value="604800">In 7 days</option>
-                  <option value="2592000">In 30 days</option>
-                </select>
-              </div>
-              <div class="field">
-                <label for="new-max">Close after N messages</label>
-                <input id="new-max" class="input" type="number" min="1" step="1"
-                  inputmode="numeric" placeholder="No limit">
-              </div>
-            </div>
-          </details>
-          <button id="create" class="btn primary" type="submit">Create handle</button>
-        </div>
-      </form>
-      <p id="create-error" class="error" role="alert" hidden></p>
-      <div id="created" class="created" hidden>
-        <p class="small muted">Your new address</p>
-        <div class="acts">
-          <output id="created-address" class="big"></output>
-          <button id="copy-created" class="btn" type="button">Copy</button>
-        </div>
-        <div id="created-fallback" class="acts" hidden>
-          <input id="created-input" class="input mono" type="text" readonly
-            aria-label="New address, selected">
-          <p class="small">Press Ctrl+C to copy</p>
-        </div>
-      </div>
-    </section>
-
-    <section class="card" aria-labelledby="list-h">
-      <div class="head">
-        <h2 id="list-h" tabindex="-1">Handles<span id="total" class="count"></span></h2>
-        <div class="tools" role="search">
-          <label for="search" class="sr-only">Search address or label</label>
-          <input id="search" class="input" type="search" placeholder="Search address or label"
-            autocomplete="off">
-          <label for="filter" class="sr-only">Show</label>
-          <select id="filter">
-            <option value="">All</option><option value="true">Active</option>
-            <option value="false">Off</option>
-          </select>
-        </div>
-      </div>
-      <p id="error" class="error banner" role="alert" hidden></p>
-      <div id="handles">
-        <table hidden>
-          <caption class="sr-only">Your handles</caption>
-          <thead><tr>
-            <th scope="col">Handle</th><th scope="col">State</th>
-            <th scope="col" class="num">Received</th><th scope="col" class="num">Blocked</th>
-            <th scope="col">Last received</th><th scope="col">Created</th>
-            <th scope="col"><span class="sr-only">Actions</span></th>
-          </tr></thead>
-        </table>
-        <p id="empty" class="empty" hidden></p>
-      </div>
-      <nav id="pager" class="pager" aria-label="Pages">
-        <button id="prev" class="btn" type="button" disabled>Previous</button>
-        <span id="page-info"></span>
-        <button id="next" class="btn" type="button" disabled>Next</button>
-      </nav>
-    </section>
-
-    <div class="pair">
-      <section class="card" aria-labelledby="apps-h">
-        <h2 id="apps-h">Connect your apps</h2>
-        <p class="note insecure" hidden>This page is not using https: your token crosses the
-          network in clear text. Ask your admin to set up TLS.</p>
-        <div class="app">
-          <h3>Bitwarden</h3>
-          <ol class="steps">
-            <li>Open <strong>Settings &gt; Generator</strong>.</li>
-            <li>Username type: <strong>Forwarded email alias</strong>;
-              Service: <strong>addy.io</strong>.</li>
-            <li>API access token: <strong>your token</strong>.</li>
-            <li>Domain name: <code id="bw-domain"></code></li>
-            <li>Self-host server URL:
-              <span class="kv"><code id="bitwarden-url"></code><button class="btn sm" type="button"
-                data-copy="bitwarden-url" aria-label="Copy server URL">Copy</button></span></li>
-          </ol>
-          <p class="small muted">The SimpleLogin service works too, with the same server URL.</p>
-        </div>
-        <div class="app">
-          <h3>Browser add-on (2016)</h3>
-          <p class="small muted">Give it this WebSocket URL and your token.</p>
-          <div class="kv"><code id="addon-url"></code><button class="btn sm" type="button"
-            data-copy="addon-url" aria-label="Copy WebSocket URL">Copy</button></div>
-        </div>
-      </section>
-
-      <section class="card" aria-labelledby="tok-h">
-        <h2 id="tok-h">Token</h2>
-        <p class="small muted">Your token signs you in here, in Bitwarden and in the add-on.
-          Rotate it if it may have leaked: the old one stops working at once.</p>
-        <button id="rotate" class="btn" type="button">Rotate token</button>
-        <div id="rotate-confirm" class="confirm-box" role="group" aria-labelledby="rotate-q"
-          hidden>
-          <p id="rotate-q">Make a new token now? The current one stops working at once, here,
-            in Bitwarden and in the add-on.</p>
-          <div class="acts">
-            <button id="confirm-rotate" class="btn danger" type="button">Rotate token</button>
-            <button id="cancel-rotate" class="btn" type="button">Cancel</button>
-          </div>
-        </div>
-        <p id="rotate-error" class="error" role="alert" hidden></p>
-        <div id="new-token-box" class="token-box" hidden>
-          <p><strong>Your new token.</strong> It is shown only this once.</p>
-          <code id="new-token"></code>
-          <div class="acts">
-            <button id="copy-token" class="btn primary" type="button" data-copy="new-token"
-              aria-label="Copy new token">Copy</button>
-            <button id="hide-token" class="btn" type="button">Done</button>
-          </div>
-          <p class="small">Put it into the browser add-on and Bitwarden too: they stop working
-            until you do.</p>
-        </div>
-      </section>
-    </div>
-  </main>
-</div>
-<p id="status" role="status" aria-live="polite"></p>
-<script>
+PAGE_SCRIPT = """
 "use strict";
 (() => {
   const $ = (sel) => document.querySelector(sel);
@@ -4118,1598 +6083,213 @@ ol.steps { margin: 0; padding-left: 20px; display: grid; gap: 6px; font-size: 14
     enter(null); setErr($("#error"), e.message);
   });
 })();
-</script>
+"""
+
+PAGE_MARKUP = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<meta name="referrer" content="no-referrer">
+<link rel="icon" href="data:,">
+<title>IncognitoMail</title>
+<style>{{STYLE}}</style>
+</head>
+<body data-listen-path="{{LISTEN_PATH}}" data-domains="{{DOMAINS}}">
+<main id="signin-view" class="center" hidden>
+  <form id="signin-form" class="card signin" novalidate>
+    <div>
+      <div class="brand"><span class="logo" aria-hidden="true">@</span>IncognitoMail</div>
+      <h1>Sign in</h1>
+      <p class="muted">Random forwarding addresses that keep your real address to yourself.</p>
+    </div>
+    <div>
+      <label for="token">Access token</label>
+      <div class="pw">
+        <input id="token" class="input" type="password" autocomplete="off" autocapitalize="off"
+          spellcheck="false" required aria-describedby="sign-in-error">
+        <button id="token-toggle" class="btn" type="button" aria-pressed="false"
+          aria-controls="token" aria-label="Show token">Show</button>
+      </div>
+    </div>
+    <label class="check"><input id="remember" type="checkbox"> Remember on this device</label>
+    <button id="sign-in" class="btn primary" type="submit">Sign in</button>
+    <p id="sign-in-error" class="error" role="alert" hidden></p>
+    <p class="note insecure" hidden>This page is not using https: your token crosses the network
+      in clear text. Ask your admin to set up TLS.</p>
+  </form>
+</main>
+
+<div id="app" hidden>
+  <header class="top">
+    <div class="wrap">
+      <div class="top-left">
+        <div class="brand"><span class="logo" aria-hidden="true">@</span>IncognitoMail</div>
+        <p class="who">Forwarding to <strong id="target"></strong></p>
+      </div>
+      <button id="sign-out" class="btn ghost" type="button">Sign out</button>
+    </div>
+  </header>
+  <main class="wrap">
+    <h1 id="app-title" class="sr-only" tabindex="-1">Your handles</h1>
+    <section class="card" aria-labelledby="new-h">
+      <h2 id="new-h">New handle</h2>
+      <form id="new-form" novalidate>
+        <div class="row">
+          <div class="field grow">
+            <label for="new-label">Label <span class="muted">(optional)</span></label>
+            <input id="new-label" class="input" type="text"
+              placeholder="What is it for? e.g. shop.example.com" autocomplete="off">
+          </div>
+          <div id="domain-field" class="field" hidden>
+            <label for="new-domain">Domain</label>
+            <select id="new-domain"></select>
+          </div>
+        </div>
+        <div class="form-foot">
+          <details>
+            <summary>Options</summary>
+            <div class="row">
+              <div class="field">
+                <label for="new-expires">Ends</label>
+                <select id="new-expires">
+                  <option value="">Never</option><option value="3600">In 1 hour</option>
+                  <option value="86400">In 1 day</option><option value="604800">In 7 days</option>
+                  <option value="2592000">In 30 days</option>
+                </select>
+              </div>
+              <div class="field">
+                <label for="new-max">Close after N messages</label>
+                <input id="new-max" class="input" type="number" min="1" step="1"
+                  inputmode="numeric" placeholder="No limit">
+              </div>
+            </div>
+          </details>
+          <button id="create" class="btn primary" type="submit">Create handle</button>
+        </div>
+      </form>
+      <p id="create-error" class="error" role="alert" hidden></p>
+      <div id="created" class="created" hidden>
+        <p class="small muted">Your new address</p>
+        <div class="acts">
+          <output id="created-address" class="big"></output>
+          <button id="copy-created" class="btn" type="button">Copy</button>
+        </div>
+        <div id="created-fallback" class="acts" hidden>
+          <input id="created-input" class="input mono" type="text" readonly
+            aria-label="New address, selected">
+          <p class="small">Press Ctrl+C to copy</p>
+        </div>
+      </div>
+    </section>
+
+    <section class="card" aria-labelledby="list-h">
+      <div class="head">
+        <h2 id="list-h" tabindex="-1">Handles<span id="total" class="count"></span></h2>
+        <div class="tools" role="search">
+          <label for="search" class="sr-only">Search address or label</label>
+          <input id="search" class="input" type="search" placeholder="Search address or label"
+            autocomplete="off">
+          <label for="filter" class="sr-only">Show</label>
+          <select id="filter">
+            <option value="">All</option><option value="true">Active</option>
+            <option value="false">Off</option>
+          </select>
+        </div>
+      </div>
+      <p id="error" class="error banner" role="alert" hidden></p>
+      <div id="handles">
+        <table hidden>
+          <caption class="sr-only">Your handles</caption>
+          <thead><tr>
+            <th scope="col">Handle</th><th scope="col">State</th>
+            <th scope="col" class="num">Received</th><th scope="col" class="num">Blocked</th>
+            <th scope="col">Last received</th><th scope="col">Created</th>
+            <th scope="col"><span class="sr-only">Actions</span></th>
+          </tr></thead>
+        </table>
+        <p id="empty" class="empty" hidden></p>
+      </div>
+      <nav id="pager" class="pager" aria-label="Pages">
+        <button id="prev" class="btn" type="button" disabled>Previous</button>
+        <span id="page-info"></span>
+        <button id="next" class="btn" type="button" disabled>Next</button>
+      </nav>
+    </section>
+
+    <div class="pair">
+      <section class="card" aria-labelledby="apps-h">
+        <h2 id="apps-h">Connect your apps</h2>
+        <p class="note insecure" hidden>This page is not using https: your token crosses the
+          network in clear text. Ask your admin to set up TLS.</p>
+        <div class="app">
+          <h3>Bitwarden</h3>
+          <ol class="steps">
+            <li>Open <strong>Settings &gt; Generator</strong>.</li>
+            <li>Username type: <strong>Forwarded email alias</strong>;
+              Service: <strong>addy.io</strong>.</li>
+            <li>API access token: <strong>your token</strong>.</li>
+            <li>Domain name: <code id="bw-domain"></code></li>
+            <li>Self-host server URL:
+              <span class="kv"><code id="bitwarden-url"></code><button class="btn sm" type="button"
+                data-copy="bitwarden-url" aria-label="Copy server URL">Copy</button></span></li>
+          </ol>
+          <p class="small muted">The SimpleLogin service works too, with the same server URL.</p>
+        </div>
+        <div class="app">
+          <h3>Browser add-on (2016)</h3>
+          <p class="small muted">Give it this WebSocket URL and your token.</p>
+          <div class="kv"><code id="addon-url"></code><button class="btn sm" type="button"
+            data-copy="addon-url" aria-label="Copy WebSocket URL">Copy</button></div>
+        </div>
+      </section>
+
+      <section class="card" aria-labelledby="tok-h">
+        <h2 id="tok-h">Token</h2>
+        <p class="small muted">Your token signs you in here, in Bitwarden and in the add-on.
+          Rotate it if it may have leaked: the old one stops working at once.</p>
+        <button id="rotate" class="btn" type="button">Rotate token</button>
+        <div id="rotate-confirm" class="confirm-box" role="group" aria-labelledby="rotate-q"
+          hidden>
+          <p id="rotate-q">Make a new token now? The current one stops working at once, here,
+            in Bitwarden and in the add-on.</p>
+          <div class="acts">
+            <button id="confirm-rotate" class="btn danger" type="button">Rotate token</button>
+            <button id="cancel-rotate" class="btn" type="button">Cancel</button>
+          </div>
+        </div>
+        <p id="rotate-error" class="error" role="alert" hidden></p>
+        <div id="new-token-box" class="token-box" hidden>
+          <p><strong>Your new token.</strong> It is shown only this once.</p>
+          <code id="new-token"></code>
+          <div class="acts">
+            <button id="copy-token" class="btn primary" type="button" data-copy="new-token"
+              aria-label="Copy new token">Copy</button>
+            <button id="hide-token" class="btn" type="button">Done</button>
+          </div>
+          <p class="small">Put it into the browser add-on and Bitwarden too: they stop working
+            until you do.</p>
+        </div>
+      </section>
+    </div>
+  </main>
+</div>
+<p id="status" role="status" aria-live="polite"></p>
+<script>{{SCRIPT}}</script>
 </body>
 </html>
 """
 
 
-def _csp_source(tag):
-    """The page's one inline <style> or <script>, as a Content-Security-Policy hash source."""
-    text = OWNER_PAGE[OWNER_PAGE.index("<%s>" % tag) + len(tag) + 2:OWNER_PAGE.index("</%s>" % tag)]
+def _csp_hash(text):
     return "'sha256-%s'" % base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode()
 
 
-_PAGE_POLICY = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'%%s; "
-                "img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; "
-                "form-action 'none'" % (_csp_source("script"), _csp_source("style")))
-_HOST = re.compile(r"[A-Za-z0-9.\[\]:-]{1,255}")
-
-
-def owner_page(request, config):
-    """(headers, body) of the page: the listener's settings filled in, only its own script
-    and style allowed, and connections only to its own origin (the WebSocket's too)."""
-    host = request.headers.get("host", "")
-    sockets = " ws://%s wss://%s" % (host, host) if _HOST.fullmatch(host) else ""
-    body = OWNER_PAGE.replace("{{LISTEN_PATH}}", html.escape(config.listen_path)).replace(
-        "{{DOMAINS}}", html.escape(",".join(config.domains)))
-    return [("Content-Type", "text/html; charset=utf-8"),
-            ("Content-Security-Policy", _PAGE_POLICY % sockets),
-            ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
-            ("X-Frame-Options", "DENY")], body.encode("utf-8")
-
-
-###############################################################################
-# Servers: shared pieces
-###############################################################################
-
-def _is_ip(text):
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def client_key(address):
-    """The client a limit applies to: an IPv4 address, or the /64 an IPv6 address is in
-    (one host usually holds a whole /64)."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if ip.version == 6 and ip.ipv4_mapped:
-        return str(ip.ipv4_mapped)
-    if ip.version == 6:
-        return str(ipaddress.ip_network((int(ip) >> 64 << 64, 64)))
-    return str(ip)
-
-
-def _peer_uid(sock):
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[1]
-
-
-def _prepare_unix_socket_path(path, key, for_postfix):
-    """Make ``path`` ready to bind: a folder of ours, no stale socket, nothing foreign replaced.
-
-    A folder for Postfix's sockets is never created here: Postfix must be able to enter it,
-    which only the admin can arrange."""
-    folder = os.path.dirname(path)
-    if for_postfix and not os.path.isdir(folder):
-        raise ServerError("%s: the folder for %s does not exist; create it so that Postfix (group "
-                          "postfix) may enter it and nobody else may write it: install -d -o root "
-                          "-g postfix -m 0750 %s" % (folder, key, folder))
-    _private_folder(folder, key)
-    try:
-        existing = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(existing.st_mode):
-        raise ServerError("%s (%s) exists and is not a socket; remove it or choose another path"
-                          % (path, key))
-    if existing.st_uid not in (os.geteuid(), 0):
-        raise ServerError("%s (%s) is a socket owned by user %s; remove it or choose another path"
-                          % (path, key, _user_name(existing.st_uid)))
-    try:
-        os.unlink(path)     # we hold the lock file, so no other server is using it: a crash left it
-    except OSError as e:
-        raise ServerError("%s (%s): cannot remove the socket a stopped server left: %s; "
-                          "remove it as its owner (%s) or choose another path"
-                          % (path, key, _os_reason(e), _user_name(existing.st_uid)))
-
-
-class _Listener:
-    """A listening socket whose connections ``accept(listener)`` takes, when they come."""
-
-    def __init__(self, loop, sock, accept):
-        self.loop, self.sock, self.accept = loop, sock, accept
-        sock.setblocking(False)
-
-    def start(self):
-        self.loop.add_reader(self.sock.fileno(), self.accept, self)
-
-    def pause(self, seconds):
-        """Accept nothing for a while (out of descriptors: asyncio's own remedy)."""
-        self.loop.remove_reader(self.sock.fileno())
-        self.loop.call_later(seconds, self._resume)
-
-    def _resume(self):
-        if self.sock.fileno() >= 0:
-            self.start()
-
-    def close(self):
-        if self.sock.fileno() >= 0:
-            self.loop.remove_reader(self.sock.fileno())
-            self.sock.close()
-
-
-async def _start_unix_server(handler, path, key, mode):
-    """Listen on a Unix socket created with ``mode`` (by the umask: no chmod by name after).
-
-    The command line's socket is 0600; Postfix's are 0666 in a folder only Postfix may enter.
-    """
-    _prepare_unix_socket_path(path, key, for_postfix=mode != 0o600)
-    old_umask = os.umask(0o777 & ~mode)
-    try:
-        server = await asyncio.start_unix_server(handler, path, limit=65536)
-    except OSError as e:
-        raise ServerError("%s: cannot listen on %s: %s" % (path, key, _os_reason(e)))
-    finally:
-        os.umask(old_umask)
-    return server
-
-
-async def _start_listener(handler, endpoint, key):
-    """A Postfix-facing ``unix:/path`` or ``inet:host:port`` -> a started asyncio server."""
-    kind, _, rest = endpoint.partition(":")
-    if kind == "unix":
-        return await _start_unix_server(handler, rest, key, 0o666)
-    host, port = parse_host_port(rest)
-    try:
-        return await asyncio.start_server(handler, host or None, port)
-    except OSError as e:
-        raise ServerError("%s: cannot listen on %s: %s" % (key, endpoint, _os_reason(e)))
-
-
-###############################################################################
-# Servers: HTTP and WebSocket connections over asyncio
-###############################################################################
-
-# how long a peer may read nothing while a reply waits, without an idle timeout
-SEND_TIMEOUT = 30.0
-MAX_PENDING = 16        # messages of one connection being answered: parsing stops there
-READ_AHEAD_BYTES = 65536        # unparsed bytes held before reading from the peer stops
-MAX_UNSENT_BYTES = 4 << 20      # replies a peer that stopped reading left: past this, dropped
-
-
-class WebSocketConnection(asyncio.Protocol):
-    """A server-side WebSocket on a bare asyncio Protocol: HTTP/1.1 until the opening
-    handshake, then frames.
-
-    No task, stream or coroutine waits while a connection is idle, so one costs about 2 KB
-    (asyncio's streams cost 5.6 KB). Subclasses answer ``message_received(message)``, and
-    plain HTTP requests to other paths with ``request_received(request)``; they may ``send``
-    from anywhere in the event loop; ``closed()`` is called once at the end.
-
-    Everything a client can make the server hold is bounded, whatever it sends or fails to
-    read:
-    - unparsed bytes: reading stops above READ_AHEAD_BYTES (plus one read of at most 256 KiB);
-    - a request head (``max_header_bytes``: 431) and body, or a message (``max_message_size``,
-      checked from the frame header: close code 1009);
-    - messages being answered: at most ``max_pending`` (a subclass's ``message_received``
-      returns a future for each); past that, parsing and reading stop until one is answered;
-    - replies it does not read: while they wait, nothing more is read or parsed; a peer that
-      reads nothing for the idle timeout (SEND_TIMEOUT without one) is dropped, and so is one
-      that has stopped reading with more than MAX_UNSENT_BYTES unread when another reply is due;
-    - time: a request must be complete within ``handshake_timeout`` of the connection or of
-      the previous answer, a WebSocket idle for ``idle_timeout`` is closed, and a peer that
-      does not answer our close frame within ``close_timeout`` is cut off.
-    """
-    HTTP, OPEN, CLOSING, CLOSED = "http", "open", "closing", "closed"    # states, in this order
-    __slots__ = ("transport", "remote_address", "state", "_path", "_allowed_origins",
-                 "_http", "_frames", "_answering", "_pending", "_timer", "_last_heard",
-                 "_paused_by", "_idle_timeout", "_handshake_timeout", "_close_timeout",
-                 "_max_pending")
-
-    def __init__(self, *, path, allowed_origins=(), max_message_size=65536, idle_timeout=300.0,
-                 max_header_bytes=8192, handshake_timeout=10.0, close_timeout=3.0,
-                 max_pending=MAX_PENDING):
-        self.transport = None
-        self.remote_address = None
-        self.state = self.HTTP
-        self._path, self._allowed_origins = path, allowed_origins
-        self._http = HttpParser(max_header_bytes, max_message_size)
-        self._frames = FrameParser(max_message_size)
-        self._answering = False         # an HTTP request is being answered: parse no further
-        self._pending = 0               # messages handed to message_received, not answered yet
-        self._timer = None              # the one timer: request, idle, send or close deadline
-        self._last_heard = 0.0
-        self._paused_by = set()         # why reading is paused: "writing", "pending", "buffer"
-        self._idle_timeout, self._handshake_timeout = idle_timeout, handshake_timeout
-        self._close_timeout, self._max_pending = close_timeout, max_pending
-
-    # -- for subclasses ---------------------------------------------------------------------
-
-    def opened(self, request):
-        """The opening handshake (``request``) succeeded."""
-
-    def message_received(self, message):
-        """A text (str) or binary (bytes) message arrived. Return None, or a future that is
-        done once it is answered: at most ``max_pending`` are parsed ahead."""
-
-    def request_received(self, request):
-        """A plain HTTP request (not for the WebSocket path). Return a future of the response
-        bytes and whether to close after them; this one knows no other path."""
-        future = asyncio.get_running_loop().create_future()
-        future.set_result((error_response(404, "no WebSocket endpoint at this path"), True))
-        return future
-
-    def closed(self):
-        """The connection is over (called once)."""
-
-    def refusal(self, error, request):
-        """The response to an HTTP request refused before an answer (``error``: HttpError);
-        ``request`` is None when its head could not be read."""
-        return error_response(error.status, error.reason, error.headers)
-
-    @property
-    def is_open(self):
-        return self.state == self.OPEN and not self.transport.is_closing()
-
-    def send(self, message):
-        """Queue a text (str) or binary (bytes) message; False if the connection is closing."""
-        if not self.is_open:
-            return False
-        if ("writing" in self._paused_by
-                and self.transport.get_write_buffer_size() > MAX_UNSENT_BYTES):
-            self.drop()                 # the peer lets our replies pile up
-            return False
-        self.transport.write(encode_message(message))
-        return True
-
-    def close(self, code=CLOSE_NORMAL, reason=""):
-        """Start the closing handshake; the transport closes when the peer answers, or soon."""
-        if self.transport.is_closing() or self.state in (self.CLOSING, self.CLOSED):
-            return
-        if self.state == self.HTTP:
-            self.transport.close()
-            return
-        self.state = self.CLOSING
-        self.transport.write(encode_close(code, reason))
-        self._set_timer(self._close_timeout, self.drop)
-
-    def drop(self):
-        """End the connection at once with a reset: whatever the peer left unread is thrown
-        away, here and in the kernel (a plain close would keep sending it)."""
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            except OSError:
-                pass
-        self.transport.abort()
-
-    def pause_reading(self, reason):
-        """Read nothing more from the peer until ``resume_reading(reason)``."""
-        if not self._paused_by and not self.transport.is_closing():
-            self.transport.pause_reading()
-        self._paused_by.add(reason)
-
-    def resume_reading(self, reason):
-        self._paused_by.discard(reason)
-        if not self._paused_by and not self.transport.is_closing():
-            self.transport.resume_reading()
-
-    # -- asyncio.Protocol -------------------------------------------------------------------
-
-    def connection_made(self, transport):
-        self.transport = transport
-        self.remote_address = transport.get_extra_info("peername")
-        self._set_timer(self._handshake_timeout, self.drop)
-
-    def data_received(self, data):
-        if self.state == self.HTTP:
-            self._http.feed(data)
-            self._parse_http()
-        elif self.state in (self.OPEN, self.CLOSING) and not self._frames.closed:
-            self._last_heard = asyncio.get_running_loop().time()
-            self._frames.feed(data)
-            self._parse_frames()
-
-    def eof_received(self):
-        return False                    # the peer hung up: close our side too
-
-    def pause_writing(self):
-        """The peer is not reading our replies: stop reading its requests, and give it time."""
-        self.pause_reading("writing")
-        if self.state != self.CLOSING:  # when closing, the close timeout already runs
-            self._set_timer(self._idle_timeout or SEND_TIMEOUT, self.drop)
-
-    def resume_writing(self):
-        self.resume_reading("writing")
-        self._restart_timer()
-        if self.state == self.HTTP:
-            self._parse_http()
-        elif not self._frames.closed:
-            self._parse_frames()
-
-    def connection_lost(self, exc):
-        self.state = self.CLOSED
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self.closed()
-
-    # -- inside ---------------------------------------------------------------------------------
-
-    def _hold_back(self, buffered):
-        """Stop reading while this many unparsed bytes wait; read again once they are parsed."""
-        if buffered > READ_AHEAD_BYTES:
-            self.pause_reading("buffer")
-        else:
-            self.resume_reading("buffer")
-
-    def _parse_http(self):
-        """Answer the requests that have arrived, one at a time, in order."""
-        while (self.state == self.HTTP and not self._answering and "writing" not in self._paused_by
-               and not self.transport.is_closing()):
-            try:
-                request = self._http.next_request()
-            except HttpError as exc:
-                self._answer_http((self.refusal(exc, getattr(exc, "request", None)), True))
-                return
-            if request is None:
-                break
-            if request.path == self._path or is_upgrade(request):
-                self._upgrade(request)
-            else:
-                self._answering = True
-                self._cancel_timer()
-                self.request_received(request).add_done_callback(self._http_answered)
-        self._hold_back(self._http.buffered)
-
-    def _http_answered(self, future):
-        self._answering = False
-        if self.transport.is_closing():
-            return
-        if future.cancelled() or future.exception() is not None:
-            self._answer_http((self.refusal(HttpError(500, "internal error"), None), True))
-            return
-        self._answer_http(future.result())
-        self._parse_http()
-
-    def _answer_http(self, answer):
-        response, close = answer
-        self.transport.write(response)
-        if close:
-            self.transport.close()
-        else:
-            self._set_timer(self._handshake_timeout, self.drop)
-
-    def _upgrade(self, request):
-        """The opening handshake: answer 101 (or an HTTP error, and close)."""
-        try:
-            key = check_upgrade(request, self._path, self._allowed_origins)
-        except HttpError as exc:
-            self._answer_http((error_response(exc.status, exc.reason, exc.headers), True))
-            return
-        self.transport.write(accept_response(key))
-        self.state = self.OPEN
-        self._last_heard = asyncio.get_running_loop().time()
-        self._restart_timer()
-        self.opened(request)
-        self._frames.feed(self._http.take_rest())
-        self._parse_frames()
-
-    def _parse_frames(self):
-        """Act on the events that have arrived, until max_pending messages await answers."""
-        frames = self._frames
-        try:
-            while (self._pending < self._max_pending and "writing" not in self._paused_by
-                   and not self.transport.is_closing()):
-                event = frames.next_event()
-                if event is None:
-                    break
-                if isinstance(event, WebSocketMessage):
-                    if self.state == self.OPEN:     # nothing is answered after our close frame
-                        self._message(event.data)
-                elif isinstance(event, WebSocketPing):
-                    self.transport.write(encode_frame(OP_PONG, event.payload))
-                elif isinstance(event, WebSocketClose):
-                    if self.state == self.OPEN:
-                        self.state = self.CLOSING
-                        self.transport.write(encode_close(event.code or CLOSE_NORMAL))
-                    self.transport.close()      # the server closes TCP first (RFC 6455 7.1.1)
-                    return
-        except WebSocketProtocolError as exc:
-            self._fail(exc.close_code, exc.reason)
-            return
-        if self._pending >= self._max_pending:
-            self.pause_reading("pending")
-        else:
-            self.resume_reading("pending")
-        self._hold_back(frames.buffered)
-
-    def _message(self, data):
-        answered = self.message_received(data)
-        if answered is not None:
-            self._pending += 1
-            answered.add_done_callback(self._message_answered)
-
-    def _message_answered(self, future):
-        self._pending -= 1
-        if self.state in (self.OPEN, self.CLOSING) and not self._frames.closed:
-            self._parse_frames()
-
-    def _fail(self, code, reason):
-        """A protocol error: close frame with its code, half-close, and stop parsing."""
-        self._frames.closed = True      # the rest is noise
-        if self.state == self.OPEN:
-            self.state = self.CLOSING
-            self.transport.write(encode_close(code, reason))
-        if self.transport.can_write_eof():
-            self.transport.write_eof()  # so a peer we can no longer parse hangs up too
-        self._set_timer(self._close_timeout, self.drop)
-
-    def _set_timer(self, delay, callback):
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(delay, callback)
-
-    def _cancel_timer(self):
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _restart_timer(self):
-        """After the peer read our replies: the deadline of the state we are in."""
-        if self.state == self.OPEN and self._idle_timeout:
-            self._set_timer(self._idle_timeout, self._idle_check)
-        elif self.state == self.OPEN or (self.state == self.HTTP and self._answering):
-            self._cancel_timer()
-        elif self.state == self.HTTP:
-            self._set_timer(self._handshake_timeout, self.drop)
-
-    def _idle_check(self):
-        """One timer per connection: re-armed for what is left, closing when the time is up."""
-        left = self._last_heard + self._idle_timeout - asyncio.get_running_loop().time()
-        if left > 0:
-            self._set_timer(left, self._idle_check)
-        else:
-            self.close(CLOSE_GOING_AWAY, "idle timeout")
-
-
-###############################################################################
-# Servers: the daemon
-###############################################################################
-
-STOP_GRACE_SECONDS = 20
-RECEIVED_FLUSH_SECONDS = 1.0
-MAX_UNWRITTEN_RECEIVED = 100000     # counts kept for a retry while the database cannot be written
-FD_SHORTAGE_LOG_SECONDS = 60        # a shortage of file descriptors is logged again after this
-TLS_HANDSHAKE_TIMEOUT = 10.0
-MAX_POSTFIX_CLIENTS = 200           # per policy or socketmap listener; the oldest makes room
-POSTFIX_IDLE_TIMEOUT = 600.0        # Postfix itself lets a policy connection idle 300 s at most
-MAX_CONTROL_CLIENTS = 16
-CONTROL_IDLE_TIMEOUT = 60.0
-# Descriptors kept back from the WebSocket/HTTP connections: the control socket's and the
-# Postfix-facing clients, and a margin for listeners, the database, logging and postmap.
-RESERVED_DESCRIPTORS = 64 + MAX_CONTROL_CLIENTS + 2 * MAX_POSTFIX_CLIENTS
-KNOWN_TOKENS = 10000                # digests of tokens seen right lately, not charged in advance
-
-
-class _LockFile:
-    """One server per lock file: an flock held for the server's life, holding its PID."""
-
-    def __init__(self, path):
-        self.path = path
-        self.fd = None
-
-    def acquire(self):
-        folder = os.path.dirname(self.path)
-        for attempt in range(20):
-            try:
-                _private_folder(folder, "[General] LockFilePath")
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             0o600)
-            except OSError as e:
-                raise ServerError("%s: cannot open the lock file ([General] LockFilePath): %s"
-                                  % (self.path, _os_reason(e)))
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                pid = os.read(fd, 32).decode("ascii", "replace").strip()
-                os.close(fd)
-                if (pid.isdigit() and _process_exists(int(pid))) or attempt == 19:
-                    raise ServerError("already running (pid %s, lock %s)"
-                                      % (pid or "unknown", self.path))
-                time.sleep(0.01)    # a reader's brief shared lock (status, check): try again
-                continue
-            if (_file_identity(self.path) is None
-                    or os.fstat(fd).st_ino != os.stat(self.path).st_ino):
-                os.close(fd)        # a stopping server removed the file we locked: lock the new one
-                continue
-            os.ftruncate(fd, 0)
-            os.write(fd, b"%d\n" % os.getpid())
-            self.fd = fd
-            return
-        raise ServerError("%s: could not take the lock file" % self.path)
-
-    def release(self):
-        if self.fd is not None:
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
-            os.close(self.fd)
-            self.fd = None
-
-
-def _process_exists(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-def running_pid(config):
-    """The PID in the lock file if a server holds the lock, else None."""
-    try:
-        fd = os.open(config.lock_file_path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        text = os.read(fd, 32).decode("ascii", "replace").strip()
-        os.close(fd)
-        return int(text) if text.isdigit() else -1
-    os.close(fd)
-    return None
-
-
-def descriptor_budget(wanted):
-    """Raise the soft limit of open files towards the hard one; how many WebSocket/HTTP
-    connections fit beside RESERVED_DESCRIPTORS: ``wanted`` ([Limits] MaxConnections, 0 for no
-    limit of its own), or fewer, said once."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, wanted + RESERVED_DESCRIPTORS)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError):
-            pass
-    # with a very low limit, half of it is kept back
-    budget = soft - min(RESERVED_DESCRIPTORS, soft // 2)
-    if wanted and budget < wanted:
-        log.warning("open-file limit %d leaves room for %d WebSocket/HTTP connections, fewer than "
-                    "[Limits] MaxConnections %d (%d descriptors are kept for the command line, "
-                    "Postfix and files); raise the limit (LimitNOFILE in the systemd unit, "
-                    "ulimit -n)", soft, budget, wanted, soft - budget)
-    return min(budget, wanted) if wanted else budget
-
-
-class _WebClient(WebSocketConnection):
-    """One client of the WebSocket listener: the add-on's WebSocket, or HTTP requests.
-
-    The Daemon counts it when it accepts it, before any TLS handshake. ``counted_as`` is the
-    peer's address (or its /64) for the connection limits; ``client`` the address the rate
-    limits apply to, which a trusted proxy may name. What it asks goes to its ``front``.
-    """
-    __slots__ = ("front", "peer", "counted_as", "client")
-
-    def __init__(self, front, peer):
-        config = front.config
-        super().__init__(path=config.listen_path, allowed_origins=config.allowed_origins,
-                         max_message_size=config.max_message_size,
-                         idle_timeout=config.idle_timeout or None)
-        self.front, self.peer = front, peer
-        self.counted_as = self.client = client_key(peer)
-
-    def opened(self, request):
-        self.client = client_key(self.front.client_address(self.peer, request.headers))
-
-    def message_received(self, message):
-        return self.front.answer_websocket(self, message)
-
-    def request_received(self, request):
-        self.client = client_key(self.front.client_address(self.peer, request.headers))
-        return self.front.answer_http(self, request)
-
-    def refusal(self, error, request):
-        return self.front.http_refusal(error, request)
-
-    def closed(self):
-        self.front.release(self)
-
-
-class Daemon:
-    """Owns the lock, the store, the Service and every listener; stops gracefully."""
-
-    def __init__(self, config, clock=time.time):
-        self.config = config
-        self.clock = clock
-        self.service = None
-        self.tls = None
-        self._stop = None
-        self._requests = set()          # in-flight request tasks: finished before stopping
-        self._web_clients = set()       # open _WebClient connections
-        self._connections = {}          # client -> how many WebSocket/HTTP connections it has open
-        self._max_connections = None    # WebSocket/HTTP connections in all (None: no limit)
-        self._trusted = [ipaddress.ip_network(p, strict=False) for p in config.trusted_proxies]
-        self._creation_per_client = TokenBucket(config.handles_per_minute_per_client)
-        self._failures_per_client = TokenBucket(config.failed_tokens_per_minute_per_client)
-        self._known_tokens = collections.OrderedDict()  # token digests that were right lately
-        self._checking = {}             # digest of a token not known yet -> done once checked
-        self._received = []             # (address, time, blocked) seen at RCPT, not yet written
-        self._burners = {}              # address -> (asyncio.Lock, users): one message at a time
-        self._decided = {}              # (instance, recipient) -> answer: once per message
-        # listener name -> {writer: None}, least recently active first
-        self._stream_clients = {}
-        self._fd_shortage_logged = float("-inf")   # when a shortage of descriptors was last seen
-
-    def run(self):
-        """Run in the foreground until SIGTERM, SIGINT or ``stop``; raise ServerError on failure."""
-        lock = _LockFile(self.config.lock_file_path)
-        lock.acquire()
-        store = None
-        try:
-            self.tls = self._ssl_context()
-            store = Store(self.config.database_path)
-            self.service = Service(self.config, store, make_table(self.config), clock=self.clock)
-            self.service.start()
-            try:
-                asyncio.run(self._serve())
-            finally:
-                self.service.stop()
-        finally:
-            if store is not None:
-                store.close()
-            lock.release()
-        log.info("stopped")
-
-    def _ssl_context(self):
-        if not self.config.tls_cert_file:
-            return None
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        try:
-            context.load_cert_chain(self.config.tls_cert_file, self.config.tls_key_file)
-        except (OSError, ssl.SSLError) as e:
-            raise ServerError("cannot use [General] TLSCertFile %s with TLSKeyFile %s: %s"
-                              % (self.config.tls_cert_file, self.config.tls_key_file,
-                                 getattr(e, "strerror", None) or getattr(e, "reason", None) or e))
-        return context
-
-    def stop(self):
-        """Ask a running server to stop (from its own event loop)."""
-        if self._stop is not None:
-            self._stop.set()
-
-    async def _serve(self):
-        self._stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._stop.set)
-        loop.set_exception_handler(self._loop_exception)
-        config = self.config
-        if config.listen_address:
-            self._max_connections = descriptor_budget(config.max_connections)
-        servers, background = [], []
-        try:
-            if config.listen_address:
-                servers += self._listen_web(loop)
-            if config.policy_listen:
-                servers.append(await _start_listener(self._serve_policy, config.policy_listen,
-                                                     "[General] PolicyListen"))
-            if config.socketmap_listen:
-                servers.append(await _start_listener(self._serve_socketmap, config.socketmap_listen,
-                                                     "[General] SocketmapListen"))
-            # last: the command line (and whoever waits for it) finds every listener up
-            servers.append(await _start_unix_server(self._serve_control, config.unix_sock_path,
-                                                    "[General] UnixSockPath", 0o600))
-            log.info("IncognitoMail %s serving %s for %s (pid %d)%s", __version__,
-                     self.service.table.name, ", ".join(config.domains), os.getpid(),
-                     "; WebSocket on %s%s%s" % ("wss://" if self.tls else "ws://",
-                                               config.listen_address, config.listen_path)
-                     if config.listen_address else "")
-            background.append(asyncio.ensure_future(self._write_received_periodically()))
-            if config.auto_prune:
-                background.append(asyncio.ensure_future(self._prune_daily()))
-            await self._stop.wait()
-            log.info("stopping: finishing %d requests in flight", len(self._requests))
-        finally:
-            for server in servers:
-                server.close()
-            if self._requests:
-                await asyncio.wait(set(self._requests), timeout=STOP_GRACE_SECONDS)
-            for connection in list(self._web_clients):
-                if connection.transport is None:
-                    continue            # still in its TLS handshake, which times out by itself
-                connection.close(CLOSE_GOING_AWAY, "server stopping")
-            for _ in range(100):        # each answers, or is cut off after its close timeout
-                if not any(c.transport is not None for c in self._web_clients):
-                    break
-                await asyncio.sleep(0.05)
-            for clients in self._stream_clients.values():
-                for writer in list(clients):
-                    writer.close()  # Postfix reconnects to the next server; nothing counted after
-            for task in background:
-                task.cancel()
-            await self._flush_received()
-            for endpoint in (config.unix_sock_path, config.socketmap_listen[5:],
-                             config.policy_listen[5:] if config.policy_listen.startswith("unix:")
-                             else ""):
-                if endpoint:
-                    try:
-                        os.unlink(endpoint)
-                    except OSError:
-                        pass
-
-    def _loop_exception(self, loop, context):
-        error = context.get("exception")
-        if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE):
-            self._descriptor_shortage(error)    # asyncio retries accept() every second
-            return
-        loop.default_exception_handler(context)
-
-    def _track(self, coroutine):
-        """Run one request as a task the stop waits for."""
-        task = asyncio.ensure_future(coroutine)
-        self._requests.add(task)
-        task.add_done_callback(self._requests.discard)
-        return task
-
-    # -- answering: every front end reaches the Service here ------------------------------------
-
-    async def _run(self, caller, client, op, fields):
-        """Run one operation for a front end. Network clients (``client``: their address) meet
-        the rate limits first; the local command line (client None) has none.
-
-        A token the daemon has not seen right lately is counted as wrong before it is checked,
-        and given back when it was right, so that a burst of guesses meets the limit at once;
-        requests with that same token wait for the first one's answer rather than count too.
-        """
-        if client is None:
-            return await self.service.run(op, **fields)
-        failures = self._failures_per_client
-        wait = failures.take(client, peek=True)
-        if wait:
-            raise RateLimited("too many wrong secret tokens from %s; retry in %d s"
-                              % (client, wait), wait)
-        token = fields.get("token")
-        digest = token_digest(token) if isinstance(token, str) else None
-        while digest in self._checking:     # the same new token is being checked: wait for it
-            await asyncio.shield(self._checking[digest])
-        charged = digest not in self._known_tokens
-        if charged:
-            wait = failures.take(client)
-            if wait:
-                raise RateLimited("too many wrong secret tokens from %s; retry in %d s"
-                                  % (client, wait), wait)
-            self._checking[digest] = asyncio.get_running_loop().create_future()
-        try:
-            if op == "new_handle":
-                wait = self._creation_per_client.take(client)
-                if wait:
-                    raise RateLimited("rate limited: too many new handles; retry in %d s" % wait,
-                                      wait)
-                fields = dict(fields, rate_limited=True)
-            result = await self.service.run(op, **fields)
-        except Unauthorized:
-            self._known_tokens.pop(digest, None)
-            if not charged:
-                failures.take(client)
-            raise
-        except BaseException:
-            if charged:
-                failures.give_back(client)
-            raise
-        finally:
-            if charged:
-                self._checking.pop(digest).set_result(None)
-        if charged:
-            failures.give_back(client)
-        if digest is not None:
-            self._known_tokens[digest] = None
-            self._known_tokens.move_to_end(digest)
-            if len(self._known_tokens) > KNOWN_TOKENS:
-                self._known_tokens.popitem(last=False)
-        return result
-
-    async def _answer_json(self, text, caller, client):
-        """One JSON request -> one JSON reply text; never raises."""
-        request_id = None
-        try:
-            request = parse_json_request(text, caller)
-            request_id = request.id
-            if request.op == "stop":
-                log.info("stop requested from the command line")
-                asyncio.get_running_loop().call_soon(self._stop.set)
-                return json_reply(request_id, "stop", None)
-            result = await self._run(caller, client, request.op, request.fields)
-            return json_reply(request_id, request.op, result, self.clock())
-        except IncognitoMailError as e:
-            return json_error(getattr(e, "request_id", request_id), e)
-        except Exception:
-            log.exception("internal error answering a request")
-            return json_error(request_id,
-                              IncognitoMailError("internal error; the server log has details"))
-
-    # -- control socket: the command line ------------------------------------------------------
-
-    async def _serve_control(self, reader, writer):
-        clients = self._stream_clients.setdefault("control", {})
-        try:
-            uid = _peer_uid(writer.get_extra_info("socket"))
-            if uid not in (0, os.geteuid()):
-                log.warning("refused a command-line connection from user %s", _user_name(uid))
-                try:    # read the request first, so the refusal reaches a client still sending
-                    await asyncio.wait_for(reader.readline(), 5)
-                except (asyncio.TimeoutError, ValueError):
-                    pass
-                writer.write((json_error(None, Unauthorized(
-                    "only root and user %s may use this socket" % _user_name())) + "\n").encode())
-                await writer.drain()
-                return
-            if len(clients) >= MAX_CONTROL_CLIENTS:
-                writer.write((json_error(None, ServerError(
-                    "too many command-line connections at once; try again")) + "\n").encode())
-                return
-            clients[writer] = None
-            while not self._stop.is_set():
-                try:
-                    line = await asyncio.wait_for(reader.readline(), CONTROL_IDLE_TIMEOUT)
-                except (ValueError, asyncio.LimitOverrunError):
-                    writer.write((json_error(None, BadRequest("request too long")) + "\n").encode())
-                    return
-                if not line:
-                    return
-                reply = await self._track(self._answer_json(line.decode("utf-8", "replace"),
-                                                            COMMAND_LINE, None))
-                writer.write((reply + "\n").encode("utf-8"))
-                await writer.drain()
-        except (ConnectionError, OSError, asyncio.TimeoutError, asyncio.CancelledError):
-            pass
-        finally:
-            clients.pop(writer, None)
-            writer.close()
-
-    # -- WebSocket and HTTP: browsers, the add-on, password managers ----------------------------
-
-    def _listen_web(self, loop):
-        """Listen on ListenAddress; connections are accepted (and counted) by ``_accept``."""
-        host, port = parse_host_port(self.config.listen_address)
-        listeners = []
-        try:
-            for family, kind, proto, _, address in socket.getaddrinfo(
-                    host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
-                listener = socket.socket(family, kind, proto)
-                listeners.append(_Listener(loop, listener, self._accept))
-                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                listener.bind(address)
-                listener.listen(1024)
-        except OSError as e:
-            for listener in listeners:
-                listener.close()
-            raise ServerError("cannot listen on [General] ListenAddress %s: %s"
-                              % (self.config.listen_address, _os_reason(e)))
-        for listener in listeners:
-            listener.start()
-        return listeners
-
-    def _accept(self, listener):
-        """Accept what is waiting; each connection is counted and limited before anything is
-        read from it, and a TLS handshake must end within TLS_HANDSHAKE_TIMEOUT."""
-        for _ in range(100):
-            try:
-                sock, address = listener.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self._descriptor_shortage(e)
-                    listener.pause(1.0)
-                return
-            sock.setblocking(False)
-            client = _WebClient(self, address[0] if isinstance(address, tuple) else "unknown")
-            if not self.admit(client):
-                if self.tls is None:
-                    try:
-                        sock.send(self.http_refusal(HttpError(503, "too many connections; try "
-                                                              "again", [("Retry-After", "10")])))
-                    except OSError:
-                        pass
-                sock.close()
-                continue
-            asyncio.ensure_future(self._connect(client, sock))
-
-    async def _connect(self, client, sock):
-        tls = {"ssl": self.tls, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT} if self.tls else {}
-        try:
-            await asyncio.get_running_loop().connect_accepted_socket(lambda: client, sock, **tls)
-        except (Exception, asyncio.CancelledError):     # a failed, slow or cancelled handshake
-            sock.close()
-            if client.transport is None:
-                self.release(client)
-
-    def _descriptor_shortage(self, error):
-        # one line per shortage, not one per retry
-        if time.monotonic() - self._fd_shortage_logged > FD_SHORTAGE_LOG_SECONDS:
-            log.error("out of file descriptors (%s): new connections are refused until some "
-                      "close; raise the limit (ulimit -n) or lower [Limits] MaxConnections", error)
-        self._fd_shortage_logged = time.monotonic()
-
-    def admit(self, connection):
-        """A new WebSocket/HTTP connection: within the connection limits, or refused (503).
-
-        A trusted proxy speaks for many clients: only the limit in total applies to it."""
-        client = connection.counted_as
-        count = self._connections.get(client, 0)
-        per_client = self.config.max_connections_per_client
-        full = self._max_connections is not None and len(self._web_clients) >= self._max_connections
-        if full or (per_client and count >= per_client and not self._is_trusted(connection.peer)):
-            return False
-        self._connections[client] = count + 1
-        self._web_clients.add(connection)
-        return True
-
-    def release(self, connection):
-        if connection not in self._web_clients:
-            return
-        self._web_clients.discard(connection)
-        self._connections[connection.counted_as] -= 1
-        if not self._connections[connection.counted_as]:
-            del self._connections[connection.counted_as]
-
-    def _is_trusted(self, address):
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in network for network in self._trusted)
-
-    def client_address(self, peer, headers):
-        """The client's address: the peer's, or, from a trusted proxy (TrustedProxies), the
-        nearest address it forwarded (X-Forwarded-For, else X-Real-IP) that is not a proxy."""
-        if not self._is_trusted(peer):
-            return peer
-        hops = [hop.strip() for hop in headers.get("x-forwarded-for", "").split(",")]
-        for hop in reversed(hops):
-            if not _is_ip(hop):
-                break
-            if not self._is_trusted(hop):
-                return hop
-        real = headers.get("x-real-ip", "").strip()
-        return real if _is_ip(real) else peer
-
-    def answer_websocket(self, connection, message):
-        return self._track(self._answer_websocket(connection, message))
-
-    async def _answer_websocket(self, connection, message):
-        client = connection.client
-        if isinstance(message, bytes):
-            reply = json_error(None, BadRequest("binary messages are not understood; send text"))
-        elif message.lstrip().startswith("{"):
-            reply = await self._answer_json(message, WEBSOCKET, client)
-        else:
-            reply = await self._answer_legacy(message, client)
-        connection.send(reply)
-
-    async def _answer_legacy(self, message, client):
-        """The original add-on's protocol: ``new handle <secret>`` -> address or ``error ...``."""
-        words = message.split()
-        if len(words) != 3 or words[:2] != ["new", "handle"]:
-            return "error unknown command: only \"new handle <secret>\" is accepted here"
-        try:
-            return (await self._run(WEBSOCKET, client, "new_handle", {"token": words[2]})).address
-        except RateLimited as e:
-            return "error rate limited: retry in %d s" % e.retry_after
-        except IncognitoMailError as e:
-            return "error %s" % e
-
-    def http_refusal(self, error, request=None):
-        """An HTTP-level refusal (413, 411, 431, 503...) as the API answers: JSON, CORS and
-        no-store, so that a browser page or Bitwarden can show why."""
-        headers = [("Cache-Control", "no-store"), ("Content-Type", "application/json")]
-        headers += self._cors(request) + list(error.headers)
-        body = json.dumps({"message": error.reason, "error": error.reason}).encode("utf-8")
-        return http_response(error.status, headers, body, close=True)
-
-    def _cors(self, request):
-        """Access-Control-Allow-Origin for any answer: * when AllowedOrigins is empty, else the
-        request's Origin when it is listed (or the owner page's own)."""
-        if not self.config.allowed_origins:
-            return [("Access-Control-Allow-Origin", "*")]
-        if request is not None and origin_allowed(request, self.config.allowed_origins):
-            return [("Access-Control-Allow-Origin", request.headers["origin"]), ("Vary", "Origin")]
-        return [("Vary", "Origin")]
-
-    def answer_http(self, connection, request):
-        return self._track(self._answer_http(connection, request))
-
-    async def _answer_http(self, connection, request):
-        """One HTTP request -> (response bytes, close after it): the owner page at /, the API
-        under /api/."""
-        close = "close" in _tokens(request.headers.get("connection")) or request.version < (1, 1)
-        head_only = request.method == "HEAD"
-        if request.path == "/":
-            if request.method not in ("GET", "HEAD"):
-                return http_response(405, [("Allow", "GET, HEAD"), ("Cache-Control", "no-store")],
-                                     close=close), close
-            headers, body = owner_page(request, self.config)
-            return http_response(200, headers + [("Cache-Control", "no-store")], body,
-                                 close=close, head_only=head_only), close
-        call, dialect = route_api(request, ApiSite(self.config.domains, self.clock()))
-        while isinstance(call, ApiCall):
-            try:
-                result = await self._run(HTTP, connection.client, call.op, call.fields)
-                call = call.then(result)
-            except IncognitoMailError as e:
-                call = api_error(dialect, e)
-            except Exception:
-                log.exception("internal error answering an HTTP request")
-                call = api_error(dialect, IncognitoMailError("internal error"))
-        headers = [("Cache-Control", "no-store")] + list(call.headers) + self._cors(request)
-        if request.method == "OPTIONS" and dialect is not None:
-            reply = ApiReply(204, None, tuple(CORS_HEADERS))
-            headers = [h for h in headers if h[0] != "Allow"] + list(CORS_HEADERS)
-        else:
-            reply = call
-        body = b""
-        if reply.body is not None:
-            body = json.dumps(reply.body).encode("utf-8")
-            headers.append(("Content-Type", "application/json"))
-        return (http_response(reply.status, headers, body, close=close, head_only=head_only),
-                close)
-
-    # -- policy service: what mail each handle receives -----------------------------------------
-
-    async def _serve_policy(self, reader, writer):
-        await self._serve_postfix(reader, writer, PolicyParser(), self._policy_answer,
-                                  "policy service")
-
-    async def _serve_postfix(self, reader, writer, parser, answer, name):
-        """Postfix's side of the policy and socketmap protocols: many requests per connection.
-
-        At most MAX_POSTFIX_CLIENTS connections per listener: a new one closes the least
-        recently active, so a client holding connections open cannot lock Postfix out."""
-        clients = self._stream_clients.setdefault(name, {})
-        if len(clients) >= MAX_POSTFIX_CLIENTS:
-            oldest = next(iter(clients))
-            clients.pop(oldest)
-            oldest.close()
-            log.warning("%s: %d connections open; closed the least recently active one",
-                        name, MAX_POSTFIX_CLIENTS)
-        clients[writer] = None
-        try:
-            while True:
-                data = await asyncio.wait_for(reader.read(4096), POSTFIX_IDLE_TIMEOUT)
-                if not data:
-                    if parser.incomplete:
-                        log.warning("%s: a client hung up in the middle of a request", name)
-                    return
-                clients.pop(writer, None)
-                clients[writer] = None      # the most recently active
-                for request in parser.feed(data):
-                    writer.write(await self._track(answer(request)))
-                await writer.drain()
-        except PostfixProtocolError as e:
-            log.warning("%s: closing a connection: %s", name, e)
-        except (ConnectionError, OSError, asyncio.TimeoutError, asyncio.CancelledError):
-            pass
-        finally:
-            clients.pop(writer, None)
-            writer.close()
-
-    async def _policy_answer(self, request):
-        try:
-            return policy_response(await self._policy_action(request))
-        except (IncognitoMailError, sqlite3.Error) as e:
-            log.error("policy service: lookup failed (%s); answering DUNNO", e)
-            return policy_response("DUNNO")
-
-    async def _policy_action(self, request):
-        """DUNNO for mail a handle accepts (counted once per message), 550 for one that is
-        switched off, expired or used up (counted as blocked), DUNNO for other recipients.
-
-        A burner handle's message is written before it is let through, one at a time per
-        handle, so that no crash and no race lets one more in than it accepts."""
-        recipient = request.get("recipient", "").strip().lower()
-        handle = await self.service.lookup(recipient) if "@" in recipient else None
-        if handle is None or handle.max_messages is None:
-            return await self._policy_decision(request, recipient, handle, durable=False)
-        lock, users = self._burners.get(handle.address, (asyncio.Lock(), 0))
-        self._burners[handle.address] = (lock, users + 1)
-        try:
-            async with lock:
-                handle = await self.service.lookup(recipient)   # its count as of now
-                return await self._policy_decision(request, recipient, handle, durable=True)
-        finally:
-            lock, users = self._burners[handle.address]
-            if users > 1:
-                self._burners[handle.address] = (lock, users - 1)
-            else:
-                del self._burners[handle.address]
-
-    async def _policy_decision(self, request, recipient, handle, durable):
-        if handle is None:
-            return "DUNNO"
-        state_name = request.get("protocol_state", "").upper()
-        message = (request.get("instance") or "", recipient)
-        if message[0] and message in self._decided:     # Postfix asks again: the same answer
-            return self._decided[message]
-        now = self.clock()
-        state = handle.state(now)
-        if state == ENABLED and state_name != "RCPT":
-            return "DUNNO"
-        if state_name not in ("RCPT", ""):
-            return "DUNNO"
-        answer = "DUNNO" if state == ENABLED else \
-            "550 5.1.1 <%s>: %s" % (recipient, REFUSALS[state])
-        event = (handle.address, now, state != ENABLED)
-        if durable and state == ENABLED:
-            try:
-                await self.service.run("record_mail", [event])
-            except (IncognitoMailError, sqlite3.Error) as e:
-                log.error("policy service: cannot count a message to %s (%s); asking the "
-                          "sender to try again later", handle.address, e)
-                return "451 4.3.0 <%s>: try again later" % recipient
-        else:
-            self._received.append(event)
-        if message[0]:
-            self._decided[message] = answer
-            if len(self._decided) > 10000:
-                for old in list(self._decided)[:5000]:
-                    del self._decided[old]
-        return answer
-
-    async def _write_received_periodically(self):
-        while True:
-            await asyncio.sleep(RECEIVED_FLUSH_SECONDS)
-            await self._flush_received()
-
-    async def _flush_received(self):
-        """Write the counts gathered since the last time; keep them for the next try on failure."""
-        if not self._received:
-            return
-        events, self._received = self._received, []
-        try:
-            # shielded: a stop cancelling the periodic writer must not drop a write under way
-            await asyncio.shield(self.service.run("record_mail", events))
-        except IncognitoMailError as e:
-            log.error("could not record %d received messages (will retry): %s", len(events), e)
-            self._received[:0] = events[-MAX_UNWRITTEN_RECEIVED:]
-
-    # -- socketmap: Postfix asks the daemon -----------------------------------------------------
-
-    async def _serve_socketmap(self, reader, writer):
-        await self._serve_postfix(reader, writer, NetstringParser(), self._socketmap_answer,
-                                  "socketmap")
-
-    async def _socketmap_answer(self, request):
-        """``name key`` -> ``OK target`` for a handle in the map, else ``NOTFOUND ``: like a map
-        file, but an expired handle is not found from the first second."""
-        _, _, key = request.decode("utf-8", "replace").partition(" ")
-        try:
-            handle = await self.service.lookup(key.strip())
-        except (IncognitoMailError, sqlite3.Error) as e:
-            log.error("socketmap: lookup failed (%s); answering TEMP", e)
-            return netstring(b"TEMP lookup failed")
-        swept = self.service.swept_until
-        if handle is not None and handle.in_map(swept) and handle.state(self.clock()) != EXPIRED:
-            return netstring(b"OK " + handle.target.encode("utf-8"))
-        return netstring(b"NOTFOUND ")
-
-    # -- automatic pruning -----------------------------------------------------------------------
-
-    async def _prune_daily(self):
-        await asyncio.sleep(60)
-        while True:
-            try:
-                removed = await self.service.run(
-                    "prune", self.config.prune_handles_unused_days,
-                    self.config.prune_accounts_unused_days, False,
-                    self.config.prune_handles_expired_days)
-                log.info("automatic prune removed %d handles and accounts", len(removed))
-            except IncognitoMailError as e:
-                log.error("automatic prune failed: %s", e)
-            await asyncio.sleep(86400)
-
-
-###############################################################################
-# Command line
-###############################################################################
-
-def run_check(config, args, out=sys.stdout):
-    """``check``: one line per check, OK or FAIL with the fix; exit 0 only if all pass."""
-    results = []
-
-    def report(name, problem=None):
-        results.append({"check": name, "ok": problem is None, "problem": problem})
-        if not args.json:
-            print("%-4s %s%s" % ("OK" if problem is None else "FAIL", name,
-                                 "" if problem is None else ": " + problem),
-                  file=out)
-
-    report("configuration %s" % config.path)
-    table = make_table(config)
-    try:
-        table.check_access()
-        report("map file and folder writable (%s)" % table.name)
-    except IncognitoMailError as e:
-        report("map file and folder writable", str(e))
-    store = None
-    try:
-        store = Store(config.database_path, readonly=True)
-        version = store.schema_version()
-        if version != SCHEMA_VERSION:
-            raise StoreError("schema version %d, this program's is %d; start the server once "
-                             "to migrate" % (version, SCHEMA_VERSION))
-        report("database %s readable, schema version %d" % (config.database_path, version))
-    except IncognitoMailError as e:
-        report("database readable", str(e))
-        store = None
-    for name, problem in table.checks(store):
-        report(name, problem)
-    for name, problem in postfix_config_problems(config, table):
-        report(name, problem)
-    pid = running_pid(config)
-    try:
-        if not pid:
-            raise ServerError("not running (no lock held on %s); start it with: "
-                              "python3 incognitomail.py -c %s"
-                              % (config.lock_file_path, config.path))
-        ControlClient(config).request("status")
-        report("server running (pid %d)" % pid)
-    except IncognitoMailError as e:
-        report("server running", str(e))
-    if args.json:
-        print(json.dumps(results, indent=2), file=out)
-    return 0 if all(r["ok"] for r in results) else 1
-
-
-_DESCRIPTION = """\
-IncognitoMail: random forwarding addresses ("handles") for your Postfix server.
-
-With no command, run the server in the foreground (stop it with SIGTERM, Ctrl-C or "stop").
-Every other command talks to the running server over [General] UnixSockPath.
-Where a command takes <secret>, give "-" to read it from standard input, which keeps it out
-of your shell history and of "ps".
-"""
-
-_EXAMPLES = """
-examples:
-  %(prog)s -c /etc/incognitomail/incognitomail.ini
-  %(prog)s -c incognitomail.ini new account me@example.org
-  echo "$TOKEN" | %(prog)s -c incognitomail.ini new handle - --label shop.example.com
-  %(prog)s -c incognitomail.ini --json list - < token.txt
-
-exit status: 0 success, 1 error, 2 wrong usage.
-"""
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.print_usage(sys.stderr)
-        self.exit(2, "%s: %s (see --help)\n" % (self.prog, message))
-
-
-def _days(text):
-    if not _is_number(text):
-        raise argparse.ArgumentTypeError("%r is not a number of days (0 or more)" % text)
-    return int(text)
-
-
-def _count(text):
-    if not _is_number(text) or not 0 < int(text) <= MAX_MESSAGES:
-        raise argparse.ArgumentTypeError("%r is not a number of messages from 1 to %d"
-                                         % (text, MAX_MESSAGES))
-    return int(text)
-
-
-
-# Each command of the command line: its words, the operation it asks the server for, its
-# arguments (name -> the operation's field), options (flag, field, metavar, type, help),
-# fields it always sends, and what it is for. The first nine are the original's.
-Command = collections.namedtuple("Command", "words op arguments options fixed help")
-COMMANDS = (
-    Command(("new", "account"), "new_account", (("address", "address"),), (), {},
-            "make an account for <address>; prints its secret token"),
-    Command(("new", "handle"), "new_handle", (("secret", "token"),), (
-        ("--label", "label", "TEXT", str, "what the handle is for, e.g. shop.example.com"),
-        ("--domain", "domain", "D", str, "one of [PostfixConfig] Domain (default: the first)"),
-        ("--expires", "expires", "WHEN", str, "end it then: 90m, 12h, 30d, or an ISO 8601 "
-         "date or time (UTC unless it says otherwise); never for no end"),
-        ("--max-messages", "max_messages", "N", _count,
-         "close it after N messages (needs the policy service)")),
-        {}, "make a handle for the account; prints its address"),
-    Command(("list",), "list_handles", (("secret", "token"),), (), {},
-            "the account's handles, newest first, one per line"),
-    Command(("delete", "handle"), "delete_handle", (("handle", "address"), ("secret", "token")),
-            (), {}, "remove a handle (with or without its @domain)"),
-    Command(("disable", "handle"), "update_handle", (("handle", "address"), ("secret", "token")),
-            (), {"enabled": False}, "reject mail to a handle but keep it"),
-    Command(("enable", "handle"), "update_handle", (("handle", "address"), ("secret", "token")),
-            (), {"enabled": True}, "accept mail to a disabled handle again"),
-    Command(("label", "handle"), "update_handle",
-            (("handle", "address"), ("secret", "token"), ("text", "label")), (), {},
-            "say what the handle is for"),
-    Command(("expire", "handle"), "update_handle",
-            (("handle", "address"), ("secret", "token"), ("when", "expires")), (), {},
-            "end a handle at WHEN (90m, 12h, 30d, an ISO 8601 time) or never"),
-    Command(("rotate",), "rotate_token", (("secret", "token"),), (), {},
-            "replace the secret token; prints the new one"),
-    Command(("delete", "account"), "delete_account", (("secret", "token"),), (), {},
-            "remove the account and all its handles"),
-    Command(("prune",), "prune", (), (
-        ("--handles-unused-days", "handles_unused_days", "N", _days,
-         "handles older than N days that never received a message (0: any age)"),
-        ("--accounts-unused-days", "accounts_unused_days", "N", _days,
-         "accounts older than N days whose token was never used and that have no handles"),
-        ("--handles-expired-days", "handles_expired_days", "N", _days,
-         "handles that expired more than N days ago"),
-        ("--dry-run", "dry_run", None, None, "print what would be removed, remove nothing")),
-        {}, "remove never-used handles and accounts"),
-    Command(("status",), "status", (), (), {}, "is the server running: pid, counts, version"),
-    Command(("check",), None, (), (), {}, "check the whole installation, with fixes"),
-    Command(("stop",), "stop", (), (), {}, "stop the server"),
-)
-
-
-def _usage(command):
-    words = list(command.words) + ["<%s>" % name for name, _ in command.arguments]
-    words += ["[%s%s]" % (flag, " " + metavar if metavar else "")
-              for flag, _, metavar, _, _ in command.options]
-    return " ".join(words)
-
-
-def build_parser():
-    epilog = "commands:\n" + "".join(
-        "  %-36s%s\n" % (_usage(c), c.help) if len(_usage(c)) < 36 else
-        "  %s\n  %-36s%s\n" % (_usage(c), "", c.help) for c in COMMANDS) + _EXAMPLES
-    parser = _ArgumentParser(prog="incognitomail.py", description=_DESCRIPTION, epilog=epilog,
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-c", "--config", default=DEFAULT_CONFIG_PATH, metavar="PATH",
-                        help="configuration file (default: %(default)s)")
-    parser.add_argument("--json", action="store_true",
-                        help="machine-readable output (accepted anywhere)")
-    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
-    verbs = parser.add_subparsers(dest="command", metavar="command", parser_class=_ArgumentParser)
-    objects = {}
-    for command in COMMANDS:
-        verb = command.words[0]
-        if len(command.words) == 1:
-            sub = verbs.add_parser(verb, help=command.help, description=command.help)
-        else:
-            if verb not in objects:
-                kinds = "|".join(c.words[1] for c in COMMANDS if c.words[0] == verb)
-                objects[verb] = verbs.add_parser(verb, help="%s %s" % (verb, kinds)).add_subparsers(
-                    dest="what", metavar=kinds, required=True, parser_class=_ArgumentParser)
-            sub = objects[verb].add_parser(command.words[1], help=command.help,
-                                           description=command.help)
-        for name, _ in command.arguments:
-            sub.add_argument(name, metavar="<%s>" % name)
-        for flag, field, metavar, kind, text in command.options:
-            if kind is None:
-                sub.add_argument(flag, dest=field, action="store_true", help=text)
-            else:
-                sub.add_argument(flag, dest=field, metavar=metavar, type=kind, help=text)
-        sub.set_defaults(chosen=command)
-    return parser
-
-
-_DASH_PROTECTED = "\x00"
-
-
-def _normalize_argv(argv, parser):
-    """Accept the original's Go-style ``-config PATH``, ``--json`` anywhere, and arguments
-    that start with "-" without being options (a label, an old secret token).
-
-    Before the command, ``-cPATH`` is the configuration; after it, only the command's own
-    options are options."""
-    wants_json = "--json" in argv
-    argv = ["--config" if a == "-config" else "--config=" + a[8:] if a.startswith("-config=")
-            else a for a in argv if a != "--json"]
-    options = {flag for c in COMMANDS for flag, *_ in c.options} | {"-h", "--help"}
-    normalized, seen_command = [], False
-    for index, arg in enumerate(argv):
-        after_option = index and argv[index - 1] in ("-c", "--config") and not seen_command
-        if not seen_command and not after_option and not arg.startswith("-"):
-            seen_command = True
-        elif seen_command and arg.startswith("-") and arg != "-" and \
-                arg.split("=", 1)[0] not in options and not arg.lstrip("-").isdigit():
-            arg = _DASH_PROTECTED + arg
-        normalized.append(arg)
-    return (["--json"] if wants_json else []) + normalized
-
-
-def _unprotect(args):
-    for name, value in vars(args).items():
-        if isinstance(value, str) and value.startswith(_DASH_PROTECTED):
-            setattr(args, name, value[len(_DASH_PROTECTED):])
-    return args
-
-
-class ControlClient:
-    """The command line's side of the control socket: one JSON line out, one back."""
-
-    def __init__(self, config):
-        self.config = config
-
-    def request(self, op, **fields):
-        path = self.config.unix_sock_path
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(600)
-        try:
-            sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
-            sock.close()
-            raise ServerError("the server is not running (nothing listens on %s, "
-                              "[General] UnixSockPath); start it with: "
-                              "python3 incognitomail.py -c %s" % (path, self.config.path))
-        except PermissionError:
-            sock.close()
-            raise ServerError("%s: permission denied; run this as root or as the user the "
-                              "server runs as" % path)
-        except OSError as e:
-            sock.close()
-            raise ServerError("cannot connect to %s: %s" % (path, _os_reason(e)))
-        with sock:
-            self._check_server(sock)
-            fields.update(op=op)
-            try:
-                sock.sendall((json.dumps(fields) + "\n").encode("utf-8"))
-            except (BrokenPipeError, ConnectionResetError):
-                pass    # the server refused early; its reply says why
-            data = b""
-            try:
-                while not data.endswith(b"\n"):
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        raise ServerError("the server closed the connection without answering; "
-                                          "see its log")
-                    data += chunk
-                reply = json.loads(data.decode("utf-8"))
-            except (OSError, ValueError) as e:
-                raise ServerError("no valid answer from the server on %s (%s); see its log"
-                                  % (path, e))
-        if not reply.get("ok"):
-            error = {"bad_request": BadRequest, "unauthorized": Unauthorized,
-                     "not_found": NotFound}.get(reply.get("error"), IncognitoMailError)(
-                reply.get("message", "unknown error"))
-            raise error
-        return reply
-
-    def _check_server(self, sock):
-        """Send a secret only to the real server: root, us, or the owner of the database."""
-        uid = _peer_uid(sock)
-        allowed = {0, os.geteuid()}
-        try:
-            allowed.add(os.stat(self.config.database_path).st_uid)
-        except OSError:
-            pass
-        if uid not in allowed:
-            raise ServerError("%s is served by user %s, who owns neither the database nor this "
-                              "session; refusing to send a secret to it"
-                              % (self.config.unix_sock_path, _user_name(uid)))
-
-
-def _read_secret(value):
-    if value != "-":
-        return value
-    line = sys.stdin.readline().strip()
-    if not line:
-        raise BadRequest("expected the secret token on standard input")
-    return line
-
-
-def _handle_line(handle):
-    """address, state, received N, last TIME, created TIME, then how it ends and its label."""
-    fields = [handle["address"], handle["state"], "received %d" % handle["received"],
-              "last %s" % (handle["last_received"] or "never"), "created %s" % handle["created"]]
-    if handle["blocked"]:
-        fields.append("blocked %d" % handle["blocked"])
-    if handle["expires"]:
-        fields.append(describe_expiry(from_iso_time(handle["expires"]), time.time()))
-    if handle["max_messages"]:
-        fields.append("%d of %d messages" % (handle["received"], handle["max_messages"]))
-    return "\t".join(fields + [handle["label"] or ""]).rstrip("\t")
-
-
-def run_command(config, args, out=sys.stdout):
-    """Carry out one command-line command against the running server; print its result."""
-    command = args.chosen
-    emit = (lambda value, text: print(json.dumps(value, indent=2) if args.json else text, file=out))
-    fields = dict(command.fixed)
-    for name, field in command.arguments:
-        value = getattr(args, name)
-        fields[field] = _read_secret(value) if name == "secret" else value
-    for _, field, _, _, _ in command.options:
-        if getattr(args, field) is not None:
-            fields[field] = getattr(args, field)
-    kinds = ("handles_unused_days", "accounts_unused_days", "handles_expired_days")
-    if command.op == "prune" and not set(fields) & set(kinds):
-        fields.update(zip(kinds, (config.prune_handles_unused_days,
-                                  config.prune_accounts_unused_days,
-                                  config.prune_handles_expired_days)))
-        if set(fields.values()) <= {None, False}:
-            raise BadRequest("nothing to prune: give --handles-unused-days N, "
-                             "--accounts-unused-days N and/or --handles-expired-days N, or set "
-                             "them in [Prune] of %s" % config.path)
-    client = ControlClient(config)
-    if command.op == "status":
-        try:
-            status = client.request("status")["status"]
-        except ServerError as e:
-            emit({"running": False, "message": str(e)}, "not running: %s" % e)
-            return 1
-        status["running"] = True
-        emit(status, "running (pid %d), version %s\naccounts %d, handles %d (%d enabled)\n"
-             "map %s, domains %s" % (status["pid"], status["version"], status["accounts"],
-                                     status["handles"], status["enabled_handles"], status["map"],
-                                     ", ".join(status["domains"])))
-        return 0
-    if command.op == "stop":
-        pid = running_pid(config)
-        client.request("stop")
-        deadline = time.monotonic() + STOP_GRACE_SECONDS + 10
-        while running_pid(config) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        print("stopped the server (pid %s)" % pid, file=sys.stderr)
-        return 0
-    reply = client.request(command.op, **fields)
-    result = reply.get(OPERATIONS[command.op].reply)
-    if command.op in ("new_account", "rotate_token"):
-        emit({"token": result}, result)
-        print("This is the account's secret token: keep it like a password."
-              if command.op == "new_account" else
-              "This is the account's new secret token; the old one no longer works.",
-              file=sys.stderr)
-    elif command.op == "new_handle":
-        emit(result, result["address"])
-    elif command.op == "update_handle":
-        emit(result, _handle_line(result))
-
-    elif command.op == "list_handles":
-        if args.json:
-            emit(result, "")
-        for handle in [] if args.json else result:
-            print(_handle_line(handle), file=out)
-        if not result:
-            print("this account has no handles yet", file=sys.stderr)
-    elif command.op == "delete_handle":
-        if args.json:
-            emit({}, "")
-        print("deleted %s" % args.handle, file=sys.stderr)
-    elif command.op == "delete_account":
-        if args.json:
-            emit({"deleted_handles": result}, "")
-        print("deleted the account and its %d handles" % result, file=sys.stderr)
-    elif command.op == "prune":
-        if args.json or result:
-            emit(result, "\n".join(result))
-        done = "would remove" if fields.get("dry_run") else "removed"
-        print("%s %d handles and accounts" % (done, len(result)), file=sys.stderr)
-    return 0
-
-
-def setup_logging(config=None):
-    """stderr until the configuration says otherwise; syslog uses facility mail, like Postfix."""
-    root = logging.getLogger("incognitomail")
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    if config is not None and config.log_target == "syslog":
-        if not os.path.exists("/dev/log"):
-            raise ConfigError("%s [General] LogTarget: syslog, but /dev/log does not exist "
-                              "(is a syslog daemon running?); use LogTarget = stderr" % config.path)
-        handler = logging.handlers.SysLogHandler("/dev/log",
-                                                 facility=logging.handlers.SysLogHandler.LOG_MAIL)
-        handler.setFormatter(logging.Formatter(
-            "incognitomail[%(process)d]: %(levelname)s %(message)s"))
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s incognitomail[%(process)d] %(levelname)s %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(getattr(logging, (config.log_level if config else "warning").upper()))
-    root.propagate = False
+OWNER_PAGE = PAGE_MARKUP.replace("{{STYLE}}", PAGE_STYLE).replace("{{SCRIPT}}", PAGE_SCRIPT)
+PAGE_POLICY = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'%%s; "
+               "img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; "
+               "form-action 'none'" % (_csp_hash(PAGE_SCRIPT), _csp_hash(PAGE_STYLE)))
 
 
 def main(argv=None):
@@ -5717,6 +6297,9 @@ def main(argv=None):
     args = _unprotect(parser.parse_args(
         _normalize_argv(sys.argv[1:] if argv is None else list(argv), parser)))
     setup_logging()
+    if args.command == "example":
+        print(example_config(), end="")
+        return 0
     try:
         try:
             config = load_config(args.config)

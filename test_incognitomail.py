@@ -497,13 +497,14 @@ def start_daemon(testcase, site, env=None):
 
 
 class ServiceFixture:
-    """An in-process Service on a site, with an injectable clock."""
+    """An in-process Service on a site, reached through its gate, with an injectable clock."""
 
     def __init__(self, testcase, site, clock=time.time):
         self.site = site
         self.store = im.Store(site.config.database_path)
         self.table = im.make_table(site.config)
         self.service = im.Service(site.config, self.store, self.table, clock=clock)
+        self.gate = im.Gate(site.config, self.service, clock)
         self.stopped = False
         testcase.addCleanup(self.close)
 
@@ -511,8 +512,21 @@ class ServiceFixture:
         self.service.start()
         return self
 
-    def call(self, operation, *args):
-        return im.json_value(self.service.call(operation, *args))
+    def submit(self, operation, **fields):
+        """The operation, as the first front end allowed to call it asks: a Future of its result."""
+        checked = self.gate.check(im.OPERATIONS[operation].callers[0], operation, fields)
+        return self.gate.submit(*checked)
+
+    def result(self, operation, **fields):
+        return self.submit(operation, **fields).result(30)
+
+    def call(self, operation, **fields):
+        """The result as JSON values; a list of handles for list_handles (one page)."""
+        value = im.json_value(self.result(operation, **fields))
+        return value["handles"] if operation == "list_handles" else value
+
+    def sweep(self):
+        return self.service.write(im._sweep, {}).result(30)
 
     def stop(self):
         if not self.stopped:
@@ -543,10 +557,10 @@ class PostmapTestCase(unittest.TestCase):
         return ServiceFixture(self, site, clock).start()
 
     def new_account(self, fixture, address="me@example.org"):
-        return fixture.call("new_account", address)
+        return fixture.call("new_account", address=address)
 
     def new_handle(self, fixture, token, label=None, domain=None):
-        return fixture.call("new_handle", token, label, domain)["address"]
+        return fixture.call("new_handle", token=token, label=label, domain=domain)["address"]
 
 
 def run_as_user(uid, function):
@@ -1039,7 +1053,8 @@ def tcp_state(local, remote):
 
 
 def events(parser, *chunks):
-    """Feed each chunk to a pull parser (frames or HTTP requests); what is complete after it."""
+    """Feed each chunk to a pull parser (frames, HTTP, policy or socketmap requests); what is
+    complete after it."""
     take = getattr(parser, "next_event", None) or parser.next_request
     result = []
     for chunk in chunks:
@@ -2364,8 +2379,8 @@ class StoreTest(unittest.TestCase):
     def test_token_is_stored_only_as_its_sha256(self):
         site = socketmap_site(self)
         fixture = ServiceFixture(self, site).start()
-        token = fixture.call("new_account", "me@example.org")
-        fixture.call("new_handle", token, "shop", None)
+        token = fixture.call("new_account", address="me@example.org")
+        fixture.call("new_handle", token=token, label="shop")
         raw = b""
         for suffix in ("", "-wal", "-shm"):
             if os.path.exists(site.config.database_path + suffix):
@@ -2382,11 +2397,11 @@ class StoreTest(unittest.TestCase):
         now = [1700000000.0]
         site = socketmap_site(self)
         fixture = ServiceFixture(self, site, clock=lambda: now[0]).start()
-        token = fixture.call("new_account", "me@example.org")
+        token = fixture.call("new_account", address="me@example.org")
         account = fixture.store.account_by_digest(im.token_digest(token))
         self.assertEqual((account.address, account.created, account.last_used), ("me@example.org", 1700000000, None))
         now[0] += 60
-        handle = fixture.call("new_handle", token, "shop.example.com", None)
+        handle = fixture.call("new_handle", token=token, label="shop.example.com")
         account = fixture.store.account_by_digest(im.token_digest(token))
         self.assertEqual(account.last_used, 1700000060)
         self.assertEqual(handle["label"], "shop.example.com")
@@ -2448,8 +2463,8 @@ class MapFileTest(PostmapTestCase):
         self.assertEqual(site.map_text(), self.marker_prefix())
         token = self.new_account(fixture)
         handles = [self.new_handle(fixture, token) for _ in range(3)]
-        fixture.call("delete_handle", token, handles[0])
-        fixture.call("update_handle", token, handles[1], im._UNCHANGED, False)
+        fixture.call("delete_handle", token=token, address=handles[0])
+        fixture.call("update_handle", token=token, address=handles[1], enabled=False)
         self.assertTrue(site.map_text().startswith(self.marker_prefix()))
         fixture.stop()
         self.assertEqual(site.map_text(), self.marker_prefix() + ("%s me@example.org\n" % handles[2]).encode())
@@ -2500,7 +2515,7 @@ class MapFileTest(PostmapTestCase):
         inode = os.stat(site.map_path).st_ino
         with mock.patch.object(im, "_write_atomically", wraps=im._write_atomically) as rewrite:
             for handle in handles[:4]:
-                fixture.call("delete_handle", token, handle)
+                fixture.call("delete_handle", token=token, address=handle)
                 self.assertIsNone(site.query(handle))
             self.assertEqual(os.stat(site.map_path).st_ino, inode, "a deletion rewrote the whole text file")
             fixture.stop()
@@ -2513,7 +2528,7 @@ class MapFileTest(PostmapTestCase):
             fixture = self.start_service(site)
             token = self.new_account(fixture)
             keep, gone = self.new_handle(fixture, token), self.new_handle(fixture, token)
-            fixture.call("delete_handle", token, gone)
+            fixture.call("delete_handle", token=token, address=gone)
             converged = wait_until(lambda: site.our_lines() == {"%s me@example.org" % keep}, timeout=10)
         self.assertTrue(converged, site.our_lines())
 
@@ -2526,7 +2541,7 @@ class MapFileTest(PostmapTestCase):
             disk_full = OSError(errno.ENOSPC, "No space left on device")
             with mock.patch.object(im, "_write_atomically", side_effect=disk_full) as rewrite, \
                     self.assertLogs(im.log, logging.ERROR):
-                fixture.call("delete_handle", token, gone)
+                fixture.call("delete_handle", token=token, address=gone)
                 time.sleep(1.5)
             self.assertGreaterEqual(rewrite.call_count, 1)
             self.assertLessEqual(rewrite.call_count, 10)
@@ -2539,7 +2554,7 @@ class MapFileTest(PostmapTestCase):
         fixture = self.start_service(site)
         token = self.new_account(fixture)
         keep, gone = self.new_handle(fixture, token), self.new_handle(fixture, token)
-        fixture.call("delete_handle", token, gone)
+        fixture.call("delete_handle", token=token, address=gone)
         fixture.stop()                              # rewrites the text file
         self.assertLessEqual(os.stat(site.map_path).st_mtime, os.stat(site.indexed_path).st_mtime)
         for path in (site.map_path, site.indexed_path):  # older, in the same order, so that
@@ -2553,7 +2568,7 @@ class MapFileTest(PostmapTestCase):
         fixture = self.start_service(site)
         token = self.new_account(fixture)
         keep, gone = self.new_handle(fixture, token), self.new_handle(fixture, token)
-        fixture.call("delete_handle", token, gone)
+        fixture.call("delete_handle", token=token, address=gone)
         self.assertIsNone(site.query(gone))
         self.assertEqual(site.query(keep), "me@example.org")
         fixture.stop()
@@ -2565,8 +2580,8 @@ class MapFileTest(PostmapTestCase):
         mine, yours = self.new_account(fixture), self.new_account(fixture, "you@example.org")
         a, b, c = (self.new_handle(fixture, mine) for _ in range(3))
         d = self.new_handle(fixture, yours, domain="other.test")
-        fixture.call("delete_handle", mine, a)
-        fixture.call("update_handle", mine, b, im._UNCHANGED, False)
+        fixture.call("delete_handle", token=mine, address=a)
+        fixture.call("update_handle", token=mine, address=b, enabled=False)
         e = self.new_handle(fixture, mine)
         fixture.stop()
         self.assertEqual(site.our_lines(), {"%s me@example.org" % c, "%s you@example.org" % d, "%s me@example.org" % e})
@@ -2576,11 +2591,11 @@ class MapFileTest(PostmapTestCase):
         fixture = self.start_service(site)
         token = self.new_account(fixture)
         handle = self.new_handle(fixture, token)
-        result = fixture.call("update_handle", token, handle, im._UNCHANGED, False)
+        result = fixture.call("update_handle", token=token, address=handle, enabled=False)
         self.assertFalse(result["enabled"])
         self.assertIsNone(site.query(handle))
-        self.assertEqual([h["enabled"] for h in fixture.call("list_handles", token)], [False])
-        fixture.call("update_handle", token, handle, im._UNCHANGED, True)
+        self.assertEqual([h["enabled"] for h in fixture.call("list_handles", token=token)], [False])
+        fixture.call("update_handle", token=token, address=handle, enabled=True)
         self.assertEqual(site.query(handle), "me@example.org")
 
     def test_disable_then_enable_keeps_the_handles_line_in_the_text_file(self):
@@ -2588,8 +2603,8 @@ class MapFileTest(PostmapTestCase):
         fixture = self.start_service(site)
         token = self.new_account(fixture)
         handle = self.new_handle(fixture, token)
-        fixture.call("update_handle", token, handle, im._UNCHANGED, False)
-        fixture.call("update_handle", token, handle, im._UNCHANGED, True)
+        fixture.call("update_handle", token=token, address=handle, enabled=False)
+        fixture.call("update_handle", token=token, address=handle, enabled=True)
         fixture.stop()
         self.assertEqual(site.query(handle), "me@example.org")
         self.assertEqual(site.our_lines(), {"%s me@example.org" % handle},
@@ -2602,7 +2617,7 @@ class MapFileTest(PostmapTestCase):
         with mock.patch.object(im, "new_handle_name", side_effect=["prefixprefixpre1", "prefixprefixpre12",
                                                                   "prefixprefixpre"]):
             short, longer, shorter = (self.new_handle(fixture, token) for _ in range(3))
-        fixture.call("delete_handle", token, short)
+        fixture.call("delete_handle", token=token, address=short)
         self.assertIsNone(site.query(short))
         self.assertEqual(site.query(longer), "me@example.org")
         self.assertEqual(site.query(shorter), "me@example.org")
@@ -2615,12 +2630,12 @@ class MapFileTest(PostmapTestCase):
         mine, yours = self.new_account(fixture), self.new_account(fixture, "you@example.org")
         my_handles = [self.new_handle(fixture, mine) for _ in range(3)]
         your_handle = self.new_handle(fixture, yours)
-        self.assertEqual(fixture.call("delete_account", mine), 3)
+        self.assertEqual(fixture.call("delete_account", token=mine), 3)
         for handle in my_handles:
             self.assertIsNone(site.query(handle))
         self.assertEqual(site.query(your_handle), "you@example.org")
         with self.assertRaises(im.Unauthorized):
-            fixture.call("list_handles", mine)
+            fixture.call("list_handles", token=mine)
         fixture.stop()
         self.assertEqual(site.our_lines(), {"%s you@example.org" % your_handle})
 
@@ -2641,7 +2656,7 @@ class MapFileTest(PostmapTestCase):
         assert_kept("after the rebuild at start")
         token = self.new_account(fixture)
         handles = [self.new_handle(fixture, token) for _ in range(2)]
-        fixture.call("delete_handle", token, handles[0])
+        fixture.call("delete_handle", token=token, address=handles[0])
         assert_kept("after postmap -i and -d")
         fixture.stop()                                          # rewrites the text file
         assert_kept("after the text file was rewritten")
@@ -2655,7 +2670,7 @@ class MapFileTest(PostmapTestCase):
         fixture = self.start_service(site)
         token = self.new_account(fixture)
         keep, gone = self.new_handle(fixture, token), self.new_handle(fixture, token)
-        fixture.call("delete_handle", token, gone)
+        fixture.call("delete_handle", token=token, address=gone)
         old_text = site.map_text()
         old_inode = os.stat(site.map_path).st_ino
         with open(site.map_path, "rb") as reader:              # a reader of the old file ...
@@ -2670,7 +2685,7 @@ class MapFileTest(PostmapTestCase):
         fixture = self.start_service(site)
         token = self.new_account(fixture)
         keep, gone = self.new_handle(fixture, token), self.new_handle(fixture, token)
-        fixture.call("delete_handle", token, gone)
+        fixture.call("delete_handle", token=token, address=gone)
         old_text, old_inode = site.map_text(), os.stat(site.map_path).st_ino
         with mock.patch("os.replace", side_effect=OSError(28, "No space left on device")), \
                 self.assertLogs(im.log, logging.ERROR) as logged:
@@ -2686,7 +2701,7 @@ class MapFileTest(PostmapTestCase):
         fixture = self.start_service(site)
         token = self.new_account(fixture)
         keep, gone = self.new_handle(fixture, token), self.new_handle(fixture, token)
-        fixture.call("delete_handle", token, gone)
+        fixture.call("delete_handle", token=token, address=gone)
         with mock.patch("os.replace", side_effect=OSError(28, "No space left on device")), \
                 self.assertLogs(im.log, logging.ERROR):
             fixture.stop()
@@ -2720,9 +2735,9 @@ class HashVisibilityTest(PostmapTestCase):
         for _ in range(3):
             handles.append(self.new_handle(fixture, token))
             seconds.append(int(os.stat(site.indexed_path).st_mtime))
-        fixture.call("delete_handle", token, handles[0])
+        fixture.call("delete_handle", token=token, address=handles[0])
         seconds.append(int(os.stat(site.indexed_path).st_mtime))
-        fixture.call("update_handle", token, handles[1], im._UNCHANGED, False)
+        fixture.call("update_handle", token=token, address=handles[1], enabled=False)
         seconds.append(int(os.stat(site.indexed_path).st_mtime))
         self.assertEqual(seconds, sorted(set(seconds)), "two changes shared a second: Postfix would miss one")
 
@@ -2735,7 +2750,7 @@ class ReconcileTest(PostmapTestCase):
         fixture = self.start_service(site)
         token = self.new_account(fixture)
         handles = [self.new_handle(fixture, token) for _ in range(3)]
-        fixture.call("delete_handle", token, handles.pop())
+        fixture.call("delete_handle", token=token, address=handles.pop())
         fixture.stop()
         return site, token, handles
 
@@ -2812,7 +2827,7 @@ class RollbackTest(PostmapTestCase):
         return mock.patch.dict(os.environ, {"PATH": path_with(self.bin)})
 
     def handles_in_store(self):
-        return sorted(h["address"] for h in self.fixture.call("list_handles", self.token))
+        return sorted(h["address"] for h in self.fixture.call("list_handles", token=self.token))
 
     def assert_still_working(self):
         handle = self.new_handle(self.fixture, self.token)
@@ -2833,7 +2848,7 @@ class RollbackTest(PostmapTestCase):
     def test_failing_postmap_rolls_back_a_delete_and_the_handle_keeps_routing(self):
         with self.failing_postmap(), self.assertLogs(im.log, logging.ERROR):
             with self.assertRaises(im.PostfixError):
-                self.fixture.call("delete_handle", self.token, self.handle)
+                self.fixture.call("delete_handle", token=self.token, address=self.handle)
         self.assertEqual(self.handles_in_store(), [self.handle])
         self.assertEqual(self.site.query(self.handle), "me@example.org")
         self.assert_still_working()
@@ -2843,15 +2858,15 @@ class RollbackTest(PostmapTestCase):
     def test_failing_postmap_rolls_back_a_disable(self):
         with self.failing_postmap(), self.assertLogs(im.log, logging.ERROR):
             with self.assertRaises(im.PostfixError):
-                self.fixture.call("update_handle", self.token, self.handle, im._UNCHANGED, False)
-        self.assertEqual([h["enabled"] for h in self.fixture.call("list_handles", self.token)], [True])
+                self.fixture.call("update_handle", token=self.token, address=self.handle, enabled=False)
+        self.assertEqual([h["enabled"] for h in self.fixture.call("list_handles", token=self.token)], [True])
         self.assertEqual(self.site.query(self.handle), "me@example.org")
         self.assert_still_working()
 
     def test_failing_postmap_rolls_back_a_delete_account(self):
         with self.failing_postmap(), self.assertLogs(im.log, logging.ERROR):
             with self.assertRaises(im.PostfixError):
-                self.fixture.call("delete_account", self.token)
+                self.fixture.call("delete_account", token=self.token)
         self.assertEqual(self.handles_in_store(), [self.handle])
         self.assertEqual(self.site.query(self.handle), "me@example.org")
 
@@ -2974,7 +2989,7 @@ class NewHandleNamesTest(PostmapTestCase):
         with self.assertRaises(im.BadRequest) as caught:
             self.new_handle(fixture, token, domain="elsewhere.test")
         self.assertIn("incognito.test", str(caught.exception))
-        self.assertEqual(fixture.call("list_handles", token), [])
+        self.assertEqual(fixture.call("list_handles", token=token), [])
 
 
 class ServiceBatchingTest(PostmapTestCase):
@@ -2990,21 +3005,17 @@ class ServiceBatchingTest(PostmapTestCase):
         """Occupy the worker with a request that waits on an event; return (future, release)."""
         entered, release = threading.Event(), threading.Event()
 
-        def blocked_status(service, changes):
+        def blocked(work):
             entered.set()
             release.wait(30)
-            return {}
-        patcher = mock.patch.dict(im.OPERATIONS, status=im.OPERATIONS["status"]._replace(run=blocked_status))
-        patcher.start()
-        self.addCleanup(patcher.stop)
         self.addCleanup(release.set)
-        future = self.service.submit("status")
+        future = self.service.write(blocked, {})
         self.assertTrue(entered.wait(10))
         return future, release
 
     def test_requests_queued_together_are_one_batch_with_one_postmap_insert(self):
         held, release = self.hold_worker()
-        futures = [self.service.submit("new_handle", self.token, None, None) for _ in range(30)]
+        futures = [self.fixture.submit("new_handle", token=self.token) for _ in range(30)]
         batches = self.service.batches
         with mock.patch.object(self.fixture.table, "postmap", wraps=self.fixture.table.postmap) as postmap:
             release.set()
@@ -3023,7 +3034,7 @@ class ServiceBatchingTest(PostmapTestCase):
         def client():
             try:
                 barrier.wait(10)
-                results.append(self.service.call("new_handle", self.token, None, None).address)
+                results.append(self.fixture.result("new_handle", token=self.token).address)
             except Exception as e:                  # reported below
                 errors.append(e)
         before = self.service.batches
@@ -3042,46 +3053,42 @@ class ServiceBatchingTest(PostmapTestCase):
         bin_folder, _, _ = failing_postmap_folder(self, mode="always-fail")
         held, release = self.hold_worker()
         with mock.patch.dict(os.environ, {"PATH": path_with(bin_folder)}), self.assertLogs(im.log, logging.ERROR):
-            creating = self.service.submit("new_handle", self.token, None, None)
-            listing = self.service.submit("list_handles", self.token)
+            creating = self.fixture.submit("new_handle", token=self.token)
+            rotating = self.fixture.submit("rotate_token", token=self.token)
             release.set()
             with self.assertRaises(im.PostfixError):
                 creating.result(10)
-            self.assertEqual(listing.result(10), [])
+            self.assertEqual(len(rotating.result(10)), im.TOKEN_LENGTH)
         held.result(10)
 
     def test_one_bad_request_in_a_batch_fails_alone(self):
         other = self.new_account(self.fixture, "you@example.org")
         foreign_handle = self.new_handle(self.fixture, other)
         held, release = self.hold_worker()
-        good = [self.service.submit("new_handle", self.token, "shop", None) for _ in range(2)]
-        bad_token = self.service.submit("new_handle", "not-a-token", None, None)
-        bad_address = self.service.submit("new_account", "me@example.org, evil@example.net")
-        not_mine = self.service.submit("delete_handle", self.token, foreign_handle)
-        bad_domain = self.service.submit("new_handle", self.token, None, "elsewhere.test")
-        new_account = self.service.submit("new_account", "them@example.org")
-        good.append(self.service.submit("new_handle", self.token, None, "other.test"))
+        good = [self.fixture.submit("new_handle", token=self.token, label="shop") for _ in range(2)]
+        bad_token = self.fixture.submit("new_handle", token="not-a-token")
+        not_mine = self.fixture.submit("delete_handle", token=self.token, address=foreign_handle)
+        new_account = self.fixture.submit("new_account", address="them@example.org")
+        good.append(self.fixture.submit("new_handle", token=self.token, domain="other.test"))
         batches = self.service.batches
         release.set()
         handles = [f.result(30).address for f in good]
         self.assertIsInstance(bad_token.exception(30), im.Unauthorized)
-        self.assertIsInstance(bad_address.exception(30), im.BadRequest)
         self.assertIsInstance(not_mine.exception(30), im.NotFound)
-        self.assertIsInstance(bad_domain.exception(30), im.BadRequest)
         self.assertIsInstance(new_account.result(30), str)
         self.assertEqual(self.service.batches, batches + 1)
         for handle in handles:
             self.assertEqual(self.site.query(handle), "me@example.org")
         self.assertEqual(self.site.query(foreign_handle), "you@example.org")
-        self.assertEqual(len(self.fixture.call("list_handles", self.token)), 3)
+        self.assertEqual(len(self.fixture.call("list_handles", token=self.token)), 3)
 
     def test_each_change_is_a_postmap_insert_or_delete_never_a_full_rebuild(self):
         with mock.patch.object(self.fixture.table, "postmap", wraps=self.fixture.table.postmap) as postmap, \
                 mock.patch.object(self.fixture.table, "rebuild", side_effect=AssertionError("full rebuild")):
             handle = self.new_handle(self.fixture, self.token)
-            self.fixture.call("update_handle", self.token, handle, im._UNCHANGED, False)
-            self.fixture.call("update_handle", self.token, handle, im._UNCHANGED, True)
-            self.fixture.call("delete_handle", self.token, handle)
+            self.fixture.call("update_handle", token=self.token, address=handle, enabled=False)
+            self.fixture.call("update_handle", token=self.token, address=handle, enabled=True)
+            self.fixture.call("delete_handle", token=self.token, address=handle)
         kinds = [next(a for a in c.args if a in ("-i", "-d")) for c in postmap.call_args_list]
         self.assertEqual(kinds, ["-i", "-d", "-i", "-d"])
 
@@ -3100,22 +3107,22 @@ class PruneTest(PostmapTestCase):
         self.site = self.make_pruning_site()
         self.fixture = self.start_service(self.site, clock=lambda: self.now[0])
         call = self.fixture.call
-        self.used_account = call("new_account", "used@example.org")
-        self.old_unused_handle = call("new_handle", self.used_account, None, None)["address"]
-        self.old_used_handle = call("new_handle", self.used_account, None, None)["address"]
-        self.old_disabled_unused = call("new_handle", self.used_account, None, None)["address"]
-        call("update_handle", self.used_account, self.old_disabled_unused, im._UNCHANGED, False)
-        call("new_account", "never@example.org")
-        call("record_mail", [(self.old_used_handle, self.now[0] + self.DAY, False)])
+        self.used_account = call("new_account", address="used@example.org")
+        self.old_unused_handle = call("new_handle", token=self.used_account)["address"]
+        self.old_used_handle = call("new_handle", token=self.used_account)["address"]
+        self.old_disabled_unused = call("new_handle", token=self.used_account)["address"]
+        call("update_handle", token=self.used_account, address=self.old_disabled_unused, enabled=False)
+        call("new_account", address="never@example.org")
+        self.fixture.service.record_mail([(self.old_used_handle, self.now[0] + self.DAY, False)]).result(30)
         # an old account whose token was never used, but which has a handle made for it
-        self.kept_account = call("new_account", "kept@example.org")
-        self.kept_handle = call("new_handle", self.kept_account, None, None)["address"]
-        call("record_mail", [(self.kept_handle, self.now[0], False)])
+        self.kept_account = call("new_account", address="kept@example.org")
+        self.kept_handle = call("new_handle", token=self.kept_account)["address"]
+        self.fixture.service.record_mail([(self.kept_handle, self.now[0], False)]).result(30)
         self.fixture.store.db.execute("UPDATE accounts SET last_used = NULL WHERE address = 'kept@example.org'")
         # yesterday
         self.now[0] += 29 * self.DAY
-        call("new_account", "young@example.org")
-        self.young_unused_handle = call("new_handle", self.used_account, None, None)["address"]
+        call("new_account", address="young@example.org")
+        self.young_unused_handle = call("new_handle", token=self.used_account)["address"]
         self.now[0] += self.DAY
 
     def all_addresses(self):
@@ -3125,13 +3132,13 @@ class PruneTest(PostmapTestCase):
 
     def test_dry_run_lists_what_would_go_and_removes_nothing(self):
         before = self.all_addresses()
-        removed = self.fixture.call("prune", 7, 7, True)
+        removed = self.fixture.call("prune", handles_unused_days=7, accounts_unused_days=7, dry_run=True)
         self.assertEqual(sorted(removed), sorted([self.old_unused_handle, self.old_disabled_unused, "never@example.org"]))
         self.assertEqual(self.all_addresses(), before)
         self.assertEqual(self.site.query(self.old_unused_handle), "used@example.org")
 
     def test_prune_removes_exactly_the_never_used_old_handles_and_accounts(self):
-        removed = self.fixture.call("prune", 7, 7, False)
+        removed = self.fixture.call("prune", handles_unused_days=7, accounts_unused_days=7, dry_run=False)
         self.assertEqual(sorted(removed), sorted([self.old_unused_handle, self.old_disabled_unused, "never@example.org"]))
         accounts, handles = self.all_addresses()
         self.assertEqual(accounts, {"used@example.org", "kept@example.org", "young@example.org"})
@@ -3148,42 +3155,42 @@ class PruneTest(PostmapTestCase):
         site = self.make_pruning_site()
         now = [1700000000.0]
         fixture = self.start_service(site, clock=lambda: now[0])
-        token = fixture.call("new_account", "late@example.org")
+        token = fixture.call("new_account", address="late@example.org")
         fixture.store.db.execute("UPDATE meta SET value = ? WHERE name = 'counting_since'", (str(int(now[0])),))
         now[0] += 3 * self.DAY
         with self.assertRaises(im.BadRequest) as caught:
-            fixture.call("prune", 7, None, False)
+            fixture.call("prune", handles_unused_days=7, accounts_unused_days=None, dry_run=False)
         self.assertIn("counted mail only since", str(caught.exception))
-        self.assertEqual(len(fixture.call("list_handles", token)), 0)
+        self.assertEqual(len(fixture.call("list_handles", token=token)), 0)
         now[0] += 5 * self.DAY
-        self.assertEqual(fixture.call("prune", 7, None, False), [])
+        self.assertEqual(fixture.call("prune", handles_unused_days=7, accounts_unused_days=None, dry_run=False), [])
 
     def test_zero_days_means_every_never_used_handle_whatever_its_age(self):
-        removed = self.fixture.call("prune", 0, None, False)
+        removed = self.fixture.call("prune", handles_unused_days=0, accounts_unused_days=None, dry_run=False)
         self.assertEqual(sorted(removed), sorted([self.old_unused_handle, self.old_disabled_unused,
                                                   self.young_unused_handle]))
         self.assertEqual(self.all_addresses()[1], {self.old_used_handle, self.kept_handle})
 
     def test_handles_and_accounts_have_their_own_ages(self):
-        self.assertEqual(self.fixture.call("prune", None, 7, False), ["never@example.org"])
+        self.assertEqual(self.fixture.call("prune", handles_unused_days=None, accounts_unused_days=7, dry_run=False), ["never@example.org"])
         with self.assertRaises(im.BadRequest):              # counted for 30 days only, so far
-            self.fixture.call("prune", 60, None, False)
+            self.fixture.call("prune", handles_unused_days=60, accounts_unused_days=None, dry_run=False)
         self.now[0] += 40 * self.DAY                        # the old ones are 70 days old, the young 41
-        self.assertEqual(sorted(self.fixture.call("prune", 60, None, False)),
+        self.assertEqual(sorted(self.fixture.call("prune", handles_unused_days=60, accounts_unused_days=None, dry_run=False)),
                          sorted([self.old_unused_handle, self.old_disabled_unused]))
-        self.assertEqual(sorted(self.fixture.call("prune", 30, 30, False)),
+        self.assertEqual(sorted(self.fixture.call("prune", handles_unused_days=30, accounts_unused_days=30, dry_run=False)),
                          sorted([self.young_unused_handle, "young@example.org"]))
 
     def test_prune_without_the_policy_service_is_refused_naming_PolicyListen(self):
         site = self.make_pruning_site(policy=False)
         fixture = self.start_service(site)
-        token = fixture.call("new_account", "me@example.org")
-        handle = fixture.call("new_handle", token, None, None)["address"]
+        token = fixture.call("new_account", address="me@example.org")
+        handle = fixture.call("new_handle", token=token)["address"]
         with self.assertRaises(im.BadRequest) as caught:
-            fixture.call("prune", 0, 0, False)
+            fixture.call("prune", handles_unused_days=0, accounts_unused_days=0, dry_run=False)
         self.assertIn("PolicyListen", str(caught.exception))
         self.assertIn("policy service", str(caught.exception))
-        self.assertEqual([h["address"] for h in fixture.call("list_handles", token)], [handle])
+        self.assertEqual([h["address"] for h in fixture.call("list_handles", token=token)], [handle])
 
 
 class TokenBucketTest(unittest.TestCase):
@@ -3318,48 +3325,48 @@ class HandleExpiryTest(PostmapTestCase):
         self.token = self.new_account(self.fixture)
 
     def new_expiring(self, expires="90m", **kwargs):
-        return self.fixture.call("new_handle", self.token, None, None, expires, **kwargs)
+        return self.fixture.call("new_handle", token=self.token, expires=expires, **kwargs)
 
     def update(self, handle, **fields):
-        return im.json_value(self.fixture.service.call("update_handle", self.token, handle, **fields),
+        return im.json_value(self.fixture.result("update_handle", token=self.token, address=handle, **fields),
                              self.now[0])
 
     def listed(self, handle):
-        handles = im.json_value(self.fixture.service.call("list_handles", self.token), self.now[0])
-        return next(h for h in handles if h["address"] == handle)
+        handles = im.json_value(self.fixture.result("list_handles", token=self.token), self.now[0])
+        return next(h for h in handles["handles"] if h["address"] == handle)
 
     def test_an_expired_handle_leaves_the_map_at_the_first_sweep_after_its_expiry_not_before(self):
         made = self.new_expiring("90m")
         handle, expires = made["address"], from_iso(made["expires"])
         self.assertEqual(expires, T0 + 90 * 60)
         self.now[0] = expires - 1
-        self.assertEqual(self.fixture.call("sweep"), 0)
+        self.assertEqual(self.fixture.sweep(), 0)
         self.assertEqual(self.site.query(handle), "me@example.org")
         self.assertEqual(self.listed(handle)["state"], "enabled")
         self.now[0] = expires
         self.assertEqual(self.listed(handle)["state"], "expired")
-        self.assertEqual(self.fixture.call("sweep"), 1)
+        self.assertEqual(self.fixture.sweep(), 1)
         self.assertIsNone(self.site.query(handle))
-        self.assertEqual(self.fixture.call("sweep"), 0)
+        self.assertEqual(self.fixture.sweep(), 0)
         self.fixture.stop()
         self.assertEqual(self.site.our_lines(), set())
 
     def test_never_or_a_later_time_brings_an_expired_handle_back_at_once(self):
         handle = self.new_expiring("1h")["address"]
         self.now[0] += 2 * 3600
-        self.fixture.call("sweep")
+        self.fixture.sweep()
         self.assertIsNone(self.site.query(handle))
         self.assertEqual(self.update(handle, expires="never")["state"], "enabled")
         self.assertEqual(self.site.query(handle), "me@example.org")
         self.assertEqual(self.update(handle, expires="1h")["expires"], im.iso_time(self.now[0] + 3600))
         self.now[0] += 2 * 3600
-        self.fixture.call("sweep")
+        self.fixture.sweep()
         self.assertIsNone(self.site.query(handle))
         later = im.iso_time(self.now[0] + 5 * DAY)
         self.assertEqual(self.update(handle, expires=later)["expires"], later)
         self.assertEqual(self.site.query(handle), "me@example.org")
         self.now[0] += 6 * DAY
-        self.fixture.call("sweep")
+        self.fixture.sweep()
         self.assertIsNone(self.site.query(handle))
         self.assertIsNone(self.update(handle, expires=None)["expires"])         # JSON null: never
         self.assertEqual(self.site.query(handle), "me@example.org")
@@ -3370,7 +3377,7 @@ class HandleExpiryTest(PostmapTestCase):
         handle = self.new_expiring("1h")["address"]
         self.update(handle, enabled=False)
         self.now[0] += 2 * 3600
-        self.fixture.call("sweep")
+        self.fixture.sweep()
         self.assertEqual((self.listed(handle)["state"], self.listed(handle)["enabled"]), ("expired", False))
         self.assertEqual(self.update(handle, enabled=True)["state"], "expired")   # still ended
         self.assertIsNone(self.site.query(handle))
@@ -3383,8 +3390,8 @@ class HandleExpiryTest(PostmapTestCase):
     def test_a_handle_deleted_after_it_expired_but_before_the_sweep_leaves_the_map(self):
         handle = self.new_expiring("1h")["address"]
         self.now[0] += 3600 + 5                             # expired; the next sweep is still to come
-        self.fixture.call("delete_handle", self.token, handle)
-        self.fixture.call("sweep")
+        self.fixture.call("delete_handle", token=self.token, address=handle)
+        self.fixture.sweep()
         self.assertIsNone(self.site.query(handle), "a deleted handle is still routable")
         self.fixture.stop()
         self.assertEqual(self.site.our_lines(), set())
@@ -3393,7 +3400,7 @@ class HandleExpiryTest(PostmapTestCase):
         handle = self.new_expiring("1h")["address"]
         self.now[0] += 3600 + 5
         self.update(handle, enabled=False)
-        self.fixture.call("sweep")
+        self.fixture.sweep()
         self.assertIsNone(self.site.query(handle), "an expired, disabled handle is still routable")
 
     def test_moving_the_expiry_of_a_handle_not_swept_yet_keeps_one_line_for_it_in_the_map_file(self):
@@ -3417,13 +3424,13 @@ class HandleExpiryTest(PostmapTestCase):
 
     def test_the_sweep_takes_a_thousand_handles_expiring_in_the_same_minute_out_with_one_postmap_call(self):
         service, table = self.fixture.service, self.fixture.table
-        futures = [service.submit("new_handle", self.token, None, None, im.iso_time(T0 + 3600 + n % 60))
+        futures = [self.fixture.submit("new_handle", token=self.token, expires=im.iso_time(T0 + 3600 + n % 60))
                    for n in range(1000)]
         expiring = [f.result(60).address for f in futures]
-        forever = [self.fixture.call("new_handle", self.token, None, None, "never")["address"] for _ in range(3)]
+        forever = [self.fixture.call("new_handle", token=self.token, expires="never")["address"] for _ in range(3)]
         self.now[0] = T0 + 3600 + 60
         with mock.patch.object(table, "postmap", wraps=table.postmap) as postmap:
-            self.assertEqual(self.fixture.call("sweep"), 1000)
+            self.assertEqual(self.fixture.sweep(), 1000)
         calls = [c for c in postmap.call_args_list if c.args[0] != "-q"]
         self.assertEqual([c.args[0] for c in calls], ["-d"], calls)
         self.assertEqual(sorted(calls[0].kwargs["stdin"].decode().split()), sorted(expiring))
@@ -3433,21 +3440,20 @@ class HandleExpiryTest(PostmapTestCase):
             self.assertEqual(self.site.query(handle), "me@example.org")
 
     def test_the_worker_sweeps_once_a_period_however_many_batches_run(self):
-        sweep = im.OPERATIONS["sweep"]
+        sweep = im._sweep
         swept = []
 
-        def counted(service, changes, **fields):
+        def counted(work, **fields):
             swept.append(time.monotonic())
-            return sweep.run(service, changes, **fields)
+            return sweep(work, **fields)
         site = self.make_site()
-        with mock.patch.object(im, "SWEEP_SECONDS", 0.3), \
-                mock.patch.dict(im.OPERATIONS, sweep=sweep._replace(run=counted)):
+        with mock.patch.object(im, "SWEEP_SECONDS", 0.3), mock.patch.object(im, "_sweep", counted):
             fixture = self.start_service(site, clock=lambda: self.now[0])
             token = self.new_account(fixture)
             batches = fixture.service.batches
             deadline = time.monotonic() + 10
             while len(swept) < 4 and time.monotonic() < deadline:     # the worker is kept busy
-                fixture.call("new_handle", token, None, None)
+                fixture.call("new_handle", token=token)
             fixture.stop()
         self.assertGreaterEqual(len(swept), 4, "the worker did not sweep every 0.3 s")
         self.assertGreater(fixture.service.batches - batches, 3 * len(swept))
@@ -3466,16 +3472,17 @@ class HandleLifetimeDefaultTest(PostmapTestCase):
 
     def json_new_handle(self, **fields):
         """As the daemon does for a JSON request from the add-on or the HTTP API."""
-        request = im.parse_json_request(json.dumps(dict(fields, op="new_handle", token=self.token)),
-                                        im.WEBSOCKET)
-        return im.json_value(self.fixture.service.call(request.op, **request.fields), self.now[0])
+        request = im.parse_json_request(json.dumps(dict(fields, op="new_handle", token=self.token)))
+        gate = self.fixture.gate
+        result = gate.submit(*gate.check(im.WEBSOCKET, request.op, request.fields)).result(30)
+        return im.json_value(result, self.now[0])
 
     def test_handles_made_with_no_expiry_get_the_configured_lifetime(self):
         self.start("30d")
-        legacy = self.fixture.service.call("new_handle", self.token)        # the add-on's "new handle"
+        legacy = self.fixture.result("new_handle", token=self.token)        # the add-on's "new handle"
         self.assertEqual(legacy.expires, T0 + 30 * DAY)
         self.assertEqual(self.json_new_handle(label="shop")["expires"], im.iso_time(T0 + 30 * DAY))
-        self.assertEqual(self.fixture.call("new_handle", self.token, None, None)["expires"],
+        self.assertEqual(self.fixture.call("new_handle", token=self.token)["expires"],
                          im.iso_time(T0 + 30 * DAY))
 
     def test_an_explicit_null_never_or_time_overrides_the_default(self):
@@ -3484,13 +3491,12 @@ class HandleLifetimeDefaultTest(PostmapTestCase):
         self.assertIsNone(self.json_new_handle(expires="never")["expires"])
         self.assertEqual(self.json_new_handle(expires="2h")["expires"], im.iso_time(T0 + 7200))
         handle = self.json_new_handle()["address"]
-        self.assertIsNone(self.fixture.call("update_handle", self.token, handle, im._UNCHANGED, im._UNCHANGED,
-                                            None, "never")["expires"])
+        self.assertIsNone(self.fixture.call("update_handle", token=self.token, address=handle, handle_id=None, expires="never")["expires"])
 
     def test_without_a_lifetime_new_handles_never_expire(self):
         self.start("")
         self.assertIsNone(self.json_new_handle()["expires"])
-        self.assertIsNone(self.fixture.service.call("new_handle", self.token).expires)
+        self.assertIsNone(self.fixture.result("new_handle", token=self.token).expires)
 
     def test_a_bad_lifetime_is_a_configuration_error_naming_the_key(self):
         folder = make_folder(self)
@@ -3512,8 +3518,12 @@ class LifetimeInputTest(PostmapTestCase):
         self.fixture = self.start_service(self.site, clock=lambda: self.now[0])
         self.token = self.new_account(self.fixture)
 
-    def new_handle(self, expires=im._UNCHANGED, max_messages=None):
-        return self.fixture.call("new_handle", self.token, None, None, expires, max_messages)
+    def new_handle(self, expires=None, max_messages=None):
+        """A handle ending at ``expires`` (None: as the configuration says)."""
+        fields = {"max_messages": max_messages}
+        if expires is not None:
+            fields["expires"] = expires
+        return self.fixture.call("new_handle", token=self.token, **fields)
 
     def test_durations_and_iso_8601_times_are_understood_utc_unless_they_say_otherwise(self):
         for when, expected in (("90m", T0 + 5400), ("12h", T0 + 12 * 3600), ("30d", T0 + 30 * DAY),
@@ -3538,16 +3548,15 @@ class LifetimeInputTest(PostmapTestCase):
                 self.assertIn(words, message)
                 if when and "future" not in words:
                     self.assertIn(repr(when), message)                  # it says what it did not understand
-        self.assertEqual(self.fixture.call("list_handles", self.token), [])
+        self.assertEqual(self.fixture.call("list_handles", token=self.token), [])
 
     def test_a_bad_expiry_in_an_update_changes_nothing(self):
         made = self.new_handle("1h")
         for when in ("2023-11-01", "0d", "5x", "40000d"):
             with self.subTest(when=when):
                 with self.assertRaises(im.BadRequest):
-                    self.fixture.call("update_handle", self.token, made["address"], im._UNCHANGED,
-                                      im._UNCHANGED, None, when)
-        [listed] = self.fixture.call("list_handles", self.token)
+                    self.fixture.call("update_handle", token=self.token, address=made["address"], handle_id=None, expires=when)
+        [listed] = self.fixture.call("list_handles", token=self.token)
         self.assertEqual(listed["expires"], made["expires"])
 
     def test_max_messages_must_be_a_whole_number_from_1(self):
@@ -3559,10 +3568,10 @@ class LifetimeInputTest(PostmapTestCase):
         for bad in ("3", True, 2.5):
             with self.subTest(max_messages=bad):
                 with self.assertRaises(im.BadRequest) as caught:
-                    im.parse_json_request(json.dumps({"op": "new_handle", "token": self.token,
-                                                      "max_messages": bad}), im.WEBSOCKET)
+                    self.fixture.gate.check(im.WEBSOCKET, "new_handle",
+                                            {"token": self.token, "max_messages": bad})
                 self.assertIn("max_messages", str(caught.exception))
-        self.assertEqual(self.fixture.call("list_handles", self.token), [])
+        self.assertEqual(self.fixture.call("list_handles", token=self.token), [])
         self.assertEqual(self.new_handle(max_messages=1)["max_messages"], 1)
 
     def test_max_messages_without_the_policy_service_is_refused_naming_PolicyListen(self):
@@ -3570,18 +3579,18 @@ class LifetimeInputTest(PostmapTestCase):
         fixture = self.start_service(site)
         token = self.new_account(fixture)
         with self.assertRaises(im.BadRequest) as caught:
-            fixture.call("new_handle", token, None, None, im._UNCHANGED, 2)
+            fixture.call("new_handle", token=token, max_messages=2)
         self.assertIn("[General] PolicyListen", str(caught.exception))
         self.assertIn("policy service", str(caught.exception))
-        self.assertEqual(fixture.call("list_handles", token), [])
+        self.assertEqual(fixture.call("list_handles", token=token), [])
         handle = self.new_handle_in(fixture, token)
         with self.assertRaises(im.BadRequest) as caught:
-            fixture.call("update_handle", token, handle, im._UNCHANGED, im._UNCHANGED, None, im._UNCHANGED, 2)
+            fixture.call("update_handle", token=token, address=handle, handle_id=None, max_messages=2)
         self.assertIn("PolicyListen", str(caught.exception))
-        self.assertIsNone(fixture.call("list_handles", token)[0]["max_messages"])
+        self.assertIsNone(fixture.call("list_handles", token=token)[0]["max_messages"])
 
     def new_handle_in(self, fixture, token):
-        return fixture.call("new_handle", token, None, None)["address"]
+        return fixture.call("new_handle", token=token)["address"]
 
     def test_the_command_line_refuses_max_messages_0_and_names_the_range(self):
         for bad in ("0", "-2"):
@@ -3601,26 +3610,25 @@ class BurnerAndBlockedCountsTest(PostmapTestCase):
         self.site = self.make_site(sections={"General": {"PolicyListen": "inet:127.0.0.1:%d" % free_port()}})
         self.fixture = self.start_service(self.site, clock=lambda: self.now[0])
         self.token = self.new_account(self.fixture)
-        self.daemon = im.Daemon(self.site.config, clock=lambda: self.now[0])
-        self.daemon.service = self.fixture.service
+        self.front = im.PostfixFront(self.site.config, self.fixture.service, clock=lambda: self.now[0])
 
     def new_handle(self, expires=None, max_messages=None):
-        return self.fixture.call("new_handle", self.token, None, None, expires, max_messages)["address"]
+        return self.fixture.call("new_handle", token=self.token, expires=expires, max_messages=max_messages)["address"]
 
     def ask(self, *requests):
         """The policy service's answers to (recipient, message instance) pairs at RCPT, then
         the counts written, as the daemon does every second."""
         async def run():
-            answers = [await self.daemon._policy_action({"protocol_state": "RCPT", "recipient": recipient,
+            answers = [await self.front.policy_action({"protocol_state": "RCPT", "recipient": recipient,
                                                          "instance": instance})
                        for recipient, instance in requests]
-            await self.daemon._flush_received()
+            await self.front._flush_received()
             return answers
         return asyncio.run(run())
 
     def listed(self, handle):
-        handles = im.json_value(self.fixture.service.call("list_handles", self.token), self.now[0])
-        return next(h for h in handles if h["address"] == handle)
+        handles = im.json_value(self.fixture.result("list_handles", token=self.token), self.now[0])
+        return next(h for h in handles["handles"] if h["address"] == handle)
 
     def test_a_burner_takes_its_first_n_messages_then_refuses_with_the_used_up_text(self):
         burner = self.new_handle(max_messages=2)
@@ -3633,15 +3641,15 @@ class BurnerAndBlockedCountsTest(PostmapTestCase):
         # its last message may still be on its way through Postfix: it leaves the map at the sweep
         self.assertEqual(self.site.query(burner), "me@example.org")
         self.now[0] += 60
-        self.fixture.call("sweep")
+        self.fixture.sweep()
         self.assertIsNone(self.site.query(burner))
 
     def test_refused_messages_count_as_blocked_once_per_message_and_not_as_received(self):
         disabled, expired, burner = self.new_handle(), self.new_handle("1h"), self.new_handle(max_messages=1)
-        self.fixture.call("update_handle", self.token, disabled, im._UNCHANGED, False)
+        self.fixture.call("update_handle", token=self.token, address=disabled, enabled=False)
         self.ask((burner, "first"))
         self.now[0] += 2 * 3600
-        self.fixture.call("sweep")
+        self.fixture.sweep()
         answers = self.ask(*[(handle, message) for handle in (disabled, expired, burner)
                              for message in ("a", "a", "b")])         # Postfix may ask twice about one message
         self.assertEqual(answers[:3], ["550 5.1.1 <%s>: this address is disabled" % disabled] * 3)
@@ -3659,16 +3667,15 @@ class BurnerAndBlockedCountsTest(PostmapTestCase):
         burner = self.new_handle(max_messages=1)
         self.ask((burner, "m1"))
         self.now[0] += 60
-        self.fixture.call("sweep")
+        self.fixture.sweep()
         self.assertIsNone(self.site.query(burner))
-        self.fixture.call("update_handle", self.token, burner, im._UNCHANGED, im._UNCHANGED, None, im._UNCHANGED, 3)
+        self.fixture.call("update_handle", token=self.token, address=burner, handle_id=None, max_messages=3)
         self.assertEqual(self.site.query(burner), "me@example.org")
         self.assertEqual(self.ask((burner, "m2"), (burner, "m3"), (burner, "m4"))[2][:3], "550")
         self.now[0] += 60
-        self.fixture.call("sweep")
+        self.fixture.sweep()
         self.assertIsNone(self.site.query(burner))
-        self.fixture.call("update_handle", self.token, burner, im._UNCHANGED, im._UNCHANGED, None, im._UNCHANGED,
-                          None)
+        self.fixture.call("update_handle", token=self.token, address=burner, handle_id=None, max_messages=None)
         self.assertEqual(self.site.query(burner), "me@example.org")
         self.assertEqual(self.listed(burner)["state"], "enabled")
         self.assertEqual(self.ask((burner, "m5")), ["DUNNO"])
@@ -3678,12 +3685,12 @@ class BurnerAndBlockedCountsTest(PostmapTestCase):
         self.ask((burner, "m1"))
         self.now[0] += 3600 - 10
         async def accepted_then_written_late():
-            self.assertEqual(await self.daemon._policy_action({"protocol_state": "RCPT", "recipient": burner,
+            self.assertEqual(await self.front.policy_action({"protocol_state": "RCPT", "recipient": burner,
                                                                "instance": "m2"}), "DUNNO")
             self.now[0] += 20                                       # the count is written after the expiry
-            await self.daemon._flush_received()
+            await self.front._flush_received()
         asyncio.run(accepted_then_written_late())
-        self.fixture.call("sweep")
+        self.fixture.sweep()
         self.assertIsNone(self.site.query(burner), "an expired, used-up burner is still in the map")
 
     def test_the_socketmap_answers_notfound_for_expired_handles_at_once_and_used_up_ones_after_the_sweep(self):
@@ -3691,7 +3698,7 @@ class BurnerAndBlockedCountsTest(PostmapTestCase):
         expires = self.listed(expiring)["expires"]
 
         def answer(handle):
-            return asyncio.run(self.daemon._socketmap_answer(("virtual %s" % handle).encode()))
+            return asyncio.run(self.front.socketmap_answer(("virtual %s" % handle).encode()))
         found, notfound = im.netstring(b"OK me@example.org"), im.netstring(b"NOTFOUND ")
         self.assertEqual((answer(expiring), answer(burner)), (found, found))
         self.now[0] = from_iso(expires) - 1
@@ -3699,11 +3706,11 @@ class BurnerAndBlockedCountsTest(PostmapTestCase):
         self.now[0] = from_iso(expires)
         self.assertEqual(answer(expiring), notfound)                # before any sweep
         async def one_message():
-            await self.daemon._policy_action({"protocol_state": "RCPT", "recipient": burner, "instance": "x"})
+            await self.front.policy_action({"protocol_state": "RCPT", "recipient": burner, "instance": "x"})
         asyncio.run(one_message())      # written before it was let through
         self.assertEqual(answer(burner), found)     # its last message is still on its way
         self.now[0] += 60
-        self.fixture.call("sweep")
+        self.fixture.sweep()
         self.assertEqual(answer(burner), notfound)
 
 
@@ -3713,14 +3720,14 @@ class BurnerAndBlockedCountsTest(PostmapTestCase):
         async def overlapping():     # each arrives while earlier ones are being answered
             tasks = []
             for n in range(8):
-                tasks.append(asyncio.ensure_future(self.daemon._policy_action(
+                tasks.append(asyncio.ensure_future(self.front.policy_action(
                     {"protocol_state": "RCPT", "recipient": burner, "instance": "m%d" % n})))
                 await asyncio.sleep(0.002 * (n % 3))
             return await asyncio.gather(*tasks)
         answers = asyncio.run(overlapping())
         self.assertEqual(answers.count("DUNNO"), 2, answers)
         self.assertEqual(self.listed(burner)["received"], 2)
-        self.assertEqual(self.daemon._burners, {})
+        self.assertEqual(self.front._burners, {})
 
     def test_postfix_asking_twice_about_one_message_gets_the_same_answer(self):
         burner = self.new_handle(max_messages=1)
@@ -3741,7 +3748,7 @@ class BurnerAndBlockedCountsTest(PostmapTestCase):
 
     def test_a_burner_whose_count_cannot_be_written_asks_the_sender_to_try_later(self):
         burner = self.new_handle(max_messages=3)
-        with mock.patch.object(self.fixture.service, "run",
+        with mock.patch.object(self.fixture.service, "record_mail",
                                side_effect=im.StoreError("the database is not available")), \
                 self.assertLogs(im.log, logging.ERROR):
             self.assertEqual(self.ask((burner, "m1"))[0][:3], "451")
@@ -3750,13 +3757,12 @@ class BurnerAndBlockedCountsTest(PostmapTestCase):
     def test_a_limit_raised_after_use_keeps_the_handle_in_the_map_across_a_restart(self):
         burner = self.new_handle(max_messages=1)
         self.ask((burner, "m1"))
-        self.fixture.call("update_handle", self.token, burner, im._UNCHANGED, im._UNCHANGED, None,
-                          im._UNCHANGED, 5)
+        self.fixture.call("update_handle", token=self.token, address=burner, handle_id=None, max_messages=5)
         self.fixture.stop()
         again = self.start_service(self.site, clock=lambda: self.now[0])
         self.assertEqual(self.site.query(burner), "me@example.org")
-        self.assertEqual(im.json_value(again.service.call("list_handles", self.token),
-                                       self.now[0])[0]["state"], "enabled")
+        self.assertEqual(im.json_value(again.result("list_handles", token=self.token),
+                                       self.now[0])["handles"][0]["state"], "enabled")
 
     def test_a_map_rebuilt_after_a_failed_undo_holds_what_the_last_sweep_left(self):
         expiring = self.new_handle("1h")
@@ -3764,8 +3770,7 @@ class BurnerAndBlockedCountsTest(PostmapTestCase):
         service = self.fixture.service
         service.table.needs_rebuild = True
         service._rebuild_map()
-        self.fixture.call("update_handle", self.token, expiring, im._UNCHANGED, im._UNCHANGED, None,
-                          "30d")
+        self.fixture.call("update_handle", token=self.token, address=expiring, handle_id=None, expires="30d")
         self.assertEqual(self.site.query(expiring), "me@example.org")
 
 
@@ -3777,69 +3782,68 @@ class PruneExpiredHandlesTest(PostmapTestCase):
         self.site = self.make_site(sections={"General": {"PolicyListen": "inet:127.0.0.1:%d" % free_port()}})
         self.fixture = self.start_service(self.site, clock=lambda: self.now[0])
         call = self.fixture.call
-        token = self.token = call("new_account", "me@example.org")
-        self.long_expired = call("new_handle", token, None, None, "1d")["address"]
-        self.long_expired_disabled = call("new_handle", token, None, None, "2d")["address"]
-        call("update_handle", token, self.long_expired_disabled, im._UNCHANGED, False)
-        self.recently_expired = call("new_handle", token, None, None, "20d")["address"]
-        self.not_yet = call("new_handle", token, None, None, "60d")["address"]
-        self.never = call("new_handle", token, None, None, "never")["address"]
-        self.used_up = call("new_handle", token, None, None, "never", 1)["address"]
-        call("record_mail", [(self.used_up, T0, False)])
+        token = self.token = call("new_account", address="me@example.org")
+        self.long_expired = call("new_handle", token=token, expires="1d")["address"]
+        self.long_expired_disabled = call("new_handle", token=token, expires="2d")["address"]
+        call("update_handle", token=token, address=self.long_expired_disabled, enabled=False)
+        self.recently_expired = call("new_handle", token=token, expires="20d")["address"]
+        self.not_yet = call("new_handle", token=token, expires="60d")["address"]
+        self.never = call("new_handle", token=token, expires="never")["address"]
+        self.used_up = call("new_handle", token=token, expires="never", max_messages=1)["address"]
+        self.fixture.service.record_mail([(self.used_up, T0, False)]).result(30)
         self.now[0] = T0 + 30 * DAY              # expired 29, 28 and 10 days ago; one in 30 days
-        self.fixture.call("sweep")
+        self.fixture.sweep()
 
     def addresses(self):
         return set("%s@%s" % row for row in self.fixture.store.db.execute("SELECT local, domain FROM handles"))
 
     def test_dry_run_lists_the_long_expired_handles_and_removes_nothing(self):
         before = self.addresses()
-        removed = self.fixture.call("prune", None, None, True, 14)
+        removed = self.fixture.call("prune", handles_unused_days=None, accounts_unused_days=None, dry_run=True, handles_expired_days=14)
         self.assertEqual(sorted(removed), sorted([self.long_expired, self.long_expired_disabled]))
         self.assertEqual(self.addresses(), before)
 
     def test_prune_removes_exactly_the_handles_that_expired_more_than_n_days_ago(self):
-        removed = self.fixture.call("prune", None, None, False, 14)
+        removed = self.fixture.call("prune", handles_unused_days=None, accounts_unused_days=None, dry_run=False, handles_expired_days=14)
         self.assertEqual(sorted(removed), sorted([self.long_expired, self.long_expired_disabled]))
         self.assertEqual(self.addresses(), {self.recently_expired, self.not_yet, self.never, self.used_up})
         for handle in (self.not_yet, self.never):
             self.assertEqual(self.site.query(handle), "me@example.org")
-        self.assertEqual(self.fixture.call("prune", None, None, False, 14), [])
-        self.assertEqual(sorted(self.fixture.call("prune", None, None, False, 9)), [self.recently_expired])
+        self.assertEqual(self.fixture.call("prune", handles_unused_days=None, accounts_unused_days=None, dry_run=False, handles_expired_days=14), [])
+        self.assertEqual(sorted(self.fixture.call("prune", handles_unused_days=None, accounts_unused_days=None, dry_run=False, handles_expired_days=9)), [self.recently_expired])
 
     def test_zero_days_removes_every_expired_handle_and_nothing_else(self):
-        removed = self.fixture.call("prune", None, None, False, 0)
+        removed = self.fixture.call("prune", handles_unused_days=None, accounts_unused_days=None, dry_run=False, handles_expired_days=0)
         self.assertEqual(sorted(removed), sorted([self.long_expired, self.long_expired_disabled,
                                                   self.recently_expired]))
         self.assertEqual(self.addresses(), {self.not_yet, self.never, self.used_up})
 
     def test_zero_days_right_after_an_expiry_takes_the_handle_out_of_the_map_too(self):
-        handle = self.fixture.call("new_handle", self.token, None, None, "1h")["address"]
+        handle = self.fixture.call("new_handle", token=self.token, expires="1h")["address"]
         self.now[0] += 3600 + 1                                     # expired; not swept yet
-        self.assertIn(handle, self.fixture.call("prune", None, None, False, 0))
+        self.assertIn(handle, self.fixture.call("prune", handles_unused_days=None, accounts_unused_days=None, dry_run=False, handles_expired_days=0))
         self.assertIsNone(self.site.query(handle), "a pruned handle is still routable")
 
     def test_negative_days_are_refused(self):
         with self.assertRaises(im.BadRequest):
-            self.fixture.call("prune", None, None, False, -1)
+            self.fixture.call("prune", handles_unused_days=None, accounts_unused_days=None, dry_run=False, handles_expired_days=-1)
 
     def test_pruning_expired_handles_needs_no_policy_service(self):
         site = self.make_site()
         fixture = self.start_service(site, clock=lambda: self.now[0])
         token = self.new_account(fixture)
-        handle = fixture.call("new_handle", token, None, None, "1d")["address"]
+        handle = fixture.call("new_handle", token=token, expires="1d")["address"]
         self.now[0] += 10 * DAY
-        self.assertEqual(fixture.call("prune", None, None, False, 7), [handle])
+        self.assertEqual(fixture.call("prune", handles_unused_days=None, accounts_unused_days=None, dry_run=False, handles_expired_days=7), [handle])
 
     def test_the_automatic_daily_prune_removes_long_expired_handles_too(self):
         site = self.make_site(sections={"Prune": {"Automatic": "yes", "HandlesExpiredDays": "14"}})
         fixture = self.start_service(site, clock=lambda: self.now[0])
         token = self.new_account(fixture)
-        old = fixture.call("new_handle", token, None, None, "1d")["address"]
-        young = fixture.call("new_handle", token, None, None, "20d")["address"]
+        old = fixture.call("new_handle", token=token, expires="1d")["address"]
+        young = fixture.call("new_handle", token=token, expires="20d")["address"]
         self.now[0] += 30 * DAY
         daemon = im.Daemon(site.config, clock=lambda: self.now[0])
-        daemon.service = fixture.service
         slept = []
 
         class OneDayIsEnough(Exception):
@@ -3850,10 +3854,10 @@ class PruneExpiredHandlesTest(PostmapTestCase):
             if len(slept) > 1:
                 raise OneDayIsEnough()
         with mock.patch.object(asyncio, "sleep", sleep), self.assertRaises(OneDayIsEnough):
-            asyncio.run(daemon._prune_daily())
+            asyncio.run(daemon._prune_daily(fixture.gate))
         self.assertEqual(slept, [60, 86400])
-        self.assertEqual([h["address"] for h in fixture.call("list_handles", token)], [young])
-        self.assertNotIn(old, str(fixture.call("list_handles", token)))
+        self.assertEqual([h["address"] for h in fixture.call("list_handles", token=token)], [young])
+        self.assertNotIn(old, str(fixture.call("list_handles", token=token)))
 
 
 class HandleLifetimeFrontEndsTest(PostmapTestCase):
@@ -4088,39 +4092,74 @@ class HandleLifetimeFrontEndsTest(PostmapTestCase):
 ###############################################################################
 
 class JsonRequestFormatTest(unittest.TestCase):
-    """The JSON request format shared by the WebSocket and the control socket."""
+    """The JSON request format shared by the WebSocket and the control socket, and the gate's
+    check of a request's operation and fields."""
 
-    def parse(self, text, caller=im.WEBSOCKET):
-        return im.parse_json_request(text, caller)
+    @classmethod
+    def setUpClass(cls):
+        folder = make_folder()
+        cls.addClassCleanup(shutil.rmtree, folder, True)
+        path = os.path.join(folder, "incognitomail.ini")
+        write_ini(path, minimal_ini_sections(folder))
+        cls.gate = im.Gate(im.load_config(path), service=None)
+
+    def check(self, text, caller=im.WEBSOCKET):
+        """(operation name, checked fields) of a JSON request text."""
+        request = im.parse_json_request(text)
+        operation, fields = self.gate.check(caller, request.op, request.fields)
+        return operation.name, fields
+
+    def test_a_request_is_an_object_with_an_id_and_an_op(self):
+        request = im.parse_json_request('{"id": [1, "x"], "op": "new_handle", "token": "t", "label": "shop"}')
+        self.assertEqual((request.id, request.op), ([1, "x"], "new_handle"))
+        for text in ('[1, 2]', '"op"', '{"op": ', '{"n": NaN}'):
+            with self.assertRaises(im.BadRequest, msg=text):
+                im.parse_json_request(text)
 
     def test_fields_become_the_operations_arguments(self):
-        request = self.parse('{"id": [1, "x"], "op": "new_handle", "token": "t", "label": "shop"}')
-        self.assertEqual(request, im.JsonRequest([1, "x"], "new_handle", {"token": "t", "label": "shop"}))
+        self.assertEqual(self.check('{"id": 3, "op": "new_handle", "token": "t", "label": " shop "}'),
+                         ("new_handle", {"token": "t", "label": "shop"}))
 
     def test_update_handle_leaves_absent_fields_unchanged(self):
-        request = self.parse('{"id": 1, "op": "update_handle", "token": "t", "address": "a", "enabled": false}')
-        self.assertEqual(request.fields, {"token": "t", "address": "a", "enabled": False})
+        name, fields = self.check('{"id": 1, "op": "update_handle", "token": "t", "address": "a", '
+                                  '"enabled": false}')
+        self.assertEqual(fields, {"token": "t", "address": ("a", "incognito.test"), "enabled": False})
 
     def test_control_only_operations_are_unknown_over_the_websocket(self):
         with self.assertRaises(im.BadRequest) as caught:
-            self.parse('{"id": 5, "op": "new_account", "address": "a@b.c"}')
-        self.assertEqual(caught.exception.request_id, 5)
-        self.assertEqual(self.parse('{"op": "new_account", "address": "a@b.c"}', im.COMMAND_LINE).fields,
-                         {"address": "a@b.c"})
+            self.check('{"id": 5, "op": "new_account", "address": "a@b.c"}')
+        self.assertIn("unknown op 'new_account'", str(caught.exception))
+        self.assertEqual(self.check('{"op": "new_account", "address": "a@b.c"}', im.COMMAND_LINE),
+                         ("new_account", {"address": "a@b.c"}))
 
-    def test_wrong_types_are_bad_requests(self):
-        for text in ('{"op": "new_handle", "token": 7}', '{"op": "update_handle", "token": "t", "address": "a", '
-                     '"enabled": 1}', '[1, 2]', '"op"', '{"op": "prune", "handles_unused_days": true}'):
-            with self.assertRaises(im.BadRequest, msg=text):
-                self.parse(text, im.COMMAND_LINE)
+    def test_each_front_end_may_call_only_its_operations(self):
+        for name, operation in im.OPERATIONS.items():
+            for caller in im.EVERYONE:
+                with self.subTest(operation=name, caller=caller):
+                    if caller in operation.callers:
+                        self.gate.check(caller, name, {"token": "t", "address": "a@incognito.test"})
+                    else:
+                        with self.assertRaises(im.BadRequest):
+                            self.gate.check(caller, name, {"token": "t"})
+
+    def test_wrong_types_are_bad_requests_naming_the_field(self):
+        for text, field in (('{"op": "new_handle", "token": 7}', "token"),
+                            ('{"op": "update_handle", "token": "t", "address": "a", "enabled": 1}', "enabled"),
+                            ('{"op": "update_handle", "token": "t", "address": "a", "enabled": null}', "enabled"),
+                            ('{"op": "prune", "handles_unused_days": true}', "handles_unused_days"),
+                            ('{"op": "new_handle", "token": "t", "label": "\\ud800"}', "label")):
+            with self.assertRaises(im.BadRequest, msg=text) as caught:
+                self.check(text, im.COMMAND_LINE)
+            self.assertEqual(caught.exception.field, field, text)
 
     def test_a_number_beyond_sqlite_is_a_bad_request_not_an_internal_error(self):
         with self.assertRaises(im.BadRequest):
-            self.parse('{"op": "get_handle", "token": "t", "handle_id": %d}' % 10 ** 30)
+            self.check('{"op": "get_handle", "token": "t", "handle_id": %d}' % 10 ** 30)
 
     def test_replies_carry_the_id_and_the_result_under_its_name(self):
-        self.assertEqual(json.loads(im.json_reply("x", "rotate_token", "new")), {"id": "x", "ok": True, "token": "new"})
-        self.assertEqual(json.loads(im.json_reply(2, "delete_handle", None)), {"id": 2, "ok": True})
+        reply = im.json_reply("x", im.OPERATIONS["rotate_token"], "new")
+        self.assertEqual(json.loads(reply), {"id": "x", "ok": True, "token": "new"})
+        self.assertEqual(json.loads(im.json_reply(2, im.OPERATIONS["delete_handle"], None)), {"id": 2, "ok": True})
         error = json.loads(im.json_error(3, im.RateLimited("slow down", 12)))
         self.assertEqual(error, {"id": 3, "ok": False, "error": "rate_limited", "message": "slow down",
                                  "retry_after": 12})
@@ -4138,37 +4177,33 @@ class PolicyProtocolTest(unittest.TestCase):
 
     def test_a_request_ends_with_an_empty_line(self):
         parser = im.PolicyParser()
-        self.assertEqual(parser.feed(self.REQUEST[:-1]), [])
+        self.assertEqual(events(parser, self.REQUEST[:-1]), [])
         self.assertTrue(parser.incomplete)
-        [request] = parser.feed(b"\n")
+        [request] = events(parser, b"\n")
         self.assertEqual(request["recipient"], "k3v9@incognito.test")
         self.assertEqual(request["protocol_state"], "RCPT")
         self.assertFalse(parser.incomplete)
 
     def test_requests_split_anywhere_and_several_per_feed(self):
-        parser = im.PolicyParser()
         data = self.REQUEST * 3
-        requests = []
-        for i in range(0, len(data), 7):
-            requests += parser.feed(data[i:i + 7])
-        self.assertEqual(len(requests), 3)
+        self.assertEqual(len(events(im.PolicyParser(), *(data[i:i + 7] for i in range(0, len(data), 7)))), 3)
+        self.assertEqual(len(events(im.PolicyParser(), data)), 3)
 
     def test_empty_values_are_kept(self):
-        [request] = im.PolicyParser().feed(b"sender=\nrecipient=a@b.c\n\n")
+        [request] = events(im.PolicyParser(), b"sender=\nrecipient=a@b.c\n\n")
         self.assertEqual(request["sender"], "")
 
     def test_oversized_request_is_refused_before_its_end(self):
-        parser = im.PolicyParser()
         with self.assertRaises(im.PostfixProtocolError):
-            parser.feed(b"name=" + b"x" * (im.PolicyParser.MAX_REQUEST + 1))
+            events(im.PolicyParser(), b"name=" + b"x" * (im.PolicyParser.MAX_REQUEST + 1))
 
     def test_line_without_equals_sign_is_refused(self):
         with self.assertRaises(im.PostfixProtocolError):
-            im.PolicyParser().feed(b"garbage\n\n")
+            events(im.PolicyParser(), b"garbage\n\n")
 
     def test_binary_garbage_is_refused(self):
         with self.assertRaises(im.PostfixProtocolError):
-            im.PolicyParser().feed(b"recipient=\xff\xfe\n\n")
+            events(im.PolicyParser(), b"recipient=\xff\xfe\n\n")
 
     def test_response_is_an_action_line_and_an_empty_line(self):
         self.assertEqual(im.policy_response("DUNNO"), b"action=DUNNO\n\n")
@@ -4180,20 +4215,18 @@ class SocketmapProtocolTest(unittest.TestCase):
     def test_netstrings_split_anywhere(self):
         parser = im.NetstringParser()
         data = b"27:virtual k3v9@incognito.test,3:x y,"
-        strings = []
-        for byte in range(len(data)):
-            strings += parser.feed(data[byte:byte + 1])
+        strings = events(parser, *(data[byte:byte + 1] for byte in range(len(data))))
         self.assertEqual(strings, [b"virtual k3v9@incognito.test", b"x y"])
         self.assertFalse(parser.incomplete)
 
     def test_missing_comma_is_refused(self):
         with self.assertRaises(im.PostfixProtocolError):
-            im.NetstringParser().feed(b"3:abc;")
+            events(im.NetstringParser(), b"3:abc;")
 
     def test_bad_or_huge_length_is_refused_before_the_payload(self):
         for data in (b"x:abc,", b"-1:a,", b"9999999:", b"12345678901"):
             with self.assertRaises(im.PostfixProtocolError, msg=data):
-                im.NetstringParser().feed(data)
+                events(im.NetstringParser(), data)
 
     def test_reply_is_a_netstring(self):
         self.assertEqual(im.netstring(b"OK alice@example.org"), b"20:OK alice@example.org,")
@@ -4722,7 +4755,7 @@ class UnmaskTest(unittest.TestCase):
 
 SITE = im.ApiSite(("incognito.test", "other.test"), NOON_2026)
 # A handle as the store gives it (fields not named here: None).
-HANDLE = im.Handle(**dict(dict.fromkeys(im.Handle._fields), id=7, local="k3x9q2m7w4t8z5r1",
+HANDLE = im.Handle(**dict(dict.fromkeys(im.Handle._fields), id=70, number=7, local="k3x9q2m7w4t8z5r1",
                           domain="incognito.test", account_id=3, target="alice@example.org",
                           label="shop", enabled=1, created=NOON_2026, updated=NOON_2026 + 60,
                           received=4, last_received=NOON_2026 + 3600, blocked=1))
@@ -4746,8 +4779,26 @@ def simplelogin_request(method, target, body=None, token=TOKEN):
 class RouteApiTest(unittest.TestCase):
     """Which operation each path and method asks for, with which fields; the token first."""
 
+    @classmethod
+    def setUpClass(cls):
+        folder = make_folder()
+        cls.addClassCleanup(shutil.rmtree, folder, True)
+        sections = minimal_ini_sections(folder)
+        sections["PostfixConfig"]["Domain"] = ", ".join(SITE.domains)
+        path = os.path.join(folder, "incognitomail.ini")
+        write_ini(path, sections)
+        cls.gate = im.Gate(im.load_config(path), service=None)
+
     def route(self, request):
         return im.route_api(request, SITE)
+
+    def through_the_gate(self, request):
+        """The checked fields of the request's operation, or the API's reply refusing them."""
+        call, dialect = self.route(request)
+        try:
+            return self.gate.check(im.HTTP, call.op, call.fields)[1]
+        except im.IncognitoMailError as e:
+            return im.api_error(dialect, e)
 
     def assertCall(self, request, op, dialect, **fields):
         call, got_dialect = self.route(request)
@@ -4872,11 +4923,17 @@ class RouteApiTest(unittest.TestCase):
                             ({"domain": "incognito.test", "format": "custom"}, "local_part"),
                             ({"domain": "incognito.test", "local_part": "me"}, "local_part"),
                             ({"domain": "incognito.test", "format": 3}, "format"),
-                            ({"domain": "incognito.test", "description": 5}, "description"),
                             ({"domain": "incognito.test", "recipient_ids": "1"}, "recipient_ids")):
             reply = self.assertRefusedAfterTheToken(addy_request("POST", "/api/v1/aliases", body), 422,
                                                     field)
             self.assertIsInstance(reply.body["message"], str)
+        # what the operation's own fields say is wrong, the gate finds, in addy.io's names
+        for body, field in (({"description": 5}, "description"), ({"description": "a\nb"}, "description"),
+                            ({"expires_at": "soon"}, "expires_at"), ({"max_messages": "3"}, "max_messages")):
+            reply = self.through_the_gate(addy_request("POST", "/api/v1/aliases",
+                                                       dict(body, domain="incognito.test")))
+            self.assertEqual(reply.status, 422, reply)
+            self.assertEqual(list(reply.body["errors"]), [field], reply)
 
     def test_unknown_domain_is_refused_naming_the_domains_served_here(self):
         reply = self.assertRefusedAfterTheToken(
@@ -4889,8 +4946,9 @@ class RouteApiTest(unittest.TestCase):
                       {"format": "random_words"}, {"format": None}, {"local_part": ""},
                       {"local_part": None, "recipient_ids": []}, {"recipient_ids": None}):
             body = dict({"domain": "@Other.Test", "description": "d"}, **extra)
-            self.assertCall(addy_request("POST", "/api/v1/aliases", body), "new_handle", im.ADDY,
-                            domain="other.test")
+            self.assertCall(addy_request("POST", "/api/v1/aliases", body), "new_handle", im.ADDY)
+            self.assertEqual(self.through_the_gate(addy_request("POST", "/api/v1/aliases", body)),
+                             {"token": TOKEN, "domain": "other.test", "label": "d"})
 
     def test_ids_that_are_not_whole_numbers_are_no_such_alias(self):
         for text in ("abc", "-1", "1.5", "0x10", "1e3", "%37", "7abc", "9" * 30):
@@ -5653,20 +5711,19 @@ class PolicyCountingTest(PostmapTestCase):
         fixture = self.start_service(site)
         token = self.new_account(fixture)
         handle = self.new_handle(fixture, token)
-        daemon = im.Daemon(site.config)
-        daemon.service = fixture.service
+        front = im.PostfixFront(site.config, fixture.service)
 
         async def burst():
             for number in range(100):
                 request = {"protocol_state": "RCPT", "instance": "m%d" % number, "recipient": handle.upper()}
-                self.assertEqual(await daemon._policy_action(request), "DUNNO")
+                self.assertEqual(await front.policy_action(request), "DUNNO")
             for state in ("RCPT", "DATA", "END-OF-MESSAGE"):     # Postfix asking again about message m0
-                await daemon._policy_action({"protocol_state": state, "instance": "m0", "recipient": handle})
+                await front.policy_action({"protocol_state": state, "instance": "m0", "recipient": handle})
             before = fixture.service.batches
-            await daemon._flush_received()
+            await front._flush_received()
             return fixture.service.batches - before
         self.assertEqual(asyncio.run(burst()), 1)
-        [listed] = fixture.call("list_handles", token)
+        [listed] = fixture.call("list_handles", token=token)
         self.assertEqual(listed["received"], 100)
         self.assertIsNotNone(listed["last_received"])
 
@@ -6128,10 +6185,10 @@ class FileDescriptorExhaustionTest(unittest.TestCase):
         self.assertNotIn("Traceback", daemon.log())
 
     def test_a_shortage_of_descriptors_is_logged_once_a_minute(self):
-        daemon = im.Daemon(Site(make_folder(self)).config)
-        with self.assertLogs(im.log, logging.ERROR) as logged:
+        with mock.patch.object(im, "_shortage", im._Quiet(60)), \
+                self.assertLogs(im.log, logging.ERROR) as logged:
             for _ in range(5):
-                daemon._descriptor_shortage(OSError(errno.EMFILE, "Too many open files"))
+                im.descriptor_shortage(OSError(errno.EMFILE, "Too many open files"))
         self.assertEqual(len(logged.output), 1, logged.output)
         self.assertIn("out of file descriptors", logged.output[0])
 
@@ -7164,7 +7221,8 @@ class UnreadRepliesTest(HoldingTestCase):
     limits = {"IdleTimeout": "300"}
 
     def prepare(self):
-        self.rich = seed_handles(self.site, "rich@example.org", ATTACK_HANDLES)
+        # a page of these is ~60 KB: MAX_PENDING pages are well past the shortened limit
+        self.rich = seed_handles(self.site, "rich@example.org", ATTACK_HANDLES, label="x" * 200)
 
     def test_a_peer_leaving_more_than_max_unsent_bytes_unread_is_dropped_with_a_reset(self):
         client = websocket_client(self.port, rcvbuf=4096)
@@ -7494,7 +7552,7 @@ class ClientAddressTest(unittest.TestCase):
         sections["General"]["TrustedProxies"] = trusted
         path = os.path.join(folder, "incognitomail.ini")
         write_ini(path, sections)
-        return im.Daemon(im.load_config(path))
+        return im.WebFront(im.load_config(path), gate=None)
 
     def test_a_trusted_proxy_names_the_rightmost_address_that_is_not_a_proxy(self):
         daemon = self.daemon("127.0.0.1, 10.0.0.0/8, ::1")
@@ -7599,9 +7657,9 @@ class SymlinkTest(PostmapTestCase):
         for link in planted:
             os.symlink(victim, link)
         fixture = self.start_service(site)               # a first map: a rebuild
-        token = fixture.service.call("new_account", "me@example.org")
-        handles = [fixture.service.call("new_handle", token).address for _ in range(3)]
-        fixture.service.call("delete_handle", token, handles[0])
+        token = fixture.result("new_account", address="me@example.org")
+        handles = [fixture.result("new_handle", token=token).address for _ in range(3)]
+        fixture.result("delete_handle", token=token, address=handles[0])
         fixture.stop()                                   # rewrites the text file (flush_text)
         self.assertNotIn(handles[0], site.map_text().decode("utf-8", "replace"))
         os.unlink(site.indexed_path)                     # a full rebuild at the next start
@@ -8867,10 +8925,14 @@ def seed_account(site, handles, address="alice@example.org"):
             account_id = store.add_account(address, im.token_digest(token), time.time())
             defaults = dict.fromkeys(columns)
             defaults.update(account_id=account_id, enabled=1, received=0, blocked=0)
+            columns += ("number",)
+            handles = list(handles)
             store.db.executemany(
                 "INSERT INTO handles (%s) VALUES (%s)" % (", ".join(columns),
                                                           ", ".join(":" + c for c in columns)),
-                (dict(defaults, **handle) for handle in handles))
+                (dict(defaults, number=number, **handle) for number, handle in enumerate(handles, 1)))
+            store.db.execute("UPDATE accounts SET next_number = ? WHERE id = ?",
+                             (len(handles) + 1, account_id))
     finally:
         store.close()
     return token

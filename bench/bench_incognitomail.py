@@ -284,7 +284,8 @@ def preload(database_path, handles):
     bulk = max(0, handles - 2 * ACCOUNT_HANDLES)
     every = max(1, bulk // EXPIRING)
     expiring = []
-    insert = "INSERT INTO handles (local, domain, account_id, created, expires) VALUES (?,?,?,?,?)"
+    insert = ("INSERT INTO handles (local, domain, account_id, created, expires, number) "
+              "VALUES (?,?,?,?,?,?)")
     with store.transaction():
         ids = {name: store.add_account(TARGET, incognitomail.token_digest(token), now)
                for name, token in tokens.items()}
@@ -300,11 +301,12 @@ def preload(database_path, handles):
                 if name == "bulk" and i % every == 0 and len(expiring) < EXPIRING:
                     expires = later
                     expiring.append("%s@%s" % (local, DOMAIN))
-                rows.append((local, DOMAIN, ids[name], now, expires))
+                rows.append((local, DOMAIN, ids[name], now, expires, i + 1))
                 if len(rows) == 50000:
                     store.db.executemany(insert, rows)
                     rows = []
             store.db.executemany(insert, rows)
+            store.db.execute("UPDATE accounts SET next_number = ? WHERE id = ?", (count + 1, ids[name]))
     store.close()
     return tokens, expiring
 
