@@ -26,10 +26,13 @@ import concurrent.futures
 import configparser
 import contextlib
 import datetime
+import email.header
+import email.utils
 import errno
 import fcntl
 import functools
 import hashlib
+import hmac
 import html
 import ipaddress
 import json
@@ -219,7 +222,7 @@ def parse_host_port(text):
 
 
 MAX_LIFETIME = 100 * 366 * 86400
-_DURATION = re.compile(r"(\d{1,10})([smhdw])")
+_DURATION = re.compile(r"([0-9]{1,10})([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -327,6 +330,30 @@ def _lifetime(file, text):
     return parse_duration(text) if text else None
 
 
+def _host_name(text):
+    """A Host header's name, lower-cased, without its port (``[::1]:9090`` -> ``::1``)."""
+    text = text.strip().lower()
+    if text.startswith("["):
+        return text[1:].partition("]")[0]
+    return text.rpartition(":")[0] if text.count(":") == 1 else text
+
+
+def _is_ip(text):
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _host_names(file, text):
+    names = tuple(_host_name(item) for item in _list(file, text))
+    for name in names:
+        if not name or (not _DOMAIN_RE.match(name) and not _is_ip(name)):
+            raise ValueError("%r is not a host name or IP address" % name)
+    return names
+
+
 def _networks(file, text):
     """Addresses or networks (``127.0.0.1, 10.0.0.0/8, ::1``)."""
     for item in _list(file, text):
@@ -377,7 +404,8 @@ CONFIG_KEYS = (
               "missing; the file is removed at stop."),
     ConfigKey("General", "ListenPath", "/incognitomail", "listen_path", _url_path, None,
               "URL path of the WebSocket endpoint for the browser add-on; starts with /."),
-    ConfigKey("General", "ListenAddress", "127.0.0.1:9090", "listen_address", _host_port, None,
+    ConfigKey("General", "ListenAddress", "127.0.0.1:9090", "listen_address", _host_port,
+              "127.0.0.1:9090",
               "HOST:PORT of the web listener: the owner page at /, the HTTP API under /api/ and "
               "the WebSocket endpoint. \":9090\" means all interfaces, \"[::1]:9090\" an IPv6 "
               "address; empty turns the listener off."),
@@ -393,6 +421,11 @@ CONFIG_KEYS = (
               "HTTP API from (CORS), e.g. https://vault.example.org, chrome-extension://abcdefgh, "
               "moz-extension://0f2d5c8e-1111-2222-3333-444455556666. The owner page's own origin "
               "is always allowed. Empty: any origin."),
+    ConfigKey("General", "ServerNames", "", "server_names", _host_names, None,
+              "The host names (comma-separated, e.g. mail.example.org, 127.0.0.1) the web listener "
+              "answers to: a request whose Host header names another is refused with 421, so a web "
+              "page elsewhere cannot reach the listener by pointing a name of its own at it (DNS "
+              "rebinding). Set it when the listener is reachable by name. Empty: any host name."),
     ConfigKey("General", "TrustedProxies", "", "trusted_proxies", _networks, None,
               "Reverse proxies (addresses or networks, comma-separated, e.g. 127.0.0.1, ::1) whose "
               "X-Forwarded-For or X-Real-IP header names the real client for the limits. Nobody "
@@ -411,6 +444,18 @@ CONFIG_KEYS = (
               "unix:/path. Postfix asks the daemon over this socket instead of reading a map file, "
               "e.g. unix:/var/spool/postfix/incognitomail/socketmap.sock. Empty: off (the map "
               "file is used)."),
+    ConfigKey("General", "MilterListen", "", "milter_listen", _listen("unix", "inet"), None,
+              "Where the milter listens, for Postfix's smtpd_milters (README.md, \"Privacy and "
+              "deliverability\"): mail to a handle leaves with a bounce address of the handle's "
+              "own, so bounces and auto-replies never reach the sender and SPF passes, and the "
+              "owner writes back through the handle. inet:127.0.0.1:10041 or unix:/path. Empty: "
+              "off."),
+    ConfigKey("General", "ReplyAddresses", "yes", "reply_addresses", _yes_no, None,
+              "With the milter: yes gives each correspondent of a handle a reply address in its "
+              "domain, written in From: (and Reply-To:, To:, Cc:) of the mail it forwards, so "
+              "the owner's replies go out from the handle and DMARC passes for any sender; no "
+              "leaves those headers as they are (the sender's DKIM signature stays intact, but "
+              "a reply from the owner's mail program goes out from the owner's own address)."),
     ConfigKey("Persistence", "Type", "sqlite", None, _store_type, None,
               "sqlite, the only store. boltdb (the original's) is read as sqlite, with a warning; "
               "the original's data is not imported."),
@@ -494,7 +539,8 @@ _EXAMPLE_INTRO = """\
 ;
 ; Syntax: "Key = value". Comments start with ";" or "#" on their own line, or with " ; " after a
 ; value. Values may be written in double quotes, as in the original 2016 sample file. Section and
-; key names are not case-sensitive. A key left out takes its default.
+; key names are not case-sensitive. A key left out takes its default: below, a key written
+; after ";" shows its default, and a key set is one this example needs.
 """
 
 
@@ -510,14 +556,17 @@ def example_config():
         text = "%s Default: %s." % (key.help, key.default) if key.default else key.help
         lines += ["; " + line for line in textwrap.wrap(text, 96, break_on_hyphens=False,
                                                          break_long_words=False)]
-        value = key.default if key.example is None else key.example
-        lines += [("%s = %s" % (key.name, value or "")).rstrip(), ""]
+        if key.example is None:     # its default: said, not set
+            lines += [("; %s = %s" % (key.name, key.default or "")).rstrip(), ""]
+        else:
+            lines += [("%s = %s" % (key.name, key.example)).rstrip(), ""]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-class Config(collections.namedtuple("Config",
-                                    ["path"] + [k.field for k in CONFIG_KEYS if k.field])):
-    """Everything the daemon and the command line need, validated, with absolute paths."""
+class Config(collections.namedtuple("Config", ["path", "given"]
+                                    + [k.field for k in CONFIG_KEYS if k.field])):
+    """Everything the daemon and the command line need, validated, with absolute paths;
+    ``given``: the fields the file set (the others have their defaults)."""
     __slots__ = ()
 
     @property
@@ -531,6 +580,19 @@ class Config(collections.namedtuple("Config",
     @property
     def map_file_path(self):
         return self.map_file[1]
+
+
+def _ini_problem(error):
+    """configparser's error, said as ``line N: what is wrong there``."""
+    if isinstance(error, configparser.MissingSectionHeaderError):
+        return "line %d: %r comes before any [Section]" % (error.lineno, error.line.strip())
+    if isinstance(error, configparser.ParsingError) and error.errors:
+        number, line = error.errors[0]      # the line as repr() wrote it
+        line = (line[1:-1] if line[:1] in "'\"" else line).replace("\\n", "").strip()
+        return "line %d: %r is neither [Section], Key = value nor a comment" % (number, line)
+    number = getattr(error, "lineno", None)
+    text = str(error).splitlines()[0]
+    return "line %d: %s" % (number, text) if number else text
 
 
 class _ConfigFile:
@@ -551,6 +613,10 @@ class _ConfigFile:
     def fail(self, section, key, problem):
         raise ConfigError("%s [%s] %s: %s" % (self.path, section, key, problem))
 
+    def _written(self, key):
+        section = self.sections.get(key.section.lower())
+        return section is not None and self.parser.has_option(section, key.name)
+
     def text(self, key):
         """The key's text as written (quotes removed), else its default."""
         section = self.sections.get(key.section.lower())
@@ -564,7 +630,8 @@ class _ConfigFile:
         return key.default
 
     def config(self):
-        values = {"path": self.path}
+        values = {"path": self.path, "given": frozenset(
+            key.field for key in CONFIG_KEYS if key.field and self._written(key))}
         for key in CONFIG_KEYS:
             try:
                 value = key.read(self, self.text(key))
@@ -605,7 +672,7 @@ def load_config(path):
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError("%s: cannot read the configuration file: %s" % (path, _os_reason(e)))
     except configparser.Error as e:
-        raise ConfigError("%s: not a valid INI file: %s" % (path, str(e).splitlines()[0]))
+        raise ConfigError("%s: not a valid INI file: %s" % (path, _ini_problem(e)))
     return _ConfigFile(path, parser).config()
 
 
@@ -701,13 +768,94 @@ def split_handle(text, domains):
     return local, domain
 
 
+# The addresses the milter makes in a handle's domain. Each starts with the handle and Postfix's
+# recipient_delimiter "+", so Postfix accepts mail to them through the handle's own entry, in any
+# map mode, with no map change of their own.
+#   k3v9...+b.tt.hhhhhhhhhh@domain  a bounce address: the envelope sender forwarded mail and the
+#                                   owner's mail leave with; dated (tt: the day, as SRS writes
+#                                   it) and signed (h: HMAC-SHA256), so nobody can make one up
+#   k3v9...+shop=example.com@domain a reply address: mail from the owner to it goes to
+#                                   shop@example.com, from the handle (addy.io's form)
+FORWARD, BOUNCE, REPLY = "forward", "bounce", "reply"
+BOUNCE_DAYS = 21            # how long a bounce address is good (SRS's maximum age too)
+_BASE32 = "abcdefghijklmnopqrstuvwxyz234567"
+_BOUNCE_TAG = re.compile(r"b\.([a-z2-7]{2})\.([a-z2-7]{10})")
+HandleAddress = collections.namedtuple("HandleAddress", "handle kind correspondent")
+
+
+def _bounce_hash(secret, stamp, handle):
+    message = ("%s.%s" % (stamp, handle.lower())).encode("utf-8")
+    digest = hmac.new(secret, message, hashlib.sha256).digest()
+    return base64.b32encode(digest).decode("ascii")[:10].lower()
+
+
+def bounce_address(handle, secret, now):
+    """The bounce address of ``handle`` (an address) as of ``now``."""
+    local, _, domain = handle.partition("@")
+    day = int(now // 86400) % 1024
+    stamp = _BASE32[day >> 5] + _BASE32[day & 31]
+    return "%s+b.%s.%s@%s" % (local, stamp, _bounce_hash(secret, stamp, handle), domain)
+
+
+def reply_address(handle, correspondent):
+    """The address through which the owner of ``handle`` writes to ``correspondent``."""
+    local, _, domain = handle.partition("@")
+    their_local, _, their_domain = correspondent.rpartition("@")
+    return "%s+%s=%s@%s" % (local, their_local, their_domain.lower(), domain)
+
+
+def read_handle_address(address, domains, secret, now):
+    """What an address is to the milter: a HandleAddress (the handle's address, FORWARD, BOUNCE
+    or REPLY, and the correspondent of a reply address), or None for an address that is not a
+    handle's. A bounce address whose date or signature is wrong raises BadRequest."""
+    local, _, domain = address.rpartition("@")
+    domain = domain.lower()
+    handle, plus, extension = local.partition("+")
+    if domain not in domains or not handle or handle.lower().strip(HANDLE_ALPHABET):
+        return None
+    handle = "%s@%s" % (handle.lower(), domain)
+    bounce = _BOUNCE_TAG.fullmatch(extension.lower())
+    if bounce:
+        stamp, signature = bounce.groups()
+        day = int(now // 86400) % 1024
+        then = _BASE32.index(stamp[0]) * 32 + _BASE32.index(stamp[1])
+        if (day - then) % 1024 > BOUNCE_DAYS or \
+                not hmac.compare_digest(signature, _bounce_hash(secret, stamp, handle)):
+            raise BadRequest("%s is not a bounce address of ours, or is older than %d days"
+                             % (address, BOUNCE_DAYS))
+        return HandleAddress(handle, BOUNCE, None)
+    their_local, equals, their_domain = extension.rpartition("=")
+    if equals and their_local and _DOMAIN_RE.match(their_domain.lower()):
+        try:
+            correspondent = check_address("%s@%s" % (their_local, their_domain))
+        except BadRequest:
+            correspondent = None
+        if correspondent:
+            return HandleAddress(handle, REPLY, correspondent)
+    return HandleAddress(handle, FORWARD, None)
+
+
 MAX_MESSAGES = 1000000
 MAX_TIME = 1 << 62
+# The times every front end takes, the same on every Python: ASCII digits, ISO 8601's common
+# forms (datetime.fromisoformat takes more on 3.11 than on 3.9, and any Unicode digit).
+TIME_GRAMMAR = "YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS], UTC unless followed by +HH:MM or -HH:MM"
+_TIME = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})"
+                   r"(?:[Tt ]([0-9]{2}):([0-9]{2})(?::([0-9]{2}))?([Zz]|[+-][0-9]{2}:[0-9]{2})?)?")
+
+
 def from_iso_time(text):
-    """An ISO 8601 date or time, UTC unless it says otherwise -> seconds since the epoch."""
-    when = datetime.datetime.fromisoformat(re.sub(r"[zZ]$", "+00:00", text.strip()))
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.timezone.utc)
+    """A date or time of TIME_GRAMMAR, UTC unless it says otherwise -> seconds since the epoch;
+    ValueError otherwise."""
+    match = _TIME.fullmatch(text.strip())
+    if not match:
+        raise ValueError("%r is not a time like 2026-12-31T18:00:00Z" % text)
+    year, month, day, hour, minute, second, offset = match.groups()
+    when = datetime.datetime(int(year), int(month), int(day), int(hour or 0), int(minute or 0),
+                             int(second or 0), tzinfo=datetime.timezone.utc)
+    if offset and offset.upper() != "Z":
+        sign = -1 if offset[0] == "-" else 1
+        when -= sign * datetime.timedelta(hours=int(offset[1:3]), minutes=int(offset[4:6]))
     return int(when.timestamp())
 
 
@@ -720,12 +868,9 @@ def iso_time(timestamp):
 
 
 def parse_when(text, now):
-    """A duration from ``now`` (``30d``) or an ISO 8601 date or time (UTC unless it says
+    """A duration from ``now`` (``30d``) or a date or time (TIME_GRAMMAR, UTC unless it says
     otherwise) -> seconds since the epoch, in the future; BadRequest otherwise."""
-    if not isinstance(text, str):
-        raise BadRequest("expires must be a time (ISO 8601, e.g. 2026-12-31T18:00:00Z) or a "
-                         "duration (e.g. 30d)")
-    if text.strip()[-1:].isalpha() and text.strip()[:1].isdigit() and "-" not in text:
+    if re.fullmatch(r"[0-9]+[A-Za-z]+", text.strip()):
         try:
             return int(now) + parse_duration(text)
         except ValueError as e:
@@ -733,8 +878,8 @@ def parse_when(text, now):
     try:
         timestamp = from_iso_time(text)
     except (ValueError, OverflowError):
-        raise BadRequest("%r is neither a time (ISO 8601, e.g. 2026-12-31T18:00:00Z) nor a "
-                         "duration (e.g. 30d)" % text) from None
+        raise BadRequest("%r is neither a time (ISO 8601: %s) nor a duration (e.g. 30d)"
+                         % (text, TIME_GRAMMAR)) from None
     if timestamp <= now:
         raise BadRequest("%s is not in the future" % text.strip())
     if timestamp > now + MAX_LIFETIME:
@@ -803,6 +948,14 @@ _MIGRATIONS = (
     ALTER TABLE accounts ADD COLUMN next_number INTEGER NOT NULL DEFAULT 1;
     UPDATE accounts SET next_number = (SELECT coalesce(max(id), 0) + 1 FROM handles);
     """,
+    # What the milter counts: bounces and auto-replies to a handle's bounce address, and the
+    # owner's messages through it (replies, and first messages to a new correspondent).
+    """
+    ALTER TABLE handles ADD COLUMN bounced INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE handles ADD COLUMN last_bounced INTEGER;
+    ALTER TABLE handles ADD COLUMN sent INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE handles ADD COLUMN last_sent INTEGER;
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 MAX_ACCOUNT_ID = (1 << 53) - 1
@@ -810,7 +963,8 @@ MAX_ACCOUNT_ID = (1 << 53) - 1
 # A handle as every query returns it, with its account's target address.
 _HANDLE_SELECT = ("SELECT h.id, h.local, h.domain, h.account_id, a.address, h.label, h.enabled, "
                   "h.created, coalesce(h.updated, h.created), h.received, h.last_received, "
-                  "h.blocked, h.last_blocked, h.expires, h.max_messages, h.used_up, h.number "
+                  "h.blocked, h.last_blocked, h.expires, h.max_messages, h.used_up, h.number, "
+                  "h.bounced, h.last_bounced, h.sent, h.last_sent "
                   "FROM handles h "
                   "JOIN accounts a ON a.id = h.account_id")
 # In the map after a sweep at :now (the Handle.in_map() rule).
@@ -818,6 +972,10 @@ _ROUTABLE = ("h.enabled AND (h.expires IS NULL OR h.expires > :now) "
              "AND (h.max_messages IS NULL OR h.received < h.max_messages OR h.used_up > :now)")
 
 ENABLED, DISABLED, EXPIRED, USED_UP = "enabled", "disabled", "expired", "used up"
+# What Postfix's questions count on a handle, each with the time of the latest in last_<column>:
+# messages it let through, refused, bounces to its bounce address, the owner's messages from it.
+RECEIVED, BLOCKED, BOUNCED, SENT = "received", "blocked", "bounced", "sent"
+MAIL_COUNTS = (RECEIVED, BLOCKED, BOUNCED, SENT)
 # What the policy service tells a sender about a handle that takes no more mail.
 REFUSALS = {DISABLED: "this address is disabled", EXPIRED: "this address has expired",
             USED_UP: "this address has received all the messages it accepts"}
@@ -825,7 +983,8 @@ REFUSALS = {DISABLED: "this address is disabled", EXPIRED: "this address has exp
 
 class Handle(collections.namedtuple("Handle", "id local domain account_id target label enabled "
                                               "created updated received last_received blocked "
-                                              "last_blocked expires max_messages used_up number")):
+                                              "last_blocked expires max_messages used_up number "
+                                              "bounced last_bounced sent last_sent")):
     """One handle, with its account's target address. ``id`` is the row's, inside the store;
     ``number`` is the id every front end shows (counted within its account)."""
     __slots__ = ()
@@ -1051,8 +1210,8 @@ class Store:
         self.db.execute("DELETE FROM handles WHERE id = ?", (handle_id,))
 
     def record_mail(self, column, counts, latest):
-        """Add ``counts[(local, domain)]`` messages to each handle's ``column`` (received or
-        blocked), and their latest times to last_received or last_blocked."""
+        """Add ``counts[(local, domain)]`` messages to each handle's ``column`` (one of
+        MAIL_COUNTS), and their latest times to its last_ column."""
         self.db.executemany(
             "UPDATE handles SET {0} = {0} + ?, last_{0} = max(coalesce(last_{0}, 0), ?) "
             "WHERE local = ? COLLATE NOCASE AND domain = ? COLLATE NOCASE".format(column),
@@ -1087,6 +1246,9 @@ class Store:
     def expired_before(self, until):
         return [Handle(*row) for row in self.db.execute(
             _HANDLE_SELECT + " WHERE h.expires <= ? ORDER BY h.expires", (int(until),))]
+
+    def target_addresses(self):
+        return [row[0] for row in self.db.execute("SELECT DISTINCT address FROM accounts")]
 
     def counts(self):
         accounts = self.db.execute("SELECT count(*) FROM accounts").fetchone()[0]
@@ -1131,6 +1293,7 @@ class Store:
 MAP_MARKER = b"# IncognitoMail manages every line below this one; keep your own lines above it.\n"
 
 _POSTFIX_BIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/usr/bin")
+POSTFIX_SETTLING_SECONDS = 2    # Postfix re-reads a younger main.cf until it is this old
 
 
 def find_postfix_command(name):
@@ -1346,10 +1509,15 @@ class PostfixMap(LookupTable):
                                    % (path, user, fix))
         find_postfix_command("postmap")
         config_dir = self.config_dir or os.environ.get("MAIL_CONFIG") or "/etc/postfix"
-        if not os.path.isfile(os.path.join(config_dir, "main.cf")):
+        main_cf = os.path.join(config_dir, "main.cf")
+        if not os.path.isfile(main_cf):
             raise PostfixError("%s: no main.cf there, and postmap needs one; set [PostfixConfig] "
                                "ConfigDir to Postfix's configuration folder, or create it "
                                "(an empty main.cf will do)" % config_dir)
+        if time.time() - os.stat(main_cf).st_mtime < POSTFIX_SETTLING_SECONDS:
+            log.info("%s changed less than %d s ago: Postfix's programs (postmap too) wait until "
+                     "it is that old, so this start takes up to %d s longer", main_cf,
+                     POSTFIX_SETTLING_SECONDS, POSTFIX_SETTLING_SECONDS)
         if os.path.exists(self.indexed_path):
             # does postmap run at all?
             self.postmap("-q", "incognitomail-start-probe", self.name)
@@ -1614,30 +1782,69 @@ def _same_endpoint(written, ours, queue_directory):
             and ours == "unix:" + os.path.normpath(os.path.join(queue_directory, path)))
 
 
-def postfix_config_problems(config, table):
-    """What Postfix's own configuration (postconf) lacks for our map, domains and policy service."""
-    names = ["virtual_alias_maps", "canonical_maps", "recipient_canonical_maps",
-             "virtual_alias_domains", "mydestination", "smtpd_recipient_restrictions",
-             "smtpd_relay_restrictions", "queue_directory"]
-    command = [find_postfix_command("postconf")]
-    if config.postfix_config_dir:
-        command += ["-c", config.postfix_config_dir]
-    try:
-        done = subprocess.run(command + ["-x"] + names, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, timeout=60)
-    except (OSError, subprocess.TimeoutExpired, IncognitoMailError) as e:
-        return [("Postfix configuration readable", str(e))]
-    if done.returncode != 0:
-        return [("Postfix configuration readable", done.stderr.decode("utf-8", "replace").strip())]
-    values = {}
-    for line in done.stdout.decode("utf-8", "replace").splitlines():
-        name, _, value = line.partition("=")
-        values[name.strip()] = value.strip()
+class Note(str):
+    """A finding of ``check`` that is advice, not a failure."""
 
-    def words(name):
-        return [w for w in re.split(r"[\s,]+", values.get(name, "")) if w]
-    queue = values.get("queue_directory", "/var/spool/postfix")
-    where = "main.cf in %s" % (config.postfix_config_dir or "/etc/postfix")
+
+# Postfix settings ``check`` reads (postconf -x), and what each is for
+_POSTFIX_SETTINGS = (
+    "queue_directory myhostname mydestination virtual_alias_domains virtual_alias_maps "
+    "canonical_maps recipient_canonical_maps sender_canonical_maps canonical_classes "
+    "recipient_canonical_classes sender_canonical_classes smtpd_recipient_restrictions "
+    "smtpd_relay_restrictions smtpd_milters non_smtpd_milters milter_default_action "
+    "recipient_delimiter propagate_unmatched_extensions header_checks mime_header_checks "
+    "nested_header_checks body_checks smtp_header_checks smtp_mime_header_checks "
+    "smtp_nested_header_checks smtp_body_checks smtp_generic_maps masquerade_domains").split()
+_CONTENT_CHECKS = [name for name in _POSTFIX_SETTINGS if name.endswith("_checks")]
+
+
+class _PostfixSettings:
+    """Postfix's own configuration, as ``postconf -x`` reads it."""
+
+    def __init__(self, config):
+        command = [find_postfix_command("postconf")]
+        if config.postfix_config_dir:
+            command += ["-c", config.postfix_config_dir]
+        try:
+            done = subprocess.run(command + ["-x"] + _POSTFIX_SETTINGS, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise PostfixError(str(e))
+        if done.returncode != 0:
+            raise PostfixError(done.stderr.decode("utf-8", "replace").strip())
+        self.values = {}
+        for line in done.stdout.decode("utf-8", "replace").splitlines():
+            name, _, value = line.partition("=")
+            self.values[name.strip()] = value.strip()
+        self.queue = self.values.get("queue_directory", "/var/spool/postfix")
+        self.where = "main.cf in %s" % (config.postfix_config_dir or "/etc/postfix")
+
+    def words(self, name):
+        return [w for w in re.split(r"[\s,{}]+", self.values.get(name, "")) if w]
+
+
+def postfix_config_problems(config, table, store=None):
+    """What Postfix's own configuration lacks for our map, domains, policy service and milter,
+    and what in it would undo the milter's work: (what was checked, problem, Note or None)."""
+    try:
+        settings = _PostfixSettings(config)
+    except IncognitoMailError as e:
+        return [("Postfix configuration readable", str(e))]
+    problems = _map_problems(config, table, settings)
+    if config.policy_listen:
+        endpoint, words = config.policy_listen, settings.words
+        referenced = any(before == "check_policy_service"
+                         and _same_endpoint(word, endpoint, settings.queue)
+                         for n in ("smtpd_recipient_restrictions", "smtpd_relay_restrictions")
+                         for before, word in zip(words(n), words(n)[1:]))
+        problems.append(("Postfix asks the policy service", None if referenced else
+                         "smtpd_recipient_restrictions in %s lacks check_policy_service %s; "
+                         "see README.md" % (settings.where, endpoint)))
+    return problems + _milter_problems(config, settings, store)
+
+
+def _map_problems(config, table, settings):
+    words, queue, where = settings.words, settings.queue, settings.where
     if config.socketmap_listen:
         ours = lambda w: w.startswith("socketmap:") and _same_endpoint(
             w[10:].rpartition(":")[0], config.socketmap_listen, queue)
@@ -1645,7 +1852,6 @@ def postfix_config_problems(config, table):
     else:
         ours = lambda w: w == table.name or (table.type == "hash" and w == table.path)
         wanted = table.name
-    problems = []
     if any(ours(w) for w in words("virtual_alias_maps")):
         domains = set(words("virtual_alias_domains")) | set(words("mydestination"))
         role = "virtual_alias_maps"
@@ -1653,26 +1859,94 @@ def postfix_config_problems(config, table):
         domains = set(words("mydestination")) | set(words("virtual_alias_domains"))
         role = "canonical"
     else:
-        problems.append(("Postfix uses the map", "neither virtual_alias_maps nor "
-                         "(recipient_)canonical_maps in %s lists %s; add it, e.g. "
-                         "virtual_alias_maps = %s, then postfix reload" % (where, wanted, wanted)))
-        role = None
-    if role:
-        problems.append(("Postfix uses the map (%s)" % role, None))
-        missing = [d for d in config.domains if d not in domains]
-        setting = "virtual_alias_domains" if role == "virtual_alias_maps" else "mydestination"
-        problems.append(("Postfix routes every domain", "%s not in %s (%s); add them there, "
-                         "then postfix reload"
-                         % (", ".join(missing), setting, where) if missing else None))
-    if config.policy_listen:
-        endpoint = config.policy_listen
-        referenced = any(before == "check_policy_service" and _same_endpoint(word, endpoint, queue)
-                         for n in ("smtpd_recipient_restrictions", "smtpd_relay_restrictions")
-                         for before, word in zip(words(n), words(n)[1:]))
-        problems.append(("Postfix asks the policy service", None if referenced else
-                         "smtpd_recipient_restrictions in %s lacks check_policy_service %s; "
-                         "see README.md" % (where, endpoint)))
+        return [("Postfix uses the map", "neither virtual_alias_maps nor (recipient_)canonical_maps"
+                 " in %s lists %s; add it, e.g. virtual_alias_maps = %s, then postfix reload"
+                 % (where, wanted, wanted))]
+    missing = [d for d in config.domains if d not in domains]
+    setting = "virtual_alias_domains" if role == "virtual_alias_maps" else "mydestination"
+    return [("Postfix uses the map (%s)" % role, None),
+            ("Postfix routes every domain", "%s not in %s (%s); add them there, then postfix "
+             "reload" % (", ".join(missing), setting, where) if missing else None)]
+
+
+def _milter_problems(config, settings, store):
+    words, where, values = settings.words, settings.where, settings.values
+    milters = words("smtpd_milters")
+    ours = [i for i, w in enumerate(milters)
+            if config.milter_listen and _same_endpoint(w, config.milter_listen, settings.queue)]
+    if not config.milter_listen:
+        foreign = sorted({address.rpartition("@")[2] for address in
+                          (store.target_addresses() if store is not None else ())}
+                         - set(words("mydestination")))
+        return [("mail leaves with the owner's privacy kept", Note(
+            "without the milter ([General] MilterListen), mail forwarded to %s keeps its "
+            "sender's envelope: SPF fails there, and a bounce or an auto-reply shows the sender "
+            "the owner's address; see README.md, \"Privacy and deliverability\""
+            % ", ".join(foreign)) if foreign else None)]
+    problems = [("Postfix runs the milter", None if ours else
+                 "smtpd_milters in %s lacks %s; add it, then postfix reload"
+                 % (where, config.milter_listen))]
+    if ours and milters[:ours[0]]:
+        problems.append(("the milter comes before other milters", "smtpd_milters lists %s "
+                         "before IncognitoMail's: a DKIM signer there signs what the milter "
+                         "then changes; list IncognitoMail's first" % milters[0]))
+    elif ours:
+        problems.append(("a DKIM signer follows the milter", None if milters[ours[0] + 1:] else
+                         Note("no milter after IncognitoMail's: forwarded mail passes DMARC by "
+                              "SPF alone; list a DKIM signer (OpenDKIM, rspamd) after it to "
+                              "sign for the handles' domains")))
+    if (values.get("milter_default_action") or "tempfail") != "tempfail":
+        problems.append(("Postfix waits while the milter is away", "milter_default_action = %s:"
+                         " mail would pass unchanged while the daemon is down; use tempfail"
+                         % values["milter_default_action"]))
+    if "+" not in values.get("recipient_delimiter", ""):
+        problems.append(("Postfix takes the milter's addresses (handle+...@)", "%s needs "
+                         "recipient_delimiter = +" % where))
+    if "virtual" in words("propagate_unmatched_extensions"):
+        problems.append(("bounces reach the owner's own address", "propagate_unmatched_extensions"
+                         " includes virtual: set it to canonical (or empty) in %s" % where))
+    problems += _rewriter_problems(settings)
+    spf = "v=spf1 a:%s -all" % (values.get("myhostname") or "mail.example.org")
+    problems += [("SPF record of %s" % domain, Note(
+        "publish TXT \"%s\" (or one naming every address this server sends from) for %s"
+        % (spf, domain))) for domain in config.domains]
     return problems
+
+
+def _rewriter_problems(settings):
+    """Settings that change what the milter made: a second envelope rewriter (postsrsd), or
+    anything that rewrites forwarded headers or bodies."""
+    words, where, values = settings.words, settings.where, settings.values
+    rewriters = [w for w in words("sender_canonical_maps") + words("smtpd_milters")
+                 if "srs" in w.lower()]
+    problems = [("no second envelope rewriter", "%s uses %s (postsrsd?): remove it, the milter "
+                 "rewrites the envelope itself; see README.md, \"Moving from postsrsd\""
+                 % (where, rewriters[0]) if rewriters else None)]
+    changing = [name for name in _CONTENT_CHECKS if _rules_change_content(words(name))]
+    changing += [name for name in ("smtp_generic_maps", "masquerade_domains") if words(name)]
+    for name in ("canonical_classes", "sender_canonical_classes",
+                 "recipient_canonical_classes"):
+        maps = words(name.replace("classes", "maps")) if name != "canonical_classes" else \
+            words("canonical_maps")
+        if maps and any(w.startswith("header_") for w in words(name)):
+            changing.append(name)
+    problems.append(("nothing rewrites forwarded mail", "%s in %s change forwarded headers or "
+                     "bodies: the sender's DKIM signature breaks, and a rewrite may undo the "
+                     "milter's; remove them" % (", ".join(changing), where) if changing else None))
+    return problems
+
+
+def _rules_change_content(maps):
+    """Do header or body check tables hold REPLACE or PREPEND rules (a file we can read)?"""
+    for table in maps:
+        path = table.partition(":")[2] if ":" in table else table
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                if re.search(r"^\s*/.*/\S*\s+(REPLACE|PREPEND)\b", f.read(), re.M | re.I):
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 class SocketmapTable(LookupTable):
@@ -1830,26 +2104,27 @@ class Work:
 
 
 def _record_mail(work, events):
-    """``events``: [(address, time, blocked)] of messages the policy service saw at RCPT.
+    """``events``: [(address, time, what)] of messages Postfix asked about: what is one of
+    MAIL_COUNTS, the column it is counted in.
 
     A handle that has now received all the messages it accepts leaves the map at the next
     sweep, once its last message is through Postfix."""
-    counts = {False: {}, True: {}}
-    latest = {False: {}, True: {}}
-    for address, when, blocked in events:
+    counts = {column: {} for column in MAIL_COUNTS}
+    latest = {column: {} for column in MAIL_COUNTS}
+    for address, when, column in events:
         key = tuple(address.lower().split("@", 1))
-        counts[blocked][key] = counts[blocked].get(key, 0) + 1
-        latest[blocked][key] = max(latest[blocked].get(key, 0), when)
-    store = work.store
-    before = {key: store.handle(*key) for key in counts[False]}
+        counts[column][key] = counts[column].get(key, 0) + 1
+        latest[column][key] = max(latest[column].get(key, 0), when)
+    store, received = work.store, counts[RECEIVED]
+    before = {key: store.handle(*key) for key in received}
     swept = work.swept_until()
-    store.record_mail("received", counts[False], latest[False])
-    store.record_mail("blocked", counts[True], latest[True])
+    for column in MAIL_COUNTS:
+        store.record_mail(column, counts[column], latest[column])
     for key, handle in before.items():
         if handle is not None and handle.max_messages is not None and \
-                handle.received < handle.max_messages <= handle.received + counts[False][key]:
+                handle.received < handle.max_messages <= handle.received + received[key]:
             # it leaves the map at the first sweep after this (a later second)
-            store.set_used_up(handle.id, max(latest[False][key], swept + 1))
+            store.set_used_up(handle.id, max(latest[RECEIVED][key], swept + 1))
             log.info("handle %s has received all the %d messages it accepts",
                      handle.address, handle.max_messages)
     return len(events)
@@ -1933,6 +2208,8 @@ class Service:
                 self.store.set_meta("counting_since", str(int(self.clock())))
             if self.store.get_meta("swept_until") is None:
                 self.store.set_meta("swept_until", str(int(self.clock())))
+            if self.store.get_meta("milter_secret") is None:
+                self.store.set_meta("milter_secret", secrets.token_hex(32))
         # as of the last sweep; the sweep below then takes out what ended since
         self.table.reconcile(self.store.map_entries(self._swept_until()), clean)
         # what expired while the server was down leaves the map before anything is served
@@ -2191,10 +2468,13 @@ def _update_handle(work, token, address=None, handle_id=None, label=ABSENT, enab
                    expires=ABSENT, max_messages=ABSENT):
     """Change what is given; ``expires`` None: never, ``max_messages`` None: no limit."""
     account = work.account(token)
-    handle = work.own_handle(account, address, handle_id)
     given = {name: value for name, value in (("label", label), ("enabled", enabled),
                                              ("expires", expires), ("max_messages", max_messages))
              if value is not ABSENT}
+    return _change_handle(work, account, work.own_handle(account, address, handle_id), given)
+
+
+def _change_handle(work, account, handle, given):
     changed = handle._replace(**given)
     work.store.update_handle(changed, work.now)
     swept = work.swept_until()
@@ -2210,11 +2490,41 @@ def _update_handle(work, token, address=None, handle_id=None, label=ABSENT, enab
 
 def _delete_handle(work, token, address=None, handle_id=None):
     account = work.account(token)
-    handle = work.own_handle(account, address, handle_id)
+    _remove_handle(work, account, work.own_handle(account, address, handle_id))
+
+
+def _remove_handle(work, account, handle):
     work.store.delete_handle(handle.id)
     if handle.in_map(work.swept_until()):
         work.changes.remove(handle.address)
     log.info("deleted handle %s of account %d (%s)", handle.address, account.id, account.address)
+
+
+def _get_handles(work, token, handle_ids):
+    """The account's handles among ``handle_ids`` (others' and unknown ones are left out)."""
+    return _own_handles(work, work.account(token), handle_ids)
+
+
+def _own_handles(work, account, handle_ids):
+    found = (work.store.handle_by_number(account.id, number) for number in handle_ids)
+    return [handle for handle in found if handle is not None]
+
+
+def _update_handles(work, token, handle_ids, enabled):
+    """Switch the account's handles among ``handle_ids`` on or off: those that changed."""
+    account = work.account(token)
+    return [_change_handle(work, account, handle, {"enabled": enabled})
+            for handle in _own_handles(work, account, handle_ids)
+            if bool(handle.enabled) != enabled]
+
+
+def _delete_handles(work, token, handle_ids):
+    """Delete the account's handles among ``handle_ids``: the ids of those deleted."""
+    account = work.account(token)
+    handles = _own_handles(work, account, handle_ids)
+    for handle in handles:
+        _remove_handle(work, account, handle)
+    return [handle.number for handle in handles]
 
 
 def _list_handles(work, token, before=None, limit=MAX_PAGE_SIZE):
@@ -2346,6 +2656,16 @@ def _message_limit(value, config, now):
     return value
 
 
+MAX_BULK = 100          # handles one bulk operation names
+
+
+def _handle_numbers(value, config, now):
+    if not 1 <= len(value) <= MAX_BULK or not all(
+            isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_TIME for n in value):
+        raise BadRequest("handle_ids must be a list of 1 to %d handle ids" % MAX_BULK)
+    return list(dict.fromkeys(value))
+
+
 def _from(low, what, high=MAX_TIME):
     def rule(value, config, now):
         if not low <= value <= high:
@@ -2456,6 +2776,7 @@ class Operation(collections.namedtuple("Operation", "name run fields reply calle
 _TOKEN = Field("token", str, True)
 _HANDLE = (Field("address", str, rule=_handle_address), Field("handle_id", int))
 _LABEL = Field("label", str, rule=_label)
+_HANDLE_IDS = Field("handle_ids", list, True, _handle_numbers)
 _LIFETIME = (Field("expires", str, rule=_expiry), Field("max_messages", int, rule=_message_limit))
 _PAGE_SIZE = _from(1, "limit must be from 1 to %d" % MAX_PAGE_SIZE, MAX_PAGE_SIZE)
 _DAYS = _from(0, "days must be 0 or more")
@@ -2480,6 +2801,13 @@ OPERATIONS = {operation.name: operation for operation in (
               True, False, _SHOW_NOTHING),
     Operation("get_handle", _get_handle, (_TOKEN,) + _HANDLE, "handle", (WEBSOCKET, HTTP), True,
               False, _SHOW_HANDLE),
+    Operation("get_handles", _get_handles, (_TOKEN, _HANDLE_IDS), "handles", (WEBSOCKET, HTTP),
+              True, False, _SHOW_NOTHING),
+    Operation("update_handles", _update_handles,
+              (_TOKEN, _HANDLE_IDS, Field("enabled", bool, True)), "handles", (WEBSOCKET, HTTP),
+              False, False, _SHOW_NOTHING),
+    Operation("delete_handles", _delete_handles, (_TOKEN, _HANDLE_IDS), "deleted",
+              (WEBSOCKET, HTTP), False, False, _SHOW_NOTHING),
     Operation("update_handle", _update_handle,
               (_TOKEN,) + _HANDLE + (_LABEL, Field("enabled", bool, nullable=False)) + _LIFETIME,
               "handle",
@@ -2504,14 +2832,15 @@ OPERATIONS = {operation.name: operation for operation in (
 
 
 class TokenBucket:
-    """Rate limits keyed by client or account: ``per_minute`` requests, bursting as many.
+    """Rate limits keyed by client or account: ``per_minute`` requests, bursting up to
+    ``burst`` (as many as ``per_minute`` unless said).
 
-    ``take(key)`` returns 0 when allowed, else the seconds to wait. ``per_minute = 0``
+    ``take(key)`` returns 0 when allowed, else the whole seconds to wait. ``per_minute = 0``
     turns the limit off. Full buckets are forgotten so memory stays bounded.
     """
 
-    def __init__(self, per_minute, clock=time.monotonic):
-        self.per_minute = per_minute
+    def __init__(self, per_minute, burst=None, clock=time.monotonic):
+        self.per_minute, self.burst = per_minute, burst or per_minute
         self.clock = clock
         self._buckets = {}
 
@@ -2521,32 +2850,45 @@ class TokenBucket:
         now = self.clock()
         tokens = self._level(key, now)
         if tokens < 1:
-            self._buckets[key] = (tokens, now)
+            self._keep(key, tokens, now)
             return max(1, int((1 - tokens) * 60.0 / self.per_minute + 0.999))
-        if not peek:
-            tokens -= 1
-        self._buckets[key] = (tokens, now)
-        if len(self._buckets) > 100000:
-            self._forget_full(now)
+        self._keep(key, tokens if peek else tokens - 1, now)
         return 0
+
+    def reserve(self, key):
+        """Take a token now or in the future: the seconds until it is there (0: now). The
+        bucket goes into debt for the requests waiting, so each waits once, in turn."""
+        if not self.per_minute:
+            return 0
+        now = self.clock()
+        tokens = self._level(key, now) - 1
+        self._keep(key, tokens, now)
+        return max(0.0, -tokens * 60.0 / self.per_minute)
 
     def give_back(self, key):
         """Return one token taken in advance for a request that turned out not to count."""
         if self.per_minute and key in self._buckets:
             now = self.clock()
-            self._buckets[key] = (min(self.per_minute, self._level(key, now) + 1), now)
+            self._buckets[key] = (min(self.burst, self._level(key, now) + 1), now)
 
     def _level(self, key, now):
-        tokens, last = self._buckets.get(key, (self.per_minute, now))
-        return min(self.per_minute, tokens + (now - last) * self.per_minute / 60.0)
+        tokens, last = self._buckets.get(key, (self.burst, now))
+        return min(self.burst, tokens + (now - last) * self.per_minute / 60.0)
 
-    def _forget_full(self, now):
-        for key in list(self._buckets):
-            if self._level(key, now) >= self.per_minute:
-                del self._buckets[key]
+    def _keep(self, key, tokens, now):
+        self._buckets[key] = (tokens, now)
+        if len(self._buckets) > 100000:         # full buckets are as good as none
+            for key in list(self._buckets):
+                if self._level(key, now) >= self.burst:
+                    del self._buckets[key]
 
 
 KNOWN_TOKENS = 10000        # digests of tokens seen right lately, not charged in advance
+# What one account (or, without a token, one client) may ask of the Service over the network:
+# operations a second, in bursts of up to twice as many; beyond, its requests wait. Every
+# answer costs the whole process time (Python runs one thread at a time), so without such a
+# budget one owner reading hard would slow the answers to everyone else.
+OPERATIONS_PER_SECOND = 50
 
 
 class Gate:
@@ -2564,6 +2906,7 @@ class Gate:
         self._creation_per_client = TokenBucket(config.handles_per_minute_per_client)
         self._creation_per_account = TokenBucket(config.handles_per_minute_per_account)
         self._failures_per_client = TokenBucket(config.failed_tokens_per_minute_per_client)
+        self._budget = TokenBucket(60 * OPERATIONS_PER_SECOND, 2 * OPERATIONS_PER_SECOND)
         self._known_tokens = collections.OrderedDict()  # digest -> its account id, or None
         self._checking = {}             # digest of a token not known yet -> done once checked
 
@@ -2621,6 +2964,9 @@ class Gate:
         try:
             if operation.limited:
                 await self._take_creation(client, digest, token)
+            wait = self._budget.reserve(digest or client)
+            if wait:
+                await asyncio.sleep(wait)
             result = await asyncio.wrap_future(self.submit(operation, fields, digest or client))
         except Unauthorized:
             self._known_tokens.pop(digest, None)
@@ -2697,7 +3043,9 @@ def handle_json(handle, now):
             "last_received": iso_time(handle.last_received), "id": handle.number,
             "state": handle.state(now), "expires": iso_time(handle.expires),
             "max_messages": handle.max_messages, "blocked": handle.blocked,
-            "last_blocked": iso_time(handle.last_blocked)}
+            "last_blocked": iso_time(handle.last_blocked), "bounced": handle.bounced,
+            "last_bounced": iso_time(handle.last_bounced), "sent": handle.sent,
+            "last_sent": iso_time(handle.last_sent)}
 
 
 def json_value(result, now=None):
@@ -2851,6 +3199,122 @@ def netstring(data):
 
 
 ###############################################################################
+# Wire formats: the milter protocol (version 6, as Postfix speaks it)
+###############################################################################
+
+# Sendmail's libmilter (mfdef.h, mfapi.h) defines the protocol; Postfix's MILTER_README says
+# which part it speaks. A packet is a 4-byte big-endian length, then a command byte and its
+# payload; strings end with NUL.
+MILTER_VERSION = 6
+MAX_MILTER_PACKET = 1 << 20     # a header may be 100 KB (header_size_limit); no body is asked for
+
+# Commands from Postfix
+SMFIC_OPTNEG, SMFIC_MACRO, SMFIC_CONNECT, SMFIC_HELO = b"O", b"D", b"C", b"H"
+SMFIC_MAIL, SMFIC_RCPT, SMFIC_DATA, SMFIC_HEADER, SMFIC_EOH = b"M", b"R", b"T", b"L", b"N"
+SMFIC_BODY, SMFIC_BODYEOB, SMFIC_ABORT, SMFIC_QUIT, SMFIC_UNKNOWN = b"B", b"E", b"A", b"Q", b"U"
+# Replies, and the changes a milter may ask for at the end of a message
+SMFIR_CONTINUE, SMFIR_REJECT, SMFIR_TEMPFAIL, SMFIR_REPLYCODE = b"c", b"r", b"t", b"y"
+SMFIR_CHGHEADER, SMFIR_INSHEADER, SMFIR_CHGFROM = b"m", b"i", b"e"
+SMFIR_ADDRCPT, SMFIR_DELRCPT = b"+", b"-"
+# What this milter may change (actions) ...
+SMFIF_ADDHDRS, SMFIF_ADDRCPT, SMFIF_DELRCPT, SMFIF_CHGHDRS, SMFIF_CHGFROM = 0x01, 0x04, 0x08, \
+    0x10, 0x40
+MILTER_ACTIONS = SMFIF_ADDHDRS | SMFIF_ADDRCPT | SMFIF_DELRCPT | SMFIF_CHGHDRS | SMFIF_CHGFROM
+# ... and what it need not be told, or need not answer (protocol steps)
+SMFIP_NOHELO, SMFIP_NOBODY, SMFIP_NOEOH, SMFIP_NR_HDR = 0x02, 0x10, 0x40, 0x80
+SMFIP_NOUNKNOWN, SMFIP_NODATA, SMFIP_NR_CONN = 0x100, 0x200, 0x1000
+MILTER_STEPS = (SMFIP_NOHELO | SMFIP_NOBODY | SMFIP_NOEOH | SMFIP_NR_HDR | SMFIP_NOUNKNOWN
+                | SMFIP_NODATA | SMFIP_NR_CONN)
+# Commands answered with nothing: macros, an abort, quit; and those this milter said not to answer
+_UNANSWERED = frozenset((SMFIC_MACRO, SMFIC_ABORT, SMFIC_QUIT, SMFIC_CONNECT, SMFIC_HEADER))
+
+MilterCommand = collections.namedtuple("MilterCommand", "code args")
+
+
+class MilterParser:
+    """Postfix's milter commands from its bytes: ``feed``, then ``next_request`` returns the next
+    MilterCommand, or None until one is complete. ``args``: for OPTNEG (version, actions, steps),
+    MACRO (stage, {name: value}), CONNECT (host, family, port, address), HEADER (name, value),
+    MAIL and RCPT the strings (address first), otherwise (). Text is decoded as UTF-8, with what
+    is not UTF-8 kept as surrogates. A packet over MAX_MILTER_PACKET or one that does not parse
+    raises PostfixProtocolError."""
+
+    def __init__(self):
+        self._buffer = _Buffer()
+
+    @property
+    def incomplete(self):
+        return bool(self._buffer)
+
+    def feed(self, data):
+        self._buffer.feed(data)
+
+    def next_request(self):
+        data = self._buffer.data
+        if len(data) < 4:
+            return None
+        length = int.from_bytes(data[:4], "big")
+        if not 1 <= length <= MAX_MILTER_PACKET:
+            raise PostfixProtocolError("milter packet of %d bytes" % length)
+        if len(data) < 4 + length:
+            return None
+        packet = self._buffer.take(4 + length)
+        code, payload = packet[4:5], packet[5:]
+        try:
+            return MilterCommand(code, self._arguments(code, payload))
+        except (ValueError, IndexError):
+            raise PostfixProtocolError("malformed milter %r packet" % code) from None
+
+    @staticmethod
+    def _arguments(code, payload):
+        if code == SMFIC_OPTNEG:
+            return struct.unpack("!III", payload[:12])
+        strings = [s.decode("utf-8", "surrogateescape") for s in payload.split(b"\0")]
+        if code in (SMFIC_CONNECT, SMFIC_HEADER, SMFIC_MAIL, SMFIC_RCPT) and \
+                payload[-1:] != b"\0":
+            raise ValueError("strings must end with NUL")
+        if code == SMFIC_MACRO:
+            if len(payload) == 1:
+                return payload.decode("ascii"), {}
+            names = [strings[0][1:]] + strings[1:-1]
+            return strings[0][:1], dict(zip(names[0::2], names[1::2]))
+        if code == SMFIC_CONNECT:
+            host, rest = payload.split(b"\0", 1)
+            family = rest[:1].decode("ascii")
+            if len(rest) > 3:
+                port = int.from_bytes(rest[1:3], "big")
+                return host.decode("utf-8", "replace"), family, port, rest[3:-1].decode("ascii")
+            return host.decode("utf-8", "replace"), family, 0, ""
+        if code == SMFIC_HEADER:
+            return strings[0], "\0".join(strings[1:-1])
+        if code in (SMFIC_MAIL, SMFIC_RCPT, SMFIC_HELO):
+            return tuple(strings[:-1])
+        return ()
+
+
+def milter_packet(code, payload=b""):
+    return struct.pack("!I", len(payload) + 1) + code + payload
+
+
+def milter_negotiation(version=MILTER_VERSION):
+    """The answer to Postfix's OPTNEG: the version, MILTER_ACTIONS and MILTER_STEPS."""
+    return milter_packet(SMFIC_OPTNEG, struct.pack("!III", version, MILTER_ACTIONS,
+                                                   MILTER_STEPS))
+
+
+def milter_reply(text):
+    """A reply Postfix sends as it is (``452 4.5.3 ...``); ``%`` is doubled, as libmilter does."""
+    return milter_packet(SMFIR_REPLYCODE, text.replace("%", "%%").encode("utf-8") + b"\0")
+
+
+def milter_strings(code, *strings, index=None):
+    """A change request carrying NUL-terminated strings, after a header index if given."""
+    head = b"" if index is None else struct.pack("!I", index)
+    return milter_packet(code, head + b"".join(
+        s.encode("utf-8", "surrogateescape") + b"\0" for s in strings))
+
+
+###############################################################################
 # Wire formats: HTTP/1.1 requests and responses, and the WebSocket handshake
 ###############################################################################
 
@@ -2888,6 +3352,8 @@ def parse_request(head):
             raise HttpError(400, "more than one Host header")   # RFC 7230 section 5.4
         headers[name] = headers[name] + ", " + value if name in headers else value
     method, target, major, minor = start.groups()
+    if (major, minor) not in (("1", "0"), ("1", "1")):
+        raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are spoken here")
     path, _, query = target.partition("?")
     values = {}
     for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
@@ -2983,20 +3449,21 @@ def is_upgrade(request):
     return "websocket" in _tokens(request.headers.get("upgrade"))
 
 
-def origin_allowed(request, allowed_origins):
+def origin_allowed(request, allowed_origins, scheme="http"):
     """Any Origin when ``allowed_origins`` is empty, else one of them (ignoring case), or the
-    listener's own: a page it served itself (the Origin names the Host)."""
+    listener's own: a page it served itself, the Origin naming ``scheme`` and the Host."""
     origin = request.headers.get("origin", "").lower()
     if not allowed_origins or origin in {o.lower() for o in allowed_origins}:
         return True
     try:
-        netloc = urllib.parse.urlsplit(origin).netloc
+        parts = urllib.parse.urlsplit(origin)
     except ValueError:      # "http://[" and the like
         return False
-    return bool(origin) and netloc == request.headers.get("host", "").lower()
+    return bool(origin) and (parts.scheme, parts.netloc) == (
+        scheme, request.headers.get("host", "").lower())
 
 
-def check_upgrade(request, path, allowed_origins=()):
+def check_upgrade(request, path, allowed_origins=(), scheme="http"):
     """Validate a WebSocket upgrade request for ``path``; return its Sec-WebSocket-Key.
 
     Raises HttpError with the status to answer. An empty ``allowed_origins`` allows any Origin;
@@ -3022,7 +3489,7 @@ def check_upgrade(request, path, allowed_origins=()):
         raise HttpError(400, "missing or malformed Sec-WebSocket-Key")
     if headers.get("sec-websocket-version") != "13":
         raise HttpError(426, "unsupported WebSocket version", [("Sec-WebSocket-Version", "13")])
-    if not origin_allowed(request, allowed_origins):
+    if not origin_allowed(request, allowed_origins, scheme):
         raise HttpError(403, "origin not allowed")
     return key
 
@@ -3305,23 +3772,27 @@ def _addy_time(timestamp):
 
 
 def addy_alias(handle, now):
-    """A handle as addy.io shows an alias, and how it ends (``expires_at``, ``max_messages``,
-    ``state``: what addy.io lacks)."""
+    """A handle as addy.io shows an alias, and what addy.io lacks: how it ends
+    (``expires_at``, ``max_messages``, ``state``) and its bounces (``emails_bounced``,
+    ``last_bounced``). The owner's messages through it count as replies."""
     return {"id": handle.number, "user_id": handle.account_id, "local_part": handle.local,
             "extension": None, "domain": handle.domain, "email": handle.address,
             "active": bool(handle.enabled), "pinned": False, "description": handle.label,
             "from_name": None, "emails_forwarded": handle.received,
-            "emails_blocked": handle.blocked, "emails_replied": 0, "emails_sent": 0,
+            "emails_blocked": handle.blocked, "emails_replied": handle.sent, "emails_sent": 0,
             "recipients": [], "last_forwarded": _addy_time(handle.last_received),
-            "last_blocked": _addy_time(handle.last_blocked), "last_replied": None,
+            "last_blocked": _addy_time(handle.last_blocked),
+            "last_replied": _addy_time(handle.last_sent),
             "last_sent": None, "created_at": _addy_time(handle.created),
             "updated_at": _addy_time(handle.updated), "deleted_at": None,
             "expires_at": _addy_time(handle.expires), "max_messages": handle.max_messages,
-            "state": handle.state(now)}
+            "state": handle.state(now), "emails_bounced": handle.bounced,
+            "last_bounced": _addy_time(handle.last_bounced)}
 
 
 def simplelogin_alias(handle, now):
-    """A handle as SimpleLogin shows an alias, and how it ends (as in addy_alias)."""
+    """A handle as SimpleLogin shows an alias, and how it ends and its bounces (``nb_bounce``),
+    as in addy_alias."""
     mailbox = {"id": handle.account_id, "email": handle.target}
     return {"alias": handle.address, "id": handle.number, "email": handle.address,
             "creation_date": datetime.datetime.fromtimestamp(
@@ -3329,7 +3800,8 @@ def simplelogin_alias(handle, now):
             "creation_timestamp": int(handle.created), "enabled": bool(handle.enabled),
             "note": handle.label, "name": None, "nb_forward": handle.received,
             "nb_block": handle.blocked,
-            "nb_reply": 0, "mailbox": mailbox, "mailboxes": [mailbox], "pinned": False,
+            "nb_reply": handle.sent, "nb_bounce": handle.bounced, "mailbox": mailbox,
+            "mailboxes": [mailbox], "pinned": False,
             "latest_activity": None, "support_pgp": False, "disable_pgp": False,
             "expires_at": _addy_time(handle.expires), "max_messages": handle.max_messages,
             "state": handle.state(now)}
@@ -3462,6 +3934,41 @@ def _addy_deactivate(request, token, match, site):
                                      "enabled": False}, lambda _: _reply(204))
 
 
+def _bulk_ids(request):
+    """addy.io's bulk ``{"ids": [...]}``: ids as numbers or as text (pyaddy sends text)."""
+    ids = _json_body(request, ADDY).get("ids")
+    if not isinstance(ids, list) or not ids or \
+            not all(isinstance(i, (int, str)) and not isinstance(i, bool) for i in ids):
+        raise BadRequest("ids must be a list of alias ids", "ids")
+    return [_handle_id(i) if isinstance(i, str) else i for i in ids]
+
+
+def _addy_bulk(op, fields, done):
+    """A bulk route: ``done`` says what happened (``activated``...); nothing found is a 404."""
+    def route(request, token, match, site):
+        def answer(result):
+            ids = [h.number if isinstance(h, Handle) else h for h in result]
+            if not ids:
+                return _reply(404, {"message": "No aliases found"})
+            if op == "get_handles":
+                return _reply(200, {"data": [addy_alias(h, site.now) for h in result]})
+            return _reply(200, {"message": "%d alias%s %s successfully" % (
+                len(ids), "" if len(ids) == 1 else "es", done), "ids": ids})
+        return ApiCall(op, dict(fields, token=token, handle_ids=_bulk_ids(request)), answer)
+    return route
+
+
+def _addy_forget(request, token, match, site):
+    """Deleted handles are gone for good here: forgetting one is deleting it."""
+    return _addy_delete(request, token, match, site)
+
+
+def _addy_restore(request, token, match, site):
+    """Deleted handles are gone for good here: nothing is there to restore (addy.io's own
+    answer when it finds none)."""
+    raise NotFound("No aliases found")
+
+
 def _addy_account(show):
     def route(request, token, match, site):
         return ApiCall("account", {"token": token}, lambda account: _reply(200, show(account)))
@@ -3508,16 +4015,31 @@ def _simplelogin_new(request, token, match, site):
 
 
 def _simplelogin_list(request, token, match, site):
+    """``page_id``, and as SimpleLogin reads them: a filter is on when its name is in the
+    query, whatever its value (``pinned`` first, then ``disabled``, then ``enabled``), and the
+    ``query`` comes in a JSON body, with GET as with POST."""
     page = request.query.get("page_id", "")
     if not _is_number(page) or len(page) > 9:
         raise BadRequest("page_id must be given, a whole number from 0")
-    search = None
-    if request.method == "POST":
-        search = _text_field(_json_body(request, SIMPLELOGIN, required=False), "query")
+    search = _text_field(_json_body(request, SIMPLELOGIN, required=False), "query")
     fields = {"token": token, "search": search or None, "offset": int(page) * SIMPLELOGIN_PAGE_SIZE,
               "limit": SIMPLELOGIN_PAGE_SIZE}
+    if "pinned" in request.query:        # no handle is pinned here
+        return ApiCall("account", {"token": token}, lambda _: _reply(200, {"aliases": []}))
+    if "disabled" in request.query or "enabled" in request.query:
+        fields["enabled"] = "disabled" not in request.query
     return ApiCall("find_handles", fields, lambda found: _reply(
         200, {"aliases": [simplelogin_alias(h, site.now) for h in found.handles]}))
+
+
+def _simplelogin_options(request, token, match, site):
+    """Handles here are random: no suffix for a prefix of the owner's choosing."""
+    return ApiCall("account", {"token": token}, lambda _: _reply(
+        200, {"can_create": True, "suffixes": [], "prefix_suggestion": ""}))
+
+
+def _simplelogin_custom(request, token, match, site):
+    raise BadRequest("this server makes random aliases only: use POST /api/alias/random/new")
 
 
 def _simplelogin_get(request, token, match, site):
@@ -3549,25 +4071,41 @@ def _simplelogin_mailboxes(request, token, match, site):
         "creation_timestamp": int(account.created), "nb_alias": account.handles}]}))
 
 
-_ID_PATH = r"(?P<id>[^/]+)"
-# (path, dialect, {method: route}); a route takes (request, token, path match, ApiSite).
-API_ROUTES = tuple((re.compile(path), dialect, methods) for path, dialect, methods in (
+# (path, dialect, {method: route}); a route takes (request, token, path match, ApiSite); {id}
+# in a path is any one segment.
+API_ROUTES = tuple((re.compile(path.replace("{id}", r"(?P<id>[^/]+)")), dialect, methods, path)
+                   for path, dialect, methods in (
     ("/api/v1/aliases", ADDY, {"GET": _addy_list, "POST": _addy_new}),
-    ("/api/v1/aliases/" + _ID_PATH, ADDY, {"GET": _addy_get, "PATCH": _addy_update,
-                                      "DELETE": _addy_delete}),
+    ("/api/v1/aliases/get/bulk", ADDY, {"POST": _addy_bulk("get_handles", {}, "found")}),
+    ("/api/v1/aliases/activate/bulk", ADDY, {"POST": _addy_bulk("update_handles",
+                                                                {"enabled": True}, "activated")}),
+    ("/api/v1/aliases/deactivate/bulk", ADDY, {"POST": _addy_bulk(
+        "update_handles", {"enabled": False}, "deactivated")}),
+    ("/api/v1/aliases/delete/bulk", ADDY, {"POST": _addy_bulk("delete_handles", {}, "deleted")}),
+    ("/api/v1/aliases/forget/bulk", ADDY, {"POST": _addy_bulk("delete_handles", {},
+                                                              "forgotten")}),
+    ("/api/v1/aliases/restore/bulk", ADDY, {"POST": _addy_restore}),
+    ("/api/v1/aliases/{id}", ADDY, {"GET": _addy_get, "PATCH": _addy_update,
+                                    "DELETE": _addy_delete}),
+    ("/api/v1/aliases/{id}/restore", ADDY, {"PATCH": _addy_restore}),
+    ("/api/v1/aliases/{id}/forget", ADDY, {"DELETE": _addy_forget}),
     ("/api/v1/active-aliases", ADDY, {"POST": _addy_activate}),
-    ("/api/v1/active-aliases/" + _ID_PATH, ADDY, {"DELETE": _addy_deactivate}),
+    ("/api/v1/active-aliases/{id}", ADDY, {"DELETE": _addy_deactivate}),
     ("/api/v1/domain-options", ADDY, {"GET": _addy_account(_addy_domain_options)}),
     ("/api/v1/account-details", ADDY, {"GET": _addy_account(_addy_account_details)}),
     ("/api/v1/api-token-details", ADDY, {"GET": _addy_account(_addy_token_details)}),
     ("/api/v1/recipients", ADDY, {"GET": _addy_account(_addy_recipients)}),
     ("/api/alias/random/new", SIMPLELOGIN, {"POST": _simplelogin_new}),
     ("/api/v2/aliases", SIMPLELOGIN, {"GET": _simplelogin_list, "POST": _simplelogin_list}),
-    ("/api/aliases/" + _ID_PATH, SIMPLELOGIN, {"GET": _simplelogin_get,
-                                               "DELETE": _simplelogin_delete}),
-    ("/api/aliases/" + _ID_PATH + "/toggle", SIMPLELOGIN, {"POST": _simplelogin_toggle}),
+    ("/api/aliases/{id}", SIMPLELOGIN, {"GET": _simplelogin_get, "DELETE": _simplelogin_delete}),
+    ("/api/aliases/{id}/toggle", SIMPLELOGIN, {"POST": _simplelogin_toggle}),
     ("/api/user_info", SIMPLELOGIN, {"GET": _simplelogin_user}),
     ("/api/mailboxes", SIMPLELOGIN, {"GET": _simplelogin_mailboxes}),
+    ("/api/v2/mailboxes", SIMPLELOGIN, {"GET": _simplelogin_mailboxes}),
+    ("/api/v4/alias/options", SIMPLELOGIN, {"GET": _simplelogin_options}),
+    ("/api/v5/alias/options", SIMPLELOGIN, {"GET": _simplelogin_options}),
+    ("/api/v2/alias/custom/new", SIMPLELOGIN, {"POST": _simplelogin_custom}),
+    ("/api/v3/alias/custom/new", SIMPLELOGIN, {"POST": _simplelogin_custom}),
 ))
 
 CORS_HEADERS = (("Access-Control-Allow-Methods", "GET, POST, PATCH, DELETE, OPTIONS"),
@@ -3602,9 +4140,11 @@ def api_error(dialect, error):
 
 def route_api(request, site):
     """The request's route: an ApiCall to run, or an ApiReply (an error, or 405 with Allow)."""
-    # Bitwarden joins its base URL and the path as strings: "https://host/" gives "//api/..."
-    request = request._replace(path=re.sub("/{2,}", "/", request.path))
-    for path, dialect, methods in API_ROUTES:
+    # Bitwarden joins its base URL and the path as strings: "https://host/" gives "//api/...";
+    # pyaddy makes aliases at "/api/v1/aliases/"
+    path = re.sub("/{2,}", "/", request.path)
+    request = request._replace(path=path.rstrip("/") or "/")
+    for path, dialect, methods, _ in API_ROUTES:
         match = path.fullmatch(request.path)
         if match is None:
             continue
@@ -3623,7 +4163,10 @@ def route_api(request, site):
         except IncognitoMailError as e:     # told only to the account's owner: the token first
             return ApiCall("account", {"token": token},
                            lambda _, error=e: api_error(dialect, error)), dialect
-    return _reply(404, {"message": "nothing here", "error": "nothing here"}), None
+    text = "no API endpoint at %s; this server has %s" % (
+        request.path[:100], ", ".join("%s %s" % ("|".join(sorted(methods)), path)
+                                      for _, _, methods, path in API_ROUTES))
+    return _reply(404, {"message": text, "error": text}), None
 
 
 _HOST = re.compile(r"[A-Za-z0-9.\[\]:-]{1,255}")
@@ -3652,14 +4195,6 @@ def owner_page(request, config):
 # entry (Postfix).
 
 STOP_GRACE_SECONDS = 20     # how long a stop waits for requests in flight
-
-
-def _is_ip(text):
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def client_key(address):
@@ -3831,7 +4366,7 @@ class _Clients:
 
     def __init__(self, name, most):
         self.name, self.most = name, most
-        self._writers = collections.OrderedDict()
+        self._writers = collections.OrderedDict()   # writer -> when it was last active
         self._evictions = _Quiet(60)
 
     def __len__(self):
@@ -3844,11 +4379,22 @@ class _Clients:
             oldest.close()
             self._evictions.say(logging.WARNING, "%s: %d connections open; closed the least "
                                 "recently active one", self.name, self.most)
-        self._writers[writer] = None
+        self._writers[writer] = time.monotonic()
 
     def active(self, writer):
         if writer in self._writers:
+            self._writers[writer] = time.monotonic()
             self._writers.move_to_end(writer)
+
+    def close_idle(self, seconds):
+        """Close the connections that said nothing for ``seconds``, oldest first."""
+        limit = time.monotonic() - seconds
+        while self._writers:
+            writer, last = next(iter(self._writers.items()))
+            if last > limit:
+                return
+            del self._writers[writer]
+            writer.close()
 
     def discard(self, writer):
         self._writers.pop(writer, None)
@@ -3939,6 +4485,14 @@ class WebSocketConnection(asyncio.Protocol):
         """The response to an HTTP request refused before an answer (``error``: HttpError);
         ``request`` is None when its head could not be read."""
         return error_response(error.status, error.reason, error.headers)
+
+    def check_request(self, request):
+        """Raise HttpError to refuse ``request`` (the opening handshake too) before it is
+        answered."""
+
+    def own_scheme(self, request):
+        """The scheme of the listener's own pages, as the browser sees it (for the Origin)."""
+        return "http"
 
     @property
     def is_open(self):
@@ -4048,6 +4602,11 @@ class WebSocketConnection(asyncio.Protocol):
                 return
             if request is None:
                 break
+            try:
+                self.check_request(request)
+            except HttpError as exc:
+                self._answer_http((self.refusal(exc, request), True))
+                return
             if request.path == self._path or is_upgrade(request):
                 self._upgrade(request)
             else:
@@ -4077,7 +4636,8 @@ class WebSocketConnection(asyncio.Protocol):
     def _upgrade(self, request):
         """The opening handshake: answer 101 (or an HTTP error, and close)."""
         try:
-            key = check_upgrade(request, self._path, self._allowed_origins)
+            key = check_upgrade(request, self._path, self._allowed_origins,
+                                self.own_scheme(request))
         except HttpError as exc:
             self._answer_http((error_response(exc.status, exc.reason, exc.headers), True))
             return
@@ -4179,10 +4739,24 @@ MAX_POSTFIX_CLIENTS = 200           # per policy or socketmap listener; the olde
 RESERVED_DESCRIPTORS = 64 + MAX_CONTROL_CLIENTS + 2 * MAX_POSTFIX_CLIENTS
 
 
-def descriptor_budget(wanted):
+_HTTP_METHOD = re.compile(rb"[A-Z]{3,7} ")
+
+
+async def _peek(loop, sock, timeout):
+    """The first bytes a client sent, left unread; asyncio.TimeoutError if it sends none."""
+    ready = loop.create_future()
+    loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+    try:
+        await asyncio.wait_for(ready, timeout)
+    finally:
+        loop.remove_reader(sock.fileno())
+    return sock.recv(8, socket.MSG_PEEK)
+
+
+def descriptor_budget(wanted, asked=True):
     """Raise the soft limit of open files towards the hard one; how many WebSocket/HTTP
     connections fit beside RESERVED_DESCRIPTORS: ``wanted`` ([Limits] MaxConnections, 0 for no
-    limit of its own), or fewer, said once."""
+    limit of its own), or fewer, said once: as a warning when the admin ``asked`` for more."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else max(soft, wanted + RESERVED_DESCRIPTORS)
     if soft != resource.RLIM_INFINITY and soft < target:
@@ -4194,10 +4768,11 @@ def descriptor_budget(wanted):
     # with a very low limit, half of it is kept back
     budget = soft - min(RESERVED_DESCRIPTORS, soft // 2)
     if wanted and budget < wanted:
-        log.warning("open-file limit %d leaves room for %d WebSocket/HTTP connections, fewer than "
-                    "[Limits] MaxConnections %d (%d descriptors are kept for the command line, "
-                    "Postfix and files); raise the limit (LimitNOFILE in the systemd unit, "
-                    "ulimit -n)", soft, budget, wanted, soft - budget)
+        log.log(logging.WARNING if asked else logging.INFO,
+                "open-file limit %d leaves room for %d WebSocket/HTTP connections, fewer than "
+                "[Limits] MaxConnections %d (%d descriptors are kept for the command line, "
+                "Postfix and files); raise the limit (LimitNOFILE in the systemd unit, "
+                "ulimit -n)", soft, budget, wanted, soft - budget)
     return min(budget, wanted) if wanted else budget
 
 
@@ -4218,18 +4793,20 @@ class _WebClient(WebSocketConnection):
         self.front, self.peer = front, peer
         self.counted_as = self.client = client_key(peer)
 
-    def opened(self, request):
-        self.client = client_key(self.front.client_address(self.peer, request.headers))
+    def check_request(self, request):
+        self.front.check_request(self, request)
+
+    def own_scheme(self, request):
+        return self.front.scheme(self.peer, request.headers)
 
     def message_received(self, message):
         return self.front.answer_websocket(self, message)
 
     def request_received(self, request):
-        self.client = client_key(self.front.client_address(self.peer, request.headers))
         return self.front.answer_http(self, request)
 
     def refusal(self, error, request):
-        return self.front.http_refusal(error, request)
+        return self.front.http_refusal(error, request, self.peer)
 
     def closed(self):
         self.front.release(self)
@@ -4248,14 +4825,19 @@ class WebFront:
         self._max_connections = None    # in all (None: no limit)
         self._trusted = [ipaddress.ip_network(p, strict=False) for p in config.trusted_proxies]
 
-    @property
-    def url(self):
-        return "%s://%s%s" % ("wss" if self.tls else "ws", self.config.listen_address,
-                              self.config.listen_path)
+    def urls(self):
+        """Where the owner page (and the API under it) and the add-on's WebSocket are."""
+        address = self.config.listen_address
+        if address.startswith(":"):
+            address = "localhost" + address
+        secure = "s" if self.tls else ""
+        return ("http%s://%s/" % (secure, address),
+                "ws%s://%s%s" % (secure, address, self.config.listen_path))
 
     def start(self, loop):
         """Listen on ListenAddress; connections are accepted (and counted) by ``_accept``."""
-        self._max_connections = descriptor_budget(self.config.max_connections)
+        self._max_connections = descriptor_budget(self.config.max_connections,
+                                                  "max_connections" in self.config.given)
         host, port = parse_host_port(self.config.listen_address)
         try:
             for family, kind, proto, _, address in socket.getaddrinfo(
@@ -4322,8 +4904,18 @@ class WebFront:
 
     async def _connect(self, client, sock):
         tls = {"ssl": self.tls, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT} if self.tls else {}
+        loop = asyncio.get_running_loop()
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(lambda: client, sock, **tls)
+            if self.tls and _HTTP_METHOD.match(await _peek(loop, sock, TLS_HANDSHAKE_TIMEOUT)):
+                # plain http:// to a TLS port: say so, instead of a failed handshake
+                sock.send(self.http_refusal(HttpError(400, "this port speaks https:// and "
+                                                           "wss:// (TLS) only")))
+                try:
+                    sock.recv(65536)    # read, so that the close is no reset that loses it
+                except OSError:
+                    pass
+                raise ConnectionError("plain HTTP on the TLS port")
+            await loop.connect_accepted_socket(lambda: client, sock, **tls)
         except (Exception, asyncio.CancelledError):     # a failed, slow or cancelled handshake
             sock.close()
             if client.transport is None:
@@ -4332,24 +4924,60 @@ class WebFront:
     def admit(self, connection):
         """A new WebSocket/HTTP connection: within the connection limits, or refused (503).
 
-        A trusted proxy speaks for many clients: only the limit in total applies to it."""
-        client = connection.counted_as
-        count = self._connections.get(client, 0)
-        per_client = self.config.max_connections_per_client
+        A trusted proxy speaks for many clients: its connection is counted for the client it
+        forwards once a request names it (``check_request``); until then only the limit in
+        total applies."""
         full = self._max_connections is not None and len(self._clients) >= self._max_connections
-        if full or (per_client and count >= per_client and not self._is_trusted(connection.peer)):
+        if full or not (self._is_trusted(connection.peer) or self._has_room(connection.counted_as)):
             return False
-        self._connections[client] = count + 1
+        self._count(connection, connection.counted_as)
         self._clients.add(connection)
         return True
 
     def release(self, connection):
-        if connection not in self._clients:
-            return
-        self._clients.discard(connection)
-        self._connections[connection.counted_as] -= 1
-        if not self._connections[connection.counted_as]:
-            del self._connections[connection.counted_as]
+        if connection in self._clients:
+            self._count(connection, None)
+            self._clients.discard(connection)
+
+    def _has_room(self, client):
+        per_client = self.config.max_connections_per_client
+        return not per_client or self._connections.get(client, 0) < per_client
+
+    def _count(self, connection, client):
+        """Count ``connection`` for ``client`` instead (None: for nobody any more)."""
+        previous = connection.counted_as if connection in self._clients else None
+        if previous is not None:
+            self._connections[previous] -= 1
+            if not self._connections[previous]:
+                del self._connections[previous]
+        if client is not None:
+            self._connections[client] = self._connections.get(client, 0) + 1
+            connection.counted_as = client
+
+    def check_request(self, connection, request):
+        """Before a request is answered: the listener answers only to its host names
+        (ServerNames: a page elsewhere that resolves a name of its own to this server is
+        refused), and a trusted proxy's connection counts for the client it forwards."""
+        names = self.config.server_names
+        host = request.headers.get("host", "").lower()
+        if names and _host_name(host) not in names:
+            raise HttpError(421, "this server does not answer to the host name %r; see "
+                            "[General] ServerNames" % host[:100])
+        connection.client = client = client_key(self.client_address(connection.peer,
+                                                                    request.headers))
+        if client != connection.counted_as:
+            if not self._has_room(client):
+                raise HttpError(503, "too many connections from %s; try again" % client,
+                                [("Retry-After", "10")])
+            self._count(connection, client)
+
+    def scheme(self, peer, headers):
+        """How the browser reached the listener: https with TLS, or through a trusted proxy
+        that says so (X-Forwarded-Proto)."""
+        if self.tls is not None:
+            return "https"
+        forwarded = headers.get("x-forwarded-proto", "").lower()
+        return "https" if forwarded == "https" and self._is_trusted(peer) else "http"
 
     def _is_trusted(self, address):
         try:
@@ -4407,20 +5035,21 @@ class WebFront:
         except IncognitoMailError as e:
             return "error %s" % e
 
-    def http_refusal(self, error, request=None):
+    def http_refusal(self, error, request=None, peer=None):
         """An HTTP-level refusal (413, 411, 431, 503...) as the API answers: JSON, CORS and
         no-store, so that a browser page or Bitwarden can show why."""
         headers = [("Cache-Control", "no-store"), ("Content-Type", "application/json")]
-        headers += self._cors(request) + list(error.headers)
+        headers += self._cors(request, peer) + list(error.headers)
         body = json.dumps({"message": error.reason, "error": error.reason}).encode("utf-8")
         return http_response(error.status, headers, body, close=True)
 
-    def _cors(self, request):
+    def _cors(self, request, peer):
         """Access-Control-Allow-Origin for any answer: * when AllowedOrigins is empty, else the
         request's Origin when it is listed (or the owner page's own)."""
         if not self.config.allowed_origins:
             return [("Access-Control-Allow-Origin", "*")]
-        if request is not None and origin_allowed(request, self.config.allowed_origins):
+        if request is not None and origin_allowed(request, self.config.allowed_origins,
+                                                  self.scheme(peer, request.headers)):
             return [("Access-Control-Allow-Origin", request.headers["origin"]), ("Vary", "Origin")]
         return [("Vary", "Origin")]
 
@@ -4440,7 +5069,8 @@ class WebFront:
             return http_response(200, headers + [("Cache-Control", "no-store")], body,
                                  close=close, head_only=head_only), close
         reply, dialect = await self._api_reply(connection, request)
-        headers = [("Cache-Control", "no-store")] + list(reply.headers) + self._cors(request)
+        headers = [("Cache-Control", "no-store")] + list(reply.headers) + \
+            self._cors(request, connection.peer)
         if request.method == "OPTIONS" and dialect is not None:
             reply = ApiReply(204, None, tuple(CORS_HEADERS))
             headers = [h for h in headers if h[0] != "Allow"] + list(CORS_HEADERS)
@@ -4472,14 +5102,283 @@ class WebFront:
 ###############################################################################
 
 POSTFIX_IDLE_TIMEOUT = 600.0        # Postfix itself lets a policy connection idle 300 s at most
+_HANDLE_PREFIX = re.compile("[%s]*" % HANDLE_ALPHABET)
 RECEIVED_FLUSH_SECONDS = 1.0
 MAX_UNWRITTEN_RECEIVED = 100000     # counts kept for a retry while the database cannot be written
 DECIDED_MESSAGES = 10000            # answers kept for Postfix asking twice about one message
 
 
+# The headers a message from the owner keeps (SimpleLogin's list for replies): any other could
+# name the owner, their provider, their software or their other addresses.
+OWNER_HEADERS = frozenset((
+    "from", "to", "cc", "subject", "date", "message-id", "references", "in-reply-to",
+    "mime-version", "content-type", "content-disposition", "content-transfer-encoding"))
+ADDRESS_HEADERS = ("From", "Reply-To", "To", "Cc")
+MAX_MILTER_HEADERS = 1000           # headers of one message kept to change; past this: refused
+MAX_MILTER_HEADER_BYTES = 256 << 10
+_CONTINUE = milter_packet(SMFIR_CONTINUE)
+_TEMPFAIL = milter_packet(SMFIR_TEMPFAIL)
+_OTHER = "other"                    # the kind of a recipient that is no handle's
+
+
+def _unbracket(address):
+    return address.strip().lstrip("<").rstrip(">").strip()
+
+
+def _unfold(value):
+    return re.sub(r"\r?\n([ \t])", r"\1", value)
+
+
+def _display_name(name, address):
+    """Who wrote, in a From: that is no longer theirs: ``Shop - orders at shop.example``."""
+    try:
+        name = str(email.header.make_header(email.header.decode_header(name))) if name else ""
+    except (ValueError, LookupError, UnicodeError):
+        pass
+    said = address.replace("@", " at ")
+    return "%s - %s" % (name, said) if name and name != address else said
+
+
+class MilterSession:
+    """What the milter does with the messages of one Postfix connection, sans-I/O: ``answer``
+    takes a MilterCommand and returns the bytes to send back.
+
+    - Mail to a handle (FORWARD) leaves with the handle's bounce address as its envelope
+      sender: a bounce or an auto-reply comes back to the handle, where it is counted and goes
+      on to the owner (BOUNCE), never to the sender, and SPF is the handle domain's. With
+      ReplyAddresses, From:, Reply-To: and the other To: and Cc: addresses become reply
+      addresses, so the owner answers through the handle, and DMARC aligns with its domain.
+    - Mail from the owner to a reply address (REPLY) goes to the correspondent from the
+      handle: the handle in From:, its bounce address as envelope sender, a new Message-ID, and
+      only the headers in OWNER_HEADERS. Only the owner may write so: the envelope sender and
+      From: must be the account's address, and the verdict of this server's own verifier
+      (Authentication-Results by Postfix's myhostname) for it must not be a fail.
+    - One message concerns one handle, one way: a recipient whose mail would be changed
+      differently is deferred (452 4.5.3) so the sender sends it in a message of its own.
+      Locally submitted mail (non_smtpd_milters) cannot be deferred: such a message is let
+      through unchanged, and the log says so.
+    - When the daemon cannot look a recipient up, it answers 451 (try again later).
+    """
+
+    def __init__(self, front):
+        self.front = front
+        self.macros = {}
+        self.local_port = False     # the connection Postfix made up for locally submitted mail
+        self._new_message()
+
+    def _new_message(self):
+        self.sender = None
+        self.smtp = True
+        self.key = None             # (kind, handle address): what the message is
+        self.handle = None
+        self.recipients = []        # (as given, HandleAddress or None)
+        self.headers = []           # (name, value)
+        self.header_bytes = 0
+        self.refusal = None         # for locally submitted mail: refused at its end
+        self.mixed = False
+
+    def answer(self, command):
+        code, args = command
+        if code == SMFIC_OPTNEG:
+            return milter_negotiation(min(args[0], MILTER_VERSION))
+        if code == SMFIC_MACRO:
+            self.macros.update(args[1])
+            return b""
+        if code == SMFIC_CONNECT:
+            self.local_port = args[2] == 0
+            return b""
+        if code == SMFIC_MAIL:
+            self._new_message()
+            self.sender = _unbracket(args[0])
+            # Postfix sends a local submission's sender without <>, and from port 0
+            self.smtp = not (self.local_port and not args[0].startswith("<"))
+            return _CONTINUE
+        if code == SMFIC_RCPT:
+            return self._recipient(_unbracket(args[0]))
+        if code == SMFIC_HEADER:
+            self.header_bytes += len(args[0]) + len(args[1])
+            if len(self.headers) < MAX_MILTER_HEADERS:
+                self.headers.append(args)
+            return b""
+        if code == SMFIC_BODYEOB:
+            reply = self._end()
+            self._new_message()
+            return reply
+        if code == SMFIC_ABORT:
+            self._new_message()
+        if code in _UNANSWERED:
+            return b""
+        return _CONTINUE
+
+    # -- recipients -------------------------------------------------------------------------
+
+    def _recipient(self, address):
+        front, now = self.front, self.front.clock()
+        try:
+            found = read_handle_address(address, front.config.domains, front.secret(), now)
+            handle = front.lookup(found.handle) if found else None
+        except BadRequest as e:
+            return self._refuse("550 5.1.1 <%s>: %s" % (address, e))
+        except (IncognitoMailError, sqlite3.Error) as e:
+            log.error("milter: cannot look up %s (%s); asking to try again later", address, e)
+            return _TEMPFAIL
+        if handle is None:
+            found = None
+        elif found.kind == REPLY and self.sender.lower() != handle.target.lower():
+            return self._refuse("550 5.7.1 <%s>: only the owner of %s may write through it"
+                                % (address, handle.address))
+        key = (found.kind, handle.address) if found else (_OTHER, None)
+        if self.key is None:
+            self.key, self.handle = key, handle
+        elif key != self.key:
+            if self.smtp:
+                return milter_reply("452 4.5.3 <%s>: send to this address in a message of its "
+                                    "own" % address)
+            self.mixed = True
+        self.recipients.append((address, found))
+        return _CONTINUE
+
+    def _refuse(self, text):
+        """Refuse a recipient now; locally submitted mail cannot be, so the whole message is
+        refused at its end."""
+        if self.smtp:
+            return milter_reply(text)
+        self.refusal = self.refusal or text
+        return _CONTINUE
+
+    # -- the end of a message -----------------------------------------------------------------
+
+    def _end(self):
+        kind, handle = self.key[0] if self.key else _OTHER, self.handle
+        if self.refusal:
+            return milter_reply(self.refusal)
+        if kind == _OTHER:
+            return _CONTINUE
+        if self.mixed:
+            log.warning("milter: a locally submitted message for %s and other recipients was "
+                        "let through unchanged: its bounces would show the owner's address",
+                        handle.address)
+            return _CONTINUE
+        if len(self.headers) >= MAX_MILTER_HEADERS or \
+                self.header_bytes > MAX_MILTER_HEADER_BYTES:
+            return milter_reply("552 5.3.4 <%s>: the message has more headers than a handle "
+                                "takes" % handle.address)
+        if kind == BOUNCE:
+            self.front.count(handle.address, BOUNCED)
+            return _CONTINUE
+        if kind == FORWARD:
+            return self._forward(handle)
+        return self._from_owner(handle)
+
+    def _bounce_sender(self, handle):
+        address = bounce_address(handle.address, self.front.secret(), self.front.clock())
+        return milter_strings(SMFIR_CHGFROM, "<%s>" % address)
+
+    def _forward(self, handle):
+        changes = [self._bounce_sender(handle)] if self.sender else []
+        if self.front.config.reply_addresses:
+            for name in ADDRESS_HEADERS:
+                changes += self._rewrite_addresses(name, handle, self._to_reply_address)
+        return b"".join(changes) + _CONTINUE
+
+    def _to_reply_address(self, handle, name, address, header):
+        """A correspondent's address in a forwarded message -> its reply address. Addresses in
+        the handles' domains stay, and so do those a reply address cannot hold (no @, not
+        ASCII)."""
+        domain = address.rpartition("@")[2].lower()
+        if not domain or domain in self.front.config.domains or not address.isascii():
+            return name, address
+        if header == "From":
+            name = _display_name(name, address)
+        return name, reply_address(handle.address, address)
+
+    def _from_owner(self, handle):
+        owner = handle.target.lower()
+        senders = [address.lower() for _, address in self._addresses("From")]
+        if senders != [owner]:
+            return milter_reply("550 5.7.1 only the owner of %s may write through it, from "
+                                "the address it forwards to" % handle.address)
+        failed = self._failed_checks(owner)
+        if failed:
+            return milter_reply("550 5.7.1 this server's %s check of your message failed; it "
+                                "was not sent from %s" % (failed, handle.address))
+        changes = [self._bounce_sender(handle)]
+        for address, found in self.recipients:
+            changes.append(milter_strings(SMFIR_DELRCPT, "<%s>" % address))
+            changes.append(milter_strings(SMFIR_ADDRCPT, "<%s>" % found.correspondent))
+        changes += self._rewrite_addresses("From", handle, lambda *a: ("", handle.address))
+        for name in ("To", "Cc"):
+            changes += self._rewrite_addresses(name, handle, self._to_correspondent)
+        changes += self._keep_only_owner_headers()
+        changes.append(milter_strings(SMFIR_CHGHEADER, "Message-ID", "<%s@%s>" % (
+            secrets.token_hex(16), handle.domain), index=1))
+        self.front.count(handle.address, SENT)
+        return b"".join(changes) + _CONTINUE
+
+    def _to_correspondent(self, handle, name, address, header):
+        """An address in the owner's message -> the correspondent a reply address stands for;
+        the owner's own address becomes the handle."""
+        if address.lower() == handle.target.lower():
+            return "", handle.address
+        try:
+            found = read_handle_address(address, self.front.config.domains, b"", 0)
+        except BadRequest:          # a bounce address: not one to name
+            return "", handle.address
+        if found is not None and found.kind == REPLY:
+            return name, found.correspondent
+        return name, address
+
+    # -- headers ----------------------------------------------------------------------------
+
+    def _addresses(self, header):
+        """(name, address) of every address in every ``header`` of the message."""
+        values = [_unfold(value) for name, value in self.headers if name.lower() == header.lower()]
+        return email.utils.getaddresses(values)
+
+    def _rewrite_addresses(self, header, handle, rewrite):
+        """CHGHEADER requests giving each ``header`` its addresses rewritten by
+        ``rewrite(handle, name, address, header)``, one address a line."""
+        changes, index = [], 0
+        for name, value in self.headers:
+            if name.lower() != header.lower():
+                continue
+            index += 1
+            pairs = email.utils.getaddresses([_unfold(value)])
+            new = [rewrite(handle, n, a, header) for n, a in pairs if a]
+            if new != [(n, a) for n, a in pairs if a]:
+                text = ",\n\t".join(email.utils.formataddr(pair) for pair in new)
+                changes.append(milter_strings(SMFIR_CHGHEADER, name, text, index=index))
+        return changes
+
+    def _keep_only_owner_headers(self):
+        """Delete every header not in OWNER_HEADERS, each name's instances from the last."""
+        counts = collections.Counter(name.lower() for name, _ in self.headers)
+        names = {name.lower(): name for name, _ in self.headers}
+        return [milter_strings(SMFIR_CHGHEADER, names[lower], "", index=index)
+                for lower, count in counts.items() if lower not in OWNER_HEADERS
+                for index in range(count, 0, -1)]
+
+    def _failed_checks(self, owner):
+        """The methods (spf, dkim, dmarc) whose result for the owner's domain is a fail, and
+        not a pass too, in this server's own Authentication-Results (its authserv-id is
+        Postfix's myhostname: nobody upstream can speak for it)."""
+        ours = self.macros.get("j", "").lower()
+        domain = re.compile(r"(^|[=@.\s])%s(\s|$)" % re.escape(owner.rpartition("@")[2]))
+        verdicts = collections.defaultdict(set)
+        for name, value in self.headers:
+            server, _, results = _unfold(value).partition(";")
+            if name.lower() != "authentication-results" or not ours or \
+                    (server.split() or [""])[0].lower() != ours:
+                continue
+            for result in results.split(";"):
+                match = re.match(r"\s*(spf|dkim|dmarc)\s*=\s*(\w+)(.*)", result, re.I | re.S)
+                if match and domain.search(match.group(3).lower()):
+                    verdicts[match.group(1).lower()].add(match.group(2).lower())
+        return ", ".join(method for method, seen in sorted(verdicts.items())
+                         if "fail" in seen and "pass" not in seen)
 class PostfixFront:
-    """Postfix's questions: the policy service (PolicyListen) and the socketmap
-    (SocketmapListen).
+    """Postfix's questions: the policy service (PolicyListen), the socketmap (SocketmapListen)
+    and the milter (MilterListen, see MilterSession).
 
     Mail flow comes first: they are answered on an event loop and a thread of their own, from
     a database connection of their own, so no owner's request, however many, stands before
@@ -4490,10 +5389,11 @@ class PostfixFront:
     def __init__(self, config, service, clock=time.time):
         self.config, self.service, self.clock = config, service, clock
         self._store = None              # read-only, for lookups: opened in the front's thread
-        self._received = []             # (address, time, blocked) seen at RCPT, not yet written
+        self._received = []             # (address, time, column) to count, not yet written
+        self._secret = None             # the milter's key (HMAC of bounce addresses)
         self._burners = {}              # address -> (asyncio.Lock, users): one message at a time
         self._decided = collections.OrderedDict()  # (instance, recipient) -> answer
-        self._answering = set()         # answers in flight: finished before stopping
+        self._answering = 0             # answers in flight: finished before stopping
         self._loop = self._stopping = self._thread = None
 
     # -- life cycle: a thread and an event loop of its own -------------------------------------
@@ -4535,40 +5435,46 @@ class PostfixFront:
         self._loop.set_exception_handler(loop_exception)
         config, servers, clients = self.config, [], []
         try:
-            for endpoint, key, parser, answer in (
-                    (config.policy_listen, "[General] PolicyListen", PolicyParser,
-                     self.policy_answer),
-                    (config.socketmap_listen, "[General] SocketmapListen", NetstringParser,
-                     self.socketmap_answer)):
+            for endpoint, key, name, parser, answerer in (
+                    (config.policy_listen, "[General] PolicyListen", "policy service",
+                     PolicyParser, lambda: self.policy_answer),
+                    (config.socketmap_listen, "[General] SocketmapListen", "socketmap",
+                     NetstringParser, lambda: self.socketmap_answer),
+                    (config.milter_listen, "[General] MilterListen", "milter", MilterParser,
+                     lambda: MilterSession(self).answer)):
                 if endpoint:
-                    name = "policy service" if parser is PolicyParser else "socketmap"
                     clients.append(_Clients(name, MAX_POSTFIX_CLIENTS))
-                    handler = functools.partial(self._serve_stream, clients[-1], parser, answer)
+                    handler = functools.partial(self._serve_stream, clients[-1], parser,
+                                                answerer)
                     servers.append((await _start_listener(handler, endpoint, key), endpoint))
         except BaseException:
             for server, endpoint in servers:
                 _close_server(server, endpoint)
             raise
         started.set_result(None)
-        writer = asyncio.ensure_future(self._write_received_periodically())
+        chores = asyncio.ensure_future(self._chores(clients))
         await self._stopping.wait()
         for server, endpoint in servers:
             _close_server(server, endpoint)
-        if self._answering:
-            await asyncio.wait(set(self._answering), timeout=STOP_GRACE_SECONDS)
+        for _ in range(int(STOP_GRACE_SECONDS / 0.05)):
+            if not self._answering:
+                break
+            await asyncio.sleep(0.05)
         for listener_clients in clients:
             listener_clients.close_all()    # Postfix asks the next server; nothing counted after
-        writer.cancel()
+        chores.cancel()
         await self._flush_received()
 
-    async def _serve_stream(self, clients, parser_class, answer, reader, writer):
-        """Postfix's side of the policy and socketmap protocols: many requests per connection,
-        answered in order."""
+    async def _serve_stream(self, clients, parser_class, answerer, reader, writer):
+        """Postfix's side of the policy, socketmap and milter protocols: many requests per
+        connection, answered in order by ``answerer()``'s answer. An answer is bytes (none for
+        a milter command that gets none), or a coroutine of them when it must wait (a burner
+        handle's count)."""
         clients.add(writer)
-        parser = parser_class()
+        parser, answer = parser_class(), answerer()
         try:
             while True:
-                data = await asyncio.wait_for(reader.read(4096), POSTFIX_IDLE_TIMEOUT)
+                data = await reader.read(4096)
                 if not data:
                     if parser.incomplete:
                         log.warning("%s: a client hung up in the middle of a request",
@@ -4578,10 +5484,14 @@ class PostfixFront:
                 parser.feed(data)
                 request = parser.next_request()
                 while request is not None:
-                    task = asyncio.ensure_future(answer(request))
-                    self._answering.add(task)
-                    task.add_done_callback(self._answering.discard)
-                    writer.write(await task)
+                    self._answering += 1
+                    try:
+                        reply = answer(request)
+                        writer.write(reply if isinstance(reply, bytes) else await reply)
+                        if request == (SMFIC_QUIT, ()):
+                            return
+                    finally:
+                        self._answering -= 1
                     request = parser.next_request()
                 await writer.drain()
         except PostfixProtocolError as e:
@@ -4596,18 +5506,39 @@ class PostfixFront:
 
     def lookup(self, address):
         """The Handle at ``address``, or None: read at once, from the front's own connection."""
-        if self._store is None:
-            self._store = Store(self.config.database_path, readonly=True)
-        local, _, domain = address.lower().partition("@")
+        local, _, domain = address.lower().rpartition("@")
         if not domain or domain not in self.config.domains:
             return None
         # an address extension (Postfix's recipient_delimiter: k3v9+shop@...) routes as the handle
-        local = re.match("[%s]*" % HANDLE_ALPHABET, local).group()
-        return self._store.handle(local, domain)
+        return self._reader().handle(_HANDLE_PREFIX.match(local).group(), domain)
+
+    def _reader(self):
+        if self._store is None:
+            self._store = Store(self.config.database_path, readonly=True)
+        return self._store
+
+    def secret(self):
+        """The milter's key, kept in the database (the Service made it at its first start)."""
+        if self._secret is None:
+            self._secret = bytes.fromhex(self._reader().get_meta("milter_secret"))
+        return self._secret
+
+    def count(self, address, column):
+        """One more message in a handle's ``column`` (MAIL_COUNTS), written within a second."""
+        self._received.append((address, self.clock(), column))
+
+    def _milter_address(self, recipient):
+        """Is ``recipient`` one of the milter's addresses (a bounce or a reply address)?"""
+        try:
+            found = read_handle_address(recipient, self.config.domains, self.secret(),
+                                        self.clock())
+        except BadRequest:
+            return True
+        return found is not None and found.kind != FORWARD
 
     # -- socketmap: Postfix asks the daemon instead of a map file -------------------------------
 
-    async def socketmap_answer(self, request):
+    def socketmap_answer(self, request):
         """``name key`` -> ``OK target`` for a handle in the map, else ``NOTFOUND ``: like a map
         file, but an expired handle is not found from the first second."""
         _, _, key = request.decode("utf-8", "replace").partition(" ")
@@ -4623,30 +5554,61 @@ class PostfixFront:
 
     # -- policy service: what mail each handle receives -------------------------------------
 
-    async def policy_answer(self, request):
+    def policy_answer(self, request):
+        """The answer at once, or a coroutine of it for a burner handle's message."""
         try:
-            return policy_response(await self.policy_action(request))
+            action = self.policy_action(request)
+        except (IncognitoMailError, sqlite3.Error) as e:
+            log.error("policy service: lookup failed (%s); answering DUNNO", e)
+            return policy_response("DUNNO")
+        return policy_response(action) if isinstance(action, str) else self._later(action)
+
+    async def _later(self, action):
+        try:
+            return policy_response(await action)
         except (IncognitoMailError, sqlite3.Error) as e:
             log.error("policy service: lookup failed (%s); answering DUNNO", e)
             return policy_response("DUNNO")
 
-    async def policy_action(self, request):
+    def policy_action(self, request):
         """DUNNO for mail a handle accepts (counted once per message), 550 for one that is
-        switched off, expired or used up (counted as blocked), DUNNO for other recipients.
-
-        A burner handle's message is written before it is let through, one at a time per
-        handle, so that no crash and no race lets one more in than it accepts."""
+        switched off, expired or used up (counted as blocked), DUNNO for other recipients:
+        at once, or a coroutine of it for a burner handle (see _burner_action)."""
         recipient = request.get("recipient", "").strip().lower()
         handle = self.lookup(recipient) if "@" in recipient else None
-        if handle is None or handle.max_messages is None:
-            return await self._decide(request, recipient, handle)
-        address = handle.address
+        if handle is not None and self.config.milter_listen and self._milter_address(recipient):
+            return "DUNNO"          # a bounce, or the owner writing: the milter sees to it
+        if handle is not None and handle.max_messages is not None:
+            return self._burner_action(request, recipient, handle.address)
+        answer, event = self._decide(request, recipient, handle)
+        if event is not None:
+            self._received.append(event)
+        return answer
+
+    async def _burner_action(self, request, recipient, address):
+        """A burner handle's message is written before it is let through, one at a time per
+        handle, so that no crash and no race lets one more in than it accepts; the Service
+        writes it before any owner's operation."""
         lock, users = self._burners.get(address, (asyncio.Lock(), 0))
         self._burners[address] = (lock, users + 1)
         try:
             async with lock:
                 # as it is now: counted, changed or deleted while this message waited
-                return await self._decide(request, recipient, self.lookup(recipient))
+                handle = self.lookup(recipient)
+                answer, event = self._decide(request, recipient, handle, remember=False)
+                if event is None:
+                    return answer
+                if handle.max_messages is None or event[2] != RECEIVED:
+                    self._received.append(event)
+                else:
+                    try:
+                        await asyncio.wrap_future(self.service.record_mail([event]))
+                    except (IncognitoMailError, sqlite3.Error) as e:
+                        log.error("policy service: cannot count a message to %s (%s); asking "
+                                  "the sender to try again later", handle.address, e)
+                        return "451 4.3.0 <%s>: try again later" % recipient
+                self._remember(request, recipient, answer)
+                return answer
         finally:
             lock, users = self._burners[address]
             if users > 1:
@@ -4654,38 +5616,38 @@ class PostfixFront:
             else:
                 del self._burners[address]
 
-    async def _decide(self, request, recipient, handle):
+    def _decide(self, request, recipient, handle, remember=True):
+        """(the answer, the event to count or None). Postfix may ask several times about one
+        message (RCPT, then DATA or END-OF-MESSAGE restrictions): only RCPT is counted, and a
+        message asked about again gets the same answer."""
         if handle is None:
-            return "DUNNO"
-        state_name = request.get("protocol_state", "").upper()
+            return "DUNNO", None
         message = (request.get("instance") or "", recipient)
-        if message[0] and message in self._decided:     # Postfix asks again: the same answer
-            return self._decided[message]
+        if message[0] and message in self._decided:
+            return self._decided[message], None
+        if request.get("protocol_state", "").upper() not in ("RCPT", ""):
+            return "DUNNO", None
         now = self.clock()
         state = handle.state(now)
-        if state_name not in ("RCPT", ""):
-            return "DUNNO"
         answer = "DUNNO" if state == ENABLED else \
             "550 5.1.1 <%s>: %s" % (recipient, REFUSALS[state])
-        event = (handle.address, now, state != ENABLED)
-        if handle.max_messages is not None and state == ENABLED:
-            try:
-                await asyncio.wrap_future(self.service.record_mail([event]))
-            except (IncognitoMailError, sqlite3.Error) as e:
-                log.error("policy service: cannot count a message to %s (%s); asking the "
-                          "sender to try again later", handle.address, e)
-                return "451 4.3.0 <%s>: try again later" % recipient
-        else:
-            self._received.append(event)
-        if message[0]:
-            self._decided[message] = answer
+        if remember:
+            self._remember(request, recipient, answer)
+        return answer, (handle.address, now, RECEIVED if state == ENABLED else BLOCKED)
+
+    def _remember(self, request, recipient, answer):
+        instance = request.get("instance")
+        if instance:
+            self._decided[(instance, recipient)] = answer
             if len(self._decided) > DECIDED_MESSAGES:
                 self._decided.popitem(last=False)
-        return answer
 
-    async def _write_received_periodically(self):
+    async def _chores(self, clients):
+        """Every second: write the counts gathered; close connections idle for too long."""
         while True:
             await asyncio.sleep(RECEIVED_FLUSH_SECONDS)
+            for listener_clients in clients:
+                listener_clients.close_idle(POSTFIX_IDLE_TIMEOUT)
             await self._flush_received()
 
     async def _flush_received(self):
@@ -4917,9 +5879,16 @@ class Daemon:
                 web.start(loop)
             # last: the command line (and whoever waits for it) finds every listener up
             await control.start()
-            log.info("IncognitoMail %s serving %s for %s (pid %d)%s", __version__,
+            where = ["the command line on unix:%s" % config.unix_sock_path]
+            if web:
+                where.insert(0, "the owner page and the HTTP API at %s, the add-on's "
+                             "WebSocket at %s" % web.urls())
+            where += ["the %s on %s" % (name, endpoint) for name, endpoint in (
+                ("policy service", config.policy_listen), ("socketmap", config.socketmap_listen),
+                ("milter", config.milter_listen)) if endpoint]
+            log.info("IncognitoMail %s serving %s for %s (pid %d): %s", __version__,
                      self.service.table.name, ", ".join(config.domains), os.getpid(),
-                     "; WebSocket on %s" % web.url if web else "")
+                     "; ".join(where))
             if config.auto_prune:
                 pruning = asyncio.ensure_future(self._prune_daily(gate))
             await self._stop.wait()
@@ -5022,11 +5991,11 @@ def run_check(config, args, out=sys.stdout):
     results = []
 
     def report(name, problem=None):
-        results.append({"check": name, "ok": problem is None, "problem": problem})
+        ok = problem is None or isinstance(problem, Note)
+        results.append({"check": name, "ok": ok, "problem": problem})
         if not args.json:
-            print("%-4s %s%s" % ("OK" if problem is None else "FAIL", name,
-                                 "" if problem is None else ": " + problem),
-                  file=out)
+            word = "OK" if problem is None else "NOTE" if ok else "FAIL"
+            print("%-4s %s%s" % (word, name, "" if problem is None else ": " + problem), file=out)
 
     report("configuration %s" % config.path)
     table = make_table(config)
@@ -5048,7 +6017,7 @@ def run_check(config, args, out=sys.stdout):
         store = None
     for name, problem in table.checks(store):
         report(name, problem)
-    for name, problem in postfix_config_problems(config, table):
+    for name, problem in postfix_config_problems(config, table, store):
         report(name, problem)
     pid = running_pid(config)
     try:
@@ -5193,7 +6162,16 @@ COMMANDS = (
     Command(("example",), None, (), (), {},
             "print an example configuration file: every key, its default and meaning"),
     Command(("stop",), "stop", (), (), {}, "stop the server", _ask_stop),
+    Command(("help",), None, (), (), {}, "this help; help COMMAND: the command's, e.g. help new "
+            "handle"),
 )
+
+
+_ARGUMENT_HELP = {
+    "secret": "the account's secret token, or - to read it from standard input (which keeps it "
+              "out of your shell's history and of ps)",
+    "handle": "the handle's address, with or without its @domain",
+}
 
 
 def _usage(command):
@@ -5228,7 +6206,7 @@ def build_parser():
             sub = objects[verb].add_parser(command.words[1], help=command.help,
                                            description=command.help)
         for name, _ in command.arguments:
-            sub.add_argument(name, metavar="<%s>" % name)
+            sub.add_argument(name, metavar="<%s>" % name, help=_ARGUMENT_HELP.get(name))
         for flag, field, metavar, kind, text in command.options:
             if kind is None:
                 sub.add_argument(flag, dest=field, action="store_true", help=text)
@@ -5246,8 +6224,11 @@ def _normalize_argv(argv, parser):
     that start with "-" without being options (a label, an old secret token).
 
     Before the command, ``-cPATH`` is the configuration; after it, only the command's own
-    options are options."""
+    options are options. ``help [command]`` is ``[command] --help``."""
     wants_json = "--json" in argv
+    words = [a for a in argv if not a.startswith("-")]
+    if words and words[0] == "help":
+        argv = [a for a in argv if a != "help"] + ["--help"]
     argv = ["--config" if a == "-config" else "--config=" + a[8:] if a.startswith("-config=")
             else a for a in argv if a != "--json"]
     options = {flag for c in COMMANDS for flag, *_ in c.options} | {"-h", "--help"}
