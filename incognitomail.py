@@ -25,15 +25,18 @@ import collections
 import concurrent.futures
 import configparser
 import contextlib
+import csv
 import datetime
 import email.header
 import email.utils
 import errno
 import fcntl
+import grp
 import functools
 import hashlib
 import hmac
 import html
+import io
 import ipaddress
 import json
 import logging
@@ -456,6 +459,11 @@ CONFIG_KEYS = (
               "the owner's replies go out from the handle and DMARC passes for any sender; no "
               "leaves those headers as they are (the sender's DKIM signature stays intact, but "
               "a reply from the owner's mail program goes out from the owner's own address)."),
+    ConfigKey("General", "RefuseAsUnknown", "no", "refuse_as_unknown", _yes_no, None,
+              "yes: the policy service refuses mail to a switched-off or ended handle exactly as "
+              "Postfix refuses an address that does not exist (550 5.1.1 User unknown in virtual "
+              "alias table), so a sender learns nothing; no: it says why (this address is "
+              "disabled, has expired, ...). An owner may choose otherwise for each handle."),
     ConfigKey("Persistence", "Type", "sqlite", None, _store_type, None,
               "sqlite, the only store. boltdb (the original's) is read as sqlite, with a warning; "
               "the original's data is not imported."),
@@ -956,6 +964,11 @@ _MIGRATIONS = (
     ALTER TABLE handles ADD COLUMN sent INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE handles ADD COLUMN last_sent INTEGER;
     """,
+    # How a switched-off or ended handle refuses mail: as if it did not exist (1), saying why
+    # (0), or as [General] RefuseAsUnknown says (NULL).
+    """
+    ALTER TABLE handles ADD COLUMN refuse_as_unknown INTEGER;
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 MAX_ACCOUNT_ID = (1 << 53) - 1
@@ -964,9 +977,15 @@ MAX_ACCOUNT_ID = (1 << 53) - 1
 _HANDLE_SELECT = ("SELECT h.id, h.local, h.domain, h.account_id, a.address, h.label, h.enabled, "
                   "h.created, coalesce(h.updated, h.created), h.received, h.last_received, "
                   "h.blocked, h.last_blocked, h.expires, h.max_messages, h.used_up, h.number, "
-                  "h.bounced, h.last_bounced, h.sent, h.last_sent "
+                  "h.bounced, h.last_bounced, h.sent, h.last_sent, h.refuse_as_unknown "
                   "FROM handles h "
                   "JOIN accounts a ON a.id = h.account_id")
+# The orders a page of handles can come in; the newest first among equals.
+HANDLE_ORDERS = {"newest": "h.number DESC", "oldest": "h.number",
+                 "last_received": "coalesce(h.last_received, 0) DESC, h.number DESC",
+                 "received": "h.received DESC, h.number DESC",
+                 "blocked": "h.blocked DESC, h.number DESC",
+                 "last_blocked": "coalesce(h.last_blocked, 0) DESC, h.number DESC"}
 # In the map after a sweep at :now (the Handle.in_map() rule).
 _ROUTABLE = ("h.enabled AND (h.expires IS NULL OR h.expires > :now) "
              "AND (h.max_messages IS NULL OR h.received < h.max_messages OR h.used_up > :now)")
@@ -984,7 +1003,8 @@ REFUSALS = {DISABLED: "this address is disabled", EXPIRED: "this address has exp
 class Handle(collections.namedtuple("Handle", "id local domain account_id target label enabled "
                                               "created updated received last_received blocked "
                                               "last_blocked expires max_messages used_up number "
-                                              "bounced last_bounced sent last_sent")):
+                                              "bounced last_bounced sent last_sent "
+                                              "refuse_as_unknown")):
     """One handle, with its account's target address. ``id`` is the row's, inside the store;
     ``number`` is the id every front end shows (counted within its account)."""
     __slots__ = ()
@@ -1176,8 +1196,10 @@ class Store:
                               "AND h.domain = ? COLLATE NOCASE", (local, domain)).fetchone()
         return Handle(*row) if row else None
 
-    def handles_of(self, account_id, search=None, enabled=None, offset=0, limit=-1):
-        """An account's handles, newest first; ``search`` in the address or label."""
+    def handles_of(self, account_id, search=None, enabled=None, offset=0, limit=-1,
+                   order="newest"):
+        """An account's handles in ``order`` (one of HANDLE_ORDERS); ``search`` in the address
+        or label."""
         where, values = "h.account_id = ?", [account_id]
         if search:
             where += (" AND (instr(lower(h.local || '@' || h.domain), ?) "
@@ -1188,9 +1210,15 @@ class Store:
             values.append(int(enabled))
         total = self.db.execute("SELECT count(*) FROM handles h WHERE " + where,
                                 values).fetchone()[0]
-        rows = self.db.execute(_HANDLE_SELECT + " WHERE %s ORDER BY h.number DESC LIMIT ? OFFSET ?"
-                               % where, values + [limit, offset])
+        rows = self.db.execute(_HANDLE_SELECT + " WHERE %s ORDER BY %s LIMIT ? OFFSET ?"
+                               % (where, HANDLE_ORDERS[order]), values + [limit, offset])
         return [Handle(*row) for row in rows], total
+
+    def mail_totals(self, account_id):
+        """(received, blocked, bounced, sent) over all the account's handles."""
+        return self.db.execute("SELECT coalesce(sum(received), 0), coalesce(sum(blocked), 0), "
+                               "coalesce(sum(bounced), 0), coalesce(sum(sent), 0) FROM handles "
+                               "WHERE account_id = ?", (account_id,)).fetchone()
 
     def handles_before(self, account_id, before, limit):
         """Up to ``limit`` of an account's handles, newest first, those numbered below
@@ -1200,11 +1228,12 @@ class Store:
             "LIMIT ?", (account_id, MAX_TIME if before is None else before, limit))]
 
     def update_handle(self, handle, now):
-        """Store ``handle``'s label, switch, expiry and message limit."""
+        """Store what an owner may change of ``handle``: label, switch, expiry, message limit,
+        how it refuses."""
         self.db.execute("UPDATE handles SET label = ?, enabled = ?, expires = ?, max_messages = ?, "
-                        "updated = ? WHERE id = ?", (handle.label, int(handle.enabled),
-                                                     handle.expires, handle.max_messages, int(now),
-                                                     handle.id))
+                        "refuse_as_unknown = ?, updated = ? WHERE id = ?",
+                        (handle.label, int(handle.enabled), handle.expires, handle.max_messages,
+                         handle.refuse_as_unknown, int(now), handle.id))
 
     def delete_handle(self, handle_id):
         self.db.execute("DELETE FROM handles WHERE id = ?", (handle_id,))
@@ -2428,7 +2457,8 @@ class Service:
 MAX_PAGE_SIZE = 100
 HandlePage = collections.namedtuple("HandlePage", "handles total offset limit")
 HandleList = collections.namedtuple("HandleList", "handles next")
-AccountSummary = collections.namedtuple("AccountSummary", "id address created handles domains")
+AccountSummary = collections.namedtuple("AccountSummary", "id address created handles domains "
+                                                         "received blocked bounced sent")
 
 
 def _new_account(work, address):
@@ -2444,20 +2474,82 @@ def _account_id(work, token):
 
 def _new_handle(work, token, label=None, domain=None, expires=ABSENT, max_messages=None):
     """``expires`` left out: the configured HandleLifetime."""
-    account, store, config = work.account(token), work.store, work.config
+    return _make_handle(work, work.account(token), label, domain, expires, max_messages)
+
+
+def _new_handles(work, token, count, label=None, domain=None, expires=ABSENT, max_messages=None):
+    """``count`` handles at once: one transaction, one map update."""
+    account = work.account(token)
+    return [_make_handle(work, account, label, domain, expires, max_messages)
+            for _ in range(count)]
+
+
+def _make_handle(work, account, label, domain, expires, max_messages, local=None):
+    """A handle for ``account``, random unless ``local`` is given (an import)."""
+    store, config = work.store, work.config
     if expires is ABSENT:
         lifetime = config.handle_lifetime
         expires = None if lifetime is None else int(work.now) + lifetime
     domain = domain or config.default_domain
-    while True:
+    while local is None:
         local = new_handle_name(config.handle_length)
-        key = "%s@%s" % (local, domain)
-        if not work.service.table.is_taken(key) and not store.handle_taken(local, domain):
-            break
+        if work.service.table.is_taken("%s@%s" % (local, domain)) or \
+                store.handle_taken(local, domain):
+            local = None
+    key = "%s@%s" % (local, domain)
     handle = store.add_handle(account.id, local, domain, label, work.now, expires, max_messages)
     work.changes.add(key, account.address)
     log.info("new handle %s for account %d (%s)", key, account.id, account.address)
     return handle
+
+
+def _import_handles(work, token, handles, dry_run=False):
+    """Make the account's ``handles`` (ImportedHandle rows) with their addresses kept, all or
+    none: an address in use (in the database or the admin's own map lines) refuses them all."""
+    account, store = work.account(token), work.store
+    taken = [row.address for row in handles if store.handle_taken(*row.address.split("@")) or
+             row.address in work.service.table.foreign_keys]
+    if taken:
+        raise BadRequest("%s %s in use already; nothing was imported"
+                         % (", ".join(taken[:5]) + (" and %d more" % (len(taken) - 5)
+                                                   if len(taken) > 5 else ""),
+                            "is" if len(taken) == 1 else "are"))
+    if dry_run:
+        return len(handles)
+    for row in handles:
+        local, domain = row.address.split("@")
+        handle = _make_handle(work, account, row.label, domain, row.expires, row.max_messages,
+                              local)
+        if not row.enabled:
+            _change_handle(work, account, handle, {"enabled": False})
+    return len(handles)
+
+
+def _backup(work, path):
+    """A consistent copy of the whole database at ``path`` (sqlite's backup API, from a
+    reader's snapshot: writes go on meanwhile), written beside it and renamed into place."""
+    if os.path.lexists(path):
+        raise BadRequest("%s exists already; give a new file" % path)
+    folder = os.path.dirname(path)
+    try:
+        fd, temp = tempfile.mkstemp(dir=folder, prefix=".%s." % os.path.basename(path))
+    except OSError as e:
+        raise BadRequest("cannot write a backup in %s: %s" % (folder, _os_reason(e)))
+    os.close(fd)
+    try:
+        copy = sqlite3.connect(temp)
+        try:
+            work.store.db.backup(copy)
+        finally:
+            copy.close()
+        os.chmod(temp, 0o600)
+        os.rename(temp, path)
+    except BaseException:
+        if os.path.lexists(temp):
+            os.unlink(temp)
+        raise
+    log.info("backed the database up to %s", path)
+    return {"path": path, "bytes": os.path.getsize(path)}
 
 
 def _get_handle(work, token, address=None, handle_id=None):
@@ -2465,11 +2557,13 @@ def _get_handle(work, token, address=None, handle_id=None):
 
 
 def _update_handle(work, token, address=None, handle_id=None, label=ABSENT, enabled=ABSENT,
-                   expires=ABSENT, max_messages=ABSENT):
-    """Change what is given; ``expires`` None: never, ``max_messages`` None: no limit."""
+                   expires=ABSENT, max_messages=ABSENT, refuse_as_unknown=ABSENT):
+    """Change what is given; ``expires`` None: never, ``max_messages`` None: no limit,
+    ``refuse_as_unknown`` None: as the server says."""
     account = work.account(token)
     given = {name: value for name, value in (("label", label), ("enabled", enabled),
-                                             ("expires", expires), ("max_messages", max_messages))
+                                             ("expires", expires), ("max_messages", max_messages),
+                                             ("refuse_as_unknown", refuse_as_unknown))
              if value is not ABSENT}
     return _change_handle(work, account, work.own_handle(account, address, handle_id), given)
 
@@ -2535,16 +2629,18 @@ def _list_handles(work, token, before=None, limit=MAX_PAGE_SIZE):
     return HandleList(handles[:limit], handles[limit - 1].number if more else None)
 
 
-def _find_handles(work, token, search=None, enabled=None, offset=0, limit=50):
-    """One page of an account's handles, newest first, and how many there are in all."""
-    handles, total = work.store.handles_of(work.account(token).id, search, enabled, offset, limit)
+def _find_handles(work, token, search=None, enabled=None, offset=0, limit=50, order="newest"):
+    """One page of an account's handles, in ``order``, and how many there are in all."""
+    handles, total = work.store.handles_of(work.account(token).id, search, enabled, offset, limit,
+                                           order)
     return HandlePage(handles, total, offset, limit)
 
 
 def _account(work, token):
     account = work.account(token)
     return AccountSummary(account.id, account.address, account.created,
-                          work.store.handles_of(account.id, limit=0)[1], work.config.domains)
+                          work.store.handles_of(account.id, limit=0)[1], work.config.domains,
+                          *work.store.mail_totals(account.id))
 
 
 def _rotate_token(work, token):
@@ -2657,6 +2753,36 @@ def _message_limit(value, config, now):
 
 
 MAX_BULK = 100          # handles one bulk operation names
+MAX_NEW_HANDLES = 10000     # handles one command line request makes
+MAX_IMPORT = 1000           # handles one import request holds (the command line sends several)
+ImportedHandle = collections.namedtuple("ImportedHandle", "address label enabled expires "
+                                                          "max_messages")
+
+
+def _imported(value, config, now):
+    """Rows of an export (list --json, or its CSV): address, label, enabled, expires (ISO 8601
+    or null) and max_messages; the rest is left out."""
+    if not 1 <= len(value) <= MAX_IMPORT:
+        raise BadRequest("handles must hold 1 to %d handles" % MAX_IMPORT)
+    rows = []
+    for number, row in enumerate(value, 1):
+        try:
+            if not isinstance(row, dict) or not isinstance(row.get("address"), str):
+                raise BadRequest("it has no address")
+            local, domain = split_handle(row["address"], config.domains)
+            expires = row.get("expires")
+            limit = row.get("max_messages")
+            if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)
+                                      or not 1 <= limit <= MAX_MESSAGES):
+                raise BadRequest("max_messages is not a whole number from 1 to %d"
+                                 % MAX_MESSAGES)
+            rows.append(ImportedHandle("%s@%s" % (local, domain), check_label(row.get("label")),
+                                       row.get("enabled", True) is not False,
+                                       None if expires in (None, "") else from_iso_time(expires),
+                                       limit))
+        except (IncognitoMailError, ValueError, TypeError) as e:
+            raise BadRequest("handle %d of the import: %s" % (number, e))
+    return rows
 
 
 def _handle_numbers(value, config, now):
@@ -2664,6 +2790,12 @@ def _handle_numbers(value, config, now):
             isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_TIME for n in value):
         raise BadRequest("handle_ids must be a list of 1 to %d handle ids" % MAX_BULK)
     return list(dict.fromkeys(value))
+
+
+def _one_order(value, config, now):
+    if value not in HANDLE_ORDERS:
+        raise BadRequest("order must be one of: %s" % ", ".join(HANDLE_ORDERS))
+    return value
 
 
 def _from(low, what, high=MAX_TIME):
@@ -2787,6 +2919,20 @@ OPERATIONS = {operation.name: operation for operation in (
     Operation("new_account", _new_account, (Field("address", str, True, _target_address),),
               "token", (COMMAND_LINE,), False, False,
               _show_token("This is the account's secret token: keep it like a password.")),
+    Operation("new_handles", _new_handles,
+              (_TOKEN, Field("count", int, True, _from(1, "count must be from 1 to %d"
+                                                       % MAX_NEW_HANDLES, MAX_NEW_HANDLES)),
+               _LABEL, Field("domain", str, rule=_served_domain)) + _LIFETIME, "handles",
+              (COMMAND_LINE,), False, False,
+              lambda handles, fields: (handles, "\n".join(h["address"] for h in handles), None)),
+    Operation("import_handles", _import_handles,
+              (_TOKEN, Field("handles", list, True, _imported), Field("dry_run", bool)),
+              "imported", (COMMAND_LINE,), False, False,
+              lambda count, fields: ({"imported": count}, None, "imported %d handles" % count)),
+    Operation("backup", _backup, (Field("path", str, True),), "backup", (COMMAND_LINE,), True,
+              False, lambda backup, fields: (backup, None, "backed the database up to %s (%d "
+                                                          "bytes)" % (backup["path"],
+                                                                      backup["bytes"]))),
     Operation("new_handle", _new_handle,
               (_TOKEN, _LABEL, Field("domain", str, rule=_served_domain)) + _LIFETIME, "handle",
               EVERYONE, False, True, _SHOW_HANDLE),
@@ -2797,7 +2943,8 @@ OPERATIONS = {operation.name: operation for operation in (
     Operation("find_handles", _find_handles,
               (_TOKEN, Field("search", str), Field("enabled", bool),
                Field("offset", int, rule=_from(0, "offset must be 0 or more"), nullable=False),
-               Field("limit", int, rule=_PAGE_SIZE, nullable=False)), "page", (WEBSOCKET, HTTP),
+               Field("limit", int, rule=_PAGE_SIZE, nullable=False),
+               Field("order", str, rule=_one_order, nullable=False)), "page", (WEBSOCKET, HTTP),
               True, False, _SHOW_NOTHING),
     Operation("get_handle", _get_handle, (_TOKEN,) + _HANDLE, "handle", (WEBSOCKET, HTTP), True,
               False, _SHOW_HANDLE),
@@ -2809,8 +2956,8 @@ OPERATIONS = {operation.name: operation for operation in (
     Operation("delete_handles", _delete_handles, (_TOKEN, _HANDLE_IDS), "deleted",
               (WEBSOCKET, HTTP), False, False, _SHOW_NOTHING),
     Operation("update_handle", _update_handle,
-              (_TOKEN,) + _HANDLE + (_LABEL, Field("enabled", bool, nullable=False)) + _LIFETIME,
-              "handle",
+              (_TOKEN,) + _HANDLE + (_LABEL, Field("enabled", bool, nullable=False))
+              + _LIFETIME + (Field("refuse_as_unknown", bool),), "handle",
               EVERYONE, False, False,
               lambda handle, fields: (handle, handle_line(handle), None)),
     Operation("delete_handle", _delete_handle, (_TOKEN,) + _HANDLE, None, EVERYONE, False, False,
@@ -3045,7 +3192,9 @@ def handle_json(handle, now):
             "max_messages": handle.max_messages, "blocked": handle.blocked,
             "last_blocked": iso_time(handle.last_blocked), "bounced": handle.bounced,
             "last_bounced": iso_time(handle.last_bounced), "sent": handle.sent,
-            "last_sent": iso_time(handle.last_sent)}
+            "last_sent": iso_time(handle.last_sent),
+            "refuse_as_unknown": None if handle.refuse_as_unknown is None
+            else bool(handle.refuse_as_unknown)}
 
 
 def json_value(result, now=None):
@@ -3060,7 +3209,9 @@ def json_value(result, now=None):
         return {"handles": [handle_json(h, now) for h in result.handles], "next": result.next}
     if isinstance(result, AccountSummary):
         return {"address": result.address, "domains": list(result.domains),
-                "handles": result.handles, "created": iso_time(result.created), "id": result.id}
+                "handles": result.handles, "created": iso_time(result.created), "id": result.id,
+                "received": result.received, "blocked": result.blocked,
+                "bounced": result.bounced, "sent": result.sent}
     if isinstance(result, list):
         return [json_value(item, now) for item in result]
     return result
@@ -3787,7 +3938,9 @@ def addy_alias(handle, now):
             "updated_at": _addy_time(handle.updated), "deleted_at": None,
             "expires_at": _addy_time(handle.expires), "max_messages": handle.max_messages,
             "state": handle.state(now), "emails_bounced": handle.bounced,
-            "last_bounced": _addy_time(handle.last_bounced)}
+            "last_bounced": _addy_time(handle.last_bounced),
+            "refuse_as_unknown": None if handle.refuse_as_unknown is None
+            else bool(handle.refuse_as_unknown)}
 
 
 def simplelogin_alias(handle, now):
@@ -3850,9 +4003,18 @@ def _addy_page(request):
     active = request.query.get("filter[active]")
     if active not in (None, "true", "false"):
         raise BadRequest("filter[active] must be true or false", "filter[active]")
+    sort = request.query.get("sort", "-created_at")
+    if sort not in _ADDY_SORTS:
+        raise BadRequest("sort must be one of: %s" % ", ".join(_ADDY_SORTS), "sort")
     return {"search": request.query.get("filter[search]") or None,
             "enabled": None if active is None else active == "true",
-            "offset": (page - 1) * size, "limit": size}
+            "offset": (page - 1) * size, "limit": size, "order": _ADDY_SORTS[sort]}
+
+
+# addy.io's sort values, and the order of handles each means here
+_ADDY_SORTS = {"-created_at": "newest", "created_at": "oldest",
+               "-last_forwarded": "last_received", "-emails_forwarded": "received",
+               "-emails_blocked": "blocked", "-last_blocked": "last_blocked"}
 
 
 def _addy_list(request, token, match, site):
@@ -3877,7 +4039,8 @@ def _addy_list(request, token, match, site):
 
 # addy.io's names for the fields of new_handle and update_handle, and IncognitoMail's own
 # (``expires_at``: a time, null: never; ``max_messages``, null: no limit)
-_ADDY_FIELDS = {"description": "label", "expires_at": "expires", "max_messages": "max_messages"}
+_ADDY_FIELDS = {"description": "label", "expires_at": "expires", "max_messages": "max_messages",
+                "refuse_as_unknown": "refuse_as_unknown"}
 
 
 def _addy_fields(body):
@@ -3984,6 +4147,10 @@ def _addy_account_details(account):
     return {"data": {"id": account.id, "username": account.address,
                      "default_alias_domain": account.domains[0],
                      "default_alias_format": "random_characters", "total_aliases": account.handles,
+                     "total_emails_forwarded": account.received,
+                     "total_emails_blocked": account.blocked,
+                     "total_emails_replied": account.sent, "total_emails_sent": 0,
+                     "total_emails_bounced": account.bounced,
                      "created_at": _addy_time(account.created),
                      "updated_at": _addy_time(account.created)}}
 
@@ -5629,11 +5796,21 @@ class PostfixFront:
             return "DUNNO", None
         now = self.clock()
         state = handle.state(now)
-        answer = "DUNNO" if state == ENABLED else \
-            "550 5.1.1 <%s>: %s" % (recipient, REFUSALS[state])
+        answer = "DUNNO" if state == ENABLED else self._refusal(recipient, handle, state)
         if remember:
             self._remember(request, recipient, answer)
         return answer, (handle.address, now, RECEIVED if state == ENABLED else BLOCKED)
+
+    def _refusal(self, recipient, handle, state):
+        """Why a handle refuses mail, or, as the server or its owner chose, the very answer an
+        unknown address gets: Postfix's own (DUNNO: the handle is not in the map, so Postfix
+        refuses it itself), or its words while the handle is still in the map."""
+        quiet = handle.refuse_as_unknown
+        if not (self.config.refuse_as_unknown if quiet is None else quiet):
+            return "550 5.1.1 <%s>: %s" % (recipient, REFUSALS[state])
+        routable = handle.in_map(self.service.swept_until) and \
+            (state != EXPIRED or not self.config.socketmap_listen)
+        return "550 5.1.1 User unknown in virtual alias table" if routable else "DUNNO"
 
     def _remember(self, request, recipient, answer):
         instance = request.get("instance")
@@ -5986,6 +6163,106 @@ class ControlClient:
                               % (self.config.unix_sock_path, _user_name(uid)))
 
 
+def postfix_wiring(config, settings):
+    """What main.cf needs for this configuration: [(setting, its value now, the value wanted)],
+    keeping what the admin has (other maps, restrictions and milters stay, in their order)."""
+    words, values, queue = settings.words, settings.values, settings.queue
+
+    def endpoint(listen):       # a unix socket in the queue directory: relative, for the chroot
+        kind, _, path = listen.partition(":")
+        inside = kind == "unix" and path.startswith(queue.rstrip("/") + "/")
+        return "unix:" + os.path.relpath(path, queue) if inside else listen
+
+    def adding(name, word, first=False):
+        now = words(name)
+        if any(_same_endpoint(w, word, queue) or w == word for w in now):
+            return values.get(name, "")
+        return ", ".join([word] + now if first else now + [word])
+    table = make_table(config)
+    wanted = []
+    if config.socketmap_listen:
+        mine = "socketmap:%s:virtual" % endpoint(config.socketmap_listen)
+    else:
+        mine = table.name
+    canonical = any(w == mine for w in words("canonical_maps") + words("recipient_canonical_maps"))
+    if not canonical:
+        wanted.append(("virtual_alias_maps", adding("virtual_alias_maps", mine)))
+        domains = [d for d in config.domains if d not in words("mydestination")]
+        value = values.get("virtual_alias_domains", "")
+        for domain in domains:
+            value = value if domain in re.split(r"[\s,]+", value) else \
+                ", ".join(w for w in (value, domain) if w)
+        wanted.append(("virtual_alias_domains", value))
+    if config.policy_listen:
+        check = "check_policy_service %s" % endpoint(config.policy_listen)
+        now = values.get("smtpd_recipient_restrictions", "")
+        if endpoint(config.policy_listen) not in now and config.policy_listen not in now:
+            now = ", ".join(w for w in (now or "permit_mynetworks, reject_unauth_destination",
+                                        check) if w)
+        wanted.append(("smtpd_recipient_restrictions", now))
+    if config.milter_listen:
+        wanted += [("smtpd_milters", adding("smtpd_milters", endpoint(config.milter_listen),
+                                            first=True)),
+                   ("milter_default_action", "tempfail"),
+                   ("recipient_delimiter", "+" + values.get("recipient_delimiter", "")
+                    if "+" not in values.get("recipient_delimiter", "") else
+                    values["recipient_delimiter"]),
+                   ("propagate_unmatched_extensions", "canonical")]
+    return [(name, values.get(name, ""), value) for name, value in wanted
+            if values.get(name, "") != value]
+
+
+def run_wire(config, args, out=sys.stdout):
+    """``wire``: set what Postfix needs for this configuration (postconf -e), after showing
+    it and asking; keep a copy of main.cf; reload Postfix; then ``check``."""
+    settings = _PostfixSettings(config)
+    changes = postfix_wiring(config, settings)
+    main_cf = os.path.join(config.postfix_config_dir or "/etc/postfix", "main.cf")
+    for name, now, value in changes:
+        print("%s\n    now:  %s\n    then: %s" % (name, now or "(empty)", value), file=out)
+    if not changes:
+        print("%s needs no change" % main_cf, file=out)
+    elif args.dry_run:
+        return 0
+    elif not args.yes and not (sys.stdin.isatty() and input(
+            "Write these to %s? [y/N] " % main_cf).strip().lower() in ("y", "yes")):
+        print("nothing was changed", file=sys.stderr)
+        return 1
+    else:
+        saved = "%s.incognitomail-%s" % (main_cf, time.strftime("%Y%m%dT%H%M%S"))
+        shutil.copy2(main_cf, saved)
+        command = [find_postfix_command("postconf")]
+        command += ["-c", config.postfix_config_dir] if config.postfix_config_dir else []
+        done = subprocess.run(command + ["-e"] + ["%s=%s" % (n, v) for n, _, v in changes],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if done.returncode:
+            raise PostfixError("postconf -e failed: %s" % done.stderr.decode("utf-8", "replace"))
+        print("wrote %s (it was kept as %s; copy that back and run postfix reload to undo)"
+              % (main_cf, saved), file=sys.stderr)
+    _make_postfix_folders(config, settings.queue)
+    postfix = [find_postfix_command("postfix")]
+    postfix += ["-c", config.postfix_config_dir] if config.postfix_config_dir else []
+    if changes and subprocess.run(postfix + ["status"], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL).returncode == 0:
+        subprocess.run(postfix + ["reload"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        print("reloaded Postfix", file=sys.stderr)
+    return run_check(config, args, out)
+
+
+def _make_postfix_folders(config, queue):
+    """The folders of the Postfix-facing Unix sockets, as README.md says: root:postfix 0750."""
+    for listen in (config.policy_listen, config.socketmap_listen, config.milter_listen):
+        kind, _, path = listen.partition(":")
+        folder = os.path.dirname(path)
+        if kind == "unix" and not os.path.isdir(folder):
+            os.makedirs(folder, mode=0o750)
+            try:
+                os.chown(folder, 0, grp.getgrnam("postfix").gr_gid)
+            except (KeyError, PermissionError):
+                pass
+            os.chmod(folder, 0o750)
+
+
 def run_check(config, args, out=sys.stdout):
     """``check``: one line per check, OK or FAIL with the fix; exit 0 only if all pass."""
     results = []
@@ -6066,6 +6343,12 @@ def _days(text):
     return int(text)
 
 
+def _whole_number(text):
+    if not _is_number(text) or not int(text):
+        raise argparse.ArgumentTypeError("%r is not a whole number from 1" % text)
+    return int(text)
+
+
 def _count(text):
     if not _is_number(text) or not 0 < int(text) <= MAX_MESSAGES:
         raise argparse.ArgumentTypeError("%r is not a number of messages from 1 to %d"
@@ -6096,6 +6379,64 @@ def _ask_every_page(client, command, fields):
             return handles
 
 
+def _ask_backup(client, command, fields):
+    return _ask(client, command, dict(fields, path=os.path.abspath(fields["path"])))
+
+
+IMPORT_CHUNK = 500      # handles a request of ``import`` carries
+
+
+def _ask_import(client, command, fields):
+    """Read an export (CSV or JSON) and send it in requests of IMPORT_CHUNK handles: first all
+    of them as a dry run (any address in use refuses the import before anything is made),
+    then for real."""
+    handles = _read_export(fields.pop("file"))[::-1]     # the oldest first, as they were made
+    if not handles:
+        raise BadRequest("the file holds no handles")
+    chunks = [handles[n:n + IMPORT_CHUNK] for n in range(0, len(handles), IMPORT_CHUNK)]
+    for dry_run in (True, False):
+        for chunk in chunks:
+            client.request(command.op, handles=chunk, dry_run=dry_run, **fields)
+    return len(handles)
+
+
+def _read_export(path):
+    """The handles of an ``export`` file: JSON (a list of objects) or CSV (with its header)."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadRequest("%s: cannot read it: %s" % (path, _os_reason(e)))
+    if text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except ValueError as e:
+            raise BadRequest("%s: not valid JSON: %s" % (path, e))
+    rows = []
+    for row in csv.DictReader(io.StringIO(text)):
+        row = {name: value for name, value in row.items() if name}
+        row["enabled"] = row.get("enabled", "true").lower() != "false"
+        row["label"] = row.get("label") or None
+        limit = row.get("max_messages") or None
+        row["max_messages"] = int(limit) if limit and _is_number(limit) else limit
+        rows.append(row)
+    return rows
+
+
+EXPORT_COLUMNS = ("address", "label", "state", "enabled", "expires", "max_messages", "created",
+                  "received", "last_received", "blocked", "last_blocked", "bounced",
+                  "last_bounced", "sent", "last_sent", "id")
+
+
+def _show_export(handles, fields):
+    """``export``: the handles as CSV (``--json``: as JSON); ``import`` reads either."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, EXPORT_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(handles)
+    return handles, out.getvalue().rstrip("\n"), "%d handles" % len(handles)
+
+
 def _ask_status(client, command, fields):
     try:
         return _ask(client, command, fields)
@@ -6114,10 +6455,11 @@ def _ask_stop(client, command, fields):
 
 # Each command of the command line: its words, the operation it asks the server for, its
 # arguments (name -> the operation's field), options (flag, field, metavar, type, help),
-# fields it always sends, what it is for, and how it asks (``ask(client, command, fields)``;
-# the operation's ``show`` prints the answer). The first nine are the original's.
-Command = collections.namedtuple("Command", "words op arguments options fixed help ask",
-                                 defaults=(_ask,))
+# fields it always sends, what it is for, how it asks (``ask(client, command, fields)``) and
+# how it shows the answer (the operation's ``show`` unless said). The first nine are the
+# original's.
+Command = collections.namedtuple("Command", "words op arguments options fixed help ask show",
+                                 defaults=(_ask, None))
 COMMANDS = (
     Command(("new", "account"), "new_account", (("address", "address"),), (), {},
             "make an account for <address>; prints its secret token"),
@@ -6131,6 +6473,22 @@ COMMANDS = (
         {}, "make a handle for the account; prints its address"),
     Command(("list",), "list_handles", (("secret", "token"),), (), {},
             "the account's handles, newest first, one per line", _ask_every_page),
+    Command(("new", "handles"), "new_handles", (("secret", "token"),), (
+        ("--count", "count", "N", _whole_number, "how many (up to %d)" % MAX_NEW_HANDLES),
+        ("--label", "label", "TEXT", str, "what they are for"),
+        ("--domain", "domain", "D", str, "one of [PostfixConfig] Domain (default: the first)"),
+        ("--expires", "expires", "WHEN", str, "end them then (as for new handle)"),
+        ("--max-messages", "max_messages", "N", _count, "close each after N messages")),
+        {}, "make N handles in one request; prints their addresses, one per line"),
+    Command(("export",), "list_handles", (("secret", "token"),), (), {},
+            "the account's handles as CSV (--json: JSON), for import or a spreadsheet",
+            _ask_every_page, _show_export),
+    Command(("import",), "import_handles", (("secret", "token"), ("file", "file")), (), {},
+            "make the handles of an export file (CSV or JSON) in the account, addresses kept; "
+            "none if any address is in use", _ask_import),
+    Command(("backup",), "backup", (("path", "path"),), (), {},
+            "a consistent copy of the whole database at PATH, while the server runs",
+            _ask_backup),
     Command(("delete", "handle"), "delete_handle", (("handle", "address"), ("secret", "token")),
             (), {}, "remove a handle (with or without its @domain)"),
     Command(("disable", "handle"), "update_handle", (("handle", "address"), ("secret", "token")),
@@ -6159,6 +6517,11 @@ COMMANDS = (
     Command(("status",), "status", (), (), {}, "is the server running: pid, counts, version",
             _ask_status),
     Command(("check",), None, (), (), {}, "check the whole installation, with fixes"),
+    Command(("wire",), None, (), (
+        ("--dry-run", "dry_run", None, None, "show what would change, change nothing"),
+        ("--yes", "yes", None, None, "do not ask")), {},
+            "set what Postfix's main.cf needs for this configuration (after showing it and "
+            "asking), reload Postfix, then check"),
     Command(("example",), None, (), (), {},
             "print an example configuration file: every key, its default and meaning"),
     Command(("stop",), "stop", (), (), {}, "stop the server", _ask_stop),
@@ -6171,6 +6534,8 @@ _ARGUMENT_HELP = {
     "secret": "the account's secret token, or - to read it from standard input (which keeps it "
               "out of your shell's history and of ps)",
     "handle": "the handle's address, with or without its @domain",
+    "file": "a file written by export (CSV, or JSON with --json)",
+    "path": "a new file; the server writes it, as its own user",
 }
 
 
@@ -6285,7 +6650,7 @@ def run_command(config, args, out=sys.stdout):
         print(json.dumps({"running": False, "message": str(e)}, indent=2) if args.json
               else "not running: %s" % e, file=out)
         return 1
-    data, text, note = OPERATIONS[command.op].show(value, fields)
+    data, text, note = (command.show or OPERATIONS[command.op].show)(value, fields)
     if args.json and data is not None:
         print(json.dumps(data, indent=2), file=out)
     elif text is not None and not args.json:
@@ -7295,6 +7660,8 @@ def main(argv=None):
             return 0
         if args.command == "check":
             return run_check(config, args)
+        if args.command == "wire":
+            return run_wire(config, args)
         return run_command(config, args)
     except IncognitoMailError as e:
         if args.json:
