@@ -1401,6 +1401,35 @@ def _write_atomically(path, chunks, mode=0o644):
     _fsync_folder(folder)
 
 
+def run_postmap(config_dir, name, *args, stdin=b""):
+    """Run postmap with Postfix's ``config_dir`` on the map ``name``; raise PostfixError with
+    its own words on failure.
+
+    ``postmap -d`` exits 1 when no key was found, which is not a failure for us: a failure is
+    what postmap calls fatal or an error.
+    """
+    # -o: as root, keep root's rights even when the text file belongs to someone else
+    command = [find_postfix_command("postmap"), "-o"]
+    if config_dir:
+        command += ["-c", config_dir]
+    command += list(args)
+    try:
+        # close_fds=False lets subprocess use posix_spawn (vfork): with 10,000 connections
+        # open, starting postmap took 9 ms instead of 43 ms on Python 3.9. Python opens
+        # every file and socket close-on-exec, so postmap still inherits none of them.
+        done = subprocess.run(command, input=stdin, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=300, close_fds=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise PostfixError("%s failed: %s" % (" ".join(command[:1] + list(args[:-1])), e))
+    problems = [line for line in done.stderr.decode("utf-8", "replace").splitlines()
+                if "fatal:" in line or "error:" in line or "panic:" in line]
+    if problems or (done.returncode != 0 and "-d" not in args and "-q" not in args):
+        reason = (problems or done.stderr.decode("utf-8", "replace").splitlines()
+                  or ["exit status %d" % done.returncode])[0]
+        raise PostfixError("postmap %s failed: %s" % (name, reason.strip()))
+    return done
+
+
 class LookupTable:
     """What the Service asks of the place Postfix looks handles up; each method says when.
 
@@ -1490,31 +1519,7 @@ class PostfixMap(LookupTable):
     # -- postmap ---------------------------------------------------------------------------
 
     def postmap(self, *args, stdin=b""):
-        """Run postmap with our config dir; raise PostfixError with its own words on failure.
-
-        ``postmap -d`` exits 1 when no key was found, which is not a failure for us: a
-        failure is what postmap calls fatal or an error.
-        """
-        # -o: as root, keep root's rights even when the text file belongs to someone else
-        command = [find_postfix_command("postmap"), "-o"]
-        if self.config_dir:
-            command += ["-c", self.config_dir]
-        command += list(args)
-        try:
-            # close_fds=False lets subprocess use posix_spawn (vfork): with 10,000 connections
-            # open, starting postmap took 9 ms instead of 43 ms on Python 3.9. Python opens
-            # every file and socket close-on-exec, so postmap still inherits none of them.
-            done = subprocess.run(command, input=stdin, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, timeout=300, close_fds=False)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise PostfixError("%s failed: %s" % (" ".join(command[:1] + list(args[:-1])), e))
-        problems = [line for line in done.stderr.decode("utf-8", "replace").splitlines()
-                    if "fatal:" in line or "error:" in line or "panic:" in line]
-        if problems or (done.returncode != 0 and "-d" not in args and "-q" not in args):
-            reason = (problems or done.stderr.decode("utf-8", "replace").splitlines()
-                      or ["exit status %d" % done.returncode])[0]
-            raise PostfixError("postmap %s failed: %s" % (self.name, reason.strip()))
-        return done
+        return run_postmap(self.config_dir, self.name, *args, stdin=stdin)
 
     # -- start: permissions and reconciliation ---------------------------------------------
 
@@ -1760,13 +1765,6 @@ class PostfixMap(LookupTable):
         log.debug("removed %d lines from %s in %.3f s", len(gone), self.path,
                   time.monotonic() - started)
 
-    def dump(self):
-        """Every (key, value) in the indexed file, as Postfix sees them (``postmap -s``)."""
-        done = self.postmap("-s", self.name)
-        for line in done.stdout.decode("utf-8", "replace").splitlines():
-            key, _, value = line.partition("\t") if "\t" in line else line.partition(" ")
-            yield key.strip().lower(), value.strip()
-
     def checks(self, store):
         try:
             self.postmap("-q", "incognitomail-check-probe", self.name)
@@ -1774,28 +1772,32 @@ class PostfixMap(LookupTable):
         except IncognitoMailError as e:
             yield "postmap runs", str(e)
         if store is not None:
-            yield "map %s in step with the database" % self.name, self._drift(store)
+            yield "map %s in step with the database" % self.name, _map_drift(self, store)
 
-    def _drift(self, store):
-        """None when the indexed map holds exactly the store's enabled handles, else what differs.
 
-        The admin's own lines are not ours and are left out of the comparison.
-        """
-        try:
-            self._read_foreign()
-            swept = int(store.get_meta("swept_until") or time.time())
-            expected = {key: target for key, target in store.map_entries(swept)
-                        if key not in self.foreign_keys}
-            indexed = {key: value for key, value in self.dump() if key not in self.foreign_keys}
-        except (OSError, IncognitoMailError) as e:
-            return str(e)
-        missing = [k for k, t in expected.items() if indexed.get(k) != t]
-        unknown = [k for k in indexed if k not in expected]
-        if not missing and not unknown:
-            return None
-        return ("%d handles missing or wrong, %d entries the database does not know (e.g. %s); "
-                "restart the server to rebuild the map from the database"
-                % (len(missing), len(unknown), (missing + unknown)[0]))
+def _map_drift(table, store):
+    """None when the indexed map holds exactly the store's routable handles, else what
+    differs. The admin's own lines are not ours and are left out of the comparison."""
+    try:
+        table._read_foreign()
+        swept = int(store.get_meta("swept_until") or time.time())
+        expected = {key: target for key, target in store.map_entries(swept)
+                    if key not in table.foreign_keys}
+        done = table.postmap("-s", table.name)      # what Postfix sees
+        indexed = {}
+        for line in done.stdout.decode("utf-8", "replace").splitlines():
+            key, _, value = line.partition("\t") if "\t" in line else line.partition(" ")
+            if key.strip().lower() not in table.foreign_keys:
+                indexed[key.strip().lower()] = value.strip()
+    except (OSError, IncognitoMailError) as e:
+        return str(e)
+    missing = [k for k, t in expected.items() if indexed.get(k) != t]
+    unknown = [k for k in indexed if k not in expected]
+    if not missing and not unknown:
+        return None
+    return ("%d handles missing or wrong, %d entries the database does not know (e.g. %s); "
+            "restart the server to rebuild the map from the database"
+            % (len(missing), len(unknown), (missing + unknown)[0]))
 
 
 def _same_endpoint(written, ours, queue_directory):
@@ -1876,7 +1878,7 @@ def _map_problems(config, table, settings):
     words, queue, where = settings.words, settings.queue, settings.where
     if config.socketmap_listen:
         ours = lambda w: w.startswith("socketmap:") and _same_endpoint(
-            w[10:].rpartition(":")[0], config.socketmap_listen, queue)
+            w.removeprefix("socketmap:").rpartition(":")[0], config.socketmap_listen, queue)
         wanted = "socketmap:%s:virtual" % config.socketmap_listen
     else:
         ours = lambda w: w == table.name or (table.type == "hash" and w == table.path)
@@ -1942,12 +1944,17 @@ def _milter_problems(config, settings, store):
     return problems
 
 
+# postsrsd 1.x's forward lookup table, as its README sets it: sender_canonical_maps =
+# tcp:localhost:10001 (the name has no "srs" in it)
+POSTSRSD_1_FORWARD_PORT = ":10001"
+
+
 def _rewriter_problems(settings):
     """Settings that change what the milter made: a second envelope rewriter (postsrsd), or
     anything that rewrites forwarded headers or bodies."""
     words, where, values = settings.words, settings.where, settings.values
     rewriters = [w for w in words("sender_canonical_maps") + words("smtpd_milters")
-                 if "srs" in w.lower()]
+                 if "srs" in w.lower() or w.endswith(POSTSRSD_1_FORWARD_PORT)]
     problems = [("no second envelope rewriter", "%s uses %s (postsrsd?): remove it, the milter "
                  "rewrites the envelope itself; see README.md, \"Moving from postsrsd\""
                  % (where, rewriters[0]) if rewriters else None)]
@@ -3269,7 +3276,22 @@ class _Buffer:
         return unit
 
 
-class PolicyParser:
+class _PullParser:
+    """What Postfix's protocols' parsers share: ``feed`` adds bytes, ``next_request`` gives
+    the next complete request or None, ``incomplete`` says whether bytes of one wait."""
+
+    def __init__(self):
+        self._buffer = _Buffer()
+
+    @property
+    def incomplete(self):
+        return bool(self._buffer)
+
+    def feed(self, data):
+        self._buffer.feed(data)
+
+
+class PolicyParser(_PullParser):
     """SMTPD_POLICY_README: ``name=value`` lines, a request ends with an empty line.
 
     ``feed`` adds bytes; ``next_request`` returns the next complete request as a dict, or None
@@ -3277,17 +3299,6 @@ class PolicyParser:
     PostfixProtocolError.
     """
     MAX_REQUEST = 16384
-
-    def __init__(self):
-        self._buffer = _Buffer()
-
-    @property
-    def incomplete(self):
-        """Bytes of a request that has not ended yet (when the client hangs up: a bad client)."""
-        return bool(self._buffer)
-
-    def feed(self, data):
-        self._buffer.feed(data)
 
     def next_request(self):
         block = self._buffer.take_until(b"\n\n", self.MAX_REQUEST, lambda: PostfixProtocolError(
@@ -3311,20 +3322,17 @@ def policy_response(action):
     return ("action=%s\n\n" % action).encode("utf-8")
 
 
-class NetstringParser:
+class NetstringParser(_PullParser):
     """Netstrings (``12:hello world!,``) as socketmap_table(5) uses them."""
     MAX_LENGTH = 100000
 
     def __init__(self):
-        self._buffer = _Buffer()
+        super().__init__()
         self._length = None     # of the netstring whose digits are read, until it is complete
 
     @property
     def incomplete(self):
         return bool(self._buffer) or self._length is not None
-
-    def feed(self, data):
-        self._buffer.feed(data)
 
     def next_request(self):
         """The next complete netstring's bytes, or None until it is complete."""
@@ -3371,34 +3379,26 @@ SMFIR_ADDRCPT, SMFIR_DELRCPT = b"+", b"-"
 SMFIF_ADDHDRS, SMFIF_ADDRCPT, SMFIF_DELRCPT, SMFIF_CHGHDRS, SMFIF_CHGFROM = 0x01, 0x04, 0x08, \
     0x10, 0x40
 MILTER_ACTIONS = SMFIF_ADDHDRS | SMFIF_ADDRCPT | SMFIF_DELRCPT | SMFIF_CHGHDRS | SMFIF_CHGFROM
-# ... and what it need not be told, or need not answer (protocol steps)
-SMFIP_NOHELO, SMFIP_NOBODY, SMFIP_NOEOH, SMFIP_NR_HDR = 0x02, 0x10, 0x40, 0x80
-SMFIP_NOUNKNOWN, SMFIP_NODATA, SMFIP_NR_CONN = 0x100, 0x200, 0x1000
-MILTER_STEPS = (SMFIP_NOHELO | SMFIP_NOBODY | SMFIP_NOEOH | SMFIP_NR_HDR | SMFIP_NOUNKNOWN
-                | SMFIP_NODATA | SMFIP_NR_CONN)
-# Commands answered with nothing: macros, an abort, quit; and those this milter said not to answer
-_UNANSWERED = frozenset((SMFIC_MACRO, SMFIC_ABORT, SMFIC_QUIT, SMFIC_CONNECT, SMFIC_HEADER))
+# ... and what it need not be told (protocol steps). Every command it is told is answered, even
+# where the protocol would let it keep quiet: Postfix does not set TCP_NODELAY, so its next
+# command after an unanswered one would wait for the milter's delayed ACK (40 ms on Linux).
+# DATA is told and answered for the same reason: smtpd sends its macros on their own just before
+# cleanup's first write.
+SMFIP_NOHELO, SMFIP_NOBODY, SMFIP_NOEOH, SMFIP_NOUNKNOWN = 0x02, 0x10, 0x40, 0x100
+MILTER_STEPS = SMFIP_NOHELO | SMFIP_NOBODY | SMFIP_NOEOH | SMFIP_NOUNKNOWN
+# Commands answered with nothing: macros, an abort, quit
+_UNANSWERED = frozenset((SMFIC_MACRO, SMFIC_ABORT, SMFIC_QUIT))
 
 MilterCommand = collections.namedtuple("MilterCommand", "code args")
 
 
-class MilterParser:
+class MilterParser(_PullParser):
     """Postfix's milter commands from its bytes: ``feed``, then ``next_request`` returns the next
     MilterCommand, or None until one is complete. ``args``: for OPTNEG (version, actions, steps),
     MACRO (stage, {name: value}), CONNECT (host, family, port, address), HEADER (name, value),
     MAIL and RCPT the strings (address first), otherwise (). Text is decoded as UTF-8, with what
     is not UTF-8 kept as surrogates. A packet over MAX_MILTER_PACKET or one that does not parse
     raises PostfixProtocolError."""
-
-    def __init__(self):
-        self._buffer = _Buffer()
-
-    @property
-    def incomplete(self):
-        return bool(self._buffer)
-
-    def feed(self, data):
-        self._buffer.feed(data)
 
     def next_request(self):
         data = self._buffer.data
@@ -3413,7 +3413,7 @@ class MilterParser:
         code, payload = packet[4:5], packet[5:]
         try:
             return MilterCommand(code, self._arguments(code, payload))
-        except (ValueError, IndexError):
+        except (ValueError, IndexError, struct.error):
             raise PostfixProtocolError("malformed milter %r packet" % code) from None
 
     @staticmethod
@@ -3421,6 +3421,8 @@ class MilterParser:
         if code == SMFIC_OPTNEG:
             return struct.unpack("!III", payload[:12])
         strings = [s.decode("utf-8", "surrogateescape") for s in payload.split(b"\0")]
+        if code == SMFIC_CONNECT and payload.endswith(b"\0U"):   # a client of unknown family
+            return payload[:-2].decode("utf-8", "replace"), "U", 0, ""
         if code in (SMFIC_CONNECT, SMFIC_HEADER, SMFIC_MAIL, SMFIC_RCPT) and \
                 payload[-1:] != b"\0":
             raise ValueError("strings must end with NUL")
@@ -4520,7 +4522,7 @@ async def answer_json(gate, text, caller, client):
 def _close_server(server, endpoint=""):
     """Stop listening, and remove a Unix socket's file (``unix:PATH`` or a plain path)."""
     server.close()
-    path = endpoint[5:] if endpoint.startswith("unix:") else endpoint
+    path = endpoint.removeprefix("unix:")
     if path and not endpoint.startswith("inet:"):
         try:
             os.unlink(path)
@@ -4588,12 +4590,9 @@ class WebSocketConnection(asyncio.Protocol):
     handshake, then frames.
 
     No task, stream or coroutine waits while a connection is idle, so one costs about 2 KB
-    (asyncio's streams cost 5.6 KB). Subclasses answer ``message_received(message)``, and
-    plain HTTP requests to other paths with ``request_received(request)``; they may ``send``
-    from anywhere in the event loop; ``closed()`` is called once at the end.
-
-    Everything a client can make the server hold is bounded, whatever it sends or fails to
-    read:
+    (asyncio's streams cost 5.6 KB). Subclasses answer the hooks below, and may ``send`` from
+    anywhere in the event loop. Everything a client can make the server hold is bounded,
+    whatever it sends or fails to read:
     - unparsed bytes: reading stops above READ_AHEAD_BYTES (plus one read of at most 256 KiB);
     - a request head (``max_header_bytes``: 431) and body, or a message (``max_message_size``,
       checked from the frame header: close code 1009);
@@ -4649,25 +4648,19 @@ class WebSocketConnection(asyncio.Protocol):
         """The connection is over (called once)."""
 
     def refusal(self, error, request):
-        """The response to an HTTP request refused before an answer (``error``: HttpError);
-        ``request`` is None when its head could not be read."""
+        """The response refusing ``request`` (None: unreadable) with ``error``, an HttpError."""
         return error_response(error.status, error.reason, error.headers)
 
     def check_request(self, request):
-        """Raise HttpError to refuse ``request`` (the opening handshake too) before it is
-        answered."""
+        """Raise HttpError to refuse ``request`` (a handshake too) before it is answered."""
 
     def own_scheme(self, request):
         """The scheme of the listener's own pages, as the browser sees it (for the Origin)."""
         return "http"
 
-    @property
-    def is_open(self):
-        return self.state == self.OPEN and not self.transport.is_closing()
-
     def send(self, message):
         """Queue a text (str) or binary (bytes) message; False if the connection is closing."""
-        if not self.is_open:
+        if self.state != self.OPEN or self.transport.is_closing():
             return False
         if ("writing" in self._paused_by
                 and self.transport.get_write_buffer_size() > MAX_UNSENT_BYTES):
@@ -5281,7 +5274,7 @@ OWNER_HEADERS = frozenset((
     "from", "to", "cc", "subject", "date", "message-id", "references", "in-reply-to",
     "mime-version", "content-type", "content-disposition", "content-transfer-encoding"))
 ADDRESS_HEADERS = ("From", "Reply-To", "To", "Cc")
-MAX_MILTER_HEADERS = 1000           # headers of one message kept to change; past this: refused
+MAX_MILTER_HEADERS = 1000           # headers a forwarded message may have; past this: refused
 MAX_MILTER_HEADER_BYTES = 256 << 10
 _CONTINUE = milter_packet(SMFIR_CONTINUE)
 _TEMPFAIL = milter_packet(SMFIR_TEMPFAIL)
@@ -5353,7 +5346,7 @@ class MilterSession:
             return b""
         if code == SMFIC_CONNECT:
             self.local_port = args[2] == 0
-            return b""
+            return _CONTINUE
         if code == SMFIC_MAIL:
             self._new_message()
             self.sender = _unbracket(args[0])
@@ -5364,9 +5357,9 @@ class MilterSession:
             return self._recipient(_unbracket(args[0]))
         if code == SMFIC_HEADER:
             self.header_bytes += len(args[0]) + len(args[1])
-            if len(self.headers) < MAX_MILTER_HEADERS:
+            if len(self.headers) <= MAX_MILTER_HEADERS:
                 self.headers.append(args)
-            return b""
+            return _CONTINUE
         if code == SMFIC_BODYEOB:
             reply = self._end()
             self._new_message()
@@ -5426,7 +5419,7 @@ class MilterSession:
                         "let through unchanged: its bounces would show the owner's address",
                         handle.address)
             return _CONTINUE
-        if len(self.headers) >= MAX_MILTER_HEADERS or \
+        if len(self.headers) > MAX_MILTER_HEADERS or \
                 self.header_bytes > MAX_MILTER_HEADER_BYTES:
             return milter_reply("552 5.3.4 <%s>: the message has more headers than a handle "
                                 "takes" % handle.address)
@@ -5452,8 +5445,9 @@ class MilterSession:
         """A correspondent's address in a forwarded message -> its reply address. Addresses in
         the handles' domains stay, and so do those a reply address cannot hold (no @, not
         ASCII)."""
-        domain = address.rpartition("@")[2].lower()
-        if not domain or domain in self.front.config.domains or not address.isascii():
+        local, at, domain = address.rpartition("@")
+        if not at or not local or domain.lower() in self.front.config.domains or \
+                not address.isascii():
             return name, address
         if header == "From":
             name = _display_name(name, address)
@@ -5541,8 +5535,10 @@ class MilterSession:
                 match = re.match(r"\s*(spf|dkim|dmarc)\s*=\s*(\w+)(.*)", result, re.I | re.S)
                 if match and domain.search(match.group(3).lower()):
                     verdicts[match.group(1).lower()].add(match.group(2).lower())
+        # a dkim fail is excused by another signature's pass; spf and dmarc have one verdict,
+        # and a "pass" beside this server's "fail" is a forger's
         return ", ".join(method for method, seen in sorted(verdicts.items())
-                         if "fail" in seen and "pass" not in seen)
+                         if "fail" in seen and (method != "dkim" or "pass" not in seen))
 class PostfixFront:
     """Postfix's questions: the policy service (PolicyListen), the socketmap (SocketmapListen)
     and the milter (MilterListen, see MilterSession).
@@ -6045,7 +6041,7 @@ class Daemon:
         gate = Gate(config, self.service, self.clock)
         gate.on_stop = self._stop_requested
         postfix = PostfixFront(config, self.service, self.clock) \
-            if config.policy_listen or config.socketmap_listen else None
+            if config.policy_listen or config.socketmap_listen or config.milter_listen else None
         web = WebFront(config, gate, self.clock, tls) if config.listen_address else None
         control = ControlFront(config, gate)
         pruning = None
@@ -6594,7 +6590,8 @@ def _normalize_argv(argv, parser):
     words = [a for a in argv if not a.startswith("-")]
     if words and words[0] == "help":
         argv = [a for a in argv if a != "help"] + ["--help"]
-    argv = ["--config" if a == "-config" else "--config=" + a[8:] if a.startswith("-config=")
+    argv = ["--config" if a == "-config" else "--config=" + a.removeprefix("-config=")
+            if a.startswith("-config=")
             else a for a in argv if a != "--json"]
     options = {flag for c in COMMANDS for flag, *_ in c.options} | {"-h", "--help"}
     normalized, seen_command = [], False
@@ -6717,11 +6714,12 @@ body {
   margin: 0; background: var(--bg); color: var(--fg);
   font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
 }
-h1, h2, h3, p { margin: 0; }
+h1, h2, h3, p, ul, ol, dl, dd { margin: 0; }
 h1 { font-size: 22px; letter-spacing: -.01em; }
 h2 { font-size: 17px; line-height: 1.3; }
 h3 { font-size: 14px; margin-bottom: var(--s2); }
 code, .mono { font-family: var(--mono); font-size: .92em; }
+a { color: var(--accent); font-weight: 600; }
 .muted { color: var(--muted); } .small { font-size: 13px; }
 .sr-only {
   position: absolute; width: 1px; height: 1px; margin: -1px; padding: 0; overflow: hidden;
@@ -6729,6 +6727,12 @@ code, .mono { font-family: var(--mono); font-size: .92em; }
 }
 [tabindex="-1"]:focus { outline: none; }
 :focus-visible { outline: 2px solid var(--accent); outline-offset: 2px; }
+.skip-link {
+  position: absolute; z-index: 10; left: var(--s2); top: var(--s2); padding: 8px 14px;
+  border-radius: var(--r-sm); background: var(--accent); color: var(--accent-fg);
+  transform: translateY(-200%);
+}
+.skip-link:focus { transform: none; }
 .card {
   background: var(--card); border: 1px solid var(--line); border-radius: var(--r);
   box-shadow: var(--shadow); padding: var(--s5);
@@ -6745,7 +6749,9 @@ label.check {
   margin-bottom: 0;
 }
 input, select, button { font: inherit; color: inherit; }
-.check input { width: 18px; height: 18px; margin: 0; accent-color: var(--accent); }
+.check input, .sel input {
+  width: 18px; height: 18px; margin: 0; accent-color: var(--accent); flex: none;
+}
 .input, select, .btn {
   min-height: 40px; border: 1px solid var(--line); border-radius: var(--r-sm);
   background: var(--card);
@@ -6753,6 +6759,7 @@ input, select, button { font: inherit; color: inherit; }
 .input, select { width: 100%; padding: 7px 12px; }
 .input:focus-visible, select:focus-visible { outline-offset: 0; border-color: var(--accent); }
 .input::placeholder { color: var(--muted); opacity: .8; }
+.input[aria-invalid="true"] { border-color: var(--bad); }
 .btn {
   display: inline-flex; align-items: center; justify-content: center; gap: 6px; padding: 7px 14px;
   font-weight: 600; cursor: pointer; white-space: nowrap;
@@ -6764,10 +6771,13 @@ input, select, button { font: inherit; color: inherit; }
 .btn.ghost { background: transparent; border-color: transparent; }
 .btn.sm { min-height: 32px; padding: 3px 10px; font-size: 13px; }
 .btn.icon { min-height: 26px; padding: 1px 7px; font-size: 12px; color: var(--muted); }
+.btn.link { min-height: 26px; padding: 1px 8px; font-size: 13px; color: var(--accent); }
 .btn:disabled, .btn[aria-busy="true"] { opacity: .55; cursor: default; }
+.btn:disabled:hover { background: var(--card); }
 .row, .acts, .kv { display: flex; flex-wrap: wrap; gap: var(--s3); align-items: flex-end; }
 .acts, .kv { gap: var(--s2); align-items: center; }
 .field { flex: 1 1 180px; min-width: 0; } .field.grow { flex: 3 1 260px; }
+.hint { margin-top: var(--s1); font-size: 12px; color: var(--muted); }
 .error { color: var(--bad); font-size: 14px; font-weight: 500; }
 .banner, .note { padding: 10px 14px; border-radius: var(--r-sm); background: var(--bad-soft); }
 .note { background: var(--warn-soft); font-size: 14px; }
@@ -6790,12 +6800,28 @@ main.wrap {
   padding-top: var(--s5); padding-bottom: var(--s6); display: grid;
   grid-template-columns: minmax(0, 1fr); gap: var(--s4);
 }
+.totals { display: grid; grid-template-columns: repeat(4, minmax(0, 1fr)); gap: var(--s3); }
+.totals > div {
+  background: var(--card); border: 1px solid var(--line); border-radius: var(--r);
+  box-shadow: var(--shadow); padding: var(--s3) var(--s4); min-width: 0;
+}
+.totals dt {
+  font-size: 12px; font-weight: 600; letter-spacing: .04em; text-transform: uppercase;
+  color: var(--muted);
+}
+.totals dd {
+  font-size: 22px; font-weight: 700; font-variant-numeric: tabular-nums; overflow-wrap: anywhere;
+}
 .pair { display: grid; gap: var(--s4); align-items: start; }
+.stack { display: grid; gap: var(--s4); }
 @media (min-width: 900px) { .pair { grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); } }
 .form-foot {
-  display: flex; gap: var(--s3); align-items: flex-start; justify-content: space-between;
+  display: flex; flex-wrap: wrap; gap: var(--s3); align-items: flex-start;
+  justify-content: space-between;
 }
-.form-foot details { flex: 1; max-width: 560px; }
+.form-foot details { flex: 1 1 120px; min-width: 0; max-width: 720px; }
+.form-foot details[open] { flex-basis: 100%; }
+.form-foot .primary { margin-left: auto; }
 summary {
   display: inline-flex; gap: 6px; cursor: pointer; padding: 8px 4px; margin-left: -4px;
   border-radius: 6px; font-size: 14px; font-weight: 600; color: var(--muted);
@@ -6817,8 +6843,13 @@ details[open] > summary { margin-bottom: var(--s2); }
   font-size: 13px; font-weight: 600; color: var(--muted); vertical-align: 2px;
 }
 .count:empty { display: none; }
-.tools { display: flex; gap: var(--s2); flex: 1 1 300px; max-width: 460px; }
-.tools .input { flex: 1; } .tools select { width: auto; }
+.tools { display: flex; flex-wrap: wrap; gap: var(--s2); flex: 1 1 320px; max-width: 640px; }
+.tools .input { flex: 1 1 200px; width: auto; } .tools select { flex: 1 0 auto; width: auto; }
+.bulk {
+  display: flex; flex-wrap: wrap; align-items: center; gap: var(--s2) var(--s3);
+  padding: 6px var(--s3); border-radius: var(--r-sm); background: var(--soft);
+}
+.bulk .acts { margin-left: auto; }
 #handles { overflow-x: auto; position: relative; }
 #handles.loading table { opacity: .55; }
 table { width: 100%; border-collapse: collapse; font-size: 14px; }
@@ -6826,18 +6857,20 @@ th, td[data-label]::before {
   font-weight: 600; letter-spacing: .04em; text-transform: uppercase; color: var(--muted);
 }
 th {
-  text-align: left; font-size: 12px; padding: 8px; border-bottom: 1px solid var(--line);
+  text-align: left; font-size: 12px; padding: 8px 6px; border-bottom: 1px solid var(--line);
   white-space: nowrap;
 }
-td { padding: 12px 8px; border-bottom: 1px solid var(--line); vertical-align: middle; }
+td { padding: 12px 6px; border-bottom: 1px solid var(--line); vertical-align: middle; }
 tbody:hover tr.main td { background: var(--soft); }
+.sel-cell { width: 30px; padding-right: 0; }
+.sel { display: flex; margin: -8px; padding: 8px; cursor: pointer; }
 .num { text-align: right; font-variant-numeric: tabular-nums; } .nowrap { white-space: nowrap; }
 .addr-line { display: flex; align-items: center; gap: var(--s1); }
 .addr { font-family: var(--mono); font-size: 13.5px; font-weight: 600; }
 .label:empty::before { content: "No label"; font-style: italic; opacity: .7; }
-.edit { display: flex; gap: var(--s1); margin-top: var(--s1); }
-.edit .input { min-height: 32px; padding: 3px 8px; font-size: 13px; }
-.state { display: inline-flex; flex-wrap: wrap; gap: var(--s1); } .state .sep { font-size: 0; }
+.state { display: inline-flex; flex-wrap: wrap; gap: var(--s1); }
+.sep { font-size: 0; } /* read, not shown */
+.st-cell .btn { margin-left: var(--s1); }
 .chip {
   display: inline-block; padding: 2px 9px; border-radius: 999px; font-size: 12px; font-weight: 600;
   white-space: nowrap; background: var(--soft); color: var(--muted);
@@ -6857,60 +6890,93 @@ tbody:hover tr.main td { background: var(--soft); }
 }
 .switch[aria-pressed="true"] { background: var(--accent); }
 .switch[aria-pressed="true"]::after { transform: translateX(18px); }
+.switch.ended { background: var(--bad-soft); box-shadow: inset 0 0 0 2px var(--bad); }
+.switch.ended::after { background: var(--bad); box-shadow: none; }
 tbody.busy { opacity: .6; }
 tr.sub td { background: var(--bad-soft); }
+tr.edit-row td { background: var(--soft); }
+.editor { display: grid; gap: var(--s3); }
+.editor .field { flex-basis: 170px; } .editor .field.grow { flex-basis: 240px; }
+.editor .row, details .row { align-items: flex-start; }
+.field.when { flex-basis: 230px; }
+.editor label { text-transform: none; letter-spacing: 0; }
+.editor .input, .editor select { background: var(--card); }
 .addr-q { overflow-wrap: anywhere; }
-.empty { padding: var(--s6) var(--s4); text-align: center; color: var(--muted); }
-.pager { display: flex; align-items: center; justify-content: space-between; gap: var(--s2); }
-#page-info {
+.empty { padding: var(--s5) var(--s4); color: var(--muted); max-width: 620px; margin: 0 auto; }
+.empty > * + * { margin-top: var(--s2); }
+.empty .lead { color: var(--fg); font-weight: 600; font-size: 16px; text-align: center; }
+.empty.found { text-align: center; }
+.empty a { white-space: nowrap; }
+.pager {
+  display: flex; flex-wrap: wrap; align-items: center; justify-content: space-between;
+  gap: var(--s2) var(--s3);
+}
+.pager-top { justify-content: flex-end; }
+.pager .acts { flex-wrap: nowrap; }
+.page-info {
   font-size: 13px; color: var(--muted); font-variant-numeric: tabular-nums; white-space: nowrap;
 }
-ol.steps { margin: 0; padding-left: 20px; display: grid; gap: 6px; font-size: 14px; }
+.jump { display: flex; align-items: center; gap: var(--s2); margin: 0; }
+.jump > * + * { margin-top: 0; }
+.jump label { margin: 0; font-weight: 400; font-size: 13px; color: var(--muted); }
+.jump .input { width: 76px; min-height: 32px; padding: 3px 8px; }
+ol.steps, ul.where { margin: 0; padding-left: 20px; display: grid; gap: 6px; font-size: 14px; }
 .steps code, .kv code {
   padding: 3px 8px; border-radius: 6px; background: var(--soft); overflow-wrap: anywhere;
 }
 .kv { margin-top: var(--s1); }
+.steps .kv { display: inline-flex; vertical-align: middle; margin: 0 0 0 var(--s1); }
+#export-note:empty { margin: 0; }
+.app > * + * { margin-top: var(--s3); }
 .app + .app { border-top: 1px solid var(--line); padding-top: var(--s4); }
 #new-token {
   font-size: 17px; font-weight: 700; overflow-wrap: anywhere; padding: 8px 10px;
   background: var(--card); border-radius: 6px;
 }
 #status {
-  position: fixed; left: 50%; bottom: var(--s4); transform: translateX(-50%);
-  max-width: calc(100% - 32px); padding: 8px 16px; border-radius: 999px;
+  position: fixed; left: 0; right: 0; bottom: var(--s4); margin: 0 auto; width: fit-content;
+  max-width: calc(100% - 32px); padding: 8px 16px; border-radius: 18px;
   background: var(--fg); color: var(--bg); font-size: 14px; font-weight: 500;
   box-shadow: 0 6px 20px rgba(0, 0, 0, .25); overflow-wrap: anywhere;
 }
 #status:empty { opacity: 0; pointer-events: none; padding: 0; }
-@media (min-width: 1100px) { .addr { white-space: nowrap; } .addr wbr { display: none; } }
+@media (min-width: 1260px) { .addr { white-space: nowrap; } .addr wbr { display: none; } }
 @media (max-width: 760px) {
   .wrap { padding: 0 var(--s3); }
   .card { padding: var(--s4); }
   .top .wrap { min-height: 56px; padding-top: var(--s2); padding-bottom: var(--s2); }
   .tools { max-width: none; }
+  .totals { grid-template-columns: repeat(2, minmax(0, 1fr)); gap: var(--s2); }
+  .totals > div { padding: var(--s2) var(--s3); }
+  .totals dd { font-size: 19px; }
+  .pager { justify-content: center; }
 }
-@media (max-width: 1099px) {
+@media (max-width: 1259px) {
   .addr { overflow-wrap: anywhere; }
   thead { position: absolute; width: 1px; height: 1px; overflow: hidden; clip: rect(0 0 0 0); }
   table, tbody, tr, td { display: block; }
   tbody {
-    border: 1px solid var(--line); border-radius: var(--r-sm); margin-top: var(--s3);
+    border: 1px solid var(--line); border-radius: var(--r-sm); margin-top: var(--s2);
     overflow: hidden;
   }
   tbody:hover tr.main td { background: none; }
+  /* a compact card: address and label; state beside the actions; counts and times below */
   tr.main {
-    display: grid; grid-template-columns: repeat(auto-fill, minmax(130px, 1fr)); gap: var(--s3);
-    padding: var(--s3);
+    position: relative; display: flex; flex-wrap: wrap; align-items: center;
+    gap: 2px 10px; padding: 10px 10px 10px 38px;
   }
   td { padding: 0; border: 0; }
-  .hcell, .acts-cell { grid-column: 1 / -1; }
-  .st-cell { grid-column: span 2; }
-  td[data-label]::before { content: attr(data-label); display: block; font-size: 11px; }
+  .sel-cell { position: absolute; left: 2px; top: 3px; width: auto; }
+  .sel { margin: 0; padding: 9px; }
+  .acts-cell .acts { gap: 6px; }
+  .hcell { flex: 1 1 100%; }
+  .st-cell { flex: 1 1 auto; order: 1; padding: 6px 0; }
+  .acts-cell { order: 2; margin-left: auto; }
+  tr.main::after { content: ""; order: 3; flex-basis: 100%; }
+  td.num, td.nowrap { order: 4; font-size: 12.5px; color: var(--muted); }
+  td[data-label]::before { content: attr(data-label); margin-right: 4px; font-size: 10.5px; }
+  .st-cell[data-label]::before { content: none; }
   .num { text-align: left; }
-  .acts-cell .acts {
-    justify-content: flex-start; border-top: 1px solid var(--line); padding-top: var(--s3);
-  }
-  .acts-cell .switch { margin-right: auto; }
   tr.sub td { padding: var(--s3); }
 }
 """
@@ -6920,8 +6986,9 @@ PAGE_SCRIPT = """
 (() => {
   const $ = (sel) => document.querySelector(sel);
   const body = document.body, table = $("#handles table");
-  const KEY = "incognitomail.token", PAGE_SIZE = 50;
+  const KEY = "incognitomail.token", PAGE_SIZE = 50, COLUMNS = 8;
   const INVALID = "That token is not valid: check it or ask your admin for a new one";
+  const UNREADABLE = "The server sent an answer this page cannot read";
   // unfilled: the server did not substitute the attribute
   const unfilled = (v) => !v || v.includes("{" + "{");
   const LISTEN_PATH = unfilled(body.dataset.listenPath) ? "/incognitomail"
@@ -6931,8 +6998,12 @@ PAGE_SCRIPT = """
   const nf = new Intl.NumberFormat("en-US");
   const rtf = new Intl.RelativeTimeFormat("en", { numeric: "auto" });
   const rows = new Map(); // alias id -> alias object, for the rows on screen
-  let token = null, store = null, loads = 0, creating = false, statusTimer = 0, searchTimer = 0;
-  let list = { page: 1, last: 1, search: "", active: "", seq: 0, ctrl: null, shown: 0 };
+  const selected = new Set(); // ids of the rows on screen whose box is ticked
+  const DEFAULT_SORT = "-created_at";
+  const newList = (seq) => ({ page: 1, last: 1, search: "", active: "", sort: DEFAULT_SORT,
+    seq, ctrl: null, shown: 0, toHead: false });
+  let token = null, store = null, loads = 0, creating = false, exporting = false;
+  let statusTimer = 0, searchTimer = 0, createdId = null, asked = 0, list = newList(0);
 
   // ---- helpers: every server value goes in as text (append/textContent), never as markup ----
   function el(tag, attrs, ...kids) {
@@ -6957,7 +7028,8 @@ PAGE_SCRIPT = """
     statusTimer = setTimeout(() => { $("#status").textContent = ""; }, 4000);
   }
   const sentence = (m) => (/[.!?]$/.test(m) ? m : m + ".");
-  const utc = (ms) => new Date(ms).toISOString().slice(0, 19).replace("T", " ");
+  const plural = (n, one) => nf.format(n) + " " + one + (n === 1 ? "" : "s");
+  const isoZ = (ms) => new Date(ms).toISOString().slice(0, 19) + "Z";
   const parseT = (s) => (s ? Date.parse(String(s).replace(" ", "T") + "Z") : NaN);
   const wsUrl = () => (location.protocol === "https:" ? "wss://" : "ws://") + location.host
     + LISTEN_PATH;
@@ -6972,6 +7044,63 @@ PAGE_SCRIPT = """
     const ms = parseT(s);
     if (isNaN(ms)) return el("span", { class: "muted" }, none || "—");
     return el("time", { datetime: new Date(ms).toISOString(), title: s + " UTC" }, rel(ms));
+  }
+  // a datetime-local input's value (the browser's own time zone) <-> milliseconds
+  const localMs = (v) => (/^[0-9]{4}-/.test(v || "") ? new Date(v).getTime() : NaN);
+  function localValue(ms) {
+    const d = new Date(ms), two = (n) => String(n).padStart(2, "0");
+    return d.getFullYear() + "-" + two(d.getMonth() + 1) + "-" + two(d.getDate()) + "T"
+      + two(d.getHours()) + ":" + two(d.getMinutes());
+  }
+
+  // ---- checks of what the owner typed: the error names its field (aria-invalid) and goes
+  // away as soon as that field is right again ----
+  function limitProblem(input) {
+    const raw = input.value.trim(), n = Number(raw);
+    if (!raw && !input.validity.badInput) return null;
+    return raw && Number.isInteger(n) && n >= 1 ? null
+      : "Close after: enter a whole number, 1 or more (empty: no limit).";
+  }
+  function dateProblem(input) {
+    const ms = localMs(input.value);
+    if (isNaN(ms)) return "Ends: pick a date and a time.";
+    if (ms <= Date.now() + 30000) return "Ends: pick a date and time in the future.";
+    if (ms > Date.now() + 100 * 365.25 * 86400000) return "Ends: pick a date within 100 years.";
+    return null;
+  }
+  function validate(node, checks) {
+    for (const [input, problem] of checks) {
+      const msg = problem();
+      if (msg) {
+        unmark(node); setErr(node, msg); node.problem = input;
+        const d = input.closest("details");
+        if (d) d.open = true;
+        input.setAttribute("aria-invalid", "true"); input.focus();
+        return false;
+      }
+    }
+    unmark(node);
+    return true;
+  }
+  function unmark(node) {
+    if (node.problem) node.problem.removeAttribute("aria-invalid");
+    node.problem = null;
+  }
+  function recheck(node, checks) {
+    const found = node.problem && checks.find(([input]) => input === node.problem);
+    if (node.problem && !(found && found[1]())) { unmark(node); setErr(node, ""); }
+  }
+  // the "Ends" choices: never, a duration in seconds, or "date" (the date input says when)
+  function endsValue(sel, at) {
+    const v = sel.value;
+    if (v === "" || v === "never") return null;
+    if (v === "date") return isoZ(localMs(at.value));
+    return isoZ(Date.now() + Number(v) * 1000);
+  }
+  function showDate(sel, at, field, from) {
+    field.hidden = sel.value !== "date";
+    at.min = localValue(Date.now());
+    if (!field.hidden && !at.value) at.value = localValue(from || Date.now() + 7 * 86400000);
   }
 
   // ---- token storage: sessionStorage, or localStorage when "Remember on this device" ----
@@ -7028,6 +7157,53 @@ PAGE_SCRIPT = """
     throw new ApiError(msg, code);
   }
 
+  // ---- the JSON WebSocket: one connection, each request's reply matched by its id ----
+  function openWs() {
+    return new Promise((resolve, reject) => {
+      const waiting = new Map();
+      let ws = null, next = 0;
+      const lost = (msg) => {
+        clearTimeout(timer); reject(new Error(msg));
+        for (const w of waiting.values()) w.reject(new Error(msg));
+        waiting.clear();
+      };
+      const timer = setTimeout(() => {
+        try { ws.close(); } catch (e) { /* closed */ }
+        lost("Cannot reach the server");
+      }, 15000);
+      try { ws = new WebSocket(wsUrl()); } catch (e) { lost("Cannot reach the server"); return; }
+      ws.onerror = ws.onclose = () => lost("Cannot reach the server");
+      ws.onmessage = (ev) => {
+        let m = null;
+        try { m = JSON.parse(ev.data); } catch (e) { m = null; }
+        if (!m || typeof m !== "object") return lost(UNREADABLE);
+        const w = waiting.get(m.id);
+        if (w) { waiting.delete(m.id); w.resolve(m); }
+      };
+      ws.onopen = () => {
+        clearTimeout(timer);
+        resolve({
+          ask: (op, fields) => new Promise((res, rej) => {
+            const id = ++next;
+            const t = setTimeout(() => {
+              waiting.delete(id); rej(new Error("Cannot reach the server"));
+            }, 15000);
+            waiting.set(id, { resolve: (m) => { clearTimeout(t); res(m); },
+              reject: (e) => { clearTimeout(t); rej(e); } });
+            ws.send(JSON.stringify(Object.assign({ id, op, token }, fields)));
+          }),
+          close: () => {
+            ws.onerror = ws.onclose = null;
+            try { ws.close(); } catch (e) { /* closed */ }
+          },
+        });
+      };
+    });
+  }
+  const wsRefusal = (m, what) => new ApiError(m.retry_after
+    ? "Too many requests: try again in " + m.retry_after + " s"
+    : sentence(m.message || what), m.error === "unauthorized" ? 401 : 0);
+
   // ---- sign in / out ----
   $("#signin-form").addEventListener("submit", async (ev) => {
     ev.preventDefault();
@@ -7057,15 +7233,21 @@ PAGE_SCRIPT = """
   function signOut(msg) {
     token = null; forgetToken();
     if (list.ctrl) list.ctrl.abort();
-    list = { page: 1, last: 1, search: "", active: "", seq: list.seq + 1, ctrl: null, shown: 0 };
-    rows.clear();
+    list = newList(list.seq + 1);
+    rows.clear(); selected.clear(); createdId = null;
     table.querySelectorAll("tbody").forEach((t) => t.remove());
-    for (const id of ["#search", "#filter", "#new-label", "#created-input"]) $(id).value = "";
-    for (const id of ["#target", "#created-address", "#new-token"]) $(id).textContent = "";
-    for (const id of ["#created", "#new-token-box", "#rotate-confirm", "#app"]) {
+    resetNewForm();
+    for (const id of ["#search", "#filter", "#created-input"]) $(id).value = "";
+    $("#sort").value = DEFAULT_SORT;
+    for (const id of ["#target", "#created-address", "#new-token", "#export-note"]) {
+      $(id).textContent = "";
+    }
+    showTotals({});
+    for (const id of ["#created", "#new-token-box", "#rotate-confirm", "#bulk-confirm", "#app"]) {
       $(id).hidden = true;
     }
-    for (const id of ["#error", "#create-error", "#rotate-error"]) setErr($(id), "");
+    for (const id of ["#error", "#create-error", "#rotate-error", "#export-error",
+      "#bulk-error"]) setErr($(id), "");
     $("#signin-view").hidden = false; body.dataset.state = "signed-out";
     setErr($("#sign-in-error"), msg); $("#token").focus();
   }
@@ -7073,6 +7255,7 @@ PAGE_SCRIPT = """
   function enter(acc) {
     const d = (acc && acc.data) || {};
     $("#target").textContent = d.username || "your address";
+    showTotals(d);
     if (!domains.length && d.default_alias_domain) domains = [d.default_alias_domain];
     if (unfilled(body.dataset.domains)) {
       api("GET", "/api/v1/domain-options").then((r) => {
@@ -7093,36 +7276,75 @@ PAGE_SCRIPT = """
     $("#addon-url").textContent = wsUrl();
   }
 
-  // ---- create ----
-  $("#new-form").addEventListener("submit", async (ev) => {
+  // ---- the account's totals, first on the page ----
+  function showTotals(d) {
+    const show = (id, n) => { $(id).textContent = Number.isFinite(n) ? nf.format(n) : "–"; };
+    show("#sum-handles", d.total_aliases); show("#sum-received", d.total_emails_forwarded);
+    show("#sum-blocked", d.total_emails_blocked); show("#sum-bounced", d.total_emails_bounced);
+  }
+  function loadTotals() {
+    const who = token;
+    api("GET", "/api/v1/account-details").then((r) => {
+      if (token === who) showTotals((r && r.data) || {});
+    }).catch(() => { /* the next action says what is wrong */ });
+  }
+
+  // ---- in-page links (skip links, "Connect your apps"): move the focus there ----
+  document.addEventListener("click", (ev) => {
+    const a = ev.target.closest("a[href^='#']");
+    const to = a && document.getElementById(a.getAttribute("href").slice(1));
+    if (!to) return;
     ev.preventDefault();
-    const err = $("#create-error"), btn = $("#create"), maxIn = $("#new-max"), req = {};
-    setErr(err, "");
+    if (!to.matches("input, select, button, [tabindex]")) to.setAttribute("tabindex", "-1");
+    to.focus();
+  });
+
+  // ---- create ----
+  const newForm = $("#new-form"), createErr = $("#create-error");
+  const newChecks = () => [
+    [$("#new-expires-at"), () => ($("#new-expires").value === "date"
+      ? dateProblem($("#new-expires-at")) : null)],
+    [$("#new-max"), () => limitProblem($("#new-max"))]];
+  function resetNewForm() { // as a new visitor sees it
+    newForm.reset(); $("#new-options").open = false; $("#new-expires-at-field").hidden = true;
+    unmark(createErr); setErr(createErr, "");
+  }
+  $("#new-expires").addEventListener("change", () => {
+    showDate($("#new-expires"), $("#new-expires-at"), $("#new-expires-at-field"));
+  });
+  newForm.addEventListener("input", () => recheck(createErr, newChecks()));
+  newForm.addEventListener("change", () => recheck(createErr, newChecks()));
+  newForm.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const btn = $("#create"), maxIn = $("#new-max"), req = {};
     if (creating) return;
+    setErr(createErr, "");
+    if (!validate(createErr, newChecks())) return;
     if (domains.length) req.domain = domains.length > 1 ? $("#new-domain").value : domains[0];
     const label = $("#new-label").value.trim(), raw = maxIn.value.trim();
-    const secs = parseInt($("#new-expires").value, 10);
     if (label) req.description = label;
-    if (secs > 0) req.expires_at = utc(Date.now() + secs * 1000);
-    if (raw || maxIn.validity.badInput) {
-      const n = Number(raw);
-      if (!raw || !Number.isInteger(n) || n < 1) {
-        setErr(err, "Close after: enter a whole number, 1 or more."); maxIn.focus(); return;
-      }
-      req.max_messages = n;
-    }
+    const ends = endsValue($("#new-expires"), $("#new-expires-at"));
+    if (ends) req.expires_at = ends;
+    if (raw) req.max_messages = Number(raw);
     creating = true; btn.setAttribute("aria-busy", "true");
     try {
       const a = ((await api("POST", "/api/v1/aliases", req)) || {}).data || {};
-      $("#new-label").value = ""; $("#created-address").textContent = a.email || "";
+      resetNewForm();
+      createdId = a.id == null ? null : String(a.id);
+      $("#created-address").textContent = a.email || "";
       $("#created-fallback").hidden = true; $("#created").hidden = false;
       $("#copy-created").focus();
       status("Created " + (a.email || "a new handle"));
-      list.page = 1; loadList();
-    } catch (e) { showErr(err, e); } finally {
+      list.page = 1; loadList(); loadTotals();
+    } catch (e) { showErr(createErr, e); } finally {
       creating = false; btn.removeAttribute("aria-busy");
     }
   });
+  function forgetCreated(ids) { // "Your new address" offers no handle that is gone
+    if (createdId === null || !ids.map(String).includes(createdId)) return;
+    createdId = null; $("#created").hidden = true; $("#created-address").textContent = "";
+    $("#created-input").value = "";
+  }
 
   // ---- copy: the clipboard API, else select the text and ask for Ctrl+C ----
   async function copyText(text) {
@@ -7145,9 +7367,10 @@ PAGE_SCRIPT = """
     if (target && !(await copyText(target.textContent))) selectFallback(target);
   });
 
-  // ---- the list: one page of 50 from the server, newest first ----
+  // ---- the list: one page of 50 from the server, in the order chosen ----
+  function isEnded(a) { const st = a.state; return st === "expired" || st === "used up"; }
   function stateOf(a) {
-    const st = a.state || (a.active ? "active" : "disabled");
+    const st = a.state || (a.active ? "enabled" : "disabled");
     if (st === "expired") return [["Expired " + String(a.expires_at || "").slice(0, 10)], "bad"];
     if (st === "used up") return [["Used up"], "bad"];
     if (st === "disabled" || !a.active) return [["Off"], "off"];
@@ -7160,14 +7383,19 @@ PAGE_SCRIPT = """
   }
 
   function renderRow(a) {
-    rows.set(String(a.id), a);
+    const id = String(a.id);
+    rows.set(id, a);
     const email = String(a.email || a.local_part + "@" + a.domain), at = email.lastIndexOf("@");
-    const [parts, stClass] = stateOf(a);
+    const [parts, stClass] = stateOf(a), ended = isEnded(a), expired = a.state === "expired";
     const ends = a.expires_at ? "Ends " + a.expires_at + " UTC" : null;
     const chips = parts.flatMap((p, i) => [i ? el("span", { class: "sep" }, " · ") : null,
       el("span", { class: "chip " + stClass }, p)]);
-    return el("tbody", { "data-handle-id": a.id },
+    const box = el("input", { type: "checkbox", "data-test": "select",
+      "aria-label": "Select " + email });
+    box.checked = selected.has(id);
+    return el("tbody", { "data-handle-id": id },
       el("tr", { class: "main" },
+        el("td", { class: "sel-cell" }, el("label", { class: "sel" }, box)),
         el("td", { class: "hcell" },
           el("div", { class: "addr-line" },
             el("span", { class: "addr", "data-test": "address" },
@@ -7175,7 +7403,9 @@ PAGE_SCRIPT = """
             button("copy", "Copy " + email, "Copy", "btn ghost icon")),
           el("div", { class: "label", "data-test": "label" }, a.description || "")),
         el("td", { class: "st-cell", "data-label": "State" },
-          el("span", { class: "state", "data-test": "state", title: ends }, ...chips)),
+          el("span", { class: "state", "data-test": "state", title: ends }, ...chips),
+          ended ? button("revive", (expired ? "Extend " : "Raise the message limit of ") + email,
+            expired ? "Extend" : "Raise limit", "btn ghost link") : null),
         el("td", { class: "num", "data-label": "Received", "data-test": "received" },
           nf.format(a.emails_forwarded || 0)),
         el("td", { class: "num", "data-label": "Blocked", "data-test": "blocked" },
@@ -7184,10 +7414,14 @@ PAGE_SCRIPT = """
           when(a.last_forwarded, "Never")),
         el("td", { class: "nowrap", "data-label": "Created" }, when(a.created_at)),
         el("td", { class: "acts-cell" }, el("div", { class: "acts" },
-          el("button", { type: "button", class: "switch", "data-test": "toggle",
-            "aria-pressed": String(!!a.active), "aria-label": "Forwarding for " + email,
-            title: a.active ? "On: switch off" : "Off: switch on" }),
-          button("edit", "Edit label of " + email, "Edit"),
+          // an ended handle's switch says so and opens what revives it
+          el("button", { type: "button", class: ended ? "switch ended" : "switch",
+            "data-test": "toggle", "aria-pressed": ended ? null : String(!!a.active),
+            "aria-label": "Forwarding for " + email + (ended ? ": ended" : ""),
+            title: ended ? (expired ? "Ended: extend it to forward again"
+              : "Ended: raise its limit to forward again")
+              : a.active ? "On: switch off" : "Off: switch on" }),
+          button("edit", "Edit " + email, "Edit"),
           button("delete", "Delete " + email, "Delete")))));
   }
 
@@ -7198,12 +7432,13 @@ PAGE_SCRIPT = """
     const q = new URLSearchParams({ "page[number]": list.page, "page[size]": PAGE_SIZE });
     if (list.search) q.set("filter[search]", list.search);
     if (list.active) q.set("filter[active]", list.active);
+    if (list.sort !== DEFAULT_SORT) q.set("sort", list.sort);
     box.classList.add("loading"); box.setAttribute("aria-busy", "true");
     try {
       const r = await api("GET", "/api/v1/aliases?" + q, undefined, ctrl.signal);
       const m = (r && r.meta) || {};
       if (seq !== list.seq) return;
-      // the page emptied under us
+      // the page emptied under us, or was past the last
       if (r && Array.isArray(r.data) && !r.data.length && list.page > 1 && m.total) {
         list.page = Math.max(1, Math.min(list.page - 1, m.last_page || 1));
         return loadList();
@@ -7220,6 +7455,18 @@ PAGE_SCRIPT = """
     }
   }
 
+  function emptyState(filtered) {
+    if (filtered) return [el("p", { class: "lead" }, "No handle matches")];
+    return [
+      el("p", { class: "lead" }, "No handles yet — make your first one above"),
+      el("p", {}, "A handle is an address of your own that forwards to your real one. Give "
+        + "each website its own: paste it into the sign-up form instead of your address."),
+      el("p", {}, "If one starts getting spam, switch it off: the others go on working, and "
+        + "you know which website gave it away."),
+      el("p", {}, "Bitwarden can make one for you each time you sign up: see ",
+        el("a", { href: "#apps-h" }, "Connect your apps"), ".")];
+  }
+
   function renderList(r) {
     const data = Array.isArray(r && r.data) ? r.data : [], m = (r && r.meta) || {};
     const total = Number.isFinite(m.total) ? m.total : data.length;
@@ -7227,24 +7474,51 @@ PAGE_SCRIPT = """
     list.page = m.current_page || list.page; list.last = m.last_page || 1;
     list.shown = data.length;
     rows.clear();
+    const ids = new Set(data.map((a) => String(a.id)));
+    for (const id of [...selected]) if (!ids.has(id)) selected.delete(id);
     const frag = document.createDocumentFragment();
     for (const a of data) frag.append(renderRow(a));
     table.querySelectorAll("tbody").forEach((t) => t.remove());
     table.append(frag);
-    table.hidden = $("#pager").hidden = !data.length;
+    table.hidden = $("#pager").hidden = $("#bulk").hidden = !data.length;
     $("#empty").hidden = !!data.length;
-    $("#empty").textContent = data.length ? "" : filtered ? "No handle matches"
-      : "No handles yet — make your first one above";
+    $("#empty").classList.toggle("found", !!filtered);
+    $("#empty").replaceChildren(...(data.length ? [] : emptyState(filtered)));
     const from = m.from || (list.page - 1) * PAGE_SIZE + 1, to = m.to || from + data.length - 1;
     $("#page-info").textContent = data.length
       ? nf.format(from) + "–" + nf.format(to) + " of " + nf.format(total) : "";
     $("#total").textContent = nf.format(total) + (filtered ? " found" : "");
-    const focused = document.activeElement, prev = $("#prev"), next = $("#next");
-    prev.disabled = list.page <= 1; next.disabled = list.page >= list.last;
-    if (focused === next && next.disabled && !prev.disabled) prev.focus();
-    if (focused === prev && prev.disabled && !next.disabled) next.focus();
+    $("#total-sep").hidden = false;
+    showPager(data.length);
+    showSelection();
+    if (list.toHead) { list.toHead = false; $("#list-h").focus(); }
   }
 
+  function showPager(shown) {
+    const focused = document.activeElement, many = list.last > 1;
+    const at = "Page " + nf.format(list.page) + " of " + nf.format(list.last);
+    $("#pager-top").hidden = !shown || !many;
+    $("#pager-buttons").hidden = $("#jump-form").hidden = !many;
+    $("#page-info-top").textContent = at;
+    $("#page-jump").value = list.page; $("#page-jump").max = list.last;
+    $("#page-of").textContent = "of " + nf.format(list.last);
+    for (const id of ["#first", "#prev", "#prev-top"]) $(id).disabled = list.page <= 1;
+    for (const id of ["#next", "#last", "#next-top"]) $(id).disabled = list.page >= list.last;
+    // a pager button that just went off hands the focus to one that still works
+    if (focused && focused.disabled && focused.closest(".pager")) {
+      const bs = [...focused.closest(".pager").querySelectorAll("button[type=button]")];
+      const near = bs.filter((b) => !b.disabled)
+        .sort((x, y) => Math.abs(bs.indexOf(x) - bs.indexOf(focused))
+          - Math.abs(bs.indexOf(y) - bs.indexOf(focused)))[0];
+      (near || $("#list-h")).focus();
+    }
+  }
+
+  function go(page, toHead) {
+    page = Math.max(1, Math.min(page, list.last));
+    if (page === list.page) return;
+    list.page = page; list.toHead = toHead; loadList();
+  }
   $("#search").addEventListener("input", () => {
     clearTimeout(searchTimer);
     searchTimer = setTimeout(() => {
@@ -7254,17 +7528,95 @@ PAGE_SCRIPT = """
   $("#filter").addEventListener("change", () => {
     list.active = $("#filter").value; list.page = 1; loadList();
   });
-  $("#prev").addEventListener("click", () => { if (list.page > 1) { list.page--; loadList(); } });
-  $("#next").addEventListener("click", () => {
-    if (list.page < list.last) { list.page++; loadList(); }
+  $("#sort").addEventListener("change", () => {
+    list.sort = $("#sort").value; list.page = 1; loadList();
+  });
+  $("#first").addEventListener("click", () => go(1, true));
+  $("#prev").addEventListener("click", () => go(list.page - 1, true));
+  $("#next").addEventListener("click", () => go(list.page + 1, true));
+  $("#last").addEventListener("click", () => go(list.last, true));
+  $("#prev-top").addEventListener("click", () => go(list.page - 1, false));
+  $("#next-top").addEventListener("click", () => go(list.page + 1, false));
+  $("#jump-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const n = Math.round(Number($("#page-jump").value));
+    if (!n) { $("#page-jump").value = list.page; return; }
+    go(n, true);
+    $("#page-jump").value = Math.max(1, Math.min(n, list.last));
   });
 
-  // ---- row actions: errors and the delete confirmation appear in an extra row of the handle ----
+  // ---- select rows, then switch them off or on, or delete them, in one request ----
+  function showSelection() {
+    const n = selected.size, all = $("#select-all");
+    setErr($("#bulk-error"), "");
+    all.checked = n > 0 && n === rows.size; all.indeterminate = n > 0 && n < rows.size;
+    $("#selected-count").textContent = n ? nf.format(n) + " selected" : "";
+    for (const id of ["#bulk-off", "#bulk-on", "#bulk-delete"]) $(id).disabled = !n;
+    if (n !== asked) $("#bulk-confirm").hidden = true; // it named another number
+    table.querySelectorAll("[data-test=select]").forEach((b) => {
+      b.checked = selected.has(b.closest("tbody").dataset.handleId);
+    });
+  }
+  table.addEventListener("change", (ev) => {
+    const tb = ev.target.closest("tbody[data-handle-id]");
+    if (tb && ev.target.matches("[data-test=select]")) {
+      if (ev.target.checked) selected.add(tb.dataset.handleId);
+      else selected.delete(tb.dataset.handleId);
+      showSelection();
+    }
+  });
+  $("#select-all").addEventListener("change", () => {
+    selected.clear();
+    if ($("#select-all").checked) for (const id of rows.keys()) selected.add(id);
+    showSelection();
+  });
+  const BULK = {
+    off: ["deactivate", "Switched off ", "All of them were off already"],
+    on: ["activate", "Switched on ", "All of them were on already"],
+    delete: ["delete", "Deleted ", "They were deleted already"] };
+  async function bulk(kind, btn) {
+    const [path, done, none] = BULK[kind], ids = [...selected].map(Number);
+    if (!ids.length || btn.getAttribute("aria-busy")) return;
+    btn.setAttribute("aria-busy", "true");
+    try {
+      const r = await api("POST", "/api/v1/aliases/" + path + "/bulk", { ids });
+      const n = Array.isArray(r && r.ids) ? r.ids.length : ids.length;
+      status(done + plural(n, "handle"));
+      if (kind === "delete") {
+        forgetCreated(ids); selected.clear(); asked = 0; $("#bulk-confirm").hidden = true;
+        if (list.shown === ids.length && list.page > 1) list.page--;
+        $("#list-h").focus(); loadTotals();
+      }
+    } catch (e) {
+      if (e.status !== 404) return showErr($("#bulk-error"), e);
+      status(none);
+    } finally { btn.removeAttribute("aria-busy"); }
+    await loadList();
+  }
+  $("#bulk-off").addEventListener("click", (ev) => bulk("off", ev.currentTarget));
+  $("#bulk-on").addEventListener("click", (ev) => bulk("on", ev.currentTarget));
+  $("#bulk-delete").addEventListener("click", () => {
+    const n = (asked = selected.size), what = plural(n, "handle");
+    $("#bulk-q").textContent = "Delete " + what + "? Mail to " + (n === 1 ? "it" : "them")
+      + " will be refused, and this cannot be undone.";
+    $("#confirm-bulk-delete").textContent = "Delete " + what;
+    $("#bulk-confirm").hidden = false; $("#cancel-bulk-delete").focus();
+  });
+  const closeBulk = () => {
+    asked = 0; $("#bulk-confirm").hidden = true; $("#bulk-delete").focus();
+  };
+  $("#cancel-bulk-delete").addEventListener("click", closeBulk);
+  $("#bulk-confirm").addEventListener("keydown", (ev) => { if (ev.key === "Escape") closeBulk(); });
+  $("#confirm-bulk-delete").addEventListener("click",
+    (ev) => bulk("delete", ev.currentTarget));
+
+  // ---- row actions: errors, the editor and the delete confirmation appear in an extra row of
+  // the handle ----
   function rowMsg(tb, err) {
     tb.querySelectorAll("tr.sub").forEach((t) => t.remove());
     if (!err || err.name === "AbortError") return;
     if (err.status === 401) return signOut(INVALID);
-    tb.append(el("tr", { class: "sub" }, el("td", { colspan: 7 },
+    tb.append(el("tr", { class: "sub" }, el("td", { colspan: COLUMNS },
       el("p", { class: "error", role: "alert", "data-test": "row-error" },
         err.message || "Something went wrong"))));
   }
@@ -7286,45 +7638,129 @@ PAGE_SCRIPT = """
       na = Object.assign({}, a, { active: false, state: "disabled" });
     } else {
       const r = await api("POST", "/api/v1/active-aliases", { id: a.id });
-      na = (r && r.data) || Object.assign({}, a, { active: true, state: "active" });
+      na = (r && r.data) || Object.assign({}, a, { active: true, state: "enabled" });
     }
     replaceRow(tb, na, "toggle");
     status((na.active ? "Switched on " : "Switched off ") + na.email);
   });
+  const revive = (tb, a) => startEdit(tb, a, a.state === "expired" ? "ends" : "limit");
 
-  function startEdit(tb, a) {
-    rowMsg(tb, null);
-    if (tb.querySelector("[data-test=label-input]")) return;
-    const lab = tb.querySelector("[data-test=label]");
-    const inp = el("input", { type: "text", class: "input", "data-test": "label-input",
-      "aria-label": "Label for " + a.email, placeholder: "What is it for?" });
-    inp.value = a.description || ""; lab.hidden = true;
-    lab.after(el("div", { class: "edit" }, inp,
-      button("save-label", null, "Save", "btn sm primary"),
-      button("cancel-label", null, "Cancel")));
-    inp.focus(); inp.select();
+  // the editor: label, end, message limit, and how it refuses mail once off or ended
+  const part = (tb, test) => tb.querySelector("[data-test=" + test + "]");
+  const editChecks = (tb) => [
+    [part(tb, "ends-at"), () => (part(tb, "ends").value === "date"
+      ? dateProblem(part(tb, "ends-at")) : null)],
+    [part(tb, "limit"), () => limitProblem(part(tb, "limit"))]];
+  function field(input, text, hint) {
+    const hintId = hint ? input.id + "-hint" : null;
+    if (hint) {
+      input.setAttribute("aria-describedby", hintId + " " + input.id.split("-")[0] + "-err");
+    }
+    return el("div", { class: input.type === "datetime-local" ? "field when" : "field" },
+      el("label", { for: input.id }, text), input,
+      hint ? el("p", { id: hintId, class: "hint" }, hint) : null);
+  }
+  function startEdit(tb, a, focusTest) {
+    if (!part(tb, "label-input")) {
+      rowMsg(tb, null);
+      const p = "e" + a.id, email = String(a.email), expired = a.state === "expired";
+      const o = (v, t) => el("option", { value: v }, t);
+      const label = el("input", { id: p + "-label", type: "text", class: "input",
+        "data-test": "label-input", placeholder: "What is it for?", autocomplete: "off" });
+      label.value = a.description || "";
+      const ends = el("select", { id: p + "-ends", "data-test": "ends" },
+        a.expires_at ? o("keep", (expired ? "Unchanged: ended " : "Unchanged: ")
+          + String(a.expires_at).slice(0, 16) + " UTC") : null,
+        o("never", "Never"), o("3600", "In 1 hour"), o("86400", "In 1 day"),
+        o("604800", "In 7 days"), o("2592000", "In 30 days"), o("date", "On a date…"));
+      const at = el("input", { id: p + "-at", type: "datetime-local", class: "input",
+        "data-test": "ends-at" });
+      const atField = field(at, "End date and time", "In your own time zone");
+      atField.hidden = true;
+      const limit = el("input", { id: p + "-limit", type: "number", class: "input", min: 1,
+        step: 1, inputmode: "numeric", placeholder: "No limit", "data-test": "limit" });
+      limit.value = a.max_messages || "";
+      const refuse = el("select", { id: p + "-refuse", "data-test": "refuse" },
+        o("", "Server's choice"), o("true", "Yes: as if it never existed"),
+        o("false", "No: say it is off or ended"));
+      refuse.value = a.refuse_as_unknown == null ? "" : String(a.refuse_as_unknown);
+      const err = el("p", { id: p + "-err", class: "error", role: "alert",
+        "data-test": "edit-error", hidden: true });
+      const why = !isEnded(a) ? null : el("p", { class: "note", "data-test": "ended-note" },
+        expired ? "It ended " + String(a.expires_at).slice(0, 16) + " UTC and refuses mail. "
+          + "Pick a new end, or Never, and it forwards again."
+          : "It has received the " + plural(a.max_messages || 0, "message") + " it accepts "
+          + "and refuses more. Raise the limit, or empty it, and it forwards again.");
+      tb.append(el("tr", { class: "sub edit-row" }, el("td", { colspan: COLUMNS },
+        el("div", { class: "editor", role: "group", "aria-label": "Edit " + email }, why,
+          el("div", { class: "row" },
+            el("div", { class: "field grow" }, el("label", { for: label.id }, "Label"), label),
+            field(ends, "Ends"), atField,
+            field(limit, "Close after N messages", "Received so far: "
+              + nf.format(a.emails_forwarded || 0)),
+            field(refuse, "Refuse as if unknown", "When it is off or ended")),
+          err,
+          el("div", { class: "acts" }, button("save-edit", "Save " + email, "Save",
+            "btn sm primary"), button("cancel-edit", null, "Cancel"))))));
+    }
+    const f = part(tb, focusTest || "label-input");
+    f.focus();
+    if (f === part(tb, "label-input")) f.select();
   }
   function endEdit(tb) {
-    tb.querySelectorAll(".edit").forEach((n) => n.remove());
-    tb.querySelector("[data-test=label]").hidden = false;
-    tb.querySelector("[data-test=edit]").focus();
+    tb.querySelectorAll("tr.edit-row").forEach((n) => n.remove());
+    part(tb, "edit").focus();
   }
-  function saveLabel(tb, a) {
-    const v = tb.querySelector("[data-test=label-input]").value.trim();
-    if (v === (a.description || "")) return endEdit(tb);
-    return run(tb, async () => {
-      const r = await api("PATCH", "/api/v1/aliases/" + encodeURIComponent(a.id),
-        { description: v });
-      replaceRow(tb, (r && r.data) || Object.assign({}, a, { description: v || null }), "edit");
-      status("Saved");
-    });
+  async function saveEdit(tb, a) {
+    const err = part(tb, "edit-error"), btn = part(tb, "save-edit"), patch = {};
+    if (tb.classList.contains("busy")) return;
+    setErr(err, "");
+    if (!validate(err, editChecks(tb))) return;
+    const label = part(tb, "label-input").value.trim(), ends = part(tb, "ends").value;
+    const raw = part(tb, "limit").value.trim(), limit = raw ? Number(raw) : null;
+    const refuse = part(tb, "refuse").value, refusing = refuse === "" ? null : refuse === "true";
+    if (label !== (a.description || "")) patch.description = label;
+    if (ends !== "keep" && (ends !== "never" || a.expires_at)) {
+      patch.expires_at = endsValue(part(tb, "ends"), part(tb, "ends-at"));
+    }
+    if (limit !== (a.max_messages || null)) patch.max_messages = limit;
+    if (refusing !== (a.refuse_as_unknown == null ? null : a.refuse_as_unknown)) {
+      patch.refuse_as_unknown = refusing;
+    }
+    if (!Object.keys(patch).length) return endEdit(tb);
+    tb.classList.add("busy"); btn.setAttribute("aria-busy", "true");
+    try {
+      const r = await api("PATCH", "/api/v1/aliases/" + encodeURIComponent(a.id), patch);
+      const na = (r && r.data) || Object.assign({}, a, patch);
+      replaceRow(tb, na, "edit");
+      const st = na.state;
+      status(!isEnded(a) || st === "expired" || st === "used up" ? "Saved"
+        : st === "disabled" ? "Saved: switch it on to forward again"
+          : "Saved: " + na.email + " forwards again");
+    } catch (e) { showErr(err, e); } finally {
+      tb.classList.remove("busy"); btn.removeAttribute("aria-busy");
+    }
   }
+  table.addEventListener("input", (ev) => {
+    const tb = ev.target.closest("tbody[data-handle-id]");
+    if (tb && part(tb, "edit-error")) recheck(part(tb, "edit-error"), editChecks(tb));
+  });
+  table.addEventListener("change", (ev) => {
+    const tb = ev.target.closest("tbody[data-handle-id]"), a = tb && rows.get(tb.dataset.handleId);
+    if (!a || !part(tb, "edit-error")) return;
+    if (ev.target.matches("[data-test=ends]")) {
+      const exp = parseT(a.expires_at);
+      showDate(ev.target, part(tb, "ends-at"), part(tb, "ends-at").closest(".field"),
+        exp > Date.now() ? exp : Date.now() + 30 * 86400000);
+    }
+    recheck(part(tb, "edit-error"), editChecks(tb));
+  });
 
   function askDelete(tb, a) {
     rowMsg(tb, null);
     const email = String(a.email);
     const cancel = button("cancel-delete", null, "Cancel");
-    tb.append(el("tr", { class: "sub" }, el("td", { colspan: 7 },
+    tb.append(el("tr", { class: "sub" }, el("td", { colspan: COLUMNS },
       el("div", { class: "sub-in", role: "group", "aria-label": "Confirm delete" },
         el("p", { class: "addr-q" }, "Delete " + email + "? Mail to it will be refused."),
         el("div", { class: "acts" },
@@ -7332,19 +7768,22 @@ PAGE_SCRIPT = """
           cancel)))));
     cancel.focus();
   }
-  function cancelDelete(tb) { rowMsg(tb, null); tb.querySelector("[data-test=delete]").focus(); }
+  function cancelDelete(tb) { rowMsg(tb, null); part(tb, "delete").focus(); }
   const doDelete = (tb, a) => run(tb, async () => {
     await api("DELETE", "/api/v1/aliases/" + encodeURIComponent(a.id));
     status("Deleted " + a.email);
+    forgetCreated([a.id]); selected.delete(String(a.id));
     if (list.shown === 1 && list.page > 1) list.page--;
     $("#list-h").focus();
+    loadTotals();
     await loadList();
   });
 
-  const actions = { toggle, "edit": startEdit, "save-label": saveLabel, "cancel-label": endEdit,
+  const actions = { toggle: (tb, a) => (isEnded(a) ? revive(tb, a) : toggle(tb, a)), revive,
+    "edit": (tb, a) => startEdit(tb, a), "save-edit": saveEdit, "cancel-edit": endEdit,
     "delete": askDelete, "confirm-delete": doDelete, "cancel-delete": cancelDelete,
     "copy": (tb, a) => copyText(a.email)
-      .then((ok) => ok || selectFallback(tb.querySelector("[data-test=address]"))) };
+      .then((ok) => ok || selectFallback(part(tb, "address"))) };
   table.addEventListener("click", (ev) => {
     const b = ev.target.closest("button[data-test]");
     const tb = ev.target.closest("tbody[data-handle-id]");
@@ -7354,43 +7793,77 @@ PAGE_SCRIPT = """
   table.addEventListener("keydown", (ev) => {
     const tb = ev.target.closest("tbody[data-handle-id]"), a = tb && rows.get(tb.dataset.handleId);
     if (!a) return;
-    const editing = ev.target.matches("[data-test=label-input]");
-    if (editing && (ev.key === "Enter" || ev.key === "Escape")) {
-      ev.preventDefault();
-      if (ev.key === "Enter") saveLabel(tb, a); else endEdit(tb);
-    } else if (ev.key === "Escape" && tb.querySelector("[data-test=confirm-delete]")) {
-      ev.preventDefault();
-      cancelDelete(tb);
+    const editing = ev.target.closest(".editor");
+    if (editing && ev.key === "Enter" && ev.target.matches("input")) {
+      ev.preventDefault(); saveEdit(tb, a);
+    } else if (editing && ev.key === "Escape") {
+      ev.preventDefault(); endEdit(tb);
+    } else if (ev.key === "Escape" && part(tb, "confirm-delete")) {
+      ev.preventDefault(); cancelDelete(tb);
     }
   });
 
+  // ---- export: every handle, over the JSON WebSocket 100 at a time, as the command line's
+  // export writes them (CSV, or JSON with --json) ----
+  const EXPORT_COLUMNS = ["address", "label", "state", "enabled", "expires", "max_messages",
+    "created", "received", "last_received", "blocked", "last_blocked", "bounced",
+    "last_bounced", "sent", "last_sent", "id"];
+  function csvCell(v) { // as Python's csv module writes str(v)
+    const s = v == null ? "" : v === true ? "True" : v === false ? "False" : String(v);
+    return /[",\\r\\n]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s;
+  }
+  const toCsv = (hs) => [EXPORT_COLUMNS.join(",")]
+    .concat(hs.map((h) => EXPORT_COLUMNS.map((c) => csvCell(h[c])).join(","))).join("\\n") + "\\n";
+  // as Python's json.dumps(indent=2) writes it: ASCII only
+  const toJson = (hs) => JSON.stringify(hs, null, 2).replace(/[\\u007f-\\uffff]/g,
+    (c) => "\\\\u" + c.charCodeAt(0).toString(16).padStart(4, "0")) + "\\n";
+  function download(text, name, type) {
+    const url = URL.createObjectURL(new Blob([text], { type }));
+    const a = el("a", { href: url, download: name, hidden: true });
+    body.append(a); a.click(); a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 60000);
+  }
+  async function exportAs(kind, btn) {
+    const note = $("#export-note"), err = $("#export-error"), who = token;
+    if (exporting) return;
+    exporting = true; btn.setAttribute("aria-busy", "true");
+    setErr(err, ""); note.textContent = "Reading your handles…";
+    let ws = null;
+    try {
+      ws = await openWs();
+      const all = [];
+      for (let before = null; ;) {
+        const m = await ws.ask("list_handles", before === null ? { limit: 100 }
+          : { before, limit: 100 });
+        if (!m.ok) throw wsRefusal(m, "The handles could not be read");
+        if (!Array.isArray(m.handles)) throw new Error(UNREADABLE);
+        all.push(...m.handles);
+        note.textContent = "Read " + plural(all.length, "handle") + "…";
+        if (m.next == null || m.next === before) break;
+        before = m.next;
+      }
+      if (token !== who) return;
+      const name = "incognitomail-handles-" + new Date().toISOString().slice(0, 10) + "." + kind;
+      download(kind === "csv" ? toCsv(all) : toJson(all), name,
+        kind === "csv" ? "text/csv;charset=utf-8" : "application/json");
+      note.textContent = "Saved " + plural(all.length, "handle") + " as " + name + ".";
+    } catch (e) { note.textContent = ""; showErr(err, e); } finally {
+      if (ws) ws.close();
+      exporting = false; btn.removeAttribute("aria-busy");
+    }
+  }
+  $("#export-csv").addEventListener("click", (ev) => exportAs("csv", ev.currentTarget));
+  $("#export-json").addEventListener("click", (ev) => exportAs("json", ev.currentTarget));
+
   // ---- token rotation: one request over the JSON WebSocket ----
-  function rotateOverWs(old) {
-    return new Promise((resolve, reject) => {
-      let ws = null, done = false;
-      const finish = (fn, v) => {
-        if (done) return;
-        done = true; clearTimeout(timer);
-        try { if (ws) ws.close(); } catch (e) { /* already closed */ }
-        fn(v);
-      };
-      const unreachable = () => finish(reject, new Error("Cannot reach the server"));
-      const timer = setTimeout(unreachable, 15000);
-      try { ws = new WebSocket(wsUrl()); } catch (e) { unreachable(); return; }
-      ws.onopen = () => ws.send(JSON.stringify({ id: 1, op: "rotate_token", token: old }));
-      ws.onmessage = (ev) => {
-        let m = null;
-        try { m = JSON.parse(ev.data); } catch (e) {
-          finish(reject, new Error("The server sent an answer this page cannot read")); return;
-        }
-        if (!m || m.id !== 1) return;
-        if (m.ok && typeof m.token === "string" && m.token) return finish(resolve, m.token);
-        finish(reject, new Error(m.retry_after
-          ? "Too many requests: try again in " + m.retry_after + " s"
-          : sentence(m.message || "The token was not rotated") + " Your old token still works."));
-      };
-      ws.onerror = ws.onclose = unreachable;
-    });
+  async function rotateOverWs(old) {
+    const ws = await openWs();
+    try {
+      const m = await ws.ask("rotate_token", { token: old });
+      if (m.ok && typeof m.token === "string" && m.token) return m.token;
+      throw new Error(m.retry_after ? "Too many requests: try again in " + m.retry_after + " s"
+        : sentence(m.message || "The token was not rotated") + " Your old token still works.");
+    } finally { ws.close(); }
   }
   const rotateBox = $("#rotate-confirm");
   const closeRotate = () => { rotateBox.hidden = true; $("#rotate").focus(); };
@@ -7468,6 +7941,11 @@ PAGE_MARKUP = """<!doctype html>
 </main>
 
 <div id="app" hidden>
+  <h1 id="app-title" class="sr-only" tabindex="-1">Your handles</h1>
+  <nav aria-label="Skip links">
+    <a id="skip-list" class="skip-link" href="#list-h">Skip to the list</a>
+    <a id="skip-new" class="skip-link" href="#new-label">Skip to new handle</a>
+  </nav>
   <header class="top">
     <div class="wrap">
       <div class="top-left">
@@ -7478,7 +7956,16 @@ PAGE_MARKUP = """<!doctype html>
     </div>
   </header>
   <main class="wrap">
-    <h1 id="app-title" class="sr-only" tabindex="-1">Your handles</h1>
+    <section aria-labelledby="totals-h">
+      <h2 id="totals-h" class="sr-only">Your account</h2>
+      <dl class="totals">
+        <div><dt>Handles</dt><dd id="sum-handles">–</dd></div>
+        <div><dt>Received</dt><dd id="sum-received">–</dd></div>
+        <div><dt>Blocked</dt><dd id="sum-blocked">–</dd></div>
+        <div><dt>Bounced</dt><dd id="sum-bounced">–</dd></div>
+      </dl>
+    </section>
+
     <section class="card" aria-labelledby="new-h">
       <h2 id="new-h">New handle</h2>
       <form id="new-form" novalidate>
@@ -7494,7 +7981,7 @@ PAGE_MARKUP = """<!doctype html>
           </div>
         </div>
         <div class="form-foot">
-          <details>
+          <details id="new-options">
             <summary>Options</summary>
             <div class="row">
               <div class="field">
@@ -7503,12 +7990,19 @@ PAGE_MARKUP = """<!doctype html>
                   <option value="">Never</option><option value="3600">In 1 hour</option>
                   <option value="86400">In 1 day</option><option value="604800">In 7 days</option>
                   <option value="2592000">In 30 days</option>
+                  <option value="date">On a date…</option>
                 </select>
+              </div>
+              <div id="new-expires-at-field" class="field when" hidden>
+                <label for="new-expires-at">End date and time</label>
+                <input id="new-expires-at" class="input" type="datetime-local"
+                  aria-describedby="new-expires-at-hint create-error">
+                <p id="new-expires-at-hint" class="hint">In your own time zone</p>
               </div>
               <div class="field">
                 <label for="new-max">Close after N messages</label>
                 <input id="new-max" class="input" type="number" min="1" step="1"
-                  inputmode="numeric" placeholder="No limit">
+                  inputmode="numeric" placeholder="No limit" aria-describedby="create-error">
               </div>
             </div>
           </details>
@@ -7532,7 +8026,8 @@ PAGE_MARKUP = """<!doctype html>
 
     <section class="card" aria-labelledby="list-h">
       <div class="head">
-        <h2 id="list-h" tabindex="-1">Handles<span id="total" class="count"></span></h2>
+        <h2 id="list-h" tabindex="-1">Handles<span id="total-sep" class="sep"
+          hidden>, </span><span id="total" class="count"></span></h2>
         <div class="tools" role="search">
           <label for="search" class="sr-only">Search address or label</label>
           <input id="search" class="input" type="search" placeholder="Search address or label"
@@ -7542,46 +8037,108 @@ PAGE_MARKUP = """<!doctype html>
             <option value="">All</option><option value="true">Active</option>
             <option value="false">Off</option>
           </select>
+          <label for="sort" class="sr-only">Order</label>
+          <select id="sort">
+            <option value="-created_at">Newest first</option>
+            <option value="created_at">Oldest first</option>
+            <option value="-last_forwarded">Recently received</option>
+            <option value="-emails_forwarded">Most received</option>
+            <option value="-emails_blocked">Most blocked</option>
+            <option value="-last_blocked">Recently blocked</option>
+          </select>
         </div>
       </div>
+      <nav id="pager-top" class="pager pager-top" aria-label="Pages, at the top" hidden>
+        <span id="page-info-top" class="page-info"></span>
+        <div class="acts">
+          <button id="prev-top" class="btn sm" type="button">Previous</button>
+          <button id="next-top" class="btn sm" type="button">Next</button>
+        </div>
+      </nav>
+      <div id="bulk" class="bulk" role="group" aria-label="Selected handles" hidden>
+        <label class="check"><input id="select-all" type="checkbox"> Select all on this page</label>
+        <span id="selected-count" class="small muted" aria-live="polite"></span>
+        <div class="acts">
+          <button id="bulk-off" class="btn sm" type="button" disabled>Switch off</button>
+          <button id="bulk-on" class="btn sm" type="button" disabled>Switch on</button>
+          <button id="bulk-delete" class="btn sm" type="button" disabled>Delete</button>
+        </div>
+      </div>
+      <div id="bulk-confirm" class="confirm-box" role="group" aria-labelledby="bulk-q" hidden>
+        <p id="bulk-q" class="addr-q"></p>
+        <div class="acts">
+          <button id="confirm-bulk-delete" class="btn danger" type="button">Delete</button>
+          <button id="cancel-bulk-delete" class="btn" type="button">Cancel</button>
+        </div>
+      </div>
+      <p id="bulk-error" class="error" role="alert" hidden></p>
       <p id="error" class="error banner" role="alert" hidden></p>
       <div id="handles">
         <table hidden>
           <caption class="sr-only">Your handles</caption>
           <thead><tr>
+            <th scope="col"><span class="sr-only">Selected</span></th>
             <th scope="col">Handle</th><th scope="col">State</th>
             <th scope="col" class="num">Received</th><th scope="col" class="num">Blocked</th>
             <th scope="col">Last received</th><th scope="col">Created</th>
             <th scope="col"><span class="sr-only">Actions</span></th>
           </tr></thead>
         </table>
-        <p id="empty" class="empty" hidden></p>
+        <div id="empty" class="empty" hidden></div>
       </div>
       <nav id="pager" class="pager" aria-label="Pages">
-        <button id="prev" class="btn" type="button" disabled>Previous</button>
-        <span id="page-info"></span>
-        <button id="next" class="btn" type="button" disabled>Next</button>
+        <span id="page-info" class="page-info"></span>
+        <div id="pager-buttons" class="acts">
+          <button id="first" class="btn sm" type="button" disabled>First</button>
+          <button id="prev" class="btn sm" type="button" disabled>Previous</button>
+          <button id="next" class="btn sm" type="button" disabled>Next</button>
+          <button id="last" class="btn sm" type="button" disabled>Last</button>
+        </div>
+        <form id="jump-form" class="jump" novalidate>
+          <label for="page-jump">Page</label>
+          <input id="page-jump" class="input" type="number" min="1" step="1" inputmode="numeric">
+          <span id="page-of" class="page-info"></span>
+          <button id="jump" class="btn sm" type="submit">Go</button>
+        </form>
       </nav>
     </section>
 
     <div class="pair">
       <section class="card" aria-labelledby="apps-h">
-        <h2 id="apps-h">Connect your apps</h2>
+        <h2 id="apps-h" tabindex="-1">Connect your apps</h2>
         <p class="note insecure" hidden>This page is not using https: your token crosses the
           network in clear text. Ask your admin to set up TLS.</p>
-        <div class="app">
+        <div id="bitwarden" class="app">
           <h3>Bitwarden</h3>
+          <p class="small">Its generator makes a new handle each time you press
+            <strong>Generate email</strong>, labelled with the website. Open it:</p>
+          <ul class="where">
+            <li>Browser extension: <strong>Generator</strong> tab → <strong>Username</strong> →
+              <strong>Type</strong>: <strong>Forwarded email alias</strong></li>
+            <li>Desktop app: <strong>View → Generator</strong>, then the same</li>
+            <li>Web vault: <strong>Tools → Generator</strong>, then the same (a self-hosted vault
+              only: vault.bitwarden.com cannot reach this server)</li>
+            <li>Android: <strong>Generator</strong> tab → <strong>Username</strong> →
+              <strong>Username type</strong>: <strong>Forwarded email alias</strong></li>
+          </ul>
+          <p class="small">Then fill in:</p>
           <ol class="steps">
-            <li>Open <strong>Settings &gt; Generator</strong>.</li>
-            <li>Username type: <strong>Forwarded email alias</strong>;
-              Service: <strong>addy.io</strong>.</li>
-            <li>API access token: <strong>your token</strong>.</li>
-            <li>Domain name: <code id="bw-domain"></code></li>
-            <li>Self-host server URL:
+            <li><strong>Service</strong>: <strong>addy.io</strong> (SimpleLogin works the
+              same)</li>
+            <li><strong>API Key</strong> (Android: API access token): your token</li>
+            <li><strong>Email domain</strong> (Android: Domain name):
+              <span class="kv"><code id="bw-domain"></code><button class="btn sm" type="button"
+                data-copy="bw-domain" aria-label="Copy email domain">Copy</button></span></li>
+            <li><strong>Self-host server URL</strong>:
               <span class="kv"><code id="bitwarden-url"></code><button class="btn sm" type="button"
                 data-copy="bitwarden-url" aria-label="Copy server URL">Copy</button></span></li>
           </ol>
-          <p class="small muted">The SimpleLogin service works too, with the same server URL.</p>
+          <p class="small muted">Bitwarden wants https: over plain http it asks you to trust the
+            server.</p>
+        </div>
+        <div class="app">
+          <h3>addy.io browser extension</h3>
+          <p class="small muted">Instance URL: the server URL above. API key: your token.</p>
         </div>
         <div class="app">
           <h3>Browser add-on (2016)</h3>
@@ -7591,33 +8148,48 @@ PAGE_MARKUP = """<!doctype html>
         </div>
       </section>
 
-      <section class="card" aria-labelledby="tok-h">
-        <h2 id="tok-h">Token</h2>
-        <p class="small muted">Your token signs you in here, in Bitwarden and in the add-on.
-          Rotate it if it may have leaked: the old one stops working at once.</p>
-        <button id="rotate" class="btn" type="button">Rotate token</button>
-        <div id="rotate-confirm" class="confirm-box" role="group" aria-labelledby="rotate-q"
-          hidden>
-          <p id="rotate-q">Make a new token now? The current one stops working at once, here,
-            in Bitwarden and in the add-on.</p>
-          <div class="acts">
-            <button id="confirm-rotate" class="btn danger" type="button">Rotate token</button>
-            <button id="cancel-rotate" class="btn" type="button">Cancel</button>
+      <div class="stack">
+        <section class="card" aria-labelledby="tok-h">
+          <h2 id="tok-h">Token</h2>
+          <p class="small muted">Your token signs you in here, in Bitwarden and in the add-on.
+            Rotate it if it may have leaked: the old one stops working at once.</p>
+          <button id="rotate" class="btn" type="button">Rotate token</button>
+          <div id="rotate-confirm" class="confirm-box" role="group" aria-labelledby="rotate-q"
+            hidden>
+            <p id="rotate-q">Make a new token now? The current one stops working at once, here,
+              in Bitwarden and in the add-on.</p>
+            <div class="acts">
+              <button id="confirm-rotate" class="btn danger" type="button">Rotate token</button>
+              <button id="cancel-rotate" class="btn" type="button">Cancel</button>
+            </div>
           </div>
-        </div>
-        <p id="rotate-error" class="error" role="alert" hidden></p>
-        <div id="new-token-box" class="token-box" hidden>
-          <p><strong>Your new token.</strong> It is shown only this once.</p>
-          <code id="new-token"></code>
-          <div class="acts">
-            <button id="copy-token" class="btn primary" type="button" data-copy="new-token"
-              aria-label="Copy new token">Copy</button>
-            <button id="hide-token" class="btn" type="button">Done</button>
+          <p id="rotate-error" class="error" role="alert" hidden></p>
+          <div id="new-token-box" class="token-box" hidden>
+            <p><strong>Your new token.</strong> It is shown only this once.</p>
+            <code id="new-token"></code>
+            <div class="acts">
+              <button id="copy-token" class="btn primary" type="button" data-copy="new-token"
+                aria-label="Copy new token">Copy</button>
+              <button id="hide-token" class="btn" type="button">Done</button>
+            </div>
+            <p class="small">Put it into the browser add-on and Bitwarden too: they stop working
+              until you do.</p>
           </div>
-          <p class="small">Put it into the browser add-on and Bitwarden too: they stop working
-            until you do.</p>
-        </div>
-      </section>
+        </section>
+
+        <section class="card" aria-labelledby="export-h">
+          <h2 id="export-h">Export</h2>
+          <p class="small muted">All your handles in one file, as the server's
+            <code>export</code> command writes it: open the CSV in a spreadsheet; the server's
+            <code>import</code> reads either file back.</p>
+          <div class="acts">
+            <button id="export-csv" class="btn" type="button">Download CSV</button>
+            <button id="export-json" class="btn" type="button">Download JSON</button>
+          </div>
+          <p id="export-note" class="small muted" role="status"></p>
+          <p id="export-error" class="error" role="alert" hidden></p>
+        </section>
+      </div>
     </div>
   </main>
 </div>

@@ -4,22 +4,26 @@ Run from the repository's folder:
 
     python3 -m unittest -v test_incognitomail
 
-Standard library only. Each TestCase class is one capability; each test's name states the
-behaviour it checks. The file mirrors the module: first the test support, one helper per
-action (new_account, new_handle, listed, handles_of, run_cli, make_site, seed_account,
-start_daemon, ...), the clients and the base TestCases; then one banner per section of
-incognitomail.py, in the module's order, holding the classes that specify that section.
-Data only one class uses sits just above it. Read them top to bottom:
+Standard library only, but for the mail lab's verifier (dkimpy, pyspf). Each TestCase class
+is one capability; each test's name states the behaviour it checks. The file mirrors the
+module: first the test support, one helper per action (new_account, new_handle, listed,
+handles_of, run_cli, make_site, seed_account, start_daemon, ...), the clients and the base
+TestCases; then one banner per section of incognitomail.py, in the module's order, holding the
+classes that specify that section. Data only one class uses sits just above it. Read them top
+to bottom:
 
     Test support            what the tests need (Postfix, openssl, Chromium); temp folders, sites,
                             times, waiting; the module in-process (ServiceFixture) and in
                             subprocesses (run_cli, DaemonProcess, MovedClockDaemon); a private
-                            Postfix; the WebSocket, Postfix, command-line and HTTP clients (one
-                            frame encoder and decoder, which bench/ imports too); the servers and
+                            Postfix; the WebSocket, Postfix (policy, socketmap, milter),
+                            command-line and HTTP clients (one frame encoder and decoder, which
+                            bench/ imports too); a mail lab (sender, forwarder, receiver, a DNS
+                            table, a receiver's SPF/DKIM/DMARC verifier); the servers and
                             daemons the clients talk to (base TestCases); headless Chromium
     Errors and OS helpers   SymlinkTest, PrivateFilesTest
     Configuration           ConfigurationTest, DocumentedKeysTest, ListenAddressTest, ExampleConfigTest
-    Names and secrets       TokensAndHandleNamesTest, AddressValidationTest, LabelCharactersTest
+    Names and secrets       TokensAndHandleNamesTest, AddressValidationTest, LabelCharactersTest,
+                            MilterAddressesTest
     Store                   StoreTest, StoreQueryPlanTest
     Postfix                 MapFileTest, LmdbMapFileTest, HashVisibilityTest, ReconcileTest,
                             RollbackTest; with a real Postfix: EndToEndDeliveryTest,
@@ -29,27 +33,38 @@ Data only one class uses sits just above it. Read them top to bottom:
                             LifetimeInputTest, PruneExpiredHandlesTest
     Operations (the Gate)   TokenBucketTest, WrongTokenLimitTest, HandleLifetimeFrontEndsTest
     Wire formats            JsonRequestFormatTest, JsonNonNumbersTest; PolicyProtocolTest,
-                            SocketmapProtocolTest; ParseRequestTest, CheckUpgradeTest, ResponsesTest,
-                            HttpParserTest; FrameParserMessagesTest ... UnmaskTest; RouteApiTest,
-                            ApiAliasShapeTest, ApiErrorTest (byte strings only, except
-                            JsonNonNumbersTest)
+                            SocketmapProtocolTest; MilterParserTest, MilterEncodersTest;
+                            ParseRequestTest, CheckUpgradeTest, ResponsesTest, HttpParserTest;
+                            FrameParserMessagesTest ... UnmaskTest; RouteApiTest,
+                            ClientRequestsRouteTest, ApiAliasShapeTest, ApiErrorTest (byte
+                            strings only, except JsonNonNumbersTest)
     Fronts: shared pieces   ClientKeyTest, StreamClientCapsTest, IdleStreamClientsTest
     Fronts: connections     WebSocketEchoTest ... HttpConnectionDeadlineTest (loopback sockets);
                             PipeliningTest, UnreadRepliesTest
     Fronts: web listener    the WebSocket: WebSocketListeningTest ... RealBrowserTest; the HTTP API:
-                            HttpKeepAliveTest ... BrowserApiDeliveryTest; TLS, descriptors and
+                            HttpKeepAliveTest ... BrowserApiDeliveryTest (BulkAndClientsLiveTest:
+                            bulk routes, sorting, account totals); TLS, descriptors and
                             proxies: TlsConnectionLimitTest ... ClientAddressTest
-    Fronts: Postfix         PolicyCountingTest, BurnerAndBlockedCountsTest; with a real Postfix:
+    Fronts: Postfix         the milter's session with byte strings: MilterSessionTest (a fake
+                            front); the daemon's milter over a socket (and miltertest):
+                            MilterListenerTest; PolicyCountingTest, BurnerAndBlockedCountsTest,
+                            RefuseAsUnknownTest; with a real Postfix:
                             PolicyServiceTest, HandleLifetimeDeliveryTest, SocketmapTest,
-                            SocketmapExpiryTest
+                            SocketmapExpiryTest; a mail lab of three Postfix instances (dkimpy,
+                            pyspf): DeliverabilityTest, DeliverabilityWithoutReplyAddressesTest
     Fronts: control socket  ControlSocketAccessTest
     Daemon                  DaemonLifecycleTest
-    Command line            CommandLineTest, StatusWhenStoppedTest, CheckCommandTest, LoggingTest
-    Data: the owner page    OwnerPageEndToEndTest ... OwnerPageLookTest (headless Chromium)
+    Command line            CommandLineTest, BulkExportImportBackupTest, BackupRestoreTest,
+                            FirstUseTest, WireCommandTest, StatusWhenStoppedTest,
+                            CheckCommandTest, MilterCheckTest, LoggingTest
+    Data: the owner page    OwnerPageEndToEndTest ... OwnerPageOpenPartsLookTest (headless
+                            Chromium)
 
 Postfix: tests that need ``postmap`` (and, for a private running instance on loopback,
 root) skip when it is missing, unless ``INCOGNITOMAIL_REQUIRE_POSTFIX`` is set: then they
-fail instead (CI sets it). A private instance never touches /etc/postfix/main.cf or port 25.
+fail instead (CI sets it). The same holds for Debian's ``miltertest`` and for PyPI's dkimpy and
+pyspf (the mail lab's verifier), the only packages beyond the standard library. A private
+instance never touches /etc/postfix/main.cf or port 25.
 Every instance and daemon a test starts is stopped by that test (or its class); one still
 running when the module ends is stopped, and the run fails naming it (tearDownModule).
 """
@@ -58,6 +73,7 @@ import asyncio
 import base64
 import calendar
 import collections
+import email.header
 import email.utils
 import errno
 import grp
@@ -87,6 +103,7 @@ import time
 import unittest
 import urllib.request
 import uuid
+import warnings
 from unittest import mock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -214,6 +231,11 @@ def make_folder(testcase=None, prefix="incognitomail-test-"):
     if testcase is not None:
         testcase.addCleanup(shutil.rmtree, folder, True)
     return folder
+
+
+def read_text(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
 
 def write_ini(path, sections):
@@ -346,6 +368,15 @@ def socketmap_site(testcase, **kwargs):
     for section, keys in kwargs.pop("sections", {}).items():
         sections.setdefault(section, {}).update(keys)
     return Site(folder, config_dir="", map_path=os.path.join(folder, "virtual"), sections=sections, **kwargs)
+
+
+def policy_page_site(testcase, **limits):
+    """A site serving the page with the policy service on ``testcase.policy_port`` (message
+    limits need it; ask_policy tells what it answers), needing no Postfix."""
+    sections = testcase.listen_sections(**limits)
+    testcase.policy_port = free_port()
+    sections["General"]["PolicyListen"] = "inet:127.0.0.1:%d" % testcase.policy_port
+    return socketmap_site(testcase, sections=sections)
 
 
 # An admin's own lines in the map file: odd bytes, CRLF, tabs, blank and continued lines.
@@ -733,6 +764,18 @@ def seed_account(site, handles=(), address="alice@example.org", token=None):
     return token
 
 
+def set_seeded_columns(site, local, **columns):
+    """Columns of a seeded handle that seed_account leaves as they start (bounced, sent,
+    refuse_as_unknown), written straight into the database before the daemon starts."""
+    store = im.Store(site.config.database_path)
+    try:
+        with store.transaction():
+            store.db.execute("UPDATE handles SET %s WHERE local = ?" % ", ".join(
+                "%s = ?" % name for name in columns), tuple(columns.values()) + (local,))
+    finally:
+        store.close()
+
+
 def numbered_handles(count, domain="incognito.test", **columns):
     """``count`` handles for seed_account, seed000000000000 on, made now, with ``columns``."""
     now = int(time.time())
@@ -935,7 +978,8 @@ _INSTANCES = []             # every PostfixInstance of this run, stopped or not
 
 
 class PostfixInstance:
-    """A private Postfix living under ``root_dir``, listening on 127.0.0.1:PORT only.
+    """A private Postfix living under ``root_dir``, listening on IP:PORT only (127.0.0.1 unless
+    given).
 
     mode "virtual": DOMAIN in virtual_alias_domains, ``virtual_alias_maps = TYPE:ROOT/etc/virtual``.
     Targets USER@mbox.test are virtual(8) mailboxes ROOT/vmail/USER (no system users needed).
@@ -946,8 +990,9 @@ class PostfixInstance:
     MAILBOX_DOMAIN = "mbox.test"
 
     def __init__(self, root_dir, map_type="hash", domain="incognito.test", extra_main_cf=(),
-                 users=("alice", "bob", "carol", "dave")):
+                 users=("alice", "bob", "carol", "dave"), ip="127.0.0.1"):
         self.root_dir = os.path.abspath(root_dir)
+        self.ip = ip                # where its smtpd listens (a 127.0.0.x of its own in the lab)
         self.port = free_port()
         self.map_type = map_type
         self.domain = domain
@@ -1053,7 +1098,7 @@ class PostfixInstance:
         os.chmod(os.path.join(self.root_dir, "mail"), 0o1777)
         os.chown(os.path.join(self.root_dir, "vmail"), NOBODY_UID, NOBODY_UID)
         self._write("main.cf", self._main_cf())
-        self._write("master.cf", "127.0.0.1:%d inet n - n - - smtpd\n" % self.port + _MASTER_SERVICES)
+        self._write("master.cf", "%s:%d inet n - n - - smtpd\n" % (self.ip, self.port) + _MASTER_SERVICES)
         self._write("aliases", "postmaster: root\n", backdate=False)
         self._write("vmailbox", "".join("%s %s\n" % (self.address(u), u) for u in self.users))
         self._write("virtual", map_text, backdate=False)
@@ -1067,7 +1112,7 @@ class PostfixInstance:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+                with socket.create_connection((self.ip, self.port), timeout=2) as s:
                     if s.recv(512).startswith(b"220"):
                         s.sendall(b"QUIT\r\n")
                         return self
@@ -1153,7 +1198,7 @@ class PostfixInstance:
         message = ("From: %s\r\nTo: %s\r\nSubject: %s\r\nMessage-ID: <%s@pflab.test>\r\nDate: %s\r\n\r\n"
                    "body %s\r\n" % (sender, rcpt, mark, mark, email.utils.formatdate(), mark))
         try:
-            client = smtplib.SMTP("127.0.0.1", self.port, local_hostname="client.pflab.test", timeout=timeout)
+            client = smtplib.SMTP(self.ip, self.port, local_hostname="client.pflab.test", timeout=timeout)
         except (OSError, smtplib.SMTPException) as e:
             return False, None, "connect failed: %s" % e, mark
         try:
@@ -1179,7 +1224,7 @@ class PostfixInstance:
     def rcpt_check(self, rcpt, sender="sender@example.org", timeout=30):
         """MAIL + RCPT on a new connection, nothing queued: ``(code, text)``."""
         try:
-            with smtplib.SMTP("127.0.0.1", self.port, local_hostname="client.pflab.test", timeout=timeout) as s:
+            with smtplib.SMTP(self.ip, self.port, local_hostname="client.pflab.test", timeout=timeout) as s:
                 s.ehlo()
                 s.mail(sender)
                 code, text = s.rcpt(rcpt)
@@ -1679,6 +1724,132 @@ async def policy_action(front, request):
     return action if isinstance(action, str) else await action
 
 
+# The milter protocol from Postfix's side (the test's own framing, not the module's encoder):
+# a packet is a 4-byte big-endian length, a command byte and its payload.
+SMFIR_ADDHEADER = b"h"
+MILTER_FINAL_REPLIES = b"acdrty4"        # what ends a milter's answer to end of message
+
+
+def mta_packet(code, payload=b""):
+    """A packet as Postfix sends it."""
+    return struct.pack("!I", len(payload) + 1) + code + payload
+
+
+def mta_strings(code, *strings):
+    """A packet of NUL-terminated strings (MAIL, RCPT, HEADER ...), as Postfix sends it."""
+    return mta_packet(code, b"".join(s.encode("utf-8") + b"\0" for s in strings))
+
+
+def mta_macros(stage, **macros):
+    """A macro packet (``D``): the stage, then name and value pairs; ``_j`` stands for ``j``."""
+    return mta_packet(b"D", stage + b"".join(
+        b"%s\0%s\0" % (name.lstrip("_").encode(), value.encode()) for name, value in macros.items()))
+
+
+def milter_replies(data):
+    """A milter's answer bytes -> [(code, payload)], every packet whole."""
+    packets = []
+    while data:
+        length = struct.unpack("!I", data[:4])[0]
+        assert len(data) >= 4 + length, "a packet cut short: %r" % data
+        packets.append((data[4:5], data[5:4 + length]))
+        data = data[4 + length:]
+    return packets
+
+
+# Which protocol step (SMFIP_NR_*) lets a milter leave each command unanswered; macros, abort
+# and quit are never answered, the end of a message always.
+MILTER_NO_REPLY_STEPS = {b"C": 0x1000, b"H": 0x2000, b"M": 0x4000, b"R": 0x8000, b"T": 0x10000,
+                         b"U": 0x20000, b"N": 0x40000, b"B": 0x80000, b"L": 0x80}
+
+
+def milter_answers(code, steps):
+    """Does a milter that negotiated ``steps`` answer command ``code``?"""
+    if code in (b"D", b"A", b"Q", b"K"):
+        return False
+    return not steps & MILTER_NO_REPLY_STEPS.get(code, 0)
+
+
+class MilterClient:
+    """Postfix's side of one milter connection, over a socket (without TCP_NODELAY, as
+    Postfix): send a command, read the answer (one packet; at the end of a message, the
+    changes and the final reply), as the negotiated steps say."""
+
+    def __init__(self, port, host="127.0.0.1", sock=None):
+        """``port`` on ``host``, or ``sock``, connected already (a unix socket)."""
+        self.sock = sock or socket.create_connection((host, port), timeout=10)
+        self.steps = 0
+        self._macros = b""          # sent with the next command, in one write, as Postfix does
+
+    def read(self):
+        head = self._exactly(4)
+        length = struct.unpack("!I", head)[0]
+        body = self._exactly(length)
+        return body[:1], body[1:]
+
+    def _exactly(self, size):
+        data = b""
+        while len(data) < size:
+            chunk = self.sock.recv(size - len(data))
+            if not chunk:
+                raise ConnectionError("the milter closed the connection after %r" % data)
+            data += chunk
+        return data
+
+    def send(self, packet):
+        if packet[4:5] == b"D":
+            self._macros += packet
+            return
+        self.sock.sendall(self._macros + packet)
+        self._macros = b""
+
+    def ask(self, packet):
+        """Send a command that gets an answer: [(code, payload)] of that answer."""
+        self.send(packet)
+        replies = [self.read()]
+        if packet[4:5] == b"E":
+            while replies[-1][0] not in MILTER_FINAL_REPLIES:
+                replies.append(self.read())
+        return replies
+
+    def data(self):
+        """What smtpd sends at DATA before cleanup(8) takes the connection over for the headers:
+        the DATA macros, and the DATA command unless the milter asked not to be told
+        (SMFIP_NODATA); the answer, if any. The macros are written then, alone if need be."""
+        self.send(mta_macros(b"T", i="4F3A120C0CD"))
+        if not self.steps & 0x200:
+            return self.ask(mta_packet(b"T"))
+        self.sock.sendall(self._macros)
+        self._macros = b""
+        return []
+
+    def tell(self, packet):
+        """Send a command as Postfix does: its answer when the negotiation says there is one,
+        else []."""
+        if milter_answers(packet[4:5], self.steps):
+            return self.ask(packet)
+        self.send(packet)
+        return []
+
+    def negotiate(self, version=6, actions=0x1FF, steps=0x1FFFFF):
+        [(code, payload)] = self.ask(mta_packet(b"O", struct.pack("!III", version, actions, steps)))
+        assert code == b"O", (code, payload)
+        version, actions, self.steps = struct.unpack("!III", payload[:12])
+        return version, actions, self.steps
+
+    def close(self):
+        self.sock.close()
+
+
+def milter_secret(site):
+    """The milter's key, as the daemon keeps it in the database."""
+    store = im.Store(site.config.database_path, readonly=True)
+    try:
+        return bytes.fromhex(store.get_meta("milter_secret"))
+    finally:
+        store.close()
+
+
 def refuse_constant(name):
     raise ValueError("%s is not JSON" % name)
 
@@ -1891,6 +2062,501 @@ def addy_request(method, target, body=None, token=TOKEN):
 
 def simplelogin_request(method, target, body=None, token=TOKEN):
     return api_request(method, target, bitwarden_headers(simplelogin_auth(token)), body)
+
+
+###############################################################################
+# Test support: a mail lab on loopback: a sender's MX, the forwarder and a receiver that judges
+# SPF, DKIM and DMARC as a big provider does (dkimpy and pyspf, against a DNS of the test's own)
+###############################################################################
+
+def require_mail_lab():
+    """The dkim and spf modules (PyPI's dkimpy and pyspf), a private Postfix and openssl; skip
+    without them, or fail when INCOGNITOMAIL_REQUIRE_POSTFIX is set."""
+    require_postfix(instance=True)
+    require(shutil.which("openssl"), "openssl is not installed")
+    try:
+        with warnings.catch_warnings():     # pyspf's source has old escapes (3.9 compiles it once)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import dkim
+            import spf
+    except ImportError as e:
+        require(False, "the deliverability tests need dkimpy and pyspf (python3 -m pip install "
+                       "dkimpy pyspf dnspython): %s" % e)
+    return dkim, spf
+
+
+def dkim_key(folder):
+    """A fresh RSA key for DKIM: (its PKCS#1 PEM, the p= of its DNS record)."""
+    path = os.path.join(folder, "dkim.pem")
+    subprocess.run(["openssl", "genrsa", "-traditional", "-out", path, "1024"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+    public = subprocess.run(["openssl", "rsa", "-in", path, "-pubout", "-outform", "DER"], check=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=60).stdout
+    with open(path, "rb") as f:
+        return f.read(), base64.b64encode(public).decode("ascii")
+
+
+class LabDns:
+    """The lab's DNS: TXT records by name, nothing else. ``txt`` is dkimpy's dnsfunc,
+    ``lookup`` stands in for pyspf's DNSLookup."""
+
+    def __init__(self, records):
+        self.records = {name.lower(): texts for name, texts in records.items()}
+
+    def _texts(self, name):
+        name = name.decode("ascii") if isinstance(name, bytes) else name
+        return self.records.get(name.rstrip(".").lower(), [])
+
+    def txt(self, name, timeout=5):
+        texts = self._texts(name)
+        return texts[0].encode("ascii") if texts else None
+
+    def lookup(self, name, qtype, strict=True, timeout=30):
+        if qtype not in ("TXT", "SPF"):
+            return []
+        return [((name, qtype), [text.encode("ascii")]) for text in self._texts(name)]
+
+
+def organizational_domain(domain):
+    """The lab's public suffixes are one label (.example, .test): the last two labels."""
+    return ".".join(domain.lower().rstrip(".").split(".")[-2:])
+
+
+class _BodyMilterParser(im.MilterParser):
+    """The module's milter parser, which also gives a body chunk's bytes (the module's milter
+    never asks for the body)."""
+
+    @staticmethod
+    def _arguments(code, payload):
+        if code == im.SMFIC_BODY:
+            return (payload,)
+        return im.MilterParser._arguments(code, payload)
+
+
+SMFIP_HDR_LEADSPC = 0x100000    # header values keep their leading space, both ways
+
+
+class LabVerifier:
+    """The receiver's verifier, a milter on a thread of the test process: for each message it
+    computes SPF for the connecting IP and envelope sender, DKIM, and DMARC with relaxed
+    alignment from the lab's DNS, adds Authentication-Results under ``hostname``, and refuses
+    at the end of the message (550 5.7.1) when a p=reject domain fails DMARC and a recipient
+    is in one of ``strict_domains``. Each verdict is also kept in ``verdicts``."""
+
+    def __init__(self, dns, hostname, strict_domains):
+        self.dkim, self.spf = require_mail_lab()
+        self.dns, self.hostname, self.strict_domains = dns, hostname, set(strict_domains)
+        self.verdicts = []
+        self.errors = []
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(16)
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True, name="lab-verifier").start()
+
+    def close(self):
+        self._listener.close()
+
+    def _accept(self):
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, sock):
+        parser, state = _BodyMilterParser(), {"ip": "", "helo": ""}
+        try:
+            with sock:
+                while True:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    parser.feed(data)
+                    for command in iter(parser.next_request, None):
+                        reply = self._answer(state, command)
+                        if reply:
+                            sock.sendall(reply)
+                        if command.code == im.SMFIC_QUIT:
+                            return
+        except Exception as e:          # shown by the test that waits for the message
+            self.errors.append("%s: %s" % (type(e).__name__, e))
+
+    def _answer(self, state, command):
+        code, args = command
+        if code == im.SMFIC_OPTNEG:
+            return im.milter_packet(b"O", struct.pack("!III", 6, 0x01, SMFIP_HDR_LEADSPC))
+        if code in (im.SMFIC_MACRO, im.SMFIC_ABORT, im.SMFIC_QUIT):
+            return b""
+        if code == im.SMFIC_CONNECT:
+            state["ip"] = args[3]
+        elif code == im.SMFIC_HELO:
+            state["helo"] = args[0]
+        elif code == im.SMFIC_MAIL:
+            state.update(sender=args[0].strip("<>"), recipients=[], headers=[], body=[])
+        elif code == im.SMFIC_RCPT:
+            state["recipients"].append(args[0].strip("<>").lower())
+        elif code == im.SMFIC_HEADER:
+            state["headers"].append(args)
+        elif code == im.SMFIC_BODY:
+            state["body"].append(args[0])
+        elif code == im.SMFIC_BODYEOB:
+            return self._judge(state)
+        return im.milter_packet(im.SMFIR_CONTINUE)
+
+    def _judge(self, state):
+        raw = lambda text: text.encode("utf-8", "surrogateescape")
+        message = b"".join(raw(name) + b":" + raw(value).replace(b"\n", b"\r\n") + b"\r\n"
+                           for name, value in state["headers"]) + b"\r\n" + b"".join(state["body"])
+        sender = state["sender"]
+        mail_domain = sender.rpartition("@")[2].lower() if sender else state["helo"].lower()
+        spf_result = self.spf.check2(i=state["ip"], s=sender, h=state["helo"])[0]
+        signatures = [value for name, value in state["headers"] if name.lower() == "dkim-signature"]
+        dkim_results = []
+        checker = self.dkim.DKIM(message, minkey=1024)
+        for index, signature in enumerate(signatures):
+            domain = (re.search(r"(?:^|;)\s*d\s*=\s*([^;\s]+)", signature) or re.match("()", "")).group(1)
+            try:
+                good = checker.verify(idx=index, dnsfunc=self.dns.txt)
+            except self.dkim.DKIMException:
+                good = False
+            dkim_results.append((domain.lower(), "pass" if good else "fail"))
+        froms = email.utils.getaddresses([v for n, v in state["headers"] if n.lower() == "from"])
+        from_domain = froms[0][1].rpartition("@")[2].lower() if len(froms) == 1 else ""
+        record = self.dns.txt("_dmarc." + from_domain) or \
+            self.dns.txt("_dmarc." + organizational_domain(from_domain))
+        policy = re.search(rb"\bp=(\w+)", record or b"")
+        policy = policy.group(1).decode() if policy else None
+        aligned = lambda domain: organizational_domain(domain) == organizational_domain(from_domain)
+        if not from_domain or policy is None:
+            dmarc = "none"
+        elif (spf_result == "pass" and aligned(mail_domain)) or \
+                any(result == "pass" and aligned(domain) for domain, result in dkim_results):
+            dmarc = "pass"
+        else:
+            dmarc = "fail"
+        rejected = dmarc == "fail" and policy == "reject" and any(
+            rcpt.rpartition("@")[2] in self.strict_domains for rcpt in state["recipients"])
+        subject = next((v.strip() for n, v in state["headers"] if n.lower() == "subject"), "")
+        self.verdicts.append(dict(subject=subject, ip=state["ip"], sender=sender, spf=spf_result,
+                                  dkim=dkim_results, dmarc=dmarc, from_domain=from_domain,
+                                  recipients=list(state["recipients"]), rejected=rejected))
+        results = "; ".join(["spf=%s smtp.mailfrom=%s" % (spf_result, sender or mail_domain)]
+                            + ["dkim=%s header.d=%s" % (r, d) for d, r in dkim_results]
+                            + (["dkim=none"] if not dkim_results else [])
+                            + ["dmarc=%s header.from=%s" % (dmarc, from_domain)])
+        added = im.milter_packet(SMFIR_ADDHEADER, b"Authentication-Results\0 %s;\n\t%s\0" % (
+            self.hostname.encode(), results.encode()))
+        if rejected:
+            return added + im.milter_reply("550 5.7.1 rejected by the DMARC policy of %s" % from_domain)
+        return added + im.milter_packet(im.SMFIR_CONTINUE)
+
+    def verdict(self, mark, timeout=15):
+        """The verdict on the message whose Subject holds ``mark``."""
+        found = wait_until(lambda: [v for v in self.verdicts if mark in v["subject"]], timeout)
+        assert found, "the receiver judged no message %s (errors: %s)" % (mark, self.errors)
+        return found[-1]
+
+
+class Tap:
+    """A TCP relay in front of a server that keeps every byte its clients send: what the
+    server receives, to search."""
+
+    def __init__(self, ip, target):
+        self.target = target
+        self._received, self._lock = [], threading.Lock()
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.bind((ip, 0))
+        self._listener.listen(16)
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True, name="lab-tap").start()
+
+    def received(self):
+        with self._lock:
+            return b"".join(self._received)
+
+    def close(self):
+        self._listener.close()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.target, timeout=30)
+            except OSError:
+                client.close()
+                continue
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, source, sink, keep):
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if keep:
+                    with self._lock:
+                        self._received.append(data)
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            if not keep:
+                source.close()
+                sink.close()
+
+
+class LabPostfix(PostfixInstance):
+    """A PostfixInstance of the lab: its own loopback address (its smtpd listens there and its
+    SMTP client sends from there, so SPF tells the instances apart), its own host name,
+    virtual mailboxes named by their whole address (vmail/ADDRESS), and routes to the other
+    instances (transport_maps)."""
+
+    def __init__(self, root_dir, ip, hostname, mailboxes=(), routes=(), lines=(), domain="aliases.invalid"):
+        super().__init__(root_dir, domain=domain, users=(), ip=ip)
+        self.hostname, self.mailboxes = hostname, list(mailboxes)
+        self.routes, self.lines = list(routes), list(lines)
+
+    def _main_cf(self):
+        domains = sorted({address.rpartition("@")[2] for address in self.mailboxes})
+        settings = collections.OrderedDict()
+        for line in super()._main_cf().splitlines() + [
+            "myhostname = %s" % self.hostname,
+            "mynetworks = 127.0.0.1/32",
+            "smtp_bind_address = %s" % self.ip,
+            "virtual_mailbox_domains = %s" % ", ".join(domains or ["mbox.invalid"]),
+            "transport_maps = texthash:%s/transport" % self.config_dir,
+        ] + self.lines:
+            name, _, value = line.partition("=")
+            settings[name.strip()] = value.strip()        # one line a setting: the last one wins
+        return "".join("%s = %s\n" % setting for setting in settings.items())
+
+    def create(self, map_text=""):
+        os.makedirs(self.config_dir, exist_ok=True)
+        self._write("transport", "".join("%s %s\n" % route for route in self.routes))
+        super().create(map_text)
+        self._write("vmailbox", "".join("%s %s\n" % (a, a) for a in self.mailboxes))
+        return self
+
+    def files(self):
+        """Every byte it holds for mail: its mailboxes and its queue."""
+        data = []
+        for folder in ("vmail", "mail", "spool"):
+            for path, _, names in os.walk(os.path.join(self.root_dir, folder)):
+                for name in names:
+                    try:
+                        with open(os.path.join(path, name), "rb") as f:
+                            data.append(f.read())
+                    except OSError:
+                        pass
+        return b"".join(data)
+
+    def queue_empty(self):
+        return not any(files for folder in ("maildrop", "incoming", "active", "deferred", "hold")
+                       for _, _, files in os.walk(os.path.join(self.root_dir, "spool", folder)))
+
+    def messages(self, address):
+        """The messages in a mailbox, each parsed (email.message.Message); none while a message
+        is being written (virtual(8) ends each with an empty line)."""
+        text = self.mailbox(address)
+        if not text.endswith("\n\n"):
+            return []
+        return [email.message_from_string("From " + part) for part in re.split(r"(?m)^From ", text) if part.strip()]
+
+
+LAB_SENDER_IP, LAB_FORWARDER_IP, LAB_RECEIVER_IP = "127.0.0.41", "127.0.0.42", "127.0.0.43"
+
+
+def smtp_transaction(ip, port, mail_from, recipients, message=None, source=None, helo="client.pflab.test"):
+    """One SMTP transaction on a new connection: ({recipient: (code, text)}, (code, text) of
+    DATA, or None when no recipient was taken or there is no message)."""
+    client = smtplib.SMTP(ip, port, local_hostname=helo, timeout=30,
+                          source_address=(source, 0) if source else None)
+    try:
+        client.ehlo()
+        code, text = client.mail(mail_from)
+        assert code == 250, (code, text)
+        answers = {}
+        for recipient in recipients:
+            code, text = client.rcpt(recipient)
+            answers[recipient] = (code, _decode(text))
+        data = None
+        if message is not None and any(code in (250, 251) for code, _ in answers.values()):
+            try:
+                code, text = client.data(message)
+            except smtplib.SMTPResponseException as e:
+                code, text = e.smtp_code, e.smtp_error
+            data = (code, _decode(text))
+        return answers, data
+    finally:
+        try:
+            client.quit()
+        except (OSError, smtplib.SMTPException):
+            client.close()
+
+
+class MailLabTestCase(unittest.TestCase):
+    """Three private Postfix instances on loopback, each with an address of its own, and the
+    daemon for the forwarder (MilterListen, PolicyListen; ReplyAddresses as the class says):
+
+    - the sender's MX, 127.0.0.41, mx.shop.example: mailboxes at shop.example (which signs with
+      DKIM and publishes DMARC p=reject) and plain.example (p=reject, no DKIM); it receives
+      every bounce, DSN and reply addressed to a sender, behind a Tap that keeps every byte;
+      the senders send from its address straight to the forwarder;
+    - the forwarder, 127.0.0.42, mail.incognito.test (SPF: ip4:127.0.0.42), with the daemon;
+      the admin's own map line friend@incognito.test -> friend@gmail.example;
+    - the receiver, the owners' provider, 127.0.0.43, mx.gmail.example: mailboxes at
+      gmail.example (which reports) and strict.example (which refuses DMARC failures of
+      p=reject domains); LabVerifier judges every message it takes; OWNER_ALIASES and a route
+      to ``error:5.2.2 mailbox full`` make late bounces; the owners send through it.
+    """
+
+    REPLY_ADDRESSES = "yes"
+    OWNERS = ()                 # the receiver's mailboxes
+    OWNER_ALIASES = ()          # (address, target) in the receiver's virtual map
+    SENDER_MAILBOXES = ("news@shop.example", "orders@shop.example", "news@plain.example",
+                        "sales@plain.example")
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dkim, spf = require_mail_lab()
+        folder = make_folder(prefix="incognitomail-test-lab-")
+        cls.addClassCleanup(shutil.rmtree, folder, True)
+        cls.dkim_key, public_key = dkim_key(folder)
+        cls.dns = LabDns({
+            "shop.example": ["v=spf1 ip4:%s -all" % LAB_SENDER_IP],
+            "_dmarc.shop.example": ["v=DMARC1; p=reject"],
+            "sel._domainkey.shop.example": ["v=DKIM1; k=rsa; p=%s" % public_key],
+            "plain.example": ["v=spf1 ip4:%s -all" % LAB_SENDER_IP],
+            "_dmarc.plain.example": ["v=DMARC1; p=reject"],
+            "incognito.test": ["v=spf1 ip4:%s -all" % LAB_FORWARDER_IP],
+            "mail.incognito.test": ["v=spf1 ip4:%s -all" % LAB_FORWARDER_IP],
+            "_dmarc.incognito.test": ["v=DMARC1; p=none"],
+            "gmail.example": ["v=spf1 ip4:%s -all" % LAB_RECEIVER_IP],
+            "_dmarc.gmail.example": ["v=DMARC1; p=none"],
+        })
+        patcher = mock.patch.object(spf, "DNSLookup", cls.dns.lookup)
+        patcher.start()
+        cls.addClassCleanup(patcher.stop)
+        cls.verifier = LabVerifier(cls.dns, "mx.gmail.example", ["strict.example"])
+        cls.addClassCleanup(cls.verifier.close)
+        milter_port, policy_port = free_port(), free_port()
+        cls.sender = LabPostfix(os.path.join(folder, "sender"), LAB_SENDER_IP, "mx.shop.example",
+                                mailboxes=cls.SENDER_MAILBOXES)
+        cls.forwarder = LabPostfix(os.path.join(folder, "forwarder"), LAB_FORWARDER_IP, "mail.incognito.test",
+                                   domain="incognito.test", lines=[
+                                       "recipient_delimiter = +",
+                                       "propagate_unmatched_extensions = canonical",
+                                       "smtpd_milters = inet:127.0.0.1:%d" % milter_port,
+                                       "milter_default_action = tempfail",
+                                       "smtpd_recipient_restrictions = check_policy_service inet:127.0.0.1:%d"
+                                       % policy_port])
+        cls.receiver = LabPostfix(os.path.join(folder, "receiver"), LAB_RECEIVER_IP, "mx.gmail.example",
+                                  mailboxes=("friend@gmail.example",) + tuple(cls.OWNERS), lines=[
+                                      "smtpd_milters = inet:127.0.0.1:%d" % cls.verifier.port,
+                                      "milter_default_action = tempfail"])
+        for instance in (cls.sender, cls.forwarder, cls.receiver):
+            cls.addClassCleanup(instance.destroy)
+        cls.tap = Tap(LAB_SENDER_IP, (LAB_SENDER_IP, cls.sender.port))
+        cls.addClassCleanup(cls.tap.close)
+        to_sender = "smtp:[%s]:%d" % (LAB_SENDER_IP, cls.tap.port)
+        to_receiver = "smtp:[%s]:%d" % (LAB_RECEIVER_IP, cls.receiver.port)
+        cls.forwarder.routes = [("shop.example", to_sender), ("plain.example", to_sender),
+                                ("gmail.example", to_receiver), ("strict.example", to_receiver)]
+        cls.receiver.routes = [("incognito.test", "smtp:[%s]:%d" % (LAB_FORWARDER_IP, cls.forwarder.port)),
+                               ("shop.example", to_sender), ("plain.example", to_sender),
+                               ("full.example", "error:5.2.2 mailbox full")]
+        cls.sender.create().start()
+        cls.receiver.create("".join("%s %s\n" % alias for alias in cls.OWNER_ALIASES)).start()
+        cls.forwarder.create("friend@incognito.test friend@gmail.example\n").start()
+        cls.site = Site(make_folder(prefix="incognitomail-test-lab-site-"), map_path=cls.forwarder.map_path,
+                        config_dir=cls.forwarder.config_dir, domains="incognito.test", sections={"General": {
+                            "MilterListen": "inet:127.0.0.1:%d" % milter_port,
+                            "PolicyListen": "inet:127.0.0.1:%d" % policy_port,
+                            "ReplyAddresses": cls.REPLY_ADDRESSES}})
+        cls.addClassCleanup(shutil.rmtree, cls.site.folder, True)
+        cls.daemon = DaemonProcess(cls.site)
+        cls.addClassCleanup(cls.daemon.stop)
+        cls.daemon.start().wait_serving()
+
+    # -- the senders, the owners and what they hold ----------------------------------------------
+
+    def new_owner(self, address):
+        """A new account for ``address`` and a handle of it."""
+        token = new_account(self.site, address)
+        return token, new_handle(self.site, token)
+
+    def message(self, sender, to, mark, headers=(), sign=False, name="Shop News"):
+        """A message as a sender's mail program writes it (DKIM-signed by shop.example's MX
+        when ``sign``), with ``mark`` in its Subject and body."""
+        lines = [("From", '"%s" <%s>' % (name, sender) if name else sender), ("To", to),
+                 ("Subject", "Your order %s" % mark), ("Date", email.utils.formatdate()),
+                 ("Message-ID", "<%s@%s>" % (mark, sender.rpartition("@")[2]))] + list(headers)
+        data = ("".join("%s: %s\r\n" % line for line in lines) + "\r\nHello, this is %s.\r\n" % mark).encode()
+        if sign:
+            data = self.dkim.sign(data, b"sel", sender.rpartition("@")[2].encode(), self.dkim_key,
+                                  canonicalize=(b"relaxed", b"relaxed"),
+                                  include_headers=[b"from", b"to", b"subject", b"date", b"message-id"]) + data
+        return data
+
+    def send_to_forwarder(self, sender, recipients, message):
+        """From the sender's own address, as its MX would send: (RCPT answers, DATA answer)."""
+        return smtp_transaction(self.forwarder.ip, self.forwarder.port, sender, recipients, message,
+                                source=LAB_SENDER_IP, helo="mx.%s" % (sender.rpartition("@")[2] or "shop.example"))
+
+    def send_from_owner(self, owner, recipients, message):
+        """From the owner, through their provider (the receiver relays for 127.0.0.1)."""
+        return smtp_transaction(self.receiver.ip, self.receiver.port, owner, recipients, message,
+                                helo="laptop.home.example")
+
+    def forward(self, owner, handle, sender="news@shop.example", sign=True, headers=()):
+        """A sender's message to ``handle``, accepted by the forwarder: its mark."""
+        mark = uuid.uuid4().hex
+        answers, data = self.send_to_forwarder(sender, [handle], self.message(sender, handle, mark, headers, sign))
+        self.assertEqual((answers[handle][0], data and data[0]), (250, 250), (answers, data))
+        return mark
+
+    def delivered(self, instance, address, mark, timeout=20):
+        """The message holding ``mark`` in ``address``'s mailbox, once it is there."""
+        found = wait_until(lambda: [m for m in instance.messages(address) if mark in (
+            m.as_string() if m.is_multipart() else m.get_payload())], timeout, 0.02)
+        self.assertTrue(found, "no message %s reached %s;\nforwarder: %s\nreceiver: %s\nverifier: %s" % (
+            mark, address, self.forwarder.maillog()[-3000:], self.receiver.maillog()[-2000:],
+            self.verifier.errors))
+        return found[-1]
+
+    def settled(self, timeout=20):
+        """Until no instance holds mail in its queue (every bounce made and delivered)."""
+        instances = (self.sender, self.forwarder, self.receiver)
+        done = wait_until(lambda: all(i.queue_empty() for i in instances), timeout, 0.05)
+        self.assertTrue(done, "mail still queued:\n%s" % self.forwarder.maillog()[-3000:])
+
+    def assert_sender_never_learns(self, owner):
+        """Nothing the sender's MX received over SMTP or holds names the owner (not even the local
+        part of their address)."""
+        self.settled()
+        local = owner.partition("@")[0].lower().encode()
+        self.assertNotIn(local, self.tap.received().lower())
+        self.assertNotIn(local, self.sender.files().lower())
+
+    def counts(self, token, handle):
+        return handles_of(self.site, token)[handle]
+
+    def wait_count(self, token, handle, column, value, timeout=15):
+        self.assertTrue(wait_until(lambda: self.counts(token, handle)[column] >= value, timeout, 0.1),
+                        "%s never reached %d: %s\n%s" % (column, value, self.counts(token, handle),
+                                                         self.forwarder.maillog()[-2000:]))
+
+    def assert_verdict(self, mark, **expected):
+        verdict = self.verifier.verdict(mark)
+        self.assertEqual({key: verdict[key] for key in expected}, expected, verdict)
+        return verdict
 
 
 ###############################################################################
@@ -3103,6 +3769,74 @@ class LabelCharactersTest(unittest.TestCase):
         for label in ("Café crème", "naïve façade — Ünïcødé", "📫 mail ✉", "👩‍💻 dev",
                       "日本語のラベル", "שלום", "مرحبا", "shop.example.com #2"):
             self.assertEqual(im.check_label(label), label)
+
+
+class MilterAddressesTest(unittest.TestCase):
+    """Bounce addresses (dated, signed) and reply addresses, and what the milter reads in an
+    address of a handle's domain."""
+
+    SECRET = b"\x01" * 32
+    DOMAINS = ("incognito.test", "other.test")
+    HANDLE = "k3v9q0x2m7ab5ts1@incognito.test"
+
+    def read(self, address, now=T0, secret=SECRET):
+        return im.read_handle_address(address, self.DOMAINS, secret, now)
+
+    def test_a_bounce_address_is_the_handle_a_day_stamp_and_a_signature(self):
+        address = im.bounce_address(self.HANDLE, self.SECRET, T0)
+        # T0 is day 19675; 19675 mod 1024 = 219 = 6 * 32 + 27: "g3" in SRS's base32
+        self.assertRegex(address, r"^k3v9q0x2m7ab5ts1\+b\.g3\.[a-z2-7]{10}@incognito\.test$")
+        self.assertEqual(self.read(address), (self.HANDLE, im.BOUNCE, None))
+        self.assertEqual(self.read(address.upper()), (self.HANDLE, im.BOUNCE, None))
+        self.assertEqual(im.bounce_address(self.HANDLE, self.SECRET, T0 + 3600), address)
+        self.assertNotEqual(im.bounce_address(self.HANDLE, self.SECRET, T0 + DAY), address)
+        other = im.bounce_address("k3v9q0x2m7ab5ts1@other.test", self.SECRET, T0)
+        self.assertNotEqual(other.split("@")[0], address.split("@")[0])
+
+    def test_a_bounce_address_is_good_for_21_days(self):
+        address = im.bounce_address(self.HANDLE, self.SECRET, T0)
+        for days in (0, 1, 20, 21):
+            self.assertEqual(self.read(address, T0 + days * DAY).kind, im.BOUNCE, days)
+        for days in (22, 30, 1000):
+            with self.subTest(days=days), self.assertRaises(im.BadRequest):
+                self.read(address, T0 + days * DAY)
+
+    def test_a_bounce_address_dated_in_the_future_is_refused(self):
+        address = im.bounce_address(self.HANDLE, self.SECRET, T0 + DAY)
+        with self.assertRaises(im.BadRequest):
+            self.read(address, T0)
+
+    def test_a_forged_bounce_address_is_refused(self):
+        address = im.bounce_address(self.HANDLE, self.SECRET, T0)
+        local, domain = address.split("@")
+        flipped = local[:-1] + ("a" if local[-1] != "a" else "b")
+        other = im.bounce_address("abcdefgh12345678@incognito.test", self.SECRET, T0)
+        for forged in ("%s@%s" % (flipped, domain),                     # one character changed
+                       im.bounce_address(self.HANDLE, b"\x02" * 32, T0),  # another key
+                       self.HANDLE.replace("@", other[other.index("+"):other.index("@")] + "@"),
+                       "k3v9q0x2m7ab5ts1+b.g3.aaaaaaaaaa@incognito.test"):
+            with self.subTest(forged=forged), self.assertRaises(im.BadRequest) as caught:
+                self.read(forged)
+            self.assertIn("21 days", str(caught.exception))
+
+    def test_a_reply_address_holds_the_correspondent(self):
+        for correspondent, local_part in (("news@shop.example", "k3v9q0x2m7ab5ts1+news=shop.example"),
+                                          ("a+b=c@Plain.Example", "k3v9q0x2m7ab5ts1+a+b=c=plain.example"),
+                                          ("First.Last@shop.example", "k3v9q0x2m7ab5ts1+First.Last=shop.example")):
+            with self.subTest(correspondent=correspondent):
+                address = im.reply_address(self.HANDLE, correspondent)
+                self.assertEqual(address, local_part + "@incognito.test")
+                expected = correspondent.rpartition("@")[0] + "@" + correspondent.rpartition("@")[2].lower()
+                self.assertEqual(self.read(address), (self.HANDLE, im.REPLY, expected))
+
+    def test_other_addresses_of_a_handles_domain_and_of_other_domains(self):
+        self.assertEqual(self.read(self.HANDLE), (self.HANDLE, im.FORWARD, None))
+        self.assertEqual(self.read("K3V9Q0X2M7AB5TS1@Incognito.Test"), (self.HANDLE, im.FORWARD, None))
+        self.assertEqual(self.read("k3v9q0x2m7ab5ts1+shopping@incognito.test"), (self.HANDLE, im.FORWARD, None))
+        self.assertEqual(self.read("k3v9q0x2m7ab5ts1+x=no_domain@incognito.test").kind, im.FORWARD)
+        self.assertIsNone(self.read("k3v9q0x2m7ab5ts1@example.org"))
+        self.assertIsNone(self.read("info-desk@incognito.test"))
+        self.assertIsNone(self.read("+news=shop.example@incognito.test"))
 
 
 ###############################################################################
@@ -4907,7 +5641,8 @@ class JsonRequestFormatTest(unittest.TestCase):
                          ("new_account", {"address": "a@b.c"}))
 
     def test_each_front_end_may_call_only_its_operations(self):
-        fields = {"token": "t", "address": "a@incognito.test", "handle_ids": [1], "enabled": True}
+        fields = {"token": "t", "address": "a@incognito.test", "handle_ids": [1], "enabled": True,
+                  "count": 1, "handles": [{"address": "a@incognito.test"}], "path": "/tmp/backup"}
         for name, operation in im.OPERATIONS.items():
             for caller in im.EVERYONE:
                 with self.subTest(operation=name, caller=caller):
@@ -5024,6 +5759,147 @@ class SocketmapProtocolTest(unittest.TestCase):
     def test_reply_is_a_netstring(self):
         self.assertEqual(im.netstring(b"OK alice@example.org"), b"20:OK alice@example.org,")
         self.assertEqual(im.netstring(b"NOTFOUND "), b"9:NOTFOUND ,")
+
+
+###############################################################################
+# Wire formats: the milter protocol (version 6, as Postfix speaks it)
+###############################################################################
+
+
+class MilterParserTest(unittest.TestCase):
+    """Postfix's milter commands from its bytes (MILTER_README, libmilter's mfdef.h), with byte
+    strings: a packet is a 4-byte big-endian length, a command byte and its payload."""
+
+    SESSION = (mta_packet(b"O", struct.pack("!III", 6, 0x1FF, 0x1FFFFF))
+               + mta_macros(b"C", _j="mail.incognito.test", **{"{daemon_name}": "mx"})
+               + mta_packet(b"C", b"mail.shop.example\x004\xa6\xe8192.0.2.10\x00")
+               + mta_macros(b"M", **{"{mail_addr}": "news@shop.example"})
+               + mta_strings(b"M", "<news@shop.example>", "SIZE=230", "BODY=8BITMIME")
+               + mta_strings(b"R", "<k3v9q0x2m7ab5ts1@incognito.test>", "NOTIFY=NEVER")
+               + mta_strings(b"L", "X-Folded", "first line\n\tsecond line")
+               + mta_packet(b"E") + mta_packet(b"A") + mta_packet(b"Q"))
+    COMMANDS = [
+        (b"O", (6, 0x1FF, 0x1FFFFF)),
+        (b"D", ("C", {"j": "mail.incognito.test", "{daemon_name}": "mx"})),
+        (b"C", ("mail.shop.example", "4", 0xA6E8, "192.0.2.10")),
+        (b"D", ("M", {"{mail_addr}": "news@shop.example"})),
+        (b"M", ("<news@shop.example>", "SIZE=230", "BODY=8BITMIME")),
+        (b"R", ("<k3v9q0x2m7ab5ts1@incognito.test>", "NOTIFY=NEVER")),
+        (b"L", ("X-Folded", "first line\n\tsecond line")),
+        (b"E", ()), (b"A", ()), (b"Q", ())]
+
+    def test_a_session_split_anywhere_or_whole_parses_the_same(self):
+        data = self.SESSION
+        self.assertEqual(events(im.MilterParser(), data), self.COMMANDS)
+        for split in range(1, len(data)):
+            parser = im.MilterParser()
+            self.assertEqual(events(parser, data[:split], data[split:]), self.COMMANDS, split)
+            self.assertFalse(parser.incomplete)
+        parser = im.MilterParser()
+        self.assertEqual(events(parser, *(data[i:i + 1] for i in range(len(data)))), self.COMMANDS)
+
+    def test_an_incomplete_packet_waits_for_the_rest(self):
+        parser = im.MilterParser()
+        self.assertEqual(events(parser, mta_strings(b"R", "<a@b.example>")[:-1]), [])
+        self.assertTrue(parser.incomplete)
+        self.assertEqual(events(parser, b"\0"), [(b"R", ("<a@b.example>",))])
+        self.assertFalse(parser.incomplete)
+
+    def test_an_empty_macro_packet_gives_its_stage_and_no_macros(self):
+        # Postfix sends the stage even when it has no macro for it (len=2: "D" and "H")
+        self.assertEqual(events(im.MilterParser(), b"\0\0\0\x02DH"), [(b"D", ("H", {}))])
+        self.assertEqual(events(im.MilterParser(), mta_macros(b"E", i="5CF4720C0CD")),
+                         [(b"D", ("E", {"i": "5CF4720C0CD"}))])
+
+    def test_connect_gives_host_family_port_and_address(self):
+        for payload, expected in (
+                (b"localhost\x004\xa6\xe8127.0.0.1\x00", ("localhost", "4", 42728, "127.0.0.1")),
+                (b"[2001:db8::1]\x006\x00\x192001:db8::1\x00", ("[2001:db8::1]", "6", 25, "2001:db8::1")),
+                # a local submission (non_smtpd_milters): port 0
+                (b"localhost\x004\x00\x00127.0.0.1\x00", ("localhost", "4", 0, "127.0.0.1")),
+                (b"client\x00L\x00\x00/run/smtp.sock\x00", ("client", "L", 0, "/run/smtp.sock"))):
+            with self.subTest(payload=payload):
+                self.assertEqual(events(im.MilterParser(), mta_packet(b"C", payload)),
+                                 [(b"C", expected)])
+
+    def test_connect_from_a_client_of_unknown_family(self):
+        # milter8.c: "hostname\0" then SMFIA_UNKNOWN ('U') alone, e.g. for an SMTP session on
+        # standard input (sendmail -bs); miltertest sends it for mt.conninfo(conn, host, "unspec")
+        self.assertEqual(events(im.MilterParser(), mta_packet(b"C", b"localhost\x00U")),
+                         [(b"C", ("localhost", "U", 0, ""))])
+
+    def test_a_header_keeps_its_folding_and_its_name_as_written(self):
+        [(code, (name, value))] = events(im.MilterParser(), mta_strings(
+            b"L", "dkim-Signature", "v=1; a=rsa-sha256;\n\tb=abc\n def"))
+        self.assertEqual((code, name, value), (b"L", "dkim-Signature", "v=1; a=rsa-sha256;\n\tb=abc\n def"))
+        self.assertEqual(events(im.MilterParser(), mta_strings(b"L", "X-Empty", "")),
+                         [(b"L", ("X-Empty", ""))])
+
+    def test_text_that_is_not_utf8_survives_as_surrogates(self):
+        [(_, (name, value))] = events(im.MilterParser(), mta_packet(b"L", b"Subject\0caf\xe9\0"))
+        self.assertEqual(value.encode("utf-8", "surrogateescape"), b"caf\xe9")
+
+    def test_commands_without_arguments(self):
+        for code in (b"T", b"N", b"E", b"A", b"Q"):
+            self.assertEqual(events(im.MilterParser(), mta_packet(code)), [(code, ())])
+
+    def test_an_oversize_length_is_refused_before_its_payload(self):
+        for length in (im.MAX_MILTER_PACKET + 1, 0xFFFFFFFF):
+            with self.subTest(length=length), self.assertRaises(im.PostfixProtocolError):
+                events(im.MilterParser(), struct.pack("!I", length) + b"B")
+        parser = im.MilterParser()      # the largest packet is taken
+        body = b"x" * (im.MAX_MILTER_PACKET - 1)
+        self.assertEqual(events(parser, struct.pack("!I", im.MAX_MILTER_PACKET) + b"B" + body),
+                         [(b"B", ())])
+
+    def test_a_zero_length_is_refused(self):
+        with self.assertRaises(im.PostfixProtocolError):
+            events(im.MilterParser(), b"\0\0\0\0C")
+
+    def test_strings_without_their_final_nul_are_refused(self):
+        for packet in (mta_packet(b"M", b"<a@b.example>"), mta_packet(b"R", b"<a@b.example>"),
+                       mta_packet(b"L", b"Subject\0hello"), mta_packet(b"C", b"host\x004\x00\x19x"),
+                       mta_packet(b"M"), mta_packet(b"D", b"\xff")):
+            with self.subTest(packet=packet), self.assertRaises(im.PostfixProtocolError):
+                events(im.MilterParser(), packet)
+
+    def test_a_short_negotiation_is_refused_as_a_protocol_error(self):
+        with self.assertRaises(im.PostfixProtocolError):
+            events(im.MilterParser(), mta_packet(b"O", struct.pack("!I", 6)))
+
+
+class MilterEncodersTest(unittest.TestCase):
+    """What the milter sends Postfix, as bytes."""
+
+    def test_a_packet_is_its_length_its_code_and_its_payload(self):
+        self.assertEqual(im.milter_packet(im.SMFIR_CONTINUE), b"\0\0\0\x01c")
+        self.assertEqual(im.milter_packet(b"y", b"abc\0"), b"\0\0\0\x05yabc\0")
+
+    def test_the_negotiation_asks_only_for_what_the_milter_changes_and_needs(self):
+        [(code, payload)] = milter_replies(im.milter_negotiation())
+        self.assertEqual(code, b"O")
+        version, actions, steps = struct.unpack("!III", payload)
+        self.assertEqual(version, 6)
+        # header additions and changes, recipients added and removed, the envelope sender
+        self.assertEqual(actions, 0x01 | 0x04 | 0x08 | 0x10 | 0x40)
+        # no body; and no SMFIP_NR_* step: Postfix writes without TCP_NODELAY, so after a
+        # command left unanswered its next one waits for the milter's delayed ACK (40 ms on
+        # Linux; MilterListenerTest measures it)
+        self.assertTrue(steps & 0x10, hex(steps))
+        self.assertEqual(steps & sum(MILTER_NO_REPLY_STEPS.values()), 0, hex(steps))
+        self.assertEqual(milter_replies(im.milter_negotiation(2))[0][1][:4], b"\0\0\0\x02")
+
+    def test_a_reply_doubles_percent_signs_and_ends_with_nul(self):
+        self.assertEqual(milter_replies(im.milter_reply("452 4.5.3 100% <a@b>")),
+                         [(b"y", b"452 4.5.3 100%% <a@b>\0")])
+
+    def test_strings_follow_a_header_index_when_given(self):
+        self.assertEqual(milter_replies(im.milter_strings(b"m", "Subject", "", index=2)),
+                         [(b"m", b"\0\0\0\x02Subject\0\0")])
+        self.assertEqual(milter_replies(im.milter_strings(b"e", "<a@b.example>")),
+                         [(b"e", b"<a@b.example>\0")])
+        self.assertEqual(milter_replies(im.milter_strings(b"m", "X", "caf\udce9", index=1)),
+                         [(b"m", b"\0\0\0\x01X\0caf\xe9\0")])
 
 
 ###############################################################################
@@ -5781,6 +6657,70 @@ class RouteApiTest(unittest.TestCase):
         self.assertEqual(reply.body["alias"], "k3x9q2m7w4t8z5r1@incognito.test")
 
 
+class ClientRequestsRouteTest(unittest.TestCase):
+    """The exact requests third-party clients send reach an operation (pyaddy 0.5.5,
+    simplelogin-client 0.1.0); an unknown path says which endpoints exist."""
+
+    PYADDY_NEW = (b'POST /api/v1/aliases/ HTTP/1.1\r\nHost: 127.0.0.1:8765\r\nUser-Agent: python-requests/2.34.2\r\n'
+                  b'Accept-Encoding: gzip, deflate\r\nAccept: */*\r\nConnection: keep-alive\r\n'
+                  b'Authorization: Bearer ' + TOKEN.encode() + b'\r\nContent-Type: application/json\r\n'
+                  b'X-Requested-With: XMLHttpRequest\r\nContent-Length: 87\r\n\r\n'
+                  b'{"domain": "incognito.test", "description": null, "format": null, "recipient_id": null}')
+    SL_SEARCH = (b'GET /api/v2/aliases?page_id=1&enabled=True HTTP/1.1\r\nHost: 127.0.0.1:8765\r\n'
+                 b'User-Agent: python-requests/2.34.2\r\nAccept-Encoding: gzip, deflate\r\nAccept: */*\r\n'
+                 b'Connection: keep-alive\r\nAuthentication: ' + TOKEN.encode() + b'\r\n'
+                 b'Content-Type: application/json\r\nContent-Length: 17\r\n\r\n{"query": "shop"}')
+
+    def route(self, data):
+        [request] = events(im.HttpParser(), data)
+        return im.route_api(request, SITE)
+
+    def test_pyaddy_makes_aliases_at_a_path_with_a_trailing_slash(self):
+        call, dialect = self.route(self.PYADDY_NEW)
+        self.assertEqual((call.op, dialect, call.fields["domain"]), ("new_handle", im.ADDY, "incognito.test"))
+
+    def test_simplelogin_clients_search_in_a_get_body_and_filter_by_the_parameters_name(self):
+        call, dialect = self.route(self.SL_SEARCH)
+        self.assertEqual((call.op, call.fields["search"], call.fields["enabled"], call.fields["offset"]),
+                         ("find_handles", "shop", True, 20))
+        call, _ = im.route_api(simplelogin_request("GET", "/api/v2/aliases?page_id=0&disabled=anything"), SITE)
+        self.assertIs(call.fields["enabled"], False)
+        call, _ = im.route_api(simplelogin_request("GET", "/api/v2/aliases?page_id=0&pinned=True&enabled=1"), SITE)
+        self.assertEqual((call.op, call.then(None).body), ("account", {"aliases": []}))
+
+    def test_simplelogin_options_say_random_aliases_only_and_custom_aliases_are_refused_saying_why(self):
+        for version in ("v4", "v5"):
+            call, _ = im.route_api(simplelogin_request("GET", "/api/%s/alias/options" % version), SITE)
+            self.assertEqual(call.then(None).body, {"can_create": True, "suffixes": [], "prefix_suggestion": ""})
+        call, _ = im.route_api(simplelogin_request("POST", "/api/v3/alias/custom/new",
+                                                   {"alias_prefix": "me", "signed_suffix": "x"}), SITE)
+        reply = call.then(None)         # told after the token is checked
+        self.assertEqual(reply.status, 400)
+        self.assertIn("random aliases only", reply.body["error"])
+        call, _ = im.route_api(simplelogin_request("GET", "/api/v2/mailboxes"), SITE)
+        self.assertEqual(call.op, "account")
+
+    def test_addy_bulk_routes_and_restore_and_forget(self):
+        for action, op in (("get", "get_handles"), ("activate", "update_handles"),
+                           ("deactivate", "update_handles"), ("delete", "delete_handles"),
+                           ("forget", "delete_handles")):
+            call, _ = im.route_api(addy_request("POST", "/api/v1/aliases/%s/bulk" % action,
+                                                {"ids": ["3", 4]}), SITE)
+            self.assertEqual((call.op, call.fields["handle_ids"]), (op, [3, 4]), action)
+        call, _ = im.route_api(addy_request("DELETE", "/api/v1/aliases/7/forget"), SITE)
+        self.assertEqual((call.op, call.fields["handle_id"]), ("delete_handle", 7))
+        for request in (addy_request("PATCH", "/api/v1/aliases/7/restore"),
+                        addy_request("POST", "/api/v1/aliases/restore/bulk", {"ids": [7]})):
+            reply = im.route_api(request, SITE)[0].then(None)
+            self.assertEqual((reply.status, reply.body), (404, {"message": "No aliases found"}))
+
+    def test_an_unknown_path_names_the_endpoints_there_are(self):
+        reply, _ = im.route_api(addy_request("GET", "/api/v1/aliasez"), SITE)
+        self.assertEqual(reply.status, 404)
+        for endpoint in ("/api/v1/aliases", "/api/alias/random/new", "/api/v2/aliases"):
+            self.assertIn(endpoint, reply.body["message"])
+
+
 class ApiAliasShapeTest(unittest.TestCase):
     """A handle as addy.io and SimpleLogin show an alias."""
 
@@ -6429,7 +7369,7 @@ class JsonProtocolTest(WebSocketDaemonTestCase):
         handle = reply["handle"]
         self.assertEqual(set(handle), {"address", "label", "enabled", "created", "received", "last_received", "id",
                                        "state", "expires", "max_messages", "blocked", "last_blocked",
-                                       "bounced", "last_bounced", "sent", "last_sent"})
+                                       "bounced", "last_bounced", "sent", "last_sent", "refuse_as_unknown"})
         self.assertEqual(handle["label"], "shop.example.com")
         self.assertTrue(handle["enabled"])
         self.assertEqual(handle["received"], 0)
@@ -7025,6 +7965,53 @@ class SimpleLoginDialectTest(HttpApiTestCase):
         self.assert_error(self.simplelogin("POST", "/api/alias/random/new?mode=fancy"), 400,
                           im.SIMPLELOGIN)
         self.assertEqual(self.listed(), [])
+
+
+class BulkAndClientsLiveTest(HttpApiTestCase):
+    """Bulk routes, sort orders and account totals on a running server, with clients' exact
+    requests."""
+
+    def test_bulk_deactivate_activate_get_and_delete_follow_the_map(self):
+        aliases = [self.new_alias() for _ in range(3)]
+        ids = [a["id"] for a in aliases]
+        reply = self.addy("POST", "/api/v1/aliases/deactivate/bulk", {"ids": [str(i) for i in ids[:2]] + [999]})
+        self.assertEqual(reply.json(), {"message": "2 aliases deactivated successfully", "ids": ids[:2]})
+        self.assertIsNone(self.site.query(aliases[0]["email"]))
+        self.assertEqual(self.site.query(aliases[2]["email"]), "alice@example.org")
+        reply = self.addy("POST", "/api/v1/aliases/activate/bulk", {"ids": ids})
+        self.assertEqual(reply.json()["ids"], ids[:2])
+        self.assertEqual(self.site.query(aliases[0]["email"]), "alice@example.org")
+        got = self.addy("POST", "/api/v1/aliases/get/bulk", {"ids": ids}).json()["data"]
+        self.assertEqual(sorted(a["email"] for a in got), sorted(a["email"] for a in aliases))
+        reply = self.addy("POST", "/api/v1/aliases/delete/bulk", {"ids": ids})
+        self.assertEqual(reply.json()["message"], "3 aliases deleted successfully")
+        self.assertEqual(self.listed(), [])
+        reply = self.addy("POST", "/api/v1/aliases/get/bulk", {"ids": ids})
+        self.assertEqual((reply.status, reply.json()), (404, {"message": "No aliases found"}))
+
+    def test_bulk_ids_of_another_account_are_not_found(self):
+        theirs = self.new_alias(token=new_account(self.site, "bob@example.org"))
+        reply = self.addy("POST", "/api/v1/aliases/delete/bulk", {"ids": [theirs["id"]]})
+        self.assertEqual(reply.status, 404)
+
+    def test_pyaddys_exact_create_with_a_trailing_slash_makes_a_routable_handle(self):
+        reply = self.addy("POST", "/api/v1/aliases/", {"domain": "incognito.test", "description": None,
+                                                      "format": None, "recipient_id": None}, xhr=True)
+        self.assertEqual(reply.status, 201, reply)
+        self.assertEqual(self.site.query(reply.json()["data"]["email"]), "alice@example.org")
+
+    def test_account_details_carry_totals_and_the_list_sorts_by_what_was_received_or_blocked(self):
+        aliases = [self.new_alias(description=str(n)) for n in range(3)]
+        details = self.addy("GET", "/api/v1/account-details").json()["data"]
+        self.assertEqual((details["total_aliases"], details["total_emails_forwarded"],
+                          details["total_emails_blocked"]), (3, 0, 0))
+        for sort in ("-created_at", "created_at", "-last_forwarded", "-emails_forwarded",
+                     "-emails_blocked", "-last_blocked"):
+            reply = self.addy("GET", "/api/v1/aliases?sort=" + sort)
+            self.assertEqual(reply.status, 200, (sort, reply))
+        oldest = self.addy("GET", "/api/v1/aliases?sort=created_at").json()["data"]
+        self.assertEqual([a["description"] for a in oldest], ["0", "1", "2"])
+        self.assertEqual(self.addy("GET", "/api/v1/aliases?sort=color").status, 422)
 
 
 class HandleIdTest(HttpApiTestCase):
@@ -7825,8 +8812,608 @@ class OwnOriginTest(unittest.TestCase):
 
 
 ###############################################################################
-# Fronts: Postfix's questions (policy service, socketmap), on a thread of their own
+# Fronts: Postfix's questions (policy service, socketmap, milter), on a thread of their own
 ###############################################################################
+
+def fake_handle(address, target, **columns):
+    """A Handle as the store gives it: enabled, nothing counted, and ``columns``."""
+    local, domain = address.split("@")
+    fields = dict.fromkeys(im.Handle._fields)
+    fields.update(id=1, number=1, local=local, domain=domain, account_id=1, target=target,
+                  enabled=1, created=int(T0), updated=int(T0), received=0, blocked=0, bounced=0,
+                  sent=0)
+    fields.update(columns)
+    return im.Handle(**fields)
+
+
+class FakeMilterFront:
+    """What a MilterSession asks of its front (PostfixFront): the configuration (domains,
+    ReplyAddresses), the clock, the secret, lookups (which may be made to fail) and counts."""
+
+    SECRET = b"\x07" * 32
+
+    def __init__(self, testcase, handles=(), reply_addresses=True, now=T0):
+        path = minimal_config_file(make_folder(testcase), General={
+            "MilterListen": "inet:127.0.0.1:10041", "ReplyAddresses": "yes" if reply_addresses else "no"},
+            PostfixConfig={"Domain": "incognito.test, other.test"})
+        self.config = im.load_config(path)
+        self.now = now
+        self.handles = {handle.address: handle for handle in handles}
+        self.failure = None             # an exception lookups raise
+        self.lookups, self.counted = [], []
+
+    def clock(self):
+        return self.now
+
+    def secret(self):
+        return self.SECRET
+
+    def lookup(self, address):
+        self.lookups.append(address)
+        if self.failure is not None:
+            raise self.failure
+        local, _, domain = address.lower().rpartition("@")
+        return self.handles.get("%s@%s" % (re.match("[a-z0-9]*", local).group(), domain))
+
+    def count(self, address, column):
+        self.counted.append((address, column))
+
+
+MILTER_HANDLE = "k3v9q0x2m7ab5ts1@incognito.test"
+MILTER_OTHER_HANDLE = "zz99yy88xx77ww66@incognito.test"
+MILTER_OWNER = "owner@gmail.example"
+MILTER_CONTINUE = [(b"c", b"")]
+
+
+class MilterSessionTest(unittest.TestCase):
+    """What the milter does with each message, sans-I/O: a MilterSession with a fake front,
+    commands in, the bytes for Postfix out."""
+
+    def setUp(self):
+        self.front = self.make_front()
+
+    def make_front(self, **options):
+        return FakeMilterFront(self, [fake_handle(MILTER_HANDLE, MILTER_OWNER), fake_handle(MILTER_OTHER_HANDLE, "someone@else.example")],
+                               **options)
+
+    def session(self, front=None, port=40000, hostname="mail.incognito.test"):
+        session = im.MilterSession(front or self.front)
+        [(code, payload)] = milter_replies(session.answer(im.MilterCommand(b"O", (6, 0x1FF, 0x1FFFFF))))
+        self.assertEqual(code, b"O")
+        self.steps = struct.unpack("!III", payload[:12])[2]
+        self.assertEqual(self.say(session, b"D", "C", {"j": hostname}), [])
+        self.assertEqual(self.say(session, b"C", "mail.example", "4", port, "192.0.2.10"), self.answer(b"C"))
+        return session
+
+    def answer(self, code):
+        """What the milter answers to a command that changes nothing, as it negotiated."""
+        return MILTER_CONTINUE if milter_answers(code, self.steps) else []
+
+    def say(self, session, code, *args):
+        return milter_replies(session.answer(im.MilterCommand(code, args)))
+
+    def message(self, sender, recipients, headers, session=None, local=False):
+        """One message: (the answers to MAIL and each RCPT, the answer at its end). ``local``:
+        submitted locally (non_smtpd_milters: port 0, addresses without <>)."""
+        session = session or self.session(port=0 if local else 40000)
+        wrap = "%s" if local else "<%s>"
+        answers = [self.say(session, b"M", wrap % sender, *(() if local else ("SIZE=100",)))]
+        answers += [self.say(session, b"R", wrap % rcpt) for rcpt in recipients]
+        for name, value in headers:
+            self.assertEqual(self.say(session, b"L", name, value), self.answer(b"L"))
+        return answers, self.say(session, b"E")
+
+    def bounce_address(self, handle=MILTER_HANDLE, now=T0):
+        return im.bounce_address(handle, FakeMilterFront.SECRET, now)
+
+    # -- the protocol --------------------------------------------------------------------------
+
+    def test_the_negotiation_takes_postfixs_version_or_less(self):
+        session = im.MilterSession(self.front)
+        [(code, payload)] = self.say(session, b"O", 6, 0x1FF, 0x1FFFFF)
+        self.assertEqual((code, payload), (b"O", im.milter_negotiation()[5:]))
+        [(code, payload)] = self.say(session, b"O", 2, 0x1FF, 0x1FFFFF)
+        self.assertEqual(payload[:4], b"\0\0\0\x02")
+
+    def test_macros_abort_and_quit_get_no_answer_and_the_rest_as_negotiated(self):
+        session = self.session()
+        for code, args in ((b"D", ("R", {"{rcpt_addr}": "x@y"})), (b"A", ()), (b"Q", ())):
+            self.assertEqual(self.say(session, code, *args), [], code)
+        for code, args in ((b"C", ("h", "4", 1, "192.0.2.1")), (b"L", ("Subject", "x"))):
+            self.assertEqual(self.say(session, code, *args), self.answer(code), code)
+        for code in (b"T", b"N", b"B", b"U", b"H"):     # switched off, answered all the same
+            self.assertEqual(self.say(session, code), MILTER_CONTINUE, code)
+
+    # -- to a handle ---------------------------------------------------------------------------
+
+    def test_mail_to_a_handle_leaves_from_its_bounce_address_with_reply_addresses(self):
+        answers, end = self.message("news@shop.example", [MILTER_HANDLE], [
+            ("From", '"Shop News" <news@shop.example>'),
+            ("To", "k3v9q0x2m7ab5ts1@incognito.test, friend@example.org"),
+            ("Cc", "Bob <bob@example.com>,\n\tme@other.test"),
+            ("Reply-To", "help@shop.example"),
+            ("Subject", "Your order"),
+            ("Cc", "carol@example.net")])
+        self.assertEqual(answers, [MILTER_CONTINUE, MILTER_CONTINUE])
+        self.assertEqual(end, [
+            (b"e", b"<%s>\0" % self.bounce_address().encode()),
+            (b"m", b'\0\0\0\x01From\0"Shop News - news at shop.example" '
+                   b'<k3v9q0x2m7ab5ts1+news=shop.example@incognito.test>\0'),
+            (b"m", b"\0\0\0\x01Reply-To\0k3v9q0x2m7ab5ts1+help=shop.example@incognito.test\0"),
+            (b"m", b"\0\0\0\x01To\0k3v9q0x2m7ab5ts1@incognito.test,\n"
+                   b"\tk3v9q0x2m7ab5ts1+friend=example.org@incognito.test\0"),
+            (b"m", b"\0\0\0\x01Cc\0Bob <k3v9q0x2m7ab5ts1+bob=example.com@incognito.test>,\n\tme@other.test\0"),
+            (b"m", b"\0\0\0\x02Cc\0k3v9q0x2m7ab5ts1+carol=example.net@incognito.test\0"),
+            (b"c", b"")])
+        self.assertEqual(self.front.counted, [])        # the policy service counts what is received
+
+    def test_a_from_without_a_name_gets_the_senders_address_as_its_name(self):
+        _, end = self.message("news@shop.example", [MILTER_HANDLE], [("From", "news@shop.example")])
+        self.assertIn((b"m", b'\0\0\0\x01From\0"news at shop.example" '
+                             b'<k3v9q0x2m7ab5ts1+news=shop.example@incognito.test>\0'), end)
+
+    def test_an_encoded_name_is_read_and_written_again_encoded(self):
+        _, end = self.message("news@shop.example", [MILTER_HANDLE], [("From", "=?utf-8?q?Caf=C3=A9?= <news@shop.example>")])
+        [(_, payload)] = [p for p in end if p[0] == b"m"]
+        value = payload[4:].split(b"\0")[1].decode("ascii")
+        [(name, address)] = email.utils.getaddresses([value])
+        self.assertEqual(str(email.header.make_header(email.header.decode_header(name))),
+                         "Café - news at shop.example")
+        self.assertEqual(address, "k3v9q0x2m7ab5ts1+news=shop.example@incognito.test")
+
+    def test_mail_to_a_handle_from_the_null_sender_keeps_its_envelope(self):
+        _, end = self.message("", [MILTER_HANDLE], [("From", "MAILER-DAEMON@mx.example.net")])
+        self.assertNotIn(b"e", [code for code, _ in end])
+        self.assertEqual(end[-1], (b"c", b""))
+
+    def test_without_reply_addresses_only_the_envelope_sender_changes(self):
+        front = self.make_front(reply_addresses=False)
+        _, end = self.message("news@shop.example", [MILTER_HANDLE], [("From", "news@shop.example"),
+                                                              ("Reply-To", "help@shop.example")],
+                              session=self.session(front))
+        self.assertEqual(end, [(b"e", b"<%s>\0" % self.bounce_address().encode()), (b"c", b"")])
+
+    def test_addresses_that_need_no_reply_address_stay(self):
+        _, end = self.message("news@shop.example", [MILTER_HANDLE], [
+            ("To", "undisclosed-recipients:;"), ("Cc", "k3v9q0x2m7ab5ts1@incognito.test, x@other.test"),
+            ("Reply-To", "Jos\u00e9 <jos\u00e9@example.org>")])
+        self.assertEqual([code for code, _ in end], [b"e", b"c"])
+
+    def test_an_address_without_a_domain_stays(self):
+        _, end = self.message("news@shop.example", [MILTER_HANDLE], [("Reply-To", "postmaster")])
+        self.assertEqual([code for code, _ in end], [b"e", b"c"])
+
+    def test_mail_to_other_addresses_is_left_alone(self):
+        answers, end = self.message("news@shop.example", ["friend@example.org"], [("From", "news@shop.example")])
+        self.assertEqual((answers, end), ([MILTER_CONTINUE, MILTER_CONTINUE], MILTER_CONTINUE))
+        answers, end = self.message("news@shop.example", ["nosuchhandle1234@incognito.test"],
+                                    [("From", "news@shop.example")])
+        self.assertEqual((answers, end), ([MILTER_CONTINUE, MILTER_CONTINUE], MILTER_CONTINUE))
+
+    # -- to a bounce address -----------------------------------------------------------------
+
+    def test_a_bounce_is_counted_and_delivered_unchanged(self):
+        answers, end = self.message("", [self.bounce_address(now=T0 - 3 * DAY)], [
+            ("From", "MAILER-DAEMON@mx.gmail.example"), ("To", self.bounce_address(now=T0 - 3 * DAY))])
+        self.assertEqual((answers, end), ([MILTER_CONTINUE, MILTER_CONTINUE], MILTER_CONTINUE))
+        self.assertEqual(self.front.counted, [(MILTER_HANDLE, im.BOUNCED)])
+
+    def test_a_forged_or_expired_bounce_address_is_refused_at_rcpt(self):
+        good = self.bounce_address()
+        for address in (good[:-len("@incognito.test") - 1] + ("b" if good[-16] == "a" else "a") + "@incognito.test",
+                        self.bounce_address(now=T0 - 22 * DAY),
+                        self.bounce_address(now=T0 + 2 * DAY)):
+            with self.subTest(address=address):
+                session = self.session()
+                self.say(session, b"M", "<mallory@plain.example>")
+                [(code, text)] = self.say(session, b"R", "<%s>" % address)
+                self.assertEqual(code, b"y")
+                self.assertTrue(text.startswith(b"550 5.1.1 <%s>: " % address.encode()), text)
+                self.assertTrue(text.endswith(b"\0"))
+                # the message goes on for a good recipient, and nothing is counted
+                self.assertEqual(self.say(session, b"R", "<%s>" % good), MILTER_CONTINUE)
+        self.assertEqual(self.front.counted, [])
+
+    # -- from the owner, to a reply address ------------------------------------------------------
+
+    REPLY_HEADERS = [
+        ("Received", "from [10.1.2.3] by smtp.gmail.example with ESMTPSA"),
+        ("From", "Owner Name <owner@gmail.example>"),
+        ("To", '"Shop News - news at shop.example" <k3v9q0x2m7ab5ts1+news=shop.example@incognito.test>'),
+        ("Cc", "owner@gmail.example,\n\tk3v9q0x2m7ab5ts1+bob=example.com@incognito.test"),
+        ("Subject", "Re: Your order"),
+        ("Message-ID", "<CAF1234@mail.gmail.example>"),
+        ("In-Reply-To", "<abc@shop.example>"),
+        ("User-Agent", "Thunderbird/115"),
+        ("DKIM-Signature", "v=1; d=gmail.example; b=abc"),
+        ("Received", "from laptop by 10.1.2.3"),
+        ("X-Originating-IP", "[198.51.100.7]"),
+        ("Reply-To", "owner@gmail.example"),
+        ("Disposition-Notification-To", "owner@gmail.example"),
+        ("MIME-Version", "1.0"),
+        ("Content-Type", "text/plain; charset=utf-8")]
+
+    def test_a_reply_from_the_owner_leaves_from_the_handle_with_only_its_own_headers(self):
+        recipients = ["k3v9q0x2m7ab5ts1+news=shop.example@incognito.test",
+                      "k3v9q0x2m7ab5ts1+bob=example.com@incognito.test"]
+        with mock.patch.object(im.secrets, "token_hex", return_value="0f" * 16):
+            answers, end = self.message(MILTER_OWNER, recipients, self.REPLY_HEADERS)
+        self.assertEqual(answers, [MILTER_CONTINUE] * 3)
+        self.assertEqual(end, [
+            (b"e", b"<%s>\0" % self.bounce_address().encode()),
+            (b"-", b"<k3v9q0x2m7ab5ts1+news=shop.example@incognito.test>\0"),
+            (b"+", b"<news@shop.example>\0"),
+            (b"-", b"<k3v9q0x2m7ab5ts1+bob=example.com@incognito.test>\0"),
+            (b"+", b"<bob@example.com>\0"),
+            (b"m", b"\0\0\0\x01From\0k3v9q0x2m7ab5ts1@incognito.test\0"),
+            (b"m", b'\0\0\0\x01To\0"Shop News - news at shop.example" <news@shop.example>\0'),
+            (b"m", b"\0\0\0\x01Cc\0k3v9q0x2m7ab5ts1@incognito.test,\n\tbob@example.com\0"),
+            (b"m", b"\0\0\0\x02Received\0\0"), (b"m", b"\0\0\0\x01Received\0\0"),
+            (b"m", b"\0\0\0\x01User-Agent\0\0"), (b"m", b"\0\0\0\x01DKIM-Signature\0\0"),
+            (b"m", b"\0\0\0\x01X-Originating-IP\0\0"), (b"m", b"\0\0\0\x01Reply-To\0\0"),
+            (b"m", b"\0\0\0\x01Disposition-Notification-To\0\0"),
+            (b"m", b"\0\0\0\x01Message-ID\0<%s@incognito.test>\0" % (b"0f" * 16)),
+            (b"c", b"")])
+        self.assertEqual(self.front.counted, [(MILTER_HANDLE, im.SENT)])
+        left = [payload for code, payload in end if code in b"m+"]
+        self.assertFalse([p for p in left if b"owner" in p.lower() or b"gmail" in p.lower()], left)
+
+    def test_a_first_message_from_the_owner_goes_to_the_address_named_in_the_reply_address(self):
+        _, end = self.message(MILTER_OWNER, ["k3v9q0x2m7ab5ts1+sales=plain.example@incognito.test"], [
+            ("From", "owner@gmail.example"), ("To", "k3v9q0x2m7ab5ts1+sales=plain.example@incognito.test"),
+            ("Subject", "Hello")])
+        self.assertEqual(end[:4], [
+            (b"e", b"<%s>\0" % self.bounce_address().encode()),
+            (b"-", b"<k3v9q0x2m7ab5ts1+sales=plain.example@incognito.test>\0"),
+            (b"+", b"<sales@plain.example>\0"),
+            (b"m", b"\0\0\0\x01From\0k3v9q0x2m7ab5ts1@incognito.test\0")])
+        self.assertIn((b"m", b"\0\0\0\x01To\0sales@plain.example\0"), end)
+        self.assertEqual(end[-2][0], b"m")              # a new Message-ID
+        self.assertRegex(end[-2][1], rb"^\0\0\0\x01Message-ID\0<[0-9a-f]{32}@incognito\.test>\0$")
+        self.assertEqual(self.front.counted, [(MILTER_HANDLE, im.SENT)])
+
+    def test_anyone_but_the_owner_is_refused_at_rcpt(self):
+        for sender in ("mallory@plain.example", "", "owner@gmail.example.evil.example"):
+            with self.subTest(sender=sender):
+                session = self.session()
+                self.say(session, b"M", "<%s>" % sender)
+                [(code, text)] = self.say(session, b"R", "<k3v9q0x2m7ab5ts1+news=shop.example@incognito.test>")
+                self.assertEqual(code, b"y")
+                self.assertEqual(text, b"550 5.7.1 <k3v9q0x2m7ab5ts1+news=shop.example@incognito.test>: "
+                                       b"only the owner of k3v9q0x2m7ab5ts1@incognito.test may write through it\0")
+        self.assertEqual(self.front.counted, [])
+
+    def test_the_owners_envelope_with_anothers_from_is_refused_at_the_end(self):
+        for froms in ([("From", "Mallory <mallory@plain.example>")],
+                      [("From", "owner@gmail.example, mallory@plain.example")],
+                      [("From", "owner@gmail.example"), ("From", "mallory@plain.example")],
+                      []):
+            with self.subTest(froms=froms):
+                answers, end = self.message("OWNER@gmail.example", ["k3v9q0x2m7ab5ts1+news=shop.example@incognito.test"],
+                                            froms + [("Subject", "hi")])
+                self.assertEqual(answers, [MILTER_CONTINUE, MILTER_CONTINUE])
+                [(code, text)] = end
+                self.assertEqual(code, b"y")
+                self.assertTrue(text.startswith(b"550 5.7.1 only the owner of k3v9q0x2m7ab5ts1@incognito.test may write"), text)
+        self.assertEqual(self.front.counted, [])
+
+    def reply_with(self, *results, hostname="mail.incognito.test"):
+        """The answer at the end of the owner's reply carrying these Authentication-Results."""
+        headers = [("From", "owner@gmail.example")] + [("Authentication-Results", r) for r in results]
+        _, end = self.message(MILTER_OWNER, ["k3v9q0x2m7ab5ts1+news=shop.example@incognito.test"], headers,
+                              session=self.session(hostname=hostname))
+        return end
+
+    def assert_refused_by_verdict(self, end, method):
+        [(code, text)] = end
+        self.assertEqual(code, b"y")
+        self.assertIn(b"550 5.7.1 this server's %s check" % method.encode(), text)
+
+    def test_a_fail_in_this_servers_authentication_results_is_refused(self):
+        for result, method in (
+                ("mail.incognito.test; spf=fail smtp.mailfrom=owner@gmail.example", "spf"),
+                ("mail.incognito.test 1; dmarc=fail (p=reject dis=none) header.from=gmail.example", "dmarc"),
+                ("MAIL.INCOGNITO.TEST;\n\tdkim=fail (bad signature) header.d=Gmail.Example header.s=sel", "dkim"),
+                ("mail.incognito.test; spf=softfail smtp.mailfrom=x@other.example;\n\tdmarc=fail header.from=gmail.example", "dmarc")):
+            with self.subTest(result=result):
+                self.assert_refused_by_verdict(self.reply_with(result), method)
+        self.assertEqual(self.front.counted, [])
+
+    def test_verdicts_of_other_servers_other_domains_and_a_dkim_pass_do_not_refuse(self):
+        for results in (
+                ["mx.gmail.example; spf=fail smtp.mailfrom=owner@gmail.example; dmarc=fail header.from=gmail.example"],
+                ["mail.incognito.test.evil.example; spf=fail smtp.mailfrom=owner@gmail.example"],
+                ["mail.incognito.test; spf=fail smtp.mailfrom=owner@evilgmail.example"],
+                ["mail.incognito.test; dkim=fail header.d=gmail.example", "mail.incognito.test; dkim=pass header.d=gmail.example"],
+                ["mail.incognito.test; spf=pass smtp.mailfrom=owner@gmail.example; dkim=pass header.d=gmail.example; "
+                 "dmarc=pass header.from=gmail.example"]):
+            with self.subTest(results=results):
+                self.assertEqual(self.reply_with(*results)[-1], (b"c", b""))
+        # without Postfix's host name (macro j) no verdict is taken for this server's
+        self.assertEqual(self.reply_with("mail.incognito.test; spf=fail smtp.mailfrom=owner@gmail.example",
+                                         hostname="")[-1], (b"c", b""))
+
+    def test_a_forged_pass_does_not_hide_this_servers_spf_or_dmarc_fail(self):
+        # The sender adds a header claiming this server's pass; the verifier adds the real fail.
+        for method, domain in (("spf", "smtp.mailfrom=owner@gmail.example"), ("dmarc", "header.from=gmail.example")):
+            with self.subTest(method=method):
+                end = self.reply_with("mail.incognito.test; %s=pass %s" % (method, domain),
+                                      "mail.incognito.test; %s=fail %s" % (method, domain))
+                self.assert_refused_by_verdict(end, method)
+
+    # -- one message, one handle, one way ------------------------------------------------------
+
+    def test_a_recipient_changed_otherwise_than_the_first_gets_452(self):
+        reply = "k3v9q0x2m7ab5ts1+news=shop.example@incognito.test"
+        for sender, first, later in (
+                ("news@shop.example", MILTER_HANDLE, "friend@example.org"),
+                ("news@shop.example", "friend@example.org", MILTER_HANDLE),
+                ("news@shop.example", MILTER_HANDLE, MILTER_OTHER_HANDLE),
+                ("news@shop.example", MILTER_HANDLE, self.bounce_address()),
+                (MILTER_OWNER, MILTER_HANDLE, reply),
+                (MILTER_OWNER, reply, MILTER_HANDLE),
+                (MILTER_OWNER, reply, "friend@example.org")):
+            with self.subTest(first=first, later=later):
+                session = self.session()
+                self.say(session, b"M", "<%s>" % sender)
+                self.assertEqual(self.say(session, b"R", "<%s>" % first), MILTER_CONTINUE)
+                [(code, text)] = self.say(session, b"R", "<%s>" % later)
+                self.assertEqual((code, text), (b"y", b"452 4.5.3 <%s>: send to this address in a message "
+                                                      b"of its own\0" % later.encode()))
+                self.assertEqual(self.say(session, b"R", "<%s>" % first.upper()), MILTER_CONTINUE)
+
+    def test_the_452_doubles_a_percent_sign(self):
+        session = self.session()
+        self.say(session, b"M", "<news@shop.example>")
+        self.say(session, b"R", "<%s>" % MILTER_HANDLE)
+        [(_, text)] = self.say(session, b"R", "<100%sure@example.org>")
+        self.assertIn(b"<100%%sure@example.org>", text)
+
+    def test_the_first_recipients_message_goes_on_after_a_452(self):
+        session = self.session()
+        self.say(session, b"M", "<news@shop.example>")
+        self.say(session, b"R", "<%s>" % MILTER_HANDLE)
+        self.assertEqual(self.say(session, b"R", "<friend@example.org>")[0][0], b"y")
+        self.say(session, b"L", "From", "news@shop.example")
+        end = self.say(session, b"E")
+        self.assertEqual([code for code, _ in end], [b"e", b"m", b"c"])
+
+    def test_a_locally_submitted_message_to_a_handle_and_others_passes_unchanged_and_is_logged(self):
+        with self.assertLogs("incognitomail", "WARNING") as logged:
+            answers, end = self.message("root@localhost", [MILTER_HANDLE, "friend@example.org", MILTER_OTHER_HANDLE],
+                                        [("From", "root@localhost")], local=True)
+        self.assertEqual((answers, end), ([MILTER_CONTINUE] * 4, MILTER_CONTINUE))
+        self.assertIn(MILTER_HANDLE, "\n".join(logged.output))
+        # alone, it is changed as any other
+        _, end = self.message("root@localhost", [MILTER_HANDLE], [("From", "root@localhost")], local=True)
+        self.assertEqual([code for code, _ in end], [b"e", b"m", b"c"])
+
+    def test_a_locally_submitted_refusal_comes_at_the_end_of_the_message(self):
+        # non_smtpd_milters must not refuse a recipient: Postfix would keep the mail queued
+        answers, end = self.message("mallory@localhost", ["k3v9q0x2m7ab5ts1+news=shop.example@incognito.test"],
+                                    [("From", "mallory@localhost")], local=True)
+        self.assertEqual(answers, [MILTER_CONTINUE, MILTER_CONTINUE])
+        [(code, text)] = end
+        self.assertEqual(code, b"y")
+        self.assertTrue(text.startswith(b"550 5.7.1 <k3v9q0x2m7ab5ts1+news=shop.example@incognito.test>: only"), text)
+
+    # -- limits and failures -------------------------------------------------------------------
+
+    def test_a_message_with_too_many_headers_is_refused(self):
+        for headers, refused in (([("X-N", "%d" % n) for n in range(im.MAX_MILTER_HEADERS)], False),
+                                 ([("X-N", "%d" % n) for n in range(im.MAX_MILTER_HEADERS + 1)], True),
+                                 ([("X-Big", "x" * 60000)] * 5, True)):
+            with self.subTest(count=len(headers), refused=refused):
+                _, end = self.message("news@shop.example", [MILTER_HANDLE], headers)
+                if refused:
+                    self.assertEqual(end, [(b"y", b"552 5.3.4 <%s>: the message has more headers than a "
+                                                  b"handle takes\0" % MILTER_HANDLE.encode())])
+                else:
+                    self.assertEqual(end[-1], (b"c", b""))
+
+    def test_a_lookup_that_fails_asks_to_try_again_later(self):
+        for failure in (im.StoreError("database is locked"), sqlite3.OperationalError("disk I/O error")):
+            with self.subTest(failure=failure):
+                self.front.failure = failure
+                session = self.session()
+                self.say(session, b"M", "<news@shop.example>")
+                with self.assertLogs("incognitomail", "ERROR"):
+                    self.assertEqual(self.say(session, b"R", "<%s>" % MILTER_HANDLE), [(b"t", b"")])
+        self.front.failure = None
+        self.assertEqual(self.message("news@shop.example", [MILTER_HANDLE], [])[0], [MILTER_CONTINUE, MILTER_CONTINUE])
+
+    def test_an_abort_or_a_new_mail_forgets_the_message(self):
+        session = self.session()
+        self.say(session, b"M", "<news@shop.example>")
+        self.say(session, b"R", "<%s>" % MILTER_HANDLE)
+        self.assertEqual(self.say(session, b"A"), [])
+        self.say(session, b"M", "<news@shop.example>")
+        self.assertEqual(self.say(session, b"R", "<friend@example.org>"), MILTER_CONTINUE)
+        self.say(session, b"M", "<news@shop.example>")
+        self.assertEqual(self.say(session, b"R", "<%s>" % MILTER_HANDLE), MILTER_CONTINUE)
+        self.assertEqual([code for code, _ in self.say(session, b"E")], [b"e", b"c"])
+
+    def test_several_messages_on_one_connection(self):
+        session = self.session()
+        _, first = self.message("news@shop.example", [MILTER_HANDLE], [("From", "news@shop.example")], session=session)
+        _, second = self.message(MILTER_OWNER, ["k3v9q0x2m7ab5ts1+news=shop.example@incognito.test"],
+                                 [("From", MILTER_OWNER), ("Authentication-Results", "mail.incognito.test; spf=fail "
+                                                                              "smtp.mailfrom=owner@gmail.example")],
+                                 session=session)
+        self.assertEqual([code for code, _ in first], [b"e", b"m", b"c"])
+        self.assertEqual(second[0][0], b"y")        # j from the connection still names this server
+
+
+# A miltertest(8) script (Lua 5.3; Debian's miltertest, see its man page; the real argument
+# order of mt.negotiate is version, protocol steps, actions). It plays Postfix for three
+# messages: one to a handle and a second recipient, the owner's reply, and a stranger's.
+MILTERTEST_SCRIPT = """\
+local function check(ok, what) if not ok then error(what) end end
+local function session(sender)
+    local conn = mt.connect(SOCKET)
+    check(conn ~= nil, "cannot connect to " .. SOCKET)
+    check(mt.negotiate(conn, 6, nil, nil) == nil, "negotiate")
+    mt.macro(conn, SMFIC_CONNECT, "j", "mail.incognito.test", "{daemon_name}", "mail.incognito.test")
+    check(mt.conninfo(conn, "mail.shop.example", "192.0.2.10") == nil, "conninfo")
+    check(mt.mailfrom(conn, "<" .. sender .. ">", "SIZE=100") == nil, "mailfrom")
+    check(mt.getreply(conn) == SMFIR_CONTINUE, "MAIL not continued")
+    return conn
+end
+
+-- mail to a handle: the second recipient is deferred; From: becomes a reply address
+local conn = session("news@shop.example")
+check(mt.rcptto(conn, "<" .. HANDLE .. ">") == nil, "rcptto")
+check(mt.getreply(conn) == SMFIR_CONTINUE, "the handle was not taken")
+check(mt.rcptto(conn, "<friend@example.org>") == nil, "rcptto 2")
+check(mt.getreply(conn) == SMFIR_REPLYCODE, "the second recipient got no 452")
+check(mt.header(conn, "From", "Shop <news@shop.example>") == nil, "header")
+check(mt.header(conn, "To", HANDLE) == nil, "header")
+check(mt.eom(conn) == nil, "eom")
+check(mt.getreply(conn) == SMFIR_CONTINUE, "the message was not taken")
+check(mt.eom_check(conn, MT_HDRCHANGE, "From", FROM), "From: was not made a reply address")
+mt.disconnect(conn)
+
+-- the owner's reply: to the correspondent, from the handle, without the owner's headers
+conn = session(OWNER)
+check(mt.rcptto(conn, "<" .. REPLY .. ">") == nil, "rcptto")
+check(mt.getreply(conn) == SMFIR_CONTINUE, "the owner's reply was refused at RCPT")
+check(mt.header(conn, "From", "Owner <" .. OWNER .. ">") == nil, "header")
+check(mt.header(conn, "To", REPLY) == nil, "header")
+check(mt.header(conn, "X-Mailer", "Owner's Mail 1.0") == nil, "header")
+check(mt.eom(conn) == nil, "eom")
+check(mt.getreply(conn) == SMFIR_CONTINUE, "the owner's reply was not taken")
+check(mt.eom_check(conn, MT_RCPTDELETE, "<" .. REPLY .. ">"), "the reply address stays a recipient")
+check(mt.eom_check(conn, MT_RCPTADD, "<news@shop.example>"), "the correspondent was not added")
+check(mt.eom_check(conn, MT_HDRCHANGE, "From", HANDLE), "From: is not the handle")
+check(mt.eom_check(conn, MT_HDRDELETE, "X-Mailer"), "X-Mailer was kept")
+mt.disconnect(conn)
+
+-- anyone else writing through the reply address: refused at RCPT
+conn = session("mallory@plain.example")
+check(mt.rcptto(conn, "<" .. REPLY .. ">") == nil, "rcptto")
+check(mt.getreply(conn) == SMFIR_REPLYCODE, "a stranger's message through a reply address was taken")
+mt.disconnect(conn)
+mt.echo("MILTERTEST OK")
+"""
+
+
+class MilterListenerTest(PostmapTestCase):
+    """The daemon's milter (MilterListen) over a socket, as Postfix (or miltertest) talks to it."""
+
+    def setUp(self):
+        self.milter_port, self.web_port = free_port(), free_port()
+        self.site = self.make_site(sections={"General": {
+            "MilterListen": "inet:127.0.0.1:%d" % self.milter_port,
+            "ListenAddress": "127.0.0.1:%d" % self.web_port}})
+        self.daemon = start_daemon(self, self.site).wait_serving()
+        self.token = new_account(self.site, MILTER_OWNER)
+        self.handle = new_handle(self.site, self.token)
+
+    def client(self, port=None):
+        client = MilterClient(port or self.milter_port)
+        self.addCleanup(client.close)
+        self.assertEqual(client.negotiate()[0], 6)
+        client.tell(mta_macros(b"C", _j="mail.incognito.test"))
+        self.assertIn(client.tell(mta_packet(b"C", b"mail.shop.example\x004\x9c\x40192.0.2.10\x00")),
+                      ([], MILTER_CONTINUE))
+        return client
+
+    def test_miltertest_drives_the_daemons_milter(self):
+        miltertest = _which("miltertest")
+        require(miltertest, "miltertest is not installed (apt-get install miltertest)")
+        reply = im.reply_address(self.handle, "news@shop.example")
+        script = os.path.join(self.site.folder, "milter.lua")
+        with open(script, "w") as f:
+            f.write(MILTERTEST_SCRIPT)
+        done = subprocess.run(
+            [miltertest, "-D", "SOCKET=inet:%d@127.0.0.1" % self.milter_port, "-D", "HANDLE=" + self.handle,
+             "-D", "OWNER=" + MILTER_OWNER, "-D", "REPLY=" + reply,
+             "-D", 'FROM="Shop - news at shop.example" <%s>' % im.reply_address(self.handle, "news@shop.example"),
+             "-s", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stdout + self.daemon.log()[-3000:])
+        self.assertIn("MILTERTEST OK", done.stdout)
+        wait_until(lambda: handles_of(self.site, self.token)[self.handle]["sent"] == 1, timeout=10)
+        self.assertEqual(handles_of(self.site, self.token)[self.handle]["sent"], 1)
+
+    def test_mail_to_a_handle_leaves_with_a_bounce_address_the_daemon_can_read(self):
+        client = self.client()
+        self.assertEqual(client.ask(mta_strings(b"M", "<news@shop.example>")), MILTER_CONTINUE)
+        self.assertEqual(client.ask(mta_strings(b"R", "<%s>" % self.handle)), MILTER_CONTINUE)
+        client.tell(mta_strings(b"L", "Subject", "hello"))
+        end = client.ask(mta_packet(b"E"))
+        self.assertEqual([code for code, _ in end], [b"e", b"c"])
+        bounce = end[0][1].rstrip(b"\0").decode().strip("<>")
+        self.assertEqual(im.read_handle_address(bounce, ("incognito.test",), milter_secret(self.site), time.time()),
+                         (self.handle, im.BOUNCE, None))
+
+    def test_a_bounce_is_counted_in_every_front_end(self):
+        bounce = im.bounce_address(self.handle, milter_secret(self.site), time.time())
+        client = self.client()
+        for _ in range(2):      # two bounces on one connection
+            self.assertEqual(client.ask(mta_strings(b"M", "<>")), MILTER_CONTINUE)
+            self.assertEqual(client.ask(mta_strings(b"R", "<%s>" % bounce)), MILTER_CONTINUE)
+            client.tell(mta_strings(b"L", "From", "MAILER-DAEMON@mx.gmail.example"))
+            self.assertEqual(client.ask(mta_packet(b"E")), MILTER_CONTINUE)
+            client.send(mta_packet(b"A"))
+        forged = bounce[:-len("@incognito.test") - 2] + "aa@incognito.test"
+        self.assertEqual(client.ask(mta_strings(b"M", "<>")), MILTER_CONTINUE)
+        [(code, text)] = client.ask(mta_strings(b"R", "<%s>" % forged))
+        self.assertEqual((code, text[:9]), (b"y", b"550 5.1.1"))
+        counted = wait_until(lambda: handles_of(self.site, self.token)[self.handle]["bounced"] == 2, timeout=10)
+        self.assertTrue(counted, handles_of(self.site, self.token))
+        shown = listed(self, self.site, self.token)[self.handle]
+        self.assertEqual(shown["bounced"], 2)
+        self.assertLessEqual(abs(from_iso(shown["last_bounced"]) - time.time()), 120)
+        number = shown["id"]
+        for path, auth, key in (("/api/v1/aliases/%d" % number, addy_auth, "emails_bounced"),
+                                ("/api/aliases/%d" % number, simplelogin_auth, "nb_bounce")):
+            client = HttpClient(self.web_port)
+            try:
+                reply = client.request("GET", path, bitwarden_headers(auth(self.token)))
+            finally:
+                client.close()
+            self.assertEqual(reply.status, 200, reply)
+            body = reply.json()
+            self.assertEqual(body.get("data", body)[key], 2, body)
+
+    def test_a_malformed_packet_closes_only_its_own_connection(self):
+        good = self.client()
+        for garbage in (b"\xff\xff\xff\xff", b"\0\0\0\x05M<a@b", b"\0\0\0\0"):
+            with self.subTest(garbage=garbage):
+                bad = MilterClient(self.milter_port)
+                self.addCleanup(bad.close)
+                bad.send(garbage)
+                self.assertTrue(closed_by_peer(bad.sock))
+                self.assertEqual(good.ask(mta_strings(b"M", "<news@shop.example>")), MILTER_CONTINUE)
+        self.assertIsNone(self.daemon.proc.poll())
+
+    def test_a_message_takes_milliseconds_over_tcp(self):
+        # Postfix writes each command as it comes, without TCP_NODELAY, as this client does:
+        # after a write the milter does not answer (a command it need not answer, or the DATA
+        # macros written alone when it asked not to be told of DATA, as smtpd hands the
+        # connection to cleanup), Postfix's next write waits for the milter's delayed ACK
+        # (40 ms on Linux). Measured with Postfix: 47 ms a message with SMFIP_NODATA, 4 ms
+        # without, so the milter asks to be told of DATA and answers it.
+        took = []
+        for _ in range(5):
+            started = time.monotonic()
+            client = self.client()
+            client.ask(mta_strings(b"M", "<news@shop.example>"))
+            client.ask(mta_strings(b"R", "<%s>" % self.handle))
+            client.data()
+            for number in range(3):
+                client.tell(mta_strings(b"L", "X-Header-%d" % number, "value"))
+            self.assertEqual(client.ask(mta_packet(b"E"))[-1], (b"c", b""))
+            took.append(time.monotonic() - started)
+        self.assertLess(sorted(took)[2], 0.020, took)
+
+    def test_the_milter_listens_without_the_policy_service_or_the_socketmap(self):
+        port = free_port()
+        site = self.make_site(sections={"General": {"MilterListen": "inet:127.0.0.1:%d" % port}})
+        daemon = start_daemon(self, site).wait_serving()
+        self.assertIn("the milter on inet:127.0.0.1:%d" % port, daemon.log())
+        self.assertEqual(self.client(port).ask(mta_strings(b"M", "<a@b.example>")), MILTER_CONTINUE)
+
 
 class PolicyCountingTest(PostmapTestCase):
     """The policy service's counts: once per message, and a burst of mail is one database write."""
@@ -8055,6 +9642,44 @@ class BurnerChangedWhileWaitingTest(PostmapTestCase):
 
 ATTACK_READERS = 20         # connections keeping 16 list_handles in flight, reading every reply
 RICH_HANDLES = 500          # with 200-character labels: a whole-account reply would be ~250 KB
+
+
+class RefuseAsUnknownTest(PostmapTestCase):
+    """RefuseAsUnknown (server-wide) and refuse_as_unknown (a handle's own): a switched-off or
+    ended handle is refused exactly as an address that does not exist, and still counted."""
+
+    def front(self, server_wide):
+        self.now = [T0]
+        site = make_site(self, sections={"General": {"PolicyListen": "inet:127.0.0.1:%d" % free_port(),
+                                                     "RefuseAsUnknown": server_wide}})
+        self.fixture = ServiceFixture(self, site, clock=lambda: self.now[0]).start()
+        self.token = self.fixture.new_account()
+        return im.PostfixFront(site.config, self.fixture.service, clock=lambda: self.now[0])
+
+    def ask(self, front, recipient):
+        return asyncio.run(policy_action(front, {"protocol_state": "RCPT", "recipient": recipient,
+                                                 "instance": uuid.uuid4().hex}))
+
+    def test_a_disabled_handle_is_left_to_postfix_and_an_expired_one_gets_its_words(self):
+        front = self.front("yes")
+        disabled = self.fixture.new_handle(self.token)
+        self.fixture.call("update_handle", token=self.token, address=disabled, enabled=False)
+        expiring = self.fixture.new_handle(self.token, expires="1h")
+        self.now[0] += 2 * 3600           # expired, not swept yet: still in the map
+        self.assertEqual(self.ask(front, disabled), "DUNNO")
+        self.assertEqual(self.ask(front, expiring), "550 5.1.1 User unknown in virtual alias table")
+        asyncio.run(front._flush_received())
+        self.assertEqual(self.fixture.handle(self.token, disabled)["blocked"], 1)
+
+    def test_a_handle_may_choose_otherwise_than_the_server(self):
+        front = self.front("no")
+        quiet, loud = self.fixture.new_handle(self.token), self.fixture.new_handle(self.token)
+        self.fixture.call("update_handle", token=self.token, address=quiet, enabled=False, refuse_as_unknown=True)
+        self.fixture.call("update_handle", token=self.token, address=loud, enabled=False)
+        self.assertEqual(self.ask(front, quiet), "DUNNO")
+        self.assertIn("this address is disabled", self.ask(front, loud))
+        self.assertIs(self.fixture.handle(self.token, quiet)["refuse_as_unknown"], True)
+        self.assertIsNone(self.fixture.handle(self.token, loud)["refuse_as_unknown"])
 
 
 class MailFlowUnderAttackTest(HoldingTestCase):
@@ -8446,6 +10071,198 @@ class SocketmapExpiryTest(SocketmapInstanceTestCase):
         ok, code, text, mark = self.pf.send(handle)
         self.assertTrue(ok, "%s %s" % (code, text))
         self.assertTrue(self.pf.wait_for_mail("dave", mark))
+
+
+class DeliverabilityTest(MailLabTestCase):
+    """What leaves the forwarder with the milter (ReplyAddresses = yes), as the owner's provider
+    judges it and as the sender sees it: SPF and DMARC pass for any sender, and neither a bounce,
+    nor an auto-reply, nor the owner's reply tells the sender the owner's address."""
+
+    OWNERS = ("ann.k7q@strict.example", "amy.k7q@gmail.example", "wes.k7q@gmail.example",
+              "max.k7q@gmail.example", "ida.k7q@gmail.example")
+    OWNER_ALIASES = (("liz.k7q@gmail.example", "liz.k7q@full.example"),)
+
+    def test_mail_from_p_reject_senders_passes_spf_and_dmarc_at_a_strict_receiver(self):
+        owner = "ann.k7q@strict.example"
+        token, handle = self.new_owner(owner)
+        for sender, sign in (("news@shop.example", True), ("news@plain.example", False)):
+            with self.subTest(sender=sender, signed=sign):
+                mark = self.forward(owner, handle, sender, sign)
+                verdict = self.assert_verdict(mark, spf="pass", dmarc="pass", from_domain="incognito.test",
+                                              ip=LAB_FORWARDER_IP, rejected=False)
+                self.assertTrue(verdict["sender"].startswith(handle.split("@")[0] + "+b."), verdict)
+                message = self.delivered(self.receiver, owner, mark)
+                reply = im.reply_address(handle, sender)
+                self.assertEqual(email.utils.parseaddr(message["From"]),
+                                 ("Shop News - %s" % sender.replace("@", " at "), reply))
+                self.assertEqual(message["Return-Path"], "<%s>" % verdict["sender"])
+                self.assertIn("spf=pass", message["Authentication-Results"])
+                self.assertIn("dmarc=pass header.from=incognito.test", message["Authentication-Results"])
+        wait_counted(self, self.site, token, handle, received=2)
+
+    def test_a_receiver_refusing_the_owner_at_rcpt_tells_the_sender_nothing(self):
+        owner = "gus.k7q@gmail.example"         # no such mailbox at the receiver
+        token, handle = self.new_owner(owner)
+        mark = self.forward(owner, handle)
+        refused = lambda: [line for line in self.forwarder.maillog().splitlines()
+                           if "to=<%s>" % owner in line and "status=bounced" in line and "550 5.1.1" in line]
+        self.assertTrue(wait_until(refused, 20), self.forwarder.maillog()[-3000:])
+        self.assert_sender_never_learns(owner)
+        self.assertNotIn(mark.encode(), self.tap.received())
+
+    def test_a_receiver_accepting_then_bouncing_tells_the_sender_nothing_and_counts_the_bounce(self):
+        owner = "liz.k7q@gmail.example"         # an alias to a mailbox that is full
+        token, handle = self.new_owner(owner)
+        mark = self.forward(owner, handle)
+        self.wait_count(token, handle, "bounced", 1, timeout=20)
+        self.assert_sender_never_learns(owner)
+        self.assertNotIn(mark.encode(), self.tap.received())
+        counted = listed(self, self.site, token)[handle]
+        self.assertEqual(counted["bounced"], 1)
+        self.assertIsNotNone(counted["last_bounced"])
+
+    def test_an_auto_reply_to_the_envelope_sender_comes_back_to_the_owner_and_is_counted(self):
+        owner = "amy.k7q@gmail.example"
+        token, handle = self.new_owner(owner)
+        mark = self.forward(owner, handle)
+        forwarded = self.delivered(self.receiver, owner, mark)
+        return_path = forwarded["Return-Path"].strip("<>")
+        self.assertEqual(im.read_handle_address(return_path, ("incognito.test",), milter_secret(self.site),
+                                                time.time()).kind, im.BOUNCE)
+        # the owner's provider answers for them while they are away, to the envelope sender
+        away = uuid.uuid4().hex
+        answers, data = self.send_from_owner(owner, [return_path], (
+            "From: Amy <%s>\r\nTo: %s\r\nSubject: Away %s\r\nAuto-Submitted: auto-replied\r\n"
+            "In-Reply-To: <%s@shop.example>\r\n\r\nI am away until Monday (%s, %s).\r\n"
+            % (owner, return_path, away, mark, owner, away)).encode())
+        self.assertEqual((answers[return_path][0], data[0]), (250, 250), (answers, data))
+        self.delivered(self.receiver, owner, away)
+        self.wait_count(token, handle, "bounced", 1)
+        self.assert_sender_never_learns(owner)
+
+    def test_the_owners_reply_and_first_message_leave_from_the_handle(self):
+        owner = "wes.k7q@gmail.example"
+        token, handle = self.new_owner(owner)
+        mark = self.forward(owner, handle, "orders@shop.example")
+        forwarded = self.delivered(self.receiver, owner, mark)
+        written_from = " ".join(forwarded["From"].split())      # unfolded, as a mail program copies it
+        reply_to = email.utils.parseaddr(written_from)[1]
+        self.assertEqual(reply_to, im.reply_address(handle, "orders@shop.example"))
+        for correspondent, recipient, in_reply_to in (
+                ("orders@shop.example", reply_to, forwarded["Message-ID"]),
+                ("sales@plain.example", im.reply_address(handle, "sales@plain.example"), None)):
+            with self.subTest(correspondent=correspondent):
+                answer = uuid.uuid4().hex
+                headers = [("From", "Wes Owner <%s>" % owner), ("To", written_from if in_reply_to else recipient),
+                           ("Cc", owner), ("Subject", "Re: %s" % answer), ("Date", email.utils.formatdate()),
+                           ("Message-ID", "<%s@mail.gmail.example>" % answer), ("User-Agent", "Owner Mail 1.0"),
+                           ("Reply-To", owner), ("Disposition-Notification-To", owner),
+                           ("X-Originating-IP", "[198.51.100.7]")]
+                if in_reply_to:
+                    headers.append(("In-Reply-To", in_reply_to))
+                data = ("".join("%s: %s\r\n" % h for h in headers) + "\r\nThanks, %s\r\n" % answer).encode()
+                answers, reply = self.send_from_owner(owner, [recipient], data)
+                self.assertEqual((answers[recipient][0], reply[0]), (250, 250), (answers, reply))
+                arrived = self.delivered(self.sender, correspondent, answer)
+                self.assertEqual(email.utils.parseaddr(arrived["From"]), ("", handle))
+                self.assertEqual(email.utils.parseaddr(arrived["To"])[1], correspondent)
+                self.assertEqual(email.utils.getaddresses(arrived.get_all("Cc")), [("", handle)])
+                self.assertRegex(arrived["Message-ID"], r"^<[0-9a-f]{32}@incognito\.test>$")
+                self.assertEqual(arrived["In-Reply-To"], in_reply_to)
+                for name in ("User-Agent", "Reply-To", "Disposition-Notification-To", "X-Originating-IP",
+                             "Authentication-Results", "DKIM-Signature"):
+                    self.assertIsNone(arrived[name], name)
+                bounce = arrived["Return-Path"].strip("<>")
+                self.assertEqual(im.read_handle_address(bounce, ("incognito.test",), milter_secret(self.site),
+                                                        time.time()), (handle, im.BOUNCE, None))
+                self.assertNotIn("wes.k7q", arrived.as_string())
+                self.assertFalse([h for h in arrived.items() if "wes.k7q" in h[1]])
+        self.wait_count(token, handle, "sent", 2)
+        self.assert_sender_never_learns(owner)
+
+    def test_anyone_else_writing_through_a_reply_address_is_refused(self):
+        owner = "ida.k7q@gmail.example"
+        token, handle = self.new_owner(owner)
+        reply = im.reply_address(handle, "news@shop.example")
+        mark = uuid.uuid4().hex
+        answers, data = self.send_to_forwarder("news@plain.example", [reply],
+                                               self.message("news@plain.example", reply, mark))
+        self.assertEqual(answers[reply][0], 550, answers)
+        self.assertIn("5.7.1", answers[reply][1])
+        self.assertIn("only the owner of %s" % handle, answers[reply][1])
+        # the owner's address in the envelope, another in From:
+        answers, data = self.send_to_forwarder(owner, [reply], self.message("news@plain.example", reply, mark))
+        self.assertEqual((answers[reply][0], data[0]), (250, 550), (answers, data))
+        self.assertIn("only the owner", data[1])
+        self.settled()
+        self.assertNotIn(mark.encode(), self.tap.received())
+        self.assertEqual(self.counts(token, handle)["sent"], 0)
+
+    def test_a_forged_or_expired_bounce_address_is_refused(self):
+        token, handle = self.new_owner("rex.k7q@gmail.example")
+        secret = milter_secret(self.site)
+        good = im.bounce_address(handle, secret, time.time())
+        forged = good[:good.index("@") - 10] + "abcdefghij" + good[good.index("@"):]
+        expired = im.bounce_address(handle, secret, time.time() - 22 * DAY)
+        answers, _ = self.send_to_forwarder("", [forged, expired, good], None)
+        for address in (forged, expired):
+            self.assertEqual(answers[address][0], 550, answers)
+            self.assertIn("5.1.1", answers[address][1])
+        self.assertEqual(answers[good][0], 250, answers)
+
+    def test_a_handle_and_another_recipient_are_sent_apart_and_the_other_arrives_unchanged(self):
+        owner = "max.k7q@gmail.example"
+        token, handle = self.new_owner(owner)
+        mark = uuid.uuid4().hex
+        message = self.message("news@shop.example", "%s, friend@incognito.test" % handle, mark, sign=True)
+        answers, data = self.send_to_forwarder("news@shop.example", [handle, "friend@incognito.test"], message)
+        self.assertEqual(answers[handle][0], 250, answers)
+        self.assertEqual(answers["friend@incognito.test"][0], 452, answers)
+        self.assertIn("4.5.3", answers["friend@incognito.test"][1])
+        self.assertEqual(data[0], 250, data)
+        self.assertEqual(self.delivered(self.receiver, owner, mark)["Return-Path"].partition("+")[0],
+                         "<" + handle.partition("@")[0])
+        # the sender sends it again, alone: the admin's own address is no handle, nothing changes
+        answers, data = self.send_to_forwarder("news@shop.example", ["friend@incognito.test"], message)
+        self.assertEqual((answers["friend@incognito.test"][0], data[0]), (250, 250), (answers, data))
+        arrived = self.delivered(self.receiver, "friend@gmail.example", mark)
+        self.assertEqual(arrived["Return-Path"], "<news@shop.example>")
+        self.assertEqual(arrived["From"], '"Shop News" <news@shop.example>')
+        self.assert_verdict(mark, dkim=[("shop.example", "pass")])
+        self.assertEqual(len([m for m in self.receiver.messages(owner) if mark in m.as_string()]), 1)
+
+
+class DeliverabilityWithoutReplyAddressesTest(MailLabTestCase):
+    """ReplyAddresses = no: headers stay as they came, so a signed sender's DKIM signature stays
+    intact and SPF passes for the bounce address, while an unsigned p=reject sender fails DMARC
+    and a strict receiver refuses it; the sender learns nothing either way."""
+
+    REPLY_ADDRESSES = "no"
+    OWNERS = ("ann.k7q@gmail.example", "ben.k7q@strict.example")
+
+    def test_a_signed_sender_keeps_its_dkim_signature_and_spf_passes(self):
+        owner = "ann.k7q@gmail.example"
+        token, handle = self.new_owner(owner)
+        mark = self.forward(owner, handle, "news@shop.example", sign=True)
+        verdict = self.assert_verdict(mark, spf="pass", dkim=[("shop.example", "pass")], dmarc="pass",
+                                      from_domain="shop.example", rejected=False)
+        self.assertTrue(verdict["sender"].startswith(handle.split("@")[0] + "+b."), verdict)
+        message = self.delivered(self.receiver, owner, mark)
+        self.assertEqual(message["From"], '"Shop News" <news@shop.example>')
+        self.assertIn("dkim=pass header.d=shop.example", message["Authentication-Results"])
+
+    def test_an_unsigned_p_reject_sender_is_refused_at_data_and_the_sender_learns_nothing(self):
+        owner = "ben.k7q@strict.example"
+        token, handle = self.new_owner(owner)
+        mark = self.forward(owner, handle, "news@plain.example", sign=False)
+        self.assert_verdict(mark, spf="pass", dkim=[], dmarc="fail", rejected=True)
+        self.assertTrue(wait_until(lambda: "rejected by the DMARC policy of plain.example" in self.forwarder.maillog(),
+                                   15), self.forwarder.maillog()[-3000:])
+        # the forwarder's bounce goes to the bounce address, that is to the owner
+        dsn = self.delivered(self.receiver, owner, mark)
+        self.assertIn("MAILER-DAEMON", dsn["From"])
+        self.assert_sender_never_learns(owner)
+        self.assertNotIn(mark.encode(), self.tap.received())
 
 
 ###############################################################################
@@ -8894,7 +10711,7 @@ class CommandLineTest(PostmapTestCase):
         handle = json.loads(self.run_cli("--json", "new", "handle", token, "--label", "shop").stdout)
         self.assertEqual(set(handle), {"address", "label", "enabled", "created", "received", "last_received", "id",
                                        "state", "expires", "max_messages", "blocked", "last_blocked",
-                                       "bounced", "last_bounced", "sent", "last_sent"})
+                                       "bounced", "last_bounced", "sent", "last_sent", "refuse_as_unknown"})
         self.assertEqual((handle["label"], handle["enabled"], handle["received"], handle["last_received"]),
                          ("shop", True, 0, None))
         self.assertRegex(handle["created"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
@@ -9007,6 +10824,185 @@ class CommandLineTest(PostmapTestCase):
                 self.assertTrue(any(all(w in line for w in words) for line in info), "no INFO line with %s" % (words,))
         for secret in (token, new):
             self.assertNotIn(secret, log)
+
+
+class BulkExportImportBackupTest(PostmapTestCase):
+    """new handles --count, export, import and backup against one running server."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        folder = make_folder()
+        cls.addClassCleanup(shutil.rmtree, folder, True)
+        cls.site = Site(folder, admin_lines=ADMIN_LINES)
+        cls.daemon = DaemonProcess(cls.site).start()
+        cls.addClassCleanup(cls.daemon.stop)
+
+    def run_cli(self, *args, input=None, rc=0):
+        return run_cli(self, self.site, *args, input=input, rc=rc)
+
+    def test_new_handles_makes_many_in_one_request_each_routable(self):
+        token = new_account(self.site, "bulk@example.org")
+        done = self.run_cli("new", "handles", "-", "--count", "25", "--label", "bulk", input=token + "\n")
+        made = done.stdout.split()
+        self.assertEqual(len(set(made)), 25)
+        for address in made[::6]:
+            self.assertEqual(self.site.query(address), "bulk@example.org")
+        self.assertEqual(sorted(listed(self, self.site, token)), sorted(made))
+        self.run_cli("new", "handles", token, "--count", "0", rc=2)
+
+    def test_export_then_import_restores_the_handles_with_their_addresses(self):
+        token = new_account(self.site, "owner@example.org")
+        made = [new_handle(self.site, token, label="shop %d" % n) for n in range(3)]
+        control(self.site, "update_handle", token=token, address=made[0], enabled=False)
+        csv_text = self.run_cli("export", token).stdout
+        json_text = self.run_cli("--json", "export", token).stdout
+        self.assertTrue(csv_text.startswith("address,label,state,enabled,"), csv_text)
+        self.assertEqual([h["address"] for h in json.loads(json_text)], made[::-1])
+        self.run_cli("delete", "account", token)
+        for text, name in ((csv_text, "export.csv"), (json_text, "export.json")):
+            with self.subTest(name=name):
+                path = os.path.join(self.site.folder, name)
+                with open(path, "w") as f:
+                    f.write(text)
+                again = new_account(self.site, "owner@example.org")
+                self.run_cli("import", again, path)
+                handles = listed(self, self.site, again)
+                self.assertEqual(list(handles), made[::-1])          # the same order as before
+                self.assertEqual(handles[made[1]]["label"], "shop 1")
+                self.assertFalse(handles[made[0]]["enabled"])
+                self.assertIsNone(self.site.query(made[0]))
+                self.assertEqual(self.site.query(made[2]), "owner@example.org")
+                done = self.run_cli("import", again, path, rc=1)     # once more: all in use
+                self.assertIn("in use already; nothing was imported", done.stderr)
+                self.run_cli("delete", "account", again)
+
+    def test_backup_is_a_consistent_copy_and_refuses_to_overwrite(self):
+        token = new_account(self.site, "kept@example.org")
+        handle = new_handle(self.site, token)
+        path = os.path.join(self.site.folder, "backup.sqlite3")
+        self.run_cli("backup", path)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        copy = sqlite3.connect(path)
+        try:
+            local = handle.split("@")[0]
+            self.assertEqual(copy.execute("SELECT count(*) FROM handles WHERE local = ?", (local,)).fetchone()[0], 1)
+            self.assertEqual(copy.execute("PRAGMA integrity_check").fetchone()[0], "ok")
+        finally:
+            copy.close()
+        self.assertIn("exists already", self.run_cli("backup", path, rc=1).stderr)
+
+
+class BackupRestoreTest(PostmapTestCase):
+    """Restore as README says: stop, put the backup in place, start: every handle is routable
+    again, the ones made after the backup are gone."""
+
+    def test_stop_restore_start_makes_every_handle_routable_again(self):
+        site = make_site(self)
+        daemon = start_daemon(self, site)
+        token = new_account(site)
+        kept = [new_handle(site, token) for _ in range(3)]
+        backup = os.path.join(site.folder, "backup.sqlite3")
+        run_cli(self, site, "backup", backup)
+        later = new_handle(site, token)
+        control(site, "delete_handle", token=token, address=kept[0])
+        daemon.stop()
+        database = site.config.database_path
+        shutil.copy(backup, database)
+        for suffix in ("-wal", "-shm"):
+            if os.path.exists(database + suffix):
+                os.unlink(database + suffix)
+        start_daemon(self, site)
+        for address in kept:
+            self.assertEqual(site.query(address), "alice@example.org")
+        self.assertIsNone(site.query(later))
+
+
+class FirstUseTest(PostmapTestCase):
+    """What an admin meets first: errors that name the line, help, the start line."""
+
+    def test_an_ini_syntax_error_names_the_line(self):
+        folder = make_folder(self)
+        path = os.path.join(folder, "bad.ini")
+        with open(path, "w") as f:
+            f.write("[General]\nListenAddress = 127.0.0.1:1\nthis is not a key\n")
+        with self.assertRaises(im.ConfigError) as caught:
+            im.load_config(path)
+        self.assertIn("line 3", str(caught.exception))
+        self.assertIn("this is not a key", str(caught.exception))
+        with open(path, "w") as f:
+            f.write("Domain = x\n[General]\n")
+        with self.assertRaises(im.ConfigError) as caught:
+            im.load_config(path)
+        self.assertIn("line 1", str(caught.exception))
+
+    def test_help_is_a_command_and_a_secret_says_that_dash_reads_standard_input(self):
+        everything = run_module("help")
+        self.assertEqual(everything.returncode, 0)
+        self.assertIn("new handle", everything.stdout)
+        one = run_module("help", "new", "handle")
+        self.assertEqual(one.returncode, 0)
+        self.assertIn("--max-messages", one.stdout)
+        self.assertRegex(" ".join(one.stdout.split()), r"<secret> .*- to read it from standard input")
+
+    def test_the_start_line_names_every_listener(self):
+        port, policy = free_port(), free_port()
+        site = make_site(self, sections={"General": {"ListenAddress": "127.0.0.1:%d" % port,
+                                                     "PolicyListen": "inet:127.0.0.1:%d" % policy,
+                                                     "MilterListen": "inet:127.0.0.1:%d" % free_port()}})
+        daemon = start_daemon(self, site)
+        wait_until(lambda: " serving " in daemon.log())
+        line = next(l for l in daemon.log().splitlines() if " serving " in l)
+        for said in ("http://127.0.0.1:%d/" % port, "ws://127.0.0.1:%d/incognitomail" % port,
+                     "policy service on inet:127.0.0.1:%d" % policy, "milter on inet:", site.socket_path):
+            self.assertIn(said, line)
+
+    def test_a_main_cf_younger_than_two_seconds_is_said_at_start(self):
+        site = make_site(self)
+        os.utime(os.path.join(site.config.postfix_config_dir, "main.cf"))
+        daemon = start_daemon(self, site)
+        self.assertIn("changed less than 2 s ago", daemon.log())
+
+
+class WireCommandTest(PostmapTestCase):
+    """wire: shows what main.cf needs, writes it with postconf after asking, keeps a copy,
+    and ends with check."""
+
+    def site(self):
+        return make_site(self, sections={"General": {
+            "PolicyListen": "inet:127.0.0.1:%d" % free_port(),
+            "MilterListen": "inet:127.0.0.1:%d" % free_port()}})
+
+    def postconf(self, site, name):
+        done = subprocess.run([_which("postconf"), "-c", site.config.postfix_config_dir, "-h", name],
+                              stdout=subprocess.PIPE, universal_newlines=True)
+        return done.stdout.strip()
+
+    def test_a_dry_run_shows_the_changes_and_changes_nothing(self):
+        site = self.site()
+        main_cf = os.path.join(site.config.postfix_config_dir, "main.cf")
+        before = read_text(main_cf)
+        done = run_cli(self, site, "wire", "--dry-run")
+        for name in ("virtual_alias_maps", "virtual_alias_domains", "smtpd_recipient_restrictions",
+                     "smtpd_milters", "recipient_delimiter"):
+            self.assertIn(name, done.stdout)
+        self.assertEqual(read_text(main_cf), before)
+
+    def test_yes_writes_the_settings_keeps_a_copy_and_check_finds_postfix_wired(self):
+        site = self.site()
+        start_daemon(self, site)
+        done = cli(site, "wire", "--yes")
+        self.assertNotIn("Traceback", done.stderr)
+        self.assertEqual(self.postconf(site, "virtual_alias_maps"), "hash:%s" % site.map_path)
+        self.assertEqual(self.postconf(site, "recipient_delimiter"), "+")
+        self.assertTrue(self.postconf(site, "smtpd_milters").startswith(site.config.milter_listen))
+        copies = [n for n in os.listdir(site.config.postfix_config_dir) if n.startswith("main.cf.incognitomail-")]
+        self.assertEqual(len(copies), 1)
+        for check in ("Postfix uses the map", "Postfix routes every domain", "Postfix asks the policy service",
+                      "Postfix runs the milter"):
+            self.assertRegex(done.stdout, r"(?m)^OK +%s" % re.escape(check))
+        again = run_cli(self, site, "wire", "--dry-run")
+        self.assertIn("needs no change", again.stdout)
 
 
 class StatusWhenStoppedTest(unittest.TestCase):
@@ -9127,6 +11123,184 @@ class CheckCommandTest(PostmapTestCase):
         failed = self.check(1)
         self.assertEqual(len(failed), 1, failed)
         self.assertIn("not running", failed[0])
+
+
+class MilterCheckTest(PostmapTestCase):
+    """``check`` with the milter: what in Postfix's configuration it needs, and what would undo
+    its work, each passing and failing (in-process, as run_check asks; then the command)."""
+
+    def setUp(self):
+        self.port, self.policy_port = free_port(), free_port()
+        self.site = self.make_site(sections={"General": {
+            "MilterListen": "inet:127.0.0.1:%d" % self.port, "PolicyListen": "inet:127.0.0.1:%d" % self.policy_port}})
+        self.folder = self.site.config.postfix_config_dir
+
+    def main_cf(self, *lines, milter="{ours}", leave_out=()):
+        """main.cf: the map and the policy service as they should be, the milter wired as
+        README.md says (``milter``: smtpd_milters' value) but for the settings named in
+        ``leave_out``, then ``lines`` (later lines win)."""
+        good = ["virtual_alias_domains = incognito.test, other.test",
+                "virtual_alias_maps = hash:%s" % self.site.map_path,
+                "smtpd_recipient_restrictions = check_policy_service inet:127.0.0.1:%d" % self.policy_port,
+                "myhostname = mail.example.org",
+                "smtpd_milters = " + milter.format(ours="inet:127.0.0.1:%d" % self.port),
+                "milter_default_action = tempfail",
+                "recipient_delimiter = +",
+                "propagate_unmatched_extensions = canonical"]
+        good = [line for line in good if line.partition(" =")[0] not in leave_out]
+        write_postfix_config_dir(self.folder, "\n".join(good + list(lines)) + "\n")
+
+    def problems(self, *lines, **kwargs):
+        """{what was checked: its problem (None: OK; a Note: NOTE; text: FAIL)} for that main.cf."""
+        self.main_cf(*lines, **kwargs)
+        config = self.site.config
+        store = im.Store(config.database_path)
+        try:
+            return dict(im.postfix_config_problems(config, im.make_table(config), store))
+        finally:
+            store.close()
+
+    def failures(self, *lines, **kwargs):
+        return {name: problem for name, problem in self.problems(*lines, **kwargs).items()
+                if problem is not None and not isinstance(problem, im.Note)}
+
+    def rule_file(self, text):
+        path = os.path.join(self.folder, "rules-%s" % uuid.uuid4().hex)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_the_milter_wired_as_readme_says_passes_with_notes(self):
+        problems = self.problems()
+        self.assertEqual(self.failures(), {})
+        self.assertIsNone(problems["Postfix runs the milter"])
+        self.assertIsInstance(problems["a DKIM signer follows the milter"], im.Note)
+        for domain in ("incognito.test", "other.test"):
+            self.assertIsInstance(problems["SPF record of %s" % domain], im.Note)
+            self.assertIn('"v=spf1 a:mail.example.org -all"', problems["SPF record of %s" % domain])
+        problems = self.problems(milter="{ours}, inet:127.0.0.1:8891")
+        self.assertIsNone(problems["a DKIM signer follows the milter"])
+        self.assertEqual(self.failures(milter="{ours}, inet:127.0.0.1:8891"), {})
+        self.assertEqual(self.failures(milter="{{ {ours}, default_action=tempfail }}"), {})
+
+    def test_a_milter_postfix_does_not_run_fails(self):
+        for milter in ("", "inet:127.0.0.1:8891", "inet:127.0.0.2:%d" % self.port):
+            with self.subTest(smtpd_milters=milter):
+                failed = self.failures(milter=milter)
+                self.assertIn("Postfix runs the milter", failed)
+                self.assertIn("inet:127.0.0.1:%d" % self.port, failed["Postfix runs the milter"])
+
+    def test_a_unix_socket_path_relative_to_the_queue_directory_counts(self):
+        folder = make_folder(self)
+        self.site = Site(folder, sections={"General": {
+            "MilterListen": "unix:%s" % os.path.join(folder, "run", "milter.sock")}})
+        self.folder = self.site.config.postfix_config_dir
+        # chrooted daemons (Debian's default) name the socket relative to the queue directory
+        self.assertIsNone(self.problems("queue_directory = %s" % folder,
+                                        milter="unix:run/milter.sock")["Postfix runs the milter"])
+        self.assertIn("Postfix runs the milter", self.failures("queue_directory = /var/spool/postfix",
+                                                               milter="unix:run/milter.sock"))
+
+    def test_another_milter_before_ours_fails(self):
+        failed = self.failures(milter="inet:127.0.0.1:8891, {ours}")
+        self.assertEqual(list(failed), ["the milter comes before other milters"])
+        self.assertIn("inet:127.0.0.1:8891", failed["the milter comes before other milters"])
+
+    def test_a_default_action_other_than_tempfail_fails(self):
+        for action in ("accept", "reject", "quarantine"):
+            with self.subTest(action=action):
+                failed = self.failures("milter_default_action = %s" % action)
+                self.assertEqual(list(failed), ["Postfix waits while the milter is away"])
+                self.assertIn(action, failed["Postfix waits while the milter is away"])
+        self.assertEqual(self.failures(leave_out=("milter_default_action",)), {})  # Postfix's default
+
+    def test_a_recipient_delimiter_without_plus_fails(self):
+        for delimiter in ("", "-"):
+            with self.subTest(delimiter=delimiter):
+                failed = self.failures("recipient_delimiter = %s" % delimiter)
+                self.assertEqual(list(failed), ["Postfix takes the milter's addresses (handle+...@)"])
+                self.assertIn("recipient_delimiter = +", failed["Postfix takes the milter's addresses (handle+...@)"])
+        self.assertEqual(self.failures("recipient_delimiter = -+"), {})
+
+    def test_unmatched_extensions_propagated_to_virtual_aliases_fail(self):
+        for value in ("canonical, virtual", "virtual"):
+            with self.subTest(value=value):
+                failed = self.failures("propagate_unmatched_extensions = %s" % value)
+                self.assertEqual(list(failed), ["bounces reach the owner's own address"])
+        self.assertEqual(self.failures("propagate_unmatched_extensions ="), {})
+        # Postfix's default (canonical, virtual) fails: the setting must be written
+        self.assertIn("bounces reach the owner's own address",
+                      self.failures(leave_out=("propagate_unmatched_extensions",)))
+
+    def test_a_second_envelope_rewriter_fails(self):
+        for lines, milter in ((["sender_canonical_maps = socketmap:unix:srs:forward",
+                                "sender_canonical_classes = envelope_sender"], "{ours}"),
+                              (["sender_canonical_maps = tcp:localhost:10001",
+                                "sender_canonical_classes = envelope_sender"], "{ours}"),
+                              ([], "{ours}, unix:/run/postsrsd/srs-milter.sock")):
+            with self.subTest(lines=lines, milter=milter):
+                failed = self.failures(*lines, milter=milter)
+                self.assertEqual(list(failed), ["no second envelope rewriter"])
+                self.assertIn("postsrsd", failed["no second envelope rewriter"])
+        self.assertEqual(self.failures("sender_canonical_maps = hash:%s/sender_canonical" % self.folder,
+                                       "sender_canonical_classes = envelope_sender"), {})
+
+    def test_what_rewrites_forwarded_headers_or_bodies_fails(self):
+        replace = self.rule_file("/^Subject:/ REPLACE Subject: changed\n")
+        prepend = self.rule_file("/^X-Spam/ PREPEND X-Note: seen\n")
+        harmless = self.rule_file("# only refusals\n/^X-Virus: yes/ REJECT\n/^X-Foo/ IGNORE\n")
+        for lines, named in ((["header_checks = regexp:%s" % replace], "header_checks"),
+                             (["body_checks = pcre:%s" % prepend], "body_checks"),
+                             (["smtp_header_checks = regexp:%s" % replace], "smtp_header_checks"),
+                             (["smtp_generic_maps = hash:%s/generic" % self.folder], "smtp_generic_maps"),
+                             (["masquerade_domains = example.org"], "masquerade_domains"),
+                             (["canonical_maps = hash:%s/canonical" % self.folder], "canonical_classes"),
+                             (["recipient_canonical_maps = hash:%s/rc" % self.folder], "recipient_canonical_classes"),
+                             (["sender_canonical_maps = hash:%s/sc" % self.folder,
+                               "sender_canonical_classes = envelope_sender, header_sender"], "sender_canonical_classes")):
+            with self.subTest(named=named):
+                failed = self.failures(*lines)
+                self.assertEqual(list(failed), ["nothing rewrites forwarded mail"])
+                self.assertIn(named, failed["nothing rewrites forwarded mail"])
+        self.assertEqual(self.failures("header_checks = regexp:%s" % harmless,
+                                       "recipient_canonical_maps = hash:%s/rc" % self.folder,
+                                       "recipient_canonical_classes = envelope_recipient"), {})
+
+    def test_without_the_milter_a_note_names_the_providers_that_see_the_owners_address(self):
+        site = self.make_site(sections={"General": {"PolicyListen": "inet:127.0.0.1:%d" % self.policy_port}})
+        self.site, self.folder = site, site.config.postfix_config_dir
+        seed_account(site, address="alice@gmail.example")
+        seed_account(site, address="bob@localhost")
+        problems = self.problems(milter="")
+        note = problems["mail leaves with the owner's privacy kept"]
+        self.assertIsInstance(note, im.Note)
+        self.assertIn("gmail.example", note)
+        self.assertNotIn("localhost", note)
+        self.assertIn("MilterListen", note)
+        self.assertNotIn("Postfix runs the milter", problems)
+        # every target delivered here: nothing to say
+        self.assertIsNone(self.problems("mydestination = localhost, gmail.example",
+                                        milter="")["mail leaves with the owner's privacy kept"])
+
+    def test_the_command_prints_notes_and_exits_0_then_1_on_a_failure(self):
+        start_daemon(self, self.site)
+        self.main_cf()
+        done = cli(self.site, "check")
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        lines = done.stdout.splitlines()
+        for line in lines:
+            self.assertRegex(line, r"^(OK|FAIL|NOTE) ")
+        self.assertIn("OK   Postfix runs the milter", lines)
+        self.assertTrue([l for l in lines if l.startswith("NOTE SPF record of incognito.test: ")], lines)
+        self.assertTrue([l for l in lines if l.startswith("NOTE a DKIM signer follows the milter")], lines)
+        results = json.loads(cli(self.site, "--json", "check").stdout)
+        self.assertTrue(all(r["ok"] for r in results), results)
+        self.main_cf("milter_default_action = accept")
+        done = cli(self.site, "check")
+        self.assertEqual(done.returncode, 1, done.stdout)
+        self.assertEqual([l for l in done.stdout.splitlines() if l.startswith("FAIL")],
+                         ["FAIL Postfix waits while the milter is away: milter_default_action = accept: mail "
+                          "would pass unchanged while the daemon is down; use tempfail"])
 
 
 class LoggingTest(unittest.TestCase):
@@ -9720,3 +11894,679 @@ class OwnerPageLookTest(OwnerPageDriver, unittest.TestCase):
         for width, dark in ((360, False), (360, True), (1280, False), (1280, True)):
             check("signed-in-%d-%s" % (width, "dark" if dark else "light"), width, dark)
         self.assert_page_behaved(self.token)
+
+
+class OwnerPageTools:
+    """What the owner page's newer tests do besides clicks and keys: what a screen reader is
+    told, a value set as a browser's own picker sets it, editing keys, downloads."""
+
+    def accessible(self, expression):
+        """(role, name, {property: value}) of an element, as Chromium tells a screen reader."""
+        b = self.browser
+        found = b.send("Runtime.evaluate", expression=expression)["result"]
+        self.assertIn("objectId", found, "no element: %s" % expression)
+        node = b.send("Accessibility.getPartialAXTree", objectId=found["objectId"],
+                      fetchRelatives=False)["nodes"][0]
+        return (node["role"]["value"], (node.get("name") or {}).get("value"),
+                {p["name"]: p["value"].get("value") for p in node.get("properties", [])})
+
+    def set_value(self, expression, value):
+        """As a date picker or a select's list sets a control: its value, then input and
+        change."""
+        self.browser.js("(() => { const e = %s; e.value = %s; for (const t of ['input', 'change'])"
+                        " e.dispatchEvent(new Event(t, {bubbles: true})); })()"
+                        % (expression, json.dumps(value)))
+
+    def key(self, key, code, number, modifiers=0, commands=()):
+        b = self.browser
+        b.send("Input.dispatchKeyEvent", type="rawKeyDown", key=key, code=code,
+               windowsVirtualKeyCode=number, modifiers=modifiers, commands=list(commands))
+        b.send("Input.dispatchKeyEvent", type="keyUp", key=key, code=code,
+               windowsVirtualKeyCode=number, modifiers=modifiers)
+
+    def retype(self, text):
+        """Ctrl+A, Backspace, then ``text``, in the focused field."""
+        self.key("a", "KeyA", 65, modifiers=2, commands=["selectAll"])
+        self.key("Backspace", "Backspace", 8)
+        self.browser.type(text)
+
+    def focused(self):
+        return self.browser.js("document.activeElement.id || document.activeElement.dataset.test"
+                               " || document.activeElement.tagName")
+
+    def local_time(self, days, hour=18, minute=30):
+        """A datetime-local value ``days`` from now at hour:minute in the browser's time zone,
+        and that moment in seconds since the epoch."""
+        return self.browser.js(
+            "(() => { const d = new Date(Date.now() + %d * 86400000); d.setHours(%d, %d, 0, 0);"
+            " const two = (n) => String(n).padStart(2, '0'); return [d.getFullYear() + '-' +"
+            " two(d.getMonth() + 1) + '-' + two(d.getDate()) + 'T' + two(d.getHours()) + ':' +"
+            " two(d.getMinutes()), d.getTime() / 1000]; })()" % (days, hour, minute))
+
+    def assert_page_behaved(self, *secrets):
+        """As OwnerPageDriver's; but a data: URL is no request to another origin: Chromium
+        draws a date input's calendar icon from one (the policy allows img-src data:)."""
+        b = self.browser
+        b.events = [e for e in b.events if not (e["method"] == "Network.requestWillBeSent" and
+                                                e["params"]["request"]["url"].startswith("data:"))]
+        super().assert_page_behaved(*secrets)
+
+    def download_folder(self):
+        """Downloads go to a folder of the test's own from now on."""
+        folder = make_folder(self, prefix="incognitomail-test-downloads-")
+        self.browser.send("Browser.setDownloadBehavior", behavior="allow", downloadPath=folder)
+        return folder
+
+    def downloaded(self, folder, suffix, timeout=30):
+        """(name, text) of the file downloaded into ``folder`` whose name ends with ``suffix``."""
+        name = wait_until(lambda: next((n for n in os.listdir(folder) if n.endswith(suffix)),
+                                       None), timeout, 0.05)
+        self.assertTrue(name, "nothing ending in %s was downloaded: %s" % (suffix,
+                                                                          os.listdir(folder)))
+        with open(os.path.join(folder, name), encoding="utf-8", newline="") as f:
+            return name, f.read()
+
+
+class OwnerPageNewHandleTest(OwnerPageTools, OwnerPageDriver, unittest.TestCase):
+    """The form for a new handle: after "Create handle" it is as a new visitor sees it; "Ends"
+    takes a date and time; a mistake is said until its field is fixed, not longer; and "Your
+    new address" never offers a handle that was deleted."""
+
+    def setUp(self):
+        super().setUp()
+        self.site = policy_page_site(self)
+        start_daemon(self, self.site)
+        self.token = new_account(self.site)
+        self.open_page()
+        self.sign_in(self.token)
+
+    def form(self):
+        return self.browser.js("({label: %s.value, ends: %s.value, max: %s.value, open: %s.open,"
+                               " date: !!%s?.checkVisibility()})" % (
+                                   element("#new-label"), element("#new-expires"),
+                                   element("#new-max"), element("#new-form details"),
+                                   element("#new-expires-at")))
+
+    def create(self, before=""):
+        """Click "Create handle"; the address it shows."""
+        b = self.browser
+        b.click(element("#create"))
+        address = b.wait_for("%s.textContent !== %s && %s.textContent" % (
+            element("#created-address"), json.dumps(before), element("#created-address")))
+        self.assertTrue(address, self.text("#create-error"))
+        return address
+
+    def test_after_create_the_form_is_as_a_new_visitor_sees_it(self):
+        b = self.browser
+        fresh = self.form()
+        self.assertEqual(fresh, {"label": "", "ends": "", "max": "", "open": False,
+                                 "date": False})
+        b.click(element("#new-label"))
+        b.type("burner.example")
+        b.click(element("#new-form summary"))
+        self.set_value(element("#new-expires"), "604800")
+        b.click(element("#new-max"))
+        b.type("3")
+        address = self.create()
+        handle = listed(self, self.site, self.token)[address]
+        self.assertEqual((handle["label"], handle["max_messages"]), ("burner.example", 3))
+        self.assertAlmostEqual(from_iso(handle["expires"]), time.time() + 7 * DAY, delta=120)
+        self.assertEqual(self.form(), fresh)
+        plain = self.create(address)                  # the next one is a plain one again
+        handle = listed(self, self.site, self.token)[plain]
+        self.assertEqual((handle["label"], handle["max_messages"], handle["expires"]),
+                         (None, None, None))
+        self.assert_page_behaved(self.token)
+
+    def test_ends_takes_a_date_and_a_time(self):
+        b = self.browser
+        b.click(element("#new-form summary"))
+        b.js(element("#new-expires") + ".focus()")
+        b.press("O")                                # the select's type-ahead: On a date…
+        self.assertEqual(b.js(element("#new-expires") + ".value"), "date")
+        self.assertTrue(self.shown("#new-expires-at"))
+        self.assertEqual(b.js(element("label[for=new-expires-at]") + ".textContent"),
+                         "End date and time")
+        prefilled = b.js("new Date(%s.value).getTime() / 1000" % element("#new-expires-at"))
+        self.assertGreater(prefilled, time.time())
+        value, moment = self.local_time(10)
+        self.set_value(element("#new-expires-at"), value)
+        address = self.create()
+        self.assertEqual(from_iso(listed(self, self.site, self.token)[address]["expires"]),
+                         moment)
+        self.assertFalse(self.shown("#new-expires-at"))
+        self.assert_page_behaved(self.token)
+
+    def test_a_mistake_is_said_until_its_field_is_fixed_and_no_longer(self):
+        b = self.browser
+        b.click(element("#new-form summary"))
+        b.click(element("#new-max"))
+        b.type("0")
+        b.click(element("#create"))
+        message = b.wait_for(element("#create-error") + ".textContent")
+        self.assertIn("Close after", message)
+        self.assertTrue(self.shown("#create-error"))
+        self.assertEqual(b.js(element("#new-max") + ".getAttribute('aria-invalid')"), "true")
+        self.assertEqual(self.focused(), "new-max")
+        self.retype("2")                             # fixed: the error goes at once
+        self.assertTrue(b.wait_for("!%s.textContent" % element("#create-error")),
+                        "the error stays after its field was fixed")
+        self.assertFalse(self.shown("#create-error"))
+        self.assertIsNone(b.js(element("#new-max") + ".getAttribute('aria-invalid')"))
+        self.assertEqual(listed(self, self.site, self.token), {})
+
+        self.set_value(element("#new-expires"), "date")
+        value, _ = self.local_time(-2)
+        self.set_value(element("#new-expires-at"), value)
+        b.click(element("#create"))
+        self.assertIn("in the future", b.wait_for(element("#create-error") + ".textContent"))
+        self.assertEqual(self.focused(), "new-expires-at")
+        value, moment = self.local_time(2)
+        self.set_value(element("#new-expires-at"), value)
+        self.assertTrue(b.wait_for("!%s.textContent" % element("#create-error")))
+        address = self.create()
+        handle = listed(self, self.site, self.token)[address]
+        self.assertEqual((handle["max_messages"], from_iso(handle["expires"])), (2, moment))
+        self.assert_page_behaved(self.token)
+
+    def test_your_new_address_never_offers_a_deleted_handle(self):
+        b = self.browser
+        older = self.create()
+        newer = self.create(older)
+        self.assertTrue(b.wait_for("!!" + self.row(older)))
+        b.click(self.row(older, "delete"))           # another handle: the new one stays offered
+        b.click(self.row(older, "confirm-delete"))
+        self.assertTrue(b.wait_for("!" + self.row(older)))
+        self.assertEqual((self.shown("#created"), self.text("#created-address")), (True, newer))
+        b.click(self.row(newer, "delete"))
+        b.click(self.row(newer, "confirm-delete"))
+        self.assertTrue(b.wait_for("!" + self.row(newer)))
+        self.assertTrue(b.wait_for("!!%s.closest('[hidden]')" % element("#created")),
+                        "the deleted handle is still offered as the new address")
+        self.assertEqual(self.text("#created-address"), "")
+        self.assertEqual(listed(self, self.site, self.token), {})
+        self.assert_page_behaved(self.token)
+
+
+class OwnerPageEndedHandlesTest(OwnerPageTools, OwnerPageDriver, unittest.TestCase):
+    """An expired or used-up handle is no dead end: its switch says it has ended (not "on"),
+    and the page gives it a new end (a date and time, a duration, or never) or a higher limit,
+    or none, so that it forwards again; and each handle may refuse mail as if unknown."""
+
+    EXPIRED, USED_UP = "e1x9p2r4d7a3t5k8@incognito.test", "u2s7d4p9q1m6z3w8@incognito.test"
+    OFF, ON = "o5f3f8d2k7w1q9z4@incognito.test", "n4w8e2l6s3t9r1a7@incognito.test"
+
+    def setUp(self):
+        super().setUp()
+        self.site = policy_page_site(self)
+        now = int(time.time())
+        self.token = seed_account(self.site, [
+            dict(local=self.EXPIRED[:16], domain="incognito.test", label="trial",
+                 expires=now - 3 * DAY, received=4, created=now - 30 * DAY),
+            dict(local=self.USED_UP[:16], domain="incognito.test", label="one-time code",
+                 max_messages=1, received=1, created=now - 2 * DAY),
+            dict(local=self.OFF[:16], domain="incognito.test", label="old shop", enabled=0,
+                 created=now - 10 * DAY),
+            dict(local=self.ON[:16], domain="incognito.test", label="newsletter",
+                 expires=now + 5 * DAY, created=now - DAY)])
+        start_daemon(self, self.site)
+        self.open_page()
+        self.sign_in(self.token)
+
+    def policy(self, address):
+        return ask_policy(self.policy_port, address).strip()
+
+    def test_an_ended_handles_switch_says_ended_and_is_not_on(self):
+        b = self.browser
+        for address in (self.EXPIRED, self.USED_UP):
+            role, name, properties = self.accessible(self.row(address, "toggle"))
+            self.assertEqual((role, name), ("button", "Forwarding for %s: ended" % address))
+            self.assertNotIn("pressed", properties)
+            self.assertIsNone(b.js(self.row(address, "toggle") + ".ariaPressed"))
+        for address, pressed in ((self.ON, "true"), (self.OFF, "false")):
+            role, name, properties = self.accessible(self.row(address, "toggle"))
+            self.assertEqual((name, properties.get("pressed")),
+                             ("Forwarding for %s" % address, pressed))
+        look = "getComputedStyle(%s).backgroundColor"
+        self.assertNotEqual(b.js(look % self.row(self.EXPIRED, "toggle")),
+                            b.js(look % self.row(self.ON, "toggle")))
+        self.assertEqual(b.js(self.row(self.EXPIRED, "state") + ".textContent")[:8], "Expired ")
+        self.assertEqual(b.js(self.row(self.USED_UP, "state") + ".textContent"), "Used up")
+        self.assert_page_behaved(self.token)
+
+    def test_an_expired_handle_gets_a_new_end_time_and_forwards_again(self):
+        b = self.browser
+        self.assertIn("has expired", self.policy(self.EXPIRED))
+        b.click(self.row(self.EXPIRED, "toggle"))    # its switch opens what revives it
+        self.assertTrue(b.wait_for("document.activeElement.dataset.test === 'ends'"))
+        self.assertIn("ended", b.js(self.row(self.EXPIRED, "ended-note") + ".textContent"))
+        b.press("O")                                  # type-ahead: On a date…
+        self.assertTrue(b.wait_for("!%s.closest('[hidden]')"
+                                   % self.row(self.EXPIRED, "ends-at")))
+        value, moment = self.local_time(3, 12, 0)
+        self.set_value(self.row(self.EXPIRED, "ends-at"), value)
+        b.js(self.row(self.EXPIRED, "ends-at") + ".focus()")
+        b.press("Enter")
+        self.assertTrue(b.wait_for("%s?.ariaPressed === 'true'" % self.row(self.EXPIRED, "toggle")),
+                        b.js(self.row(self.EXPIRED) + ".innerText"))
+        self.assertRegex(b.js(self.row(self.EXPIRED, "state") + ".textContent"),
+                         r"^Expires in [234] days$")
+        handle = listed(self, self.site, self.token)[self.EXPIRED]
+        self.assertEqual((handle["state"], from_iso(handle["expires"])), ("enabled", moment))
+        self.assertEqual(self.policy(self.EXPIRED), "action=DUNNO")
+        self.assertEqual(self.focused(), "edit")
+
+        b.click(self.row(self.ON, "edit"))            # one that ends: never, then in 30 days
+        self.set_value(self.row(self.ON, "ends"), "never")
+        b.click(self.row(self.ON, "save-edit"))
+        self.assertTrue(b.wait_for("%s?.textContent === 'Active'" % self.row(self.ON, "state")))
+        self.assertIsNone(listed(self, self.site, self.token)[self.ON]["expires"])
+        b.click(self.row(self.ON, "edit"))
+        self.set_value(self.row(self.ON, "ends"), "2592000")
+        b.click(self.row(self.ON, "save-edit"))
+        self.assertTrue(b.wait_for("%s?.textContent.startsWith('Expires')"
+                                   % self.row(self.ON, "state")))
+        self.assertAlmostEqual(from_iso(listed(self, self.site, self.token)[self.ON]["expires"]),
+                               time.time() + 30 * DAY, delta=120)
+        self.assert_page_behaved(self.token)
+
+    def test_a_used_up_handle_gets_a_higher_limit_then_none(self):
+        b = self.browser
+        self.assertIn("all the messages", self.policy(self.USED_UP))
+        b.click(self.row(self.USED_UP, "revive"))
+        self.assertTrue(b.wait_for("document.activeElement.dataset.test === 'limit'"))
+        self.assertEqual(b.js("document.activeElement.value"), "1")
+        self.assertIn("Received so far: 1", b.js(self.row(self.USED_UP) + ".innerText"))
+        self.retype("5\n")
+        self.assertTrue(b.wait_for("%s?.textContent === '1 of 5 messages'"
+                                   % self.row(self.USED_UP, "state")),
+                        b.js(self.row(self.USED_UP) + ".innerText"))
+        self.assertEqual(b.js(self.row(self.USED_UP, "toggle") + ".ariaPressed"), "true")
+        handle = listed(self, self.site, self.token)[self.USED_UP]
+        self.assertEqual((handle["state"], handle["max_messages"]), ("enabled", 5))
+        self.assertEqual(self.policy(self.USED_UP), "action=DUNNO")
+
+        b.click(self.row(self.USED_UP, "edit"))       # no limit at all
+        b.click(self.row(self.USED_UP, "limit"))
+        self.retype("")
+        b.click(self.row(self.USED_UP, "save-edit"))
+        self.assertTrue(b.wait_for("%s?.textContent === 'Active'"
+                                   % self.row(self.USED_UP, "state")))
+        self.assertIsNone(listed(self, self.site, self.token)[self.USED_UP]["max_messages"])
+        self.assert_page_behaved(self.token)
+
+    def test_a_handle_refuses_as_if_unknown_as_its_owner_chooses(self):
+        b = self.browser
+        self.assertIn("disabled", self.policy(self.OFF))
+        shown = []
+        for choice, stored in (("true", True), ("false", False), ("", None)):
+            b.click(self.row(self.OFF, "edit"))
+            self.assertTrue(b.wait_for("!!" + self.row(self.OFF, "refuse")))
+            shown.append(b.js(self.row(self.OFF, "refuse") + ".value"))
+            self.assertEqual(b.js("document.querySelector('label[for=' + %s.id + ']')"
+                                  ".textContent" % self.row(self.OFF, "refuse")),
+                             "Refuse as if unknown")
+            self.set_value(self.row(self.OFF, "refuse"), choice)
+            b.click(self.row(self.OFF, "save-edit"))
+            self.assertTrue(b.wait_for("!" + self.row(self.OFF, "refuse")))
+            self.assertEqual(listed(self, self.site, self.token)[self.OFF]["refuse_as_unknown"],
+                             stored)
+            if stored:      # as if it did not exist: Postfix's own "User unknown", not why
+                self.assertNotIn("disabled", self.policy(self.OFF))
+            else:
+                self.assertIn("disabled", self.policy(self.OFF))
+        self.assertEqual(shown, ["", "true", "false"])
+        self.assertEqual(b.js(self.row(self.OFF, "state") + ".textContent"), "Off")
+        self.assert_page_behaved(self.token)
+
+
+class OwnerPageLargeAccountTest(OwnerPageTools, OwnerPageDriver, unittest.TestCase):
+    """230 handles: the account's totals come first; first, previous, next and last page and a
+    jump to page N, with a pager at the top too; six orders; and rows selected one by one or a
+    whole page at once are switched off, on, or deleted in one go (after one confirmation
+    naming how many)."""
+
+    COUNT = 230
+
+    def setUp(self):
+        super().setUp()
+        self.site = self.page_site()
+        now = int(time.time())
+        self.handles = [dict(local="big%05d" % n, domain="incognito.test",
+                             label="site-%05d.example" % n, created=now - 10000 + n,
+                             received=n * 7919 % 1009, last_received=now - (n * 13 % 230) * 60,
+                             blocked=n * 613 % 1013, last_blocked=now - (n * 17 % 230) * 60)
+                        for n in range(1, self.COUNT + 1)]
+        self.token = seed_account(self.site, self.handles)
+        for n in (5, 50, 77):
+            set_seeded_columns(self.site, "big%05d" % n, bounced=n)
+        start_daemon(self, self.site)
+        self.open_page()
+        self.sign_in(self.token)
+
+    def first_page(self, key, reverse=True):
+        order = sorted(self.handles, key=lambda h: h[key], reverse=reverse)
+        return ["%s@incognito.test" % h["local"] for h in order[:50]]
+
+    def turn(self, click):
+        before = self.loads()
+        self.browser.click(element(click))
+        self.wait_loaded(before)
+        return self.text("#page-info")
+
+    def test_totals_come_first(self):
+        b = self.browser
+        totals = {name: self.text("#sum-" + name) for name in
+                  ("handles", "received", "blocked", "bounced")}
+        self.assertEqual(totals, {
+            "handles": "230", "received": "{:,}".format(sum(h["received"] for h in self.handles)),
+            "blocked": "{:,}".format(sum(h["blocked"] for h in self.handles)),
+            "bounced": str(5 + 50 + 77)})
+        self.assertTrue(b.js("%s.compareDocumentPosition(%s) & Node.DOCUMENT_POSITION_FOLLOWING"
+                             % (element("#sum-handles"), element("#new-h"))))
+        self.assertLess(b.js(element("#sum-handles") + ".getBoundingClientRect().bottom"),
+                        b.js(element("#new-h") + ".getBoundingClientRect().top"))
+        self.assert_page_behaved(self.token)
+
+    def test_pages_first_last_jump_and_a_pager_at_the_top(self):
+        b = self.browser
+        self.assertEqual(self.text("#page-info"), "1–50 of 230")
+        self.assertTrue(self.shown("#pager-top"))
+        self.assertEqual(self.text("#page-info-top"), "Page 1 of 5")
+        self.assertEqual(b.js("[%s.disabled, %s.disabled]" % (element("#first"),
+                                                               element("#prev"))), [True, True])
+        self.assertEqual(self.turn("#last"), "201–230 of 230")
+        self.assertEqual(self.addresses()[-1], "big00001@incognito.test")
+        self.assertEqual(self.focused(), "list-h")      # the new page is read from its top
+        self.assertEqual(b.js("[%s.disabled, %s.disabled]" % (element("#next"),
+                                                               element("#last"))), [True, True])
+        self.assertEqual(self.turn("#first"), "1–50 of 230")
+        before = self.loads()
+        b.click(element("#page-jump"))
+        self.retype("3\n")
+        self.wait_loaded(before)
+        self.assertEqual(self.text("#page-info"), "101–150 of 230")
+        self.assertEqual(self.addresses()[0], "big00130@incognito.test")
+        self.assertEqual(self.turn("#next-top"), "151–200 of 230")
+        self.assertEqual(self.text("#page-info-top"), "Page 4 of 5")
+        self.assertEqual(self.turn("#prev-top"), "101–150 of 230")
+
+        b.viewport(360, 800)                           # a phone: a pager above the list too
+        top = b.js(element("#next-top") + ".getBoundingClientRect().toJSON()")
+        first = b.js("document.querySelector('#handles tbody').getBoundingClientRect().toJSON()")
+        self.assertTrue(top["width"] and top["bottom"] <= first["top"], (top, first))
+        per_row = b.js(element("#handles table") + ".getBoundingClientRect().height / 50")
+        sys.stderr.write("%.0f px a handle at 360 px ... " % per_row)
+        self.assertLess(per_row, 230)
+        self.assertEqual(self.turn("#next-top"), "151–200 of 230")
+        self.assert_page_behaved(self.token)
+
+    def test_six_orders(self):
+        b = self.browser
+        newest = ["big%05d@incognito.test" % n for n in range(230, 180, -1)]
+        self.assertEqual(self.addresses(), newest)
+        before = self.loads()
+        b.js(element("#sort") + ".focus()")
+        b.press("M")                                # the select's type-ahead: Most received
+        self.wait_loaded(before)
+        self.assertEqual(b.js(element("#sort") + ".value"), "-emails_forwarded")
+        self.assertEqual(self.addresses(), self.first_page("received"))
+        for value, expected in (("-emails_blocked", self.first_page("blocked")),
+                                ("-last_forwarded", self.first_page("last_received")),
+                                ("-last_blocked", self.first_page("last_blocked")),
+                                ("created_at", self.first_page("created", reverse=False)),
+                                ("-created_at", newest)):
+            before = self.loads()
+            self.set_value(element("#sort"), value)
+            self.wait_loaded(before)
+            self.assertEqual(self.addresses(), expected, value)
+        self.assert_page_behaved(self.token)
+
+    def test_selected_handles_are_switched_off_on_and_deleted_in_one_go(self):
+        b = self.browser
+        picked = self.addresses()[1:3]
+        for address in picked:
+            b.click(self.row(address, "select"))
+        self.assertEqual(self.text("#selected-count"), "2 selected")
+        self.assertEqual(b.js(element("#select-all") + ".indeterminate"), True)
+        for button, enabled, state in (("#bulk-off", False, "Off"), ("#bulk-on", True, "Active")):
+            before = self.loads()
+            b.click(element(button))
+            self.wait_loaded(before)
+            handles = listed(self, self.site, self.token)
+            self.assertEqual([handles[a]["enabled"] for a in picked], [enabled, enabled])
+            self.assertEqual(sum(h["enabled"] for h in handles.values()),
+                             230 - 2 * (not enabled))
+            self.assertEqual([b.js(self.row(a, "state") + ".textContent") for a in picked],
+                             [state, state])
+        self.assertEqual(self.text("#selected-count"), "2 selected")
+
+        b.click(element("#select-all"))
+        self.assertEqual(self.text("#selected-count"), "50 selected")
+        self.assertEqual(b.js("[...document.querySelectorAll('#handles [data-test=select]')]"
+                              ".filter((c) => c.checked).length"), 50)
+        shown = self.addresses()
+        b.click(element("#bulk-delete"))
+        self.assertEqual(self.focused(), "cancel-bulk-delete")
+        self.assertIn("Delete 50 handles?", self.text("#bulk-q"))
+        self.assertEqual(self.text("#confirm-bulk-delete"), "Delete 50 handles")
+        self.assertEqual(len(listed(self, self.site, self.token)), 230)
+        before = self.loads()
+        b.click(element("#confirm-bulk-delete"))
+        self.wait_loaded(before)
+        left = listed(self, self.site, self.token)
+        self.assertEqual(len(left), 180)
+        self.assertFalse(set(shown) & set(left))
+        self.assertEqual(self.text("#page-info"), "1–50 of 180")
+        self.assertTrue(b.wait_for("%s.textContent === '180'" % element("#sum-handles")))
+        self.assertEqual((self.text("#selected-count"), self.shown("#bulk-confirm")), ("", False))
+        self.assertEqual(b.js(element("#bulk-delete") + ".disabled"), True)
+        self.assert_page_behaved(self.token)
+
+
+class OwnerPageScreenReaderTest(OwnerPageTools, OwnerPageDriver, unittest.TestCase):
+    """What a screen reader says and where the keyboard goes: the list's heading is "Handles,
+    N", and two skip links lead past the rest of the page to the list or the new handle."""
+
+    def setUp(self):
+        super().setUp()
+        self.site = self.page_site()
+        self.token = seed_account(self.site, numbered_handles(60))
+        start_daemon(self, self.site)
+        self.open_page()
+        self.sign_in(self.token)
+
+    def test_the_lists_heading_reads_handles_comma_count(self):
+        b = self.browser
+        self.assertEqual(self.accessible(element("#list-h"))[:2], ("heading", "Handles, 60"))
+        self.assertEqual(self.accessible("document.querySelector('#list-h').closest('section')")
+                         [1], "Handles, 60")
+        before = self.loads()
+        b.click(element("#search"))
+        b.type("seed000000000042")
+        self.wait_loaded(before)
+        self.assertEqual(self.accessible(element("#list-h"))[1], "Handles, 1 found")
+        self.assert_page_behaved(self.token)
+
+    def test_skip_links_lead_past_the_page_to_the_list_and_the_new_handle(self):
+        b = self.browser
+        self.assertEqual(self.focused(), "app-title")
+        b.press("Tab")
+        self.assertEqual(self.focused(), "skip-list")
+        self.assertEqual(self.text("#skip-list"), "Skip to the list")
+        spot = b.js(element("#skip-list") + ".getBoundingClientRect().toJSON()")
+        self.assertTrue(spot["width"] > 20 and spot["top"] >= 0, spot)   # seen when focused
+        b.press("Enter")
+        self.assertEqual(self.focused(), "list-h")
+        b.press("Tab")
+        self.assertEqual(self.focused(), "search")
+
+        b.js(element("#app-title") + ".focus()")     # as after signing in
+        b.press("Tab")
+        b.press("Tab")
+        self.assertEqual(self.focused(), "skip-new")
+        self.assertEqual(self.text("#skip-new"), "Skip to new handle")
+        b.press("Enter")
+        self.assertEqual(self.focused(), "new-label")
+        self.assert_page_behaved(self.token)
+
+
+class OwnerPageGuidanceTest(OwnerPageTools, OwnerPageDriver, unittest.TestCase):
+    """The page says what a handle is for and where to use it, and how to connect Bitwarden,
+    as README.md says."""
+
+    def setUp(self):
+        super().setUp()
+        self.site = self.page_site()
+        start_daemon(self, self.site)
+        self.token = new_account(self.site)
+        self.open_page()
+        self.sign_in(self.token)
+
+    def test_an_empty_list_says_what_a_handle_is_for_and_where_to_use_it(self):
+        b = self.browser
+        said = " ".join(self.text("#empty").split())
+        for words in ("No handles yet", "each website its own", "sign-up form",
+                      "switch it off", "spam", "Bitwarden"):
+            self.assertIn(words, said)
+        b.click(element("#empty a"))
+        self.assertEqual(self.focused(), "apps-h")
+        self.assertEqual(self.text("#apps-h"), "Connect your apps")
+        self.assert_page_behaved(self.token)
+
+    def test_connect_your_apps_names_bitwardens_menus_and_fields_as_readme_does(self):
+        b = self.browser
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            readme = f.read().split("### Bitwarden and other password managers", 1)[1]
+        readme = readme.split("\n### ", 1)[0]
+        bold = lambda text: re.findall(r"\*\*(.+?)\*\*", text)     # noqa: E731
+        where = dict(re.findall(r"^\| (browser extension|desktop app|web vault|Android app) \| "
+                                r"(.+) \|$", readme, re.M))
+        self.assertEqual(len(where), 4, where)
+        bitwarden = element("section[aria-labelledby=apps-h] .app")
+        apps = b.js("[...%s.querySelectorAll('li')].map((li) => li.innerText.replace(/\\s+/g, ' '))"
+                    % bitwarden)
+        said = " ".join(b.js(bitwarden + ".innerText").split())
+        for app, text in where.items():
+            line = next((a for a in apps if a.lower().startswith(app.split()[0].lower())), "")
+            path = bold(text.split("**Service**")[0])
+            self.assertTrue(path, text)
+            spots = [line.find(step) for step in path]
+            self.assertTrue(-1 not in spots and spots == sorted(spots), (app, path, line))
+        fields = readme.split("Then fill in:", 1)[1].split("Each ", 1)[0]
+        for name in bold(fields):
+            self.assertIn(name, said)
+        for android in ("API access token", "Domain name"):
+            self.assertIn("Android: " + android, said)
+        self.assertIn("Service: addy.io", said)
+        self.assertNotIn("Settings > Generator", said)
+        self.assertEqual(self.text("#bw-domain"), "incognito.test")
+        self.assertEqual(self.text("#bitwarden-url"), self.origin)
+        b.click(element("[data-copy=bw-domain]"))
+        self.assertTrue(b.wait_for("%s.textContent === 'Copied'" % element("#status")))
+        self.assertEqual(self.clipboard(), "incognito.test")
+        self.assert_page_behaved(self.token)
+
+
+class OwnerPageExportTest(OwnerPageTools, OwnerPageDriver, unittest.TestCase):
+    """"Download CSV" and "Download JSON" save every handle, exactly as the command line's
+    export writes them (which import reads back), read page by page over the WebSocket, under
+    the page's strict policy (a blob: download needs nothing more)."""
+
+    def test_downloads_are_the_command_lines_export(self):
+        site = self.page_site()
+        now = int(time.time())
+        labels = ['Café "Le Zinc", Paris', "naïve 📫 mail", None, "a,b", "plain", "x\"y"]
+        handles = [dict(local="exp%05d" % n, domain="incognito.test" if n % 3 else "other.test",
+                        label=labels[n % len(labels)], created=now - 100000 + n,
+                        received=n % 17, last_received=now - n * 60 if n % 2 else None,
+                        blocked=n % 5, enabled=int(n % 7 != 0),
+                        expires=(now - 3 * DAY if n % 11 == 0 else now + 40 * DAY)
+                        if n % 4 == 0 else None,
+                        max_messages=50 if n % 13 == 0 else None)
+                   for n in range(1, 231)]
+        token = seed_account(site, handles)
+        set_seeded_columns(site, "exp00007", bounced=2, sent=3, refuse_as_unknown=1)
+        start_daemon(self, site)
+        b = self.browser
+        self.open_page()
+        self.sign_in(token)
+        folder = self.download_folder()
+        b.click(element("#export-csv"))
+        name, text = self.downloaded(folder, ".csv")
+        self.assertRegex(name, r"^incognitomail-handles-[0-9]{4}-[0-9]{2}-[0-9]{2}[.]csv$")
+        self.assertEqual(text, run_cli(self, site, "export", token).stdout)
+        self.assertTrue(b.wait_for("%s.textContent.startsWith('Saved 230 handles')"
+                                   % element("#export-note")), self.text("#export-error"))
+        b.click(element("#export-json"))
+        name, text = self.downloaded(folder, ".json")
+        self.assertEqual(text, run_cli(self, site, "--json", "export", token).stdout)
+        self.assertEqual(len(json.loads(text)), 230)
+        self.assertIn("ws://127.0.0.1:%d/incognitomail" % self.port, b.requested_urls())
+        self.assert_page_behaved(token)
+
+
+class OwnerPageOpenPartsLookTest(OwnerPageTools, OwnerPageDriver, unittest.TestCase):
+    """The page's parts that open fit 360 and 1280 px wide, light and dark: an ended handle's
+    editor with its date and time, a mistake in the new handle's options, the bulk
+    confirmation and both pagers, and an empty account's first screen (with
+    INCOGNITOMAIL_SCREENSHOTS naming a folder, a screenshot of each goes there)."""
+
+    def assert_fits(self, name):
+        b = self.browser
+        folder = os.environ.get(SCREENSHOTS_VARIABLE)
+        for width, dark in ((360, False), (360, True), (1280, False), (1280, True)):
+            shot = "%s-%d-%s" % (name, width, "dark" if dark else "light")
+            b.viewport(width, 800, dark)
+            b.js("new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)))")
+            look = b.js(LAYOUT_PROBE)
+            self.assertLessEqual(look["scroll"], width, "%s: wider than the screen" % shot)
+            self.assertEqual(look["outside"], [], "%s: controls outside the screen" % shot)
+            if dark:
+                self.assertLess(look["background"], 0.05, "%s: not dark" % shot)
+            else:
+                self.assertGreater(look["background"], 0.8, "%s: not light" % shot)
+            self.assertGreaterEqual(look["contrast"], 7, shot)
+            if folder:
+                os.makedirs(folder, exist_ok=True)
+                b.screenshot(os.path.join(folder, "owner-page-%s.png" % shot))
+        b.viewport(1280, 900)
+
+    def test_an_open_editor_a_mistake_the_bulk_confirmation_and_the_pagers_fit(self):
+        site = policy_page_site(self)
+        now = int(time.time())
+        handles = numbered_handles(118)
+        handles += [dict(local="e1x9p2r4d7a3t5k8", domain="incognito.test", created=now,
+                         label="Conference 2024 — badge pick-up and the hotel", received=2,
+                         expires=now - 3 * DAY),
+                    dict(local="u2s7d4p9q1m6z3w8", domain="incognito.test", created=now,
+                         label="one-time code", max_messages=1, received=1)]
+        token = seed_account(site, handles)
+        start_daemon(self, site)
+        b = self.browser
+        self.open_page()
+        self.sign_in(token)
+        b.click(element("#new-form summary"))
+        self.set_value(element("#new-expires"), "date")
+        b.click(element("#new-max"))
+        b.type("0\n")
+        self.assertTrue(b.wait_for(element("#create-error") + ".textContent"))
+        b.click(self.row("e1x9p2r4d7a3t5k8@incognito.test", "toggle"))
+        self.set_value(self.row("e1x9p2r4d7a3t5k8@incognito.test", "ends"), "date")
+        b.click(self.row("u2s7d4p9q1m6z3w8@incognito.test", "select"))
+        b.click(self.row("seed000000000117@incognito.test", "select"))
+        b.click(element("#bulk-delete"))
+        self.assertTrue(self.shown("#pager-top") and self.shown("#jump-form"))
+        b.js("scrollTo(0, 0)")
+        self.assert_fits("open-parts")
+        self.assert_page_behaved(token)
+
+    def test_an_empty_accounts_first_screen_fits(self):
+        site = self.page_site()
+        start_daemon(self, site)
+        token = new_account(site)
+        self.open_page()
+        self.sign_in(token)
+        self.assertTrue(self.shown("#empty"))
+        self.assert_fits("empty")
+        self.assert_page_behaved(token)
