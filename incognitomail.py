@@ -4475,30 +4475,33 @@ class _Listener:
             self.sock.close()
 
 
-async def _start_unix_server(handler, path, key, mode):
-    """Listen on a Unix socket created with ``mode`` (by the umask: no chmod by name after).
-
-    The command line's socket is 0600; Postfix's are 0666 in a folder only Postfix may enter.
-    """
+async def _start_unix_server(listen, path, key, mode):
+    """``listen(path)`` (asyncio's start_unix_server or create_unix_server, its handler or
+    protocol given) on a Unix socket created with ``mode``: by the umask, no chmod by name
+    after. The command line's socket is 0600; Postfix's are 0666 in a folder only Postfix may
+    enter."""
     _prepare_unix_socket_path(path, key, for_postfix=mode != 0o600)
     old_umask = os.umask(0o777 & ~mode)
     try:
-        server = await asyncio.start_unix_server(handler, path, limit=65536)
+        server = await listen(path)
     except OSError as e:
-        raise ServerError("%s: cannot listen on %s: %s" % (path, key, _os_reason(e)))
+        raise ServerError("%s: cannot listen on %s: %s" % (key, path, _os_reason(e)))
     finally:
         os.umask(old_umask)
     return server
 
 
-async def _start_listener(handler, endpoint, key):
-    """A Postfix-facing ``unix:/path`` or ``inet:host:port`` -> a started asyncio server."""
+async def _start_listener(protocol, endpoint, key):
+    """A Postfix-facing ``unix:/path`` or ``inet:host:port`` -> a started asyncio server whose
+    connections are ``protocol()``."""
+    loop = asyncio.get_running_loop()
     kind, _, rest = endpoint.partition(":")
     if kind == "unix":
-        return await _start_unix_server(handler, rest, key, 0o666)
+        return await _start_unix_server(functools.partial(loop.create_unix_server, protocol),
+                                        rest, key, 0o666)
     host, port = parse_host_port(rest)
     try:
-        return await asyncio.start_server(handler, host or None, port)
+        return await loop.create_server(protocol, host or None, port)
     except OSError as e:
         raise ServerError("%s: cannot listen on %s: %s" % (key, endpoint, _os_reason(e)))
 
@@ -4531,7 +4534,8 @@ def _close_server(server, endpoint=""):
 
 
 class _Clients:
-    """The open stream connections of one listener, least recently active first."""
+    """The open connections of one listener (stream writers, or protocols: anything with
+    ``close()``), least recently active first."""
 
     def __init__(self, name, most):
         self.name, self.most = name, most
@@ -4585,7 +4589,28 @@ READ_AHEAD_BYTES = 65536        # unparsed bytes held before reading from the pe
 MAX_UNSENT_BYTES = 4 << 20      # replies a peer that stopped reading left: past this, dropped
 
 
-class WebSocketConnection(asyncio.Protocol):
+class _PausingProtocol(asyncio.Protocol):
+    """A connection that reads nothing from its peer while any of its reasons holds (replies
+    the peer leaves unread, requests still being answered, bytes not parsed yet)."""
+    __slots__ = ("transport", "_paused_by")
+
+    def __init__(self):
+        self.transport = None
+        self._paused_by = set()
+
+    def pause_reading(self, reason):
+        """Read nothing more from the peer until ``resume_reading(reason)``."""
+        if not self._paused_by and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self._paused_by.add(reason)
+
+    def resume_reading(self, reason):
+        self._paused_by.discard(reason)
+        if not self._paused_by and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+
+class WebSocketConnection(_PausingProtocol):
     """A server-side WebSocket on a bare asyncio Protocol: HTTP/1.1 until the opening
     handshake, then frames.
 
@@ -4606,15 +4631,14 @@ class WebSocketConnection(asyncio.Protocol):
       does not answer our close frame within ``close_timeout`` is cut off.
     """
     HTTP, OPEN, CLOSING, CLOSED = "http", "open", "closing", "closed"    # states, in this order
-    __slots__ = ("transport", "remote_address", "state", "_path", "_allowed_origins",
-                 "_http", "_frames", "_answering", "_pending", "_timer", "_last_heard",
-                 "_paused_by", "_idle_timeout", "_handshake_timeout", "_close_timeout",
-                 "_max_pending")
+    __slots__ = ("remote_address", "state", "_path", "_allowed_origins", "_http", "_frames",
+                 "_answering", "_pending", "_timer", "_last_heard", "_idle_timeout",
+                 "_handshake_timeout", "_close_timeout", "_max_pending")
 
     def __init__(self, *, path, allowed_origins=(), max_message_size=65536, idle_timeout=300.0,
                  max_header_bytes=8192, handshake_timeout=10.0, close_timeout=3.0,
                  max_pending=MAX_PENDING):
-        self.transport = None
+        super().__init__()
         self.remote_address = None
         self.state = self.HTTP
         self._path, self._allowed_origins = path, allowed_origins
@@ -4624,7 +4648,6 @@ class WebSocketConnection(asyncio.Protocol):
         self._pending = 0               # messages handed to message_received, not answered yet
         self._timer = None              # the one timer: request, idle, send or close deadline
         self._last_heard = 0.0
-        self._paused_by = set()         # why reading is paused: "writing", "pending", "buffer"
         self._idle_timeout, self._handshake_timeout = idle_timeout, handshake_timeout
         self._close_timeout, self._max_pending = close_timeout, max_pending
 
@@ -4690,17 +4713,6 @@ class WebSocketConnection(asyncio.Protocol):
             except OSError:
                 pass
         self.transport.abort()
-
-    def pause_reading(self, reason):
-        """Read nothing more from the peer until ``resume_reading(reason)``."""
-        if not self._paused_by and not self.transport.is_closing():
-            self.transport.pause_reading()
-        self._paused_by.add(reason)
-
-    def resume_reading(self, reason):
-        self._paused_by.discard(reason)
-        if not self._paused_by and not self.transport.is_closing():
-            self.transport.resume_reading()
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -5258,7 +5270,7 @@ class WebFront:
 
 
 ###############################################################################
-# Fronts: Postfix's questions (policy service, socketmap), on a thread of their own
+# Fronts: Postfix's questions (policy service, socketmap, milter), on a thread of their own
 ###############################################################################
 
 POSTFIX_IDLE_TIMEOUT = 600.0        # Postfix itself lets a policy connection idle 300 s at most
@@ -5539,6 +5551,84 @@ class MilterSession:
         # and a "pass" beside this server's "fail" is a forger's
         return ", ".join(method for method, seen in sorted(verdicts.items())
                          if "fail" in seen and (method != "dkim" or "pass" not in seen))
+class PostfixConnection(_PausingProtocol):
+    """One connection of Postfix's to the policy service, the socketmap or the milter: its
+    requests answered in order by ``answerer()``'s answer.
+
+    A bare Protocol, as the milter talks a dozen times for every message: each request is
+    answered within the read that brought it, with no task or stream between. An answer is
+    bytes (none for a milter command that gets none), or a coroutine of them when it must wait
+    (a burner handle's count): the connection then reads nothing more until it is written, and
+    also while Postfix leaves answers unread.
+    """
+
+    def __init__(self, front, clients, parser_class, answerer):
+        super().__init__()
+        self.front, self.clients = front, clients
+        self.parser, self.answer = parser_class(), answerer()
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.clients.add(self)
+
+    def data_received(self, data):
+        self.clients.active(self)
+        self.parser.feed(data)
+        self._answer_all()
+
+    def _answer_all(self):
+        while "answer" not in self._paused_by and not self.transport.is_closing():
+            try:
+                request = self.parser.next_request()
+            except PostfixProtocolError as e:
+                log.warning("%s: closing a connection: %s", self.clients.name, e)
+                self.close()
+                return
+            if request is None:
+                return
+            reply = self.answer(request)
+            if not isinstance(reply, bytes):
+                self._wait_for(reply)
+                return
+            self.transport.write(reply)
+            if request == (SMFIC_QUIT, ()):
+                self.close()
+
+    def _wait_for(self, reply):
+        self.front.answering += 1
+        self.pause_reading("answer")
+        asyncio.ensure_future(reply).add_done_callback(self._answered)
+
+    def _answered(self, future):
+        self.front.answering -= 1
+        if future.cancelled() or self.transport.is_closing():
+            return
+        if future.exception() is not None:
+            log.error("%s: closing a connection: internal error", self.clients.name,
+                      exc_info=future.exception())
+            self.close()
+            return
+        self.transport.write(future.result())
+        self.resume_reading("answer")
+        self._answer_all()
+
+    def pause_writing(self):
+        self.pause_reading("writing")
+
+    def resume_writing(self):
+        self.resume_reading("writing")
+
+    def eof_received(self):
+        if self.parser.incomplete:
+            log.warning("%s: a client hung up in the middle of a request", self.clients.name)
+
+    def connection_lost(self, exc):
+        self.clients.discard(self)
+
+    def close(self):
+        self.transport.close()
+
+
 class PostfixFront:
     """Postfix's questions: the policy service (PolicyListen), the socketmap (SocketmapListen)
     and the milter (MilterListen, see MilterSession).
@@ -5556,7 +5646,7 @@ class PostfixFront:
         self._secret = None             # the milter's key (HMAC of bounce addresses)
         self._burners = {}              # address -> (asyncio.Lock, users): one message at a time
         self._decided = collections.OrderedDict()  # (instance, recipient) -> answer
-        self._answering = 0             # answers in flight: finished before stopping
+        self.answering = 0              # answers in flight: finished before stopping
         self._loop = self._stopping = self._thread = None
 
     # -- life cycle: a thread and an event loop of its own -------------------------------------
@@ -5607,9 +5697,9 @@ class PostfixFront:
                      lambda: MilterSession(self).answer)):
                 if endpoint:
                     clients.append(_Clients(name, MAX_POSTFIX_CLIENTS))
-                    handler = functools.partial(self._serve_stream, clients[-1], parser,
-                                                answerer)
-                    servers.append((await _start_listener(handler, endpoint, key), endpoint))
+                    protocol = functools.partial(PostfixConnection, self, clients[-1], parser,
+                                                 answerer)
+                    servers.append((await _start_listener(protocol, endpoint, key), endpoint))
         except BaseException:
             for server, endpoint in servers:
                 _close_server(server, endpoint)
@@ -5620,50 +5710,13 @@ class PostfixFront:
         for server, endpoint in servers:
             _close_server(server, endpoint)
         for _ in range(int(STOP_GRACE_SECONDS / 0.05)):
-            if not self._answering:
+            if not self.answering:
                 break
             await asyncio.sleep(0.05)
         for listener_clients in clients:
             listener_clients.close_all()    # Postfix asks the next server; nothing counted after
         chores.cancel()
         await self._flush_received()
-
-    async def _serve_stream(self, clients, parser_class, answerer, reader, writer):
-        """Postfix's side of the policy, socketmap and milter protocols: many requests per
-        connection, answered in order by ``answerer()``'s answer. An answer is bytes (none for
-        a milter command that gets none), or a coroutine of them when it must wait (a burner
-        handle's count)."""
-        clients.add(writer)
-        parser, answer = parser_class(), answerer()
-        try:
-            while True:
-                data = await reader.read(4096)
-                if not data:
-                    if parser.incomplete:
-                        log.warning("%s: a client hung up in the middle of a request",
-                                    clients.name)
-                    return
-                clients.active(writer)
-                parser.feed(data)
-                request = parser.next_request()
-                while request is not None:
-                    self._answering += 1
-                    try:
-                        reply = answer(request)
-                        writer.write(reply if isinstance(reply, bytes) else await reply)
-                        if request == (SMFIC_QUIT, ()):
-                            return
-                    finally:
-                        self._answering -= 1
-                    request = parser.next_request()
-                await writer.drain()
-        except PostfixProtocolError as e:
-            log.warning("%s: closing a connection: %s", clients.name, e)
-        except (ConnectionError, OSError, asyncio.TimeoutError, asyncio.CancelledError):
-            pass
-        finally:
-            clients.discard(writer)
-            writer.close()
 
     # -- lookups ----------------------------------------------------------------------------
 
@@ -5854,7 +5907,8 @@ class ControlFront:
         self._requests = set()
 
     async def start(self):
-        self._server = await _start_unix_server(self._serve, self.config.unix_sock_path,
+        listen = functools.partial(asyncio.start_unix_server, self._serve, limit=65536)
+        self._server = await _start_unix_server(listen, self.config.unix_sock_path,
                                                 "[General] UnixSockPath", 0o600)
 
     async def stop(self):

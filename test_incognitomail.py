@@ -270,11 +270,12 @@ def minimal_config_file(folder, **sections):
 
 
 def write_postfix_config_dir(folder, main_cf=""):
-    """A folder with a main.cf, enough for postmap -c and postconf -c."""
+    """A folder with a main.cf and an empty master.cf, enough for postmap -c and postconf -c."""
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "main.cf")
     with open(path, "w") as f:
         f.write(main_cf)
+    open(os.path.join(folder, "master.cf"), "w").close()
     _backdate(path)
     return folder
 
@@ -6856,6 +6857,24 @@ class StreamClientCapsTest(HoldingTestCase):
         for sock in (first[0], first[3], first[-1], over):
             self.assertEqual(socketmap_ask(sock, handle), b"OK alice@example.org")
 
+    def test_a_socketmap_client_that_never_reads_is_read_no_further_and_others_are_answered(self):
+        handle = new_handle(self.site, self.token)
+        greedy = self.socketmap()
+        greedy.settimeout(3)
+        request = im.netstring(("virtual %s" % handle).encode())
+        sent = 0
+        with self.assertRaises(socket.timeout):     # the daemon stopped reading it
+            while sent < (64 << 20):
+                greedy.sendall(request * 1000)
+                sent += len(request) * 1000
+        rss = rss_bytes(self.daemon.proc.pid)
+        self.assertEqual(self.assert_quick("another socketmap client", lambda: socketmap_ask(
+            self.socketmap(), handle)), b"OK alice@example.org")
+        self.assertLess(rss, 128 << 20, "the daemon held what the client sent")
+        greedy.settimeout(10)
+        reply = im.netstring(b"OK alice@example.org")
+        self.assertEqual(greedy.recv(len(reply)), reply, "the answers, in order, once it reads")
+
     def test_command_line_connections_beyond_the_cap_are_refused_and_others_answered_later(self):
         idle = [connect_unix(self.site.socket_path) for _ in range(im.MAX_CONTROL_CLIENTS)]
         for sock in idle:
@@ -9695,6 +9714,7 @@ class MailFlowUnderAttackTest(HoldingTestCase):
 
     def read_hard(self, stopping, replies, errors):
         frame = json_frame(id=1, op="list_handles", token=self.rich)
+        client = None
         try:
             client = WsClient(self.port, timeout=60)
             client.sock.sendall(frame * 16)
@@ -9705,6 +9725,9 @@ class MailFlowUnderAttackTest(HoldingTestCase):
         except (OSError, ConnectionError, AssertionError) as e:
             if not stopping.is_set():
                 errors.append(e)
+        finally:
+            if client is not None:
+                client.close()
 
     def timed(self, function, *args):
         started = time.monotonic()
