@@ -2779,10 +2779,10 @@ def _imported(value, config, now):
             local, domain = split_handle(row["address"], config.domains)
             expires = row.get("expires")
             limit = row.get("max_messages")
-            if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)
-                                      or not 1 <= limit <= MAX_MESSAGES):
-                raise BadRequest("max_messages is not a whole number from 1 to %d"
-                                 % MAX_MESSAGES)
+            if limit is not None:
+                if not isinstance(limit, int) or isinstance(limit, bool):
+                    raise BadRequest("max_messages is not a whole number")
+                limit = _message_limit(limit, config, now)
             rows.append(ImportedHandle("%s@%s" % (local, domain), check_label(row.get("label")),
                                        row.get("enabled", True) is not False,
                                        None if expires in (None, "") else from_iso_time(expires),

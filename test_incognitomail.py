@@ -10900,6 +10900,16 @@ class BulkExportImportBackupTest(PostmapTestCase):
                 self.assertIn("in use already; nothing was imported", done.stderr)
                 self.run_cli("delete", "account", again)
 
+    def test_an_imported_message_limit_follows_the_same_rule_as_a_new_handles(self):
+        token = new_account(self.site, "limits@example.org")
+        path = os.path.join(self.site.folder, "limits.json")
+        for limit, problem in ((5, "needs the policy service"), (0, "from 1 to"), ("5", "whole number")):
+            with self.subTest(limit=limit):
+                with open(path, "w") as f:
+                    json.dump([{"address": "l1m1t5a2b3c4d5e6@incognito.test", "max_messages": limit}], f)
+                self.assertIn(problem, self.run_cli("import", token, path, rc=1).stderr)
+        self.assertEqual(listed(self, self.site, token), {})
+
     def test_backup_is_a_consistent_copy_and_refuses_to_overwrite(self):
         token = new_account(self.site, "kept@example.org")
         handle = new_handle(self.site, token)
