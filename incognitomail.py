@@ -1493,6 +1493,31 @@ class LookupTable:
         return foreign
 
 
+def _map_drift(table, store):
+    """None when the indexed map holds exactly the store's routable handles, else what
+    differs. The admin's own lines are not ours and are left out of the comparison."""
+    try:
+        table._read_foreign()
+        swept = int(store.get_meta("swept_until") or time.time())
+        expected = {key: target for key, target in store.map_entries(swept)
+                    if key not in table.foreign_keys}
+        done = table.postmap("-s", table.name)      # what Postfix sees
+        indexed = {}
+        for line in done.stdout.decode("utf-8", "replace").splitlines():
+            key, _, value = line.partition("\t") if "\t" in line else line.partition(" ")
+            if key.strip().lower() not in table.foreign_keys:
+                indexed[key.strip().lower()] = value.strip()
+    except (OSError, IncognitoMailError) as e:
+        return str(e)
+    missing = [k for k, t in expected.items() if indexed.get(k) != t]
+    unknown = [k for k in indexed if k not in expected]
+    if not missing and not unknown:
+        return None
+    return ("%d handles missing or wrong, %d entries the database does not know (e.g. %s); "
+            "restart the server to rebuild the map from the database"
+            % (len(missing), len(unknown), (missing + unknown)[0]))
+
+
 class PostfixMap(LookupTable):
     """A Postfix lookup table kept in step with the store: a text file plus its indexed file.
 
@@ -1775,31 +1800,6 @@ class PostfixMap(LookupTable):
             yield "map %s in step with the database" % self.name, _map_drift(self, store)
 
 
-def _map_drift(table, store):
-    """None when the indexed map holds exactly the store's routable handles, else what
-    differs. The admin's own lines are not ours and are left out of the comparison."""
-    try:
-        table._read_foreign()
-        swept = int(store.get_meta("swept_until") or time.time())
-        expected = {key: target for key, target in store.map_entries(swept)
-                    if key not in table.foreign_keys}
-        done = table.postmap("-s", table.name)      # what Postfix sees
-        indexed = {}
-        for line in done.stdout.decode("utf-8", "replace").splitlines():
-            key, _, value = line.partition("\t") if "\t" in line else line.partition(" ")
-            if key.strip().lower() not in table.foreign_keys:
-                indexed[key.strip().lower()] = value.strip()
-    except (OSError, IncognitoMailError) as e:
-        return str(e)
-    missing = [k for k, t in expected.items() if indexed.get(k) != t]
-    unknown = [k for k in indexed if k not in expected]
-    if not missing and not unknown:
-        return None
-    return ("%d handles missing or wrong, %d entries the database does not know (e.g. %s); "
-            "restart the server to rebuild the map from the database"
-            % (len(missing), len(unknown), (missing + unknown)[0]))
-
-
 def _same_endpoint(written, ours, queue_directory):
     """Does main.cf's ``unix:PATH`` or ``inet:HOST:PORT`` name our listener?
 
@@ -1854,50 +1854,45 @@ class _PostfixSettings:
         return [w for w in re.split(r"[\s,{}]+", self.values.get(name, "")) if w]
 
 
-def postfix_config_problems(config, table, store=None):
-    """What Postfix's own configuration lacks for our map, domains, policy service and milter,
-    and what in it would undo the milter's work: (what was checked, problem, Note or None)."""
-    try:
-        settings = _PostfixSettings(config)
-    except IncognitoMailError as e:
-        return [("Postfix configuration readable", str(e))]
-    problems = _map_problems(config, table, settings)
-    if config.policy_listen:
-        endpoint, words = config.policy_listen, settings.words
-        referenced = any(before == "check_policy_service"
-                         and _same_endpoint(word, endpoint, settings.queue)
-                         for n in ("smtpd_recipient_restrictions", "smtpd_relay_restrictions")
-                         for before, word in zip(words(n), words(n)[1:]))
-        problems.append(("Postfix asks the policy service", None if referenced else
-                         "smtpd_recipient_restrictions in %s lacks check_policy_service %s; "
-                         "see README.md" % (settings.where, endpoint)))
-    return problems + _milter_problems(config, settings, store)
+# postsrsd 1.x's forward lookup table, as its README sets it: sender_canonical_maps =
+# tcp:localhost:10001 (the name has no "srs" in it)
+POSTSRSD_1_FORWARD_PORT = ":10001"
 
 
-def _map_problems(config, table, settings):
-    words, queue, where = settings.words, settings.queue, settings.where
-    if config.socketmap_listen:
-        ours = lambda w: w.startswith("socketmap:") and _same_endpoint(
-            w.removeprefix("socketmap:").rpartition(":")[0], config.socketmap_listen, queue)
-        wanted = "socketmap:%s:virtual" % config.socketmap_listen
-    else:
-        ours = lambda w: w == table.name or (table.type == "hash" and w == table.path)
-        wanted = table.name
-    if any(ours(w) for w in words("virtual_alias_maps")):
-        domains = set(words("virtual_alias_domains")) | set(words("mydestination"))
-        role = "virtual_alias_maps"
-    elif any(ours(w) for w in words("canonical_maps") + words("recipient_canonical_maps")):
-        domains = set(words("mydestination")) | set(words("virtual_alias_domains"))
-        role = "canonical"
-    else:
-        return [("Postfix uses the map", "neither virtual_alias_maps nor (recipient_)canonical_maps"
-                 " in %s lists %s; add it, e.g. virtual_alias_maps = %s, then postfix reload"
-                 % (where, wanted, wanted))]
-    missing = [d for d in config.domains if d not in domains]
-    setting = "virtual_alias_domains" if role == "virtual_alias_maps" else "mydestination"
-    return [("Postfix uses the map (%s)" % role, None),
-            ("Postfix routes every domain", "%s not in %s (%s); add them there, then postfix "
-             "reload" % (", ".join(missing), setting, where) if missing else None)]
+def _rules_change_content(maps):
+    """Do header or body check tables hold REPLACE or PREPEND rules (a file we can read)?"""
+    for table in maps:
+        path = table.partition(":")[2] if ":" in table else table
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                if re.search(r"^\s*/.*/\S*\s+(REPLACE|PREPEND)\b", f.read(), re.M | re.I):
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def _rewriter_problems(settings):
+    """Settings that change what the milter made: a second envelope rewriter (postsrsd), or
+    anything that rewrites forwarded headers or bodies."""
+    words, where, values = settings.words, settings.where, settings.values
+    rewriters = [w for w in words("sender_canonical_maps") + words("smtpd_milters")
+                 if "srs" in w.lower() or w.endswith(POSTSRSD_1_FORWARD_PORT)]
+    problems = [("no second envelope rewriter", "%s uses %s (postsrsd?): remove it, the milter "
+                 "rewrites the envelope itself; see README.md, \"Moving from postsrsd\""
+                 % (where, rewriters[0]) if rewriters else None)]
+    changing = [name for name in _CONTENT_CHECKS if _rules_change_content(words(name))]
+    changing += [name for name in ("smtp_generic_maps", "masquerade_domains") if words(name)]
+    for name in ("canonical_classes", "sender_canonical_classes",
+                 "recipient_canonical_classes"):
+        maps = words(name.replace("classes", "maps")) if name != "canonical_classes" else \
+            words("canonical_maps")
+        if maps and any(w.startswith("header_") for w in words(name)):
+            changing.append(name)
+    problems.append(("nothing rewrites forwarded mail", "%s in %s change forwarded headers or "
+                     "bodies: the sender's DKIM signature breaks, and a rewrite may undo the "
+                     "milter's; remove them" % (", ".join(changing), where) if changing else None))
+    return problems
 
 
 def _milter_problems(config, settings, store):
@@ -1944,45 +1939,50 @@ def _milter_problems(config, settings, store):
     return problems
 
 
-# postsrsd 1.x's forward lookup table, as its README sets it: sender_canonical_maps =
-# tcp:localhost:10001 (the name has no "srs" in it)
-POSTSRSD_1_FORWARD_PORT = ":10001"
+def _map_problems(config, table, settings):
+    words, queue, where = settings.words, settings.queue, settings.where
+    if config.socketmap_listen:
+        ours = lambda w: w.startswith("socketmap:") and _same_endpoint(
+            w.removeprefix("socketmap:").rpartition(":")[0], config.socketmap_listen, queue)
+        wanted = "socketmap:%s:virtual" % config.socketmap_listen
+    else:
+        ours = lambda w: w == table.name or (table.type == "hash" and w == table.path)
+        wanted = table.name
+    if any(ours(w) for w in words("virtual_alias_maps")):
+        domains = set(words("virtual_alias_domains")) | set(words("mydestination"))
+        role = "virtual_alias_maps"
+    elif any(ours(w) for w in words("canonical_maps") + words("recipient_canonical_maps")):
+        domains = set(words("mydestination")) | set(words("virtual_alias_domains"))
+        role = "canonical"
+    else:
+        return [("Postfix uses the map", "neither virtual_alias_maps nor (recipient_)canonical_maps"
+                 " in %s lists %s; add it, e.g. virtual_alias_maps = %s, then postfix reload"
+                 % (where, wanted, wanted))]
+    missing = [d for d in config.domains if d not in domains]
+    setting = "virtual_alias_domains" if role == "virtual_alias_maps" else "mydestination"
+    return [("Postfix uses the map (%s)" % role, None),
+            ("Postfix routes every domain", "%s not in %s (%s); add them there, then postfix "
+             "reload" % (", ".join(missing), setting, where) if missing else None)]
 
 
-def _rewriter_problems(settings):
-    """Settings that change what the milter made: a second envelope rewriter (postsrsd), or
-    anything that rewrites forwarded headers or bodies."""
-    words, where, values = settings.words, settings.where, settings.values
-    rewriters = [w for w in words("sender_canonical_maps") + words("smtpd_milters")
-                 if "srs" in w.lower() or w.endswith(POSTSRSD_1_FORWARD_PORT)]
-    problems = [("no second envelope rewriter", "%s uses %s (postsrsd?): remove it, the milter "
-                 "rewrites the envelope itself; see README.md, \"Moving from postsrsd\""
-                 % (where, rewriters[0]) if rewriters else None)]
-    changing = [name for name in _CONTENT_CHECKS if _rules_change_content(words(name))]
-    changing += [name for name in ("smtp_generic_maps", "masquerade_domains") if words(name)]
-    for name in ("canonical_classes", "sender_canonical_classes",
-                 "recipient_canonical_classes"):
-        maps = words(name.replace("classes", "maps")) if name != "canonical_classes" else \
-            words("canonical_maps")
-        if maps and any(w.startswith("header_") for w in words(name)):
-            changing.append(name)
-    problems.append(("nothing rewrites forwarded mail", "%s in %s change forwarded headers or "
-                     "bodies: the sender's DKIM signature breaks, and a rewrite may undo the "
-                     "milter's; remove them" % (", ".join(changing), where) if changing else None))
-    return problems
-
-
-def _rules_change_content(maps):
-    """Do header or body check tables hold REPLACE or PREPEND rules (a file we can read)?"""
-    for table in maps:
-        path = table.partition(":")[2] if ":" in table else table
-        try:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                if re.search(r"^\s*/.*/\S*\s+(REPLACE|PREPEND)\b", f.read(), re.M | re.I):
-                    return True
-        except OSError:
-            continue
-    return False
+def postfix_config_problems(config, table, store=None):
+    """What Postfix's own configuration lacks for our map, domains, policy service and milter,
+    and what in it would undo the milter's work: (what was checked, problem, Note or None)."""
+    try:
+        settings = _PostfixSettings(config)
+    except IncognitoMailError as e:
+        return [("Postfix configuration readable", str(e))]
+    problems = _map_problems(config, table, settings)
+    if config.policy_listen:
+        endpoint, words = config.policy_listen, settings.words
+        referenced = any(before == "check_policy_service"
+                         and _same_endpoint(word, endpoint, settings.queue)
+                         for n in ("smtpd_recipient_restrictions", "smtpd_relay_restrictions")
+                         for before, word in zip(words(n), words(n)[1:]))
+        problems.append(("Postfix asks the policy service", None if referenced else
+                         "smtpd_recipient_restrictions in %s lacks check_policy_service %s; "
+                         "see README.md" % (settings.where, endpoint)))
+    return problems + _milter_problems(config, settings, store)
 
 
 class SocketmapTable(LookupTable):
@@ -2479,18 +2479,6 @@ def _account_id(work, token):
     return work.account(token).id
 
 
-def _new_handle(work, token, label=None, domain=None, expires=ABSENT, max_messages=None):
-    """``expires`` left out: the configured HandleLifetime."""
-    return _make_handle(work, work.account(token), label, domain, expires, max_messages)
-
-
-def _new_handles(work, token, count, label=None, domain=None, expires=ABSENT, max_messages=None):
-    """``count`` handles at once: one transaction, one map update."""
-    account = work.account(token)
-    return [_make_handle(work, account, label, domain, expires, max_messages)
-            for _ in range(count)]
-
-
 def _make_handle(work, account, label, domain, expires, max_messages, local=None):
     """A handle for ``account``, random unless ``local`` is given (an import)."""
     store, config = work.store, work.config
@@ -2508,6 +2496,32 @@ def _make_handle(work, account, label, domain, expires, max_messages, local=None
     work.changes.add(key, account.address)
     log.info("new handle %s for account %d (%s)", key, account.id, account.address)
     return handle
+
+
+def _new_handle(work, token, label=None, domain=None, expires=ABSENT, max_messages=None):
+    """``expires`` left out: the configured HandleLifetime."""
+    return _make_handle(work, work.account(token), label, domain, expires, max_messages)
+
+
+def _new_handles(work, token, count, label=None, domain=None, expires=ABSENT, max_messages=None):
+    """``count`` handles at once: one transaction, one map update."""
+    account = work.account(token)
+    return [_make_handle(work, account, label, domain, expires, max_messages)
+            for _ in range(count)]
+
+
+def _change_handle(work, account, handle, given):
+    changed = handle._replace(**given)
+    work.store.update_handle(changed, work.now)
+    swept = work.swept_until()
+    was, will_be = handle.in_map(swept), changed.in_map(swept)
+    if will_be and not was:
+        work.changes.add(handle.address, account.address)
+    elif was and not will_be:
+        work.changes.remove(handle.address)
+    log.info("handle %s of account %d: %s%s", handle.address, account.id,
+             changed.state(work.now), ", label %r" % changed.label if changed.label else "")
+    return work.store.handle_by_id(handle.id)
 
 
 def _import_handles(work, token, handles, dry_run=False):
@@ -2575,25 +2589,6 @@ def _update_handle(work, token, address=None, handle_id=None, label=ABSENT, enab
     return _change_handle(work, account, work.own_handle(account, address, handle_id), given)
 
 
-def _change_handle(work, account, handle, given):
-    changed = handle._replace(**given)
-    work.store.update_handle(changed, work.now)
-    swept = work.swept_until()
-    was, will_be = handle.in_map(swept), changed.in_map(swept)
-    if will_be and not was:
-        work.changes.add(handle.address, account.address)
-    elif was and not will_be:
-        work.changes.remove(handle.address)
-    log.info("handle %s of account %d: %s%s", handle.address, account.id,
-             changed.state(work.now), ", label %r" % changed.label if changed.label else "")
-    return work.store.handle_by_id(handle.id)
-
-
-def _delete_handle(work, token, address=None, handle_id=None):
-    account = work.account(token)
-    _remove_handle(work, account, work.own_handle(account, address, handle_id))
-
-
 def _remove_handle(work, account, handle):
     work.store.delete_handle(handle.id)
     if handle.in_map(work.swept_until()):
@@ -2601,14 +2596,19 @@ def _remove_handle(work, account, handle):
     log.info("deleted handle %s of account %d (%s)", handle.address, account.id, account.address)
 
 
-def _get_handles(work, token, handle_ids):
-    """The account's handles among ``handle_ids`` (others' and unknown ones are left out)."""
-    return _own_handles(work, work.account(token), handle_ids)
+def _delete_handle(work, token, address=None, handle_id=None):
+    account = work.account(token)
+    _remove_handle(work, account, work.own_handle(account, address, handle_id))
 
 
 def _own_handles(work, account, handle_ids):
     found = (work.store.handle_by_number(account.id, number) for number in handle_ids)
     return [handle for handle in found if handle is not None]
+
+
+def _get_handles(work, token, handle_ids):
+    """The account's handles among ``handle_ids`` (others' and unknown ones are left out)."""
+    return _own_handles(work, work.account(token), handle_ids)
 
 
 def _update_handles(work, token, handle_ids, enabled):
@@ -3993,6 +3993,12 @@ def _handle_id(text):
     return int(text)
 
 
+# addy.io's sort values, and the order of handles each means here
+_ADDY_SORTS = {"-created_at": "newest", "created_at": "oldest",
+               "-last_forwarded": "last_received", "-emails_forwarded": "received",
+               "-emails_blocked": "blocked", "-last_blocked": "last_blocked"}
+
+
 def _addy_page(request):
     """``page[number]``, ``page[size]`` (at most 100), ``filter[active]``, ``filter[search]``."""
     def number(name, default, high):
@@ -4011,12 +4017,6 @@ def _addy_page(request):
     return {"search": request.query.get("filter[search]") or None,
             "enabled": None if active is None else active == "true",
             "offset": (page - 1) * size, "limit": size, "order": _ADDY_SORTS[sort]}
-
-
-# addy.io's sort values, and the order of handles each means here
-_ADDY_SORTS = {"-created_at": "newest", "created_at": "oldest",
-               "-last_forwarded": "last_received", "-emails_forwarded": "received",
-               "-emails_blocked": "blocked", "-last_blocked": "last_blocked"}
 
 
 def _addy_list(request, token, match, site):
@@ -6213,6 +6213,68 @@ class ControlClient:
                               % (self.config.unix_sock_path, _user_name(uid)))
 
 
+def _make_postfix_folders(config, queue):
+    """The folders of the Postfix-facing Unix sockets, as README.md says: root:postfix 0750."""
+    for listen in (config.policy_listen, config.socketmap_listen, config.milter_listen):
+        kind, _, path = listen.partition(":")
+        folder = os.path.dirname(path)
+        if kind == "unix" and not os.path.isdir(folder):
+            os.makedirs(folder, mode=0o750)
+            try:
+                os.chown(folder, 0, grp.getgrnam("postfix").gr_gid)
+            except (KeyError, PermissionError):
+                pass
+            os.chmod(folder, 0o750)
+
+
+def run_check(config, args, out=sys.stdout):
+    """``check``: one line per check, OK or FAIL with the fix; exit 0 only if all pass."""
+    results = []
+
+    def report(name, problem=None):
+        ok = problem is None or isinstance(problem, Note)
+        results.append({"check": name, "ok": ok, "problem": problem})
+        if not args.json:
+            word = "OK" if problem is None else "NOTE" if ok else "FAIL"
+            print("%-4s %s%s" % (word, name, "" if problem is None else ": " + problem), file=out)
+
+    report("configuration %s" % config.path)
+    table = make_table(config)
+    try:
+        table.check_access()
+        report("map file and folder writable (%s)" % table.name)
+    except IncognitoMailError as e:
+        report("map file and folder writable", str(e))
+    store = None
+    try:
+        store = Store(config.database_path, readonly=True)
+        version = store.schema_version()
+        if version != SCHEMA_VERSION:
+            raise StoreError("schema version %d, this program's is %d; start the server once "
+                             "to migrate" % (version, SCHEMA_VERSION))
+        report("database %s readable, schema version %d" % (config.database_path, version))
+    except IncognitoMailError as e:
+        report("database readable", str(e))
+        store = None
+    for name, problem in table.checks(store):
+        report(name, problem)
+    for name, problem in postfix_config_problems(config, table, store):
+        report(name, problem)
+    pid = running_pid(config)
+    try:
+        if not pid:
+            raise ServerError("not running (no lock held on %s); start it with: "
+                              "python3 incognitomail.py -c %s"
+                              % (config.lock_file_path, config.path))
+        ControlClient(config).request("status")
+        report("server running (pid %d)" % pid)
+    except IncognitoMailError as e:
+        report("server running", str(e))
+    if args.json:
+        print(json.dumps(results, indent=2), file=out)
+    return 0 if all(r["ok"] for r in results) else 1
+
+
 def postfix_wiring(config, settings):
     """What main.cf needs for this configuration: [(setting, its value now, the value wanted)],
     keeping what the admin has (other maps, restrictions and milters stay, in their order)."""
@@ -6299,68 +6361,6 @@ def run_wire(config, args, out=sys.stdout):
     return run_check(config, args, out)
 
 
-def _make_postfix_folders(config, queue):
-    """The folders of the Postfix-facing Unix sockets, as README.md says: root:postfix 0750."""
-    for listen in (config.policy_listen, config.socketmap_listen, config.milter_listen):
-        kind, _, path = listen.partition(":")
-        folder = os.path.dirname(path)
-        if kind == "unix" and not os.path.isdir(folder):
-            os.makedirs(folder, mode=0o750)
-            try:
-                os.chown(folder, 0, grp.getgrnam("postfix").gr_gid)
-            except (KeyError, PermissionError):
-                pass
-            os.chmod(folder, 0o750)
-
-
-def run_check(config, args, out=sys.stdout):
-    """``check``: one line per check, OK or FAIL with the fix; exit 0 only if all pass."""
-    results = []
-
-    def report(name, problem=None):
-        ok = problem is None or isinstance(problem, Note)
-        results.append({"check": name, "ok": ok, "problem": problem})
-        if not args.json:
-            word = "OK" if problem is None else "NOTE" if ok else "FAIL"
-            print("%-4s %s%s" % (word, name, "" if problem is None else ": " + problem), file=out)
-
-    report("configuration %s" % config.path)
-    table = make_table(config)
-    try:
-        table.check_access()
-        report("map file and folder writable (%s)" % table.name)
-    except IncognitoMailError as e:
-        report("map file and folder writable", str(e))
-    store = None
-    try:
-        store = Store(config.database_path, readonly=True)
-        version = store.schema_version()
-        if version != SCHEMA_VERSION:
-            raise StoreError("schema version %d, this program's is %d; start the server once "
-                             "to migrate" % (version, SCHEMA_VERSION))
-        report("database %s readable, schema version %d" % (config.database_path, version))
-    except IncognitoMailError as e:
-        report("database readable", str(e))
-        store = None
-    for name, problem in table.checks(store):
-        report(name, problem)
-    for name, problem in postfix_config_problems(config, table, store):
-        report(name, problem)
-    pid = running_pid(config)
-    try:
-        if not pid:
-            raise ServerError("not running (no lock held on %s); start it with: "
-                              "python3 incognitomail.py -c %s"
-                              % (config.lock_file_path, config.path))
-        ControlClient(config).request("status")
-        report("server running (pid %d)" % pid)
-    except IncognitoMailError as e:
-        report("server running", str(e))
-    if args.json:
-        print(json.dumps(results, indent=2), file=out)
-    return 0 if all(r["ok"] for r in results) else 1
-
-
 _DESCRIPTION = """\
 IncognitoMail: random forwarding addresses ("handles") for your Postfix server.
 
@@ -6436,20 +6436,6 @@ def _ask_backup(client, command, fields):
 IMPORT_CHUNK = 500      # handles a request of ``import`` carries
 
 
-def _ask_import(client, command, fields):
-    """Read an export (CSV or JSON) and send it in requests of IMPORT_CHUNK handles: first all
-    of them as a dry run (any address in use refuses the import before anything is made),
-    then for real."""
-    handles = _read_export(fields.pop("file"))[::-1]     # the oldest first, as they were made
-    if not handles:
-        raise BadRequest("the file holds no handles")
-    chunks = [handles[n:n + IMPORT_CHUNK] for n in range(0, len(handles), IMPORT_CHUNK)]
-    for dry_run in (True, False):
-        for chunk in chunks:
-            client.request(command.op, handles=chunk, dry_run=dry_run, **fields)
-    return len(handles)
-
-
 def _read_export(path):
     """The handles of an ``export`` file: JSON (a list of objects) or CSV (with its header)."""
     try:
@@ -6471,6 +6457,20 @@ def _read_export(path):
         row["max_messages"] = int(limit) if limit and _is_number(limit) else limit
         rows.append(row)
     return rows
+
+
+def _ask_import(client, command, fields):
+    """Read an export (CSV or JSON) and send it in requests of IMPORT_CHUNK handles: first all
+    of them as a dry run (any address in use refuses the import before anything is made),
+    then for real."""
+    handles = _read_export(fields.pop("file"))[::-1]     # the oldest first, as they were made
+    if not handles:
+        raise BadRequest("the file holds no handles")
+    chunks = [handles[n:n + IMPORT_CHUNK] for n in range(0, len(handles), IMPORT_CHUNK)]
+    for dry_run in (True, False):
+        for chunk in chunks:
+            client.request(command.op, handles=chunk, dry_run=dry_run, **fields)
+    return len(handles)
 
 
 EXPORT_COLUMNS = ("address", "label", "state", "enabled", "expires", "max_messages", "created",
