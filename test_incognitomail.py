@@ -3667,6 +3667,8 @@ class ExampleConfigTest(PostmapTestCase):
         self.assertEqual(query.stdout.strip(), "me@example.net")
         self.assertEqual(cli(site, "stop").returncode, 0)
         self.assertEqual(daemon.wait_exit(), 0)
+        warnings = [line for line in daemon.log().splitlines() if " WARNING " in line]
+        self.assertEqual(warnings, [], "the example warns at every start")
 
 
 ###############################################################################
@@ -8576,6 +8578,19 @@ class TlsHandshakeTimeoutTest(TlsTestCase):
         self.assertGreater(time.monotonic() - started, 0.4)
         client = wait_until(lambda: self.try_tls_client("127.0.0.1"), timeout=5)
         self.assertTrue(client, "the connection that timed out still counts")
+        client.send("new handle " + self.token)
+        self.assertTrue(client.recv().endswith("@incognito.test"))
+
+
+class PlainHttpToTlsPortTest(TlsTestCase):
+    """Plain http:// to the TLS port gets a 400 saying the port speaks TLS, not a failed
+    handshake's silence; the port still serves TLS after it."""
+
+    def test_plain_http_is_told_the_port_speaks_tls(self):
+        status, body = http_request(self.port, "/api/v1/account-details")
+        self.assertEqual(status, 400)
+        self.assertIn("https://", json.dumps(body))
+        client = self.tls_client("127.0.0.1")
         client.send("new handle " + self.token)
         self.assertTrue(client.recv().endswith("@incognito.test"))
 
