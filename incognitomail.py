@@ -387,6 +387,8 @@ def _listen(*kinds):
 
 ConfigKey = collections.namedtuple("ConfigKey", "section name default field read example help")
 
+MIN_HANDLE_LENGTH, MAX_HANDLE_LENGTH = 12, 64      # a handle's characters: unguessable, an address
+
 # Every key a user may write, once: its section, name, default (None: required), the Config
 # field it fills (None: checked, then not needed), how its text is read, the value the example
 # file shows (None: the default) and what it means. ``incognitomail.py example`` turns this
@@ -485,7 +487,8 @@ CONFIG_KEYS = (
     ConfigKey("PostfixConfig", "ConfigDir", "", "postfix_config_dir", _path, None,
               "Postfix's configuration folder, given to postmap and postconf as -c. Empty: "
               "Postfix's own default, /etc/postfix. That folder must hold a main.cf."),
-    ConfigKey("PostfixConfig", "HandleLength", "16", "handle_length", _number(12, 64), None,
+    ConfigKey("PostfixConfig", "HandleLength", "16", "handle_length",
+              _number(MIN_HANDLE_LENGTH, MAX_HANDLE_LENGTH), None,
               "Characters in the random part of a handle (lowercase letters and digits, as Postfix "
               "folds keys to lower case), 12 to 64; 16 give about 82 bits."),
     ConfigKey("PostfixConfig", "HandleLifetime", "", "handle_lifetime", _lifetime, None,
@@ -776,6 +779,26 @@ def split_handle(text, domains):
     return local, domain
 
 
+_HANDLE_PREFIX = re.compile("[%s]*" % HANDLE_ALPHABET)
+
+
+def routed_handle(address, domains):
+    """The handle Postfix routes ``address`` to, as (handle address, extension), or None when
+    it is in no domain served here. Postfix looks a quoted local part up unquoted
+    (``"k3v9"@domain`` is ``k3v9@domain``), in any case, and without the extension that follows
+    its recipient_delimiter (any one character of it): so the handle is the local part's leading
+    letters and digits, lowercase, and the extension what follows the character after them, its
+    case kept."""
+    local, _, domain = address.strip().rpartition("@")
+    domain = domain.lower()
+    if len(local) >= 2 and local[0] == local[-1] == '"':
+        local = re.sub(r"\\(.)", r"\1", local[1:-1])
+    handle = _HANDLE_PREFIX.match(local.lower()).group()
+    if domain not in domains or not handle:
+        return None
+    return "%s@%s" % (handle, domain), local[len(handle) + 1:]
+
+
 # The addresses the milter makes in a handle's domain. Each starts with the handle and Postfix's
 # recipient_delimiter "+", so Postfix accepts mail to them through the handle's own entry, in any
 # map mode, with no map change of their own.
@@ -816,12 +839,10 @@ def read_handle_address(address, domains, secret, now):
     """What an address is to the milter: a HandleAddress (the handle's address, FORWARD, BOUNCE
     or REPLY, and the correspondent of a reply address), or None for an address that is not a
     handle's. A bounce address whose date or signature is wrong raises BadRequest."""
-    local, _, domain = address.rpartition("@")
-    domain = domain.lower()
-    handle, plus, extension = local.partition("+")
-    if domain not in domains or not handle or handle.lower().strip(HANDLE_ALPHABET):
+    routed = routed_handle(address, domains)
+    if routed is None:
         return None
-    handle = "%s@%s" % (handle.lower(), domain)
+    handle, extension = routed
     bounce = _BOUNCE_TAG.fullmatch(extension.lower())
     if bounce:
         stamp, signature = bounce.groups()
@@ -863,7 +884,10 @@ def from_iso_time(text):
                              int(second or 0), tzinfo=datetime.timezone.utc)
     if offset and offset.upper() != "Z":
         sign = -1 if offset[0] == "-" else 1
-        when -= sign * datetime.timedelta(hours=int(offset[1:3]), minutes=int(offset[4:6]))
+        try:
+            when -= sign * datetime.timedelta(hours=int(offset[1:3]), minutes=int(offset[4:6]))
+        except OverflowError:
+            raise ValueError("%r is out of range" % text) from None
     return int(when.timestamp())
 
 
@@ -1829,24 +1853,31 @@ _POSTFIX_SETTINGS = (
 _CONTENT_CHECKS = [name for name in _POSTFIX_SETTINGS if name.endswith("_checks")]
 
 
+def _postconf(config, names, expand):
+    """{name: value} of Postfix's settings ``names``: with ``$name`` references replaced
+    (``postconf -x``: what Postfix uses), or as main.cf writes them (what to write back)."""
+    command = [find_postfix_command("postconf")]
+    if config.postfix_config_dir:
+        command += ["-c", config.postfix_config_dir]
+    try:
+        done = subprocess.run(command + (["-x"] if expand else []) + list(names),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise PostfixError(str(e))
+    if done.returncode != 0:
+        raise PostfixError(done.stderr.decode("utf-8", "replace").strip())
+    values = {}
+    for line in done.stdout.decode("utf-8", "replace").splitlines():
+        name, _, value = line.partition("=")
+        values[name.strip()] = value.strip()
+    return values
+
+
 class _PostfixSettings:
     """Postfix's own configuration, as ``postconf -x`` reads it."""
 
     def __init__(self, config):
-        command = [find_postfix_command("postconf")]
-        if config.postfix_config_dir:
-            command += ["-c", config.postfix_config_dir]
-        try:
-            done = subprocess.run(command + ["-x"] + _POSTFIX_SETTINGS, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, timeout=60)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise PostfixError(str(e))
-        if done.returncode != 0:
-            raise PostfixError(done.stderr.decode("utf-8", "replace").strip())
-        self.values = {}
-        for line in done.stdout.decode("utf-8", "replace").splitlines():
-            name, _, value = line.partition("=")
-            self.values[name.strip()] = value.strip()
+        self.values = _postconf(config, _POSTFIX_SETTINGS, expand=True)
         self.queue = self.values.get("queue_directory", "/var/spool/postfix")
         self.where = "main.cf in %s" % (config.postfix_config_dir or "/etc/postfix")
 
@@ -2771,13 +2802,21 @@ def _imported(value, config, now):
     or null) and max_messages; the rest is left out."""
     if not 1 <= len(value) <= MAX_IMPORT:
         raise BadRequest("handles must hold 1 to %d handles" % MAX_IMPORT)
-    rows = []
+    rows, seen = [], set()
     for number, row in enumerate(value, 1):
         try:
             if not isinstance(row, dict) or not isinstance(row.get("address"), str):
                 raise BadRequest("it has no address")
             local, domain = split_handle(row["address"], config.domains)
+            if len(local) < MIN_HANDLE_LENGTH:
+                raise BadRequest("%s is not a handle: handles have %d characters or more"
+                                 % (row["address"], MIN_HANDLE_LENGTH))
+            if (local, domain) in seen:
+                raise BadRequest("%s@%s is in the import twice" % (local, domain))
+            seen.add((local, domain))
             expires = row.get("expires")
+            if expires is not None and not isinstance(expires, str):
+                raise BadRequest("expires is not a time or null")
             limit = row.get("max_messages")
             if limit is not None:
                 if not isinstance(limit, int) or isinstance(limit, bool):
@@ -5274,7 +5313,6 @@ class WebFront:
 ###############################################################################
 
 POSTFIX_IDLE_TIMEOUT = 600.0        # Postfix itself lets a policy connection idle 300 s at most
-_HANDLE_PREFIX = re.compile("[%s]*" % HANDLE_ALPHABET)
 RECEIVED_FLUSH_SECONDS = 1.0
 MAX_UNWRITTEN_RECEIVED = 100000     # counts kept for a retry while the database cannot be written
 DECIDED_MESSAGES = 10000            # answers kept for Postfix asking twice about one message
@@ -5285,7 +5323,15 @@ DECIDED_MESSAGES = 10000            # answers kept for Postfix asking twice abou
 OWNER_HEADERS = frozenset((
     "from", "to", "cc", "subject", "date", "message-id", "references", "in-reply-to",
     "mime-version", "content-type", "content-disposition", "content-transfer-encoding"))
-ADDRESS_HEADERS = ("From", "Reply-To", "To", "Cc")
+# The headers of forwarded mail whose addresses the owner's mail program may write to: each
+# becomes a reply address, so whatever the owner sends there leaves from the handle.
+ADDRESS_HEADERS = ("From", "Reply-To", "To", "Cc", "Mail-Followup-To", "Mail-Reply-To")
+SENDER_HEADERS = frozenset(("from", "reply-to", "mail-reply-to"))    # never left without one
+# ... the list headers' mailto: links (an unsubscribe button writes from the owner's address) ...
+LIST_HEADERS = ("List-Unsubscribe", "List-Subscribe", "List-Post", "List-Help", "List-Owner")
+_MAILTO = re.compile(r"(?i)(mailto:)([^?>,\s]+)")
+# ... and the ones that ask for a receipt or a report from the owner's address: removed.
+RECEIPT_HEADERS = ("Disposition-Notification-To", "Return-Receipt-To", "Errors-To")
 MAX_MILTER_HEADERS = 1000           # headers a forwarded message may have; past this: refused
 MAX_MILTER_HEADER_BYTES = 256 << 10
 _CONTINUE = milter_packet(SMFIR_CONTINUE)
@@ -5309,6 +5355,26 @@ def _display_name(name, address):
         pass
     said = address.replace("@", " at ")
     return "%s - %s" % (name, said) if name and name != address else said
+
+
+def _parsed_addresses(value):
+    """The (name, address) pairs of an address header's value, or None when Python's parser
+    cannot account for all of it (an address without one "@", a name holding an address in
+    angle brackets, an "@" found in neither): such a header is replaced, never left as it was,
+    lest the owner's mail program read an address in it that the milter did not. Names that
+    are not UTF-8 get U+FFFD."""
+    try:
+        pairs = [(name.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), address)
+                 for name, address in email.utils.getaddresses([_unfold(value)]) if address]
+    except (RecursionError, ValueError, IndexError):
+        return None
+    found = sum(name.count("@") + address.count("@") for name, address in pairs)
+    whole = all(address.count("@") == 1 and not set(name) & set("<>") for name, address in pairs)
+    return pairs if whole and found == value.count("@") else None
+
+
+def _address_lines(pairs):
+    return ",\n\t".join(email.utils.formataddr(pair) for pair in pairs)
 
 
 class MilterSession:
@@ -5339,13 +5405,13 @@ class MilterSession:
         self._new_message()
 
     def _new_message(self):
-        self.sender = None
+        self.sender = ""
         self.smtp = True
         self.key = None             # (kind, handle address): what the message is
         self.handle = None
         self.recipients = []        # (as given, HandleAddress or None)
-        self.headers = []           # (name, value)
-        self.header_bytes = 0
+        self.headers = []           # (name, value), kept only for mail the milter changes
+        self.header_count = self.header_bytes = 0
         self.refusal = None         # for locally submitted mail: refused at its end
         self.mixed = False
 
@@ -5368,19 +5434,31 @@ class MilterSession:
         if code == SMFIC_RCPT:
             return self._recipient(_unbracket(args[0]))
         if code == SMFIC_HEADER:
-            self.header_bytes += len(args[0]) + len(args[1])
-            if len(self.headers) <= MAX_MILTER_HEADERS:
-                self.headers.append(args)
+            self._header(*args)
             return _CONTINUE
         if code == SMFIC_BODYEOB:
-            reply = self._end()
-            self._new_message()
-            return reply
+            try:
+                return self._end()
+            except Exception:
+                log.exception("milter: internal error at the end of a message to %s; asking "
+                              "to try again later", self.handle.address if self.handle else "?")
+                return _TEMPFAIL
+            finally:
+                self._new_message()
         if code == SMFIC_ABORT:
             self._new_message()
         if code in _UNANSWERED:
             return b""
         return _CONTINUE
+
+    def _header(self, name, value):
+        """Keep a header of mail the milter changes, while the message stays within its
+        limits (past them it is refused at its end: nothing more need be kept)."""
+        self.header_count += 1
+        self.header_bytes += len(name) + len(value)
+        if self.handle is not None and self.header_count <= MAX_MILTER_HEADERS and \
+                self.header_bytes <= MAX_MILTER_HEADER_BYTES:
+            self.headers.append((name, value))
 
     # -- recipients -------------------------------------------------------------------------
 
@@ -5394,11 +5472,9 @@ class MilterSession:
         except (IncognitoMailError, sqlite3.Error) as e:
             log.error("milter: cannot look up %s (%s); asking to try again later", address, e)
             return _TEMPFAIL
-        if handle is None:
-            found = None
-        elif found.kind == REPLY and self.sender.lower() != handle.target.lower():
-            return self._refuse("550 5.7.1 <%s>: only the owner of %s may write through it"
-                                % (address, handle.address))
+        # who writes to a reply address is judged at the message's end, with its headers, and
+        # in one word: a refusal here would tell whoever tries whether they guessed the owner
+        found = found if handle else None
         key = (found.kind, handle.address) if found else (_OTHER, None)
         if self.key is None:
             self.key, self.handle = key, handle
@@ -5431,51 +5507,68 @@ class MilterSession:
                         "let through unchanged: its bounces would show the owner's address",
                         handle.address)
             return _CONTINUE
-        if len(self.headers) > MAX_MILTER_HEADERS or \
+        if self.header_count > MAX_MILTER_HEADERS or \
                 self.header_bytes > MAX_MILTER_HEADER_BYTES:
             return milter_reply("552 5.3.4 <%s>: the message has more headers than a handle "
                                 "takes" % handle.address)
         if kind == BOUNCE:
             self.front.count(handle.address, BOUNCED)
-            return _CONTINUE
+            # a bounce has no sender to answer; mail that only claims to be one gets none
+            # either, lest the owner's provider bounce it, or the owner answer it, to them
+            return self._forward(handle, "<>")
         if kind == FORWARD:
-            return self._forward(handle)
+            return self._forward(handle, "<%s>" % bounce_address(
+                handle.address, self.front.secret(), self.front.clock()))
         return self._from_owner(handle)
 
-    def _bounce_sender(self, handle):
-        address = bounce_address(handle.address, self.front.secret(), self.front.clock())
-        return milter_strings(SMFIR_CHGFROM, "<%s>" % address)
-
-    def _forward(self, handle):
-        changes = [self._bounce_sender(handle)] if self.sender else []
+    def _forward(self, handle, sender):
+        """Mail to the owner: from ``sender`` (none for mail without one); receipts asked of
+        the owner removed; with ReplyAddresses, every address the owner might write to
+        becomes a reply address."""
+        changes = [milter_strings(SMFIR_CHGFROM, sender)] if self.sender else []
+        for name in RECEIPT_HEADERS:
+            changes += self._remove_all(name)
         if self.front.config.reply_addresses:
             for name in ADDRESS_HEADERS:
                 changes += self._rewrite_addresses(name, handle, self._to_reply_address)
+            for name in LIST_HEADERS:
+                changes += self._rewrite_mailto(name, handle)
         return b"".join(changes) + _CONTINUE
 
     def _to_reply_address(self, handle, name, address, header):
-        """A correspondent's address in a forwarded message -> its reply address. Addresses in
-        the handles' domains stay, and so do those a reply address cannot hold (no @, not
-        ASCII)."""
-        local, at, domain = address.rpartition("@")
-        if not at or not local or domain.lower() in self.front.config.domains or \
-                not address.isascii():
-            return name, address
+        """An address in a forwarded message -> its reply address; the handle's own stay. One
+        a reply address cannot hold (not ASCII) is dropped, or, where a sender must stay,
+        becomes the envelope sender's."""
+        routed = routed_handle(address, self.front.config.domains)
+        if routed is not None and routed[0] == handle.address:
+            return name, address        # the handle, or one of its bounce or reply addresses
+        if not address.isascii():
+            return self._stand_in(handle, header)
         if header == "From":
             name = _display_name(name, address)
         return name, reply_address(handle.address, address)
 
+    def _stand_in(self, handle, header):
+        """What takes the place of an address the milter cannot rewrite: in a sender's header,
+        the envelope sender's reply address (or the handle), elsewhere nothing."""
+        if header.lower() not in SENDER_HEADERS:
+            return None
+        if self.sender.isascii() and "@" in self.sender:
+            return "", reply_address(handle.address, self.sender)
+        return "", handle.address
+
     def _from_owner(self, handle):
         owner = handle.target.lower()
         senders = [address.lower() for _, address in self._addresses("From")]
-        if senders != [owner]:
+        failed = self._failed_checks(owner)
+        if self.sender.lower() != owner or senders != [owner] or failed:
+            log.info("milter: refused a message through %s: %s", handle.address,
+                     "this server's %s check failed" % failed if failed else
+                     "its sender is not the account's address")
             return milter_reply("550 5.7.1 only the owner of %s may write through it, from "
                                 "the address it forwards to" % handle.address)
-        failed = self._failed_checks(owner)
-        if failed:
-            return milter_reply("550 5.7.1 this server's %s check of your message failed; it "
-                                "was not sent from %s" % (failed, handle.address))
-        changes = [self._bounce_sender(handle)]
+        changes = [milter_strings(SMFIR_CHGFROM, "<%s>" % bounce_address(
+            handle.address, self.front.secret(), self.front.clock()))]
         for address, found in self.recipients:
             changes.append(milter_strings(SMFIR_DELRCPT, "<%s>" % address))
             changes.append(milter_strings(SMFIR_ADDRCPT, "<%s>" % found.correspondent))
@@ -5510,26 +5603,50 @@ class MilterSession:
 
     def _rewrite_addresses(self, header, handle, rewrite):
         """CHGHEADER requests giving each ``header`` its addresses rewritten by
-        ``rewrite(handle, name, address, header)``, one address a line."""
+        ``rewrite(handle, name, address, header)`` (None: left out), one address a line. A
+        header the parser cannot account for is replaced by its stand-in, or removed."""
         changes, index = [], 0
         for name, value in self.headers:
             if name.lower() != header.lower():
                 continue
             index += 1
-            pairs = email.utils.getaddresses([_unfold(value)])
-            new = [rewrite(handle, n, a, header) for n, a in pairs if a]
-            if new != [(n, a) for n, a in pairs if a]:
-                text = ",\n\t".join(email.utils.formataddr(pair) for pair in new)
-                changes.append(milter_strings(SMFIR_CHGHEADER, name, text, index=index))
+            pairs = _parsed_addresses(value)
+            if pairs is None:
+                new = [self._stand_in(handle, header)]
+            else:
+                new = [rewrite(handle, n, a, header) for n, a in pairs]
+            new = [pair for pair in new if pair is not None]
+            if new != pairs:
+                changes.append(milter_strings(SMFIR_CHGHEADER, name, _address_lines(new),
+                                              index=index))
         return changes
 
-    def _keep_only_owner_headers(self):
-        """Delete every header not in OWNER_HEADERS, each name's instances from the last."""
-        counts = collections.Counter(name.lower() for name, _ in self.headers)
-        names = {name.lower(): name for name, _ in self.headers}
-        return [milter_strings(SMFIR_CHGHEADER, names[lower], "", index=index)
-                for lower, count in counts.items() if lower not in OWNER_HEADERS
+    def _rewrite_mailto(self, header, handle):
+        """CHGHEADER requests turning each mailto: address in ``header`` into its reply
+        address (or, one it cannot hold, into the handle)."""
+        changes, index = [], 0
+        for name, value in self.headers:
+            if name.lower() != header.lower():
+                continue
+            index += 1
+            new = _MAILTO.sub(lambda m: m.group(1) + (
+                reply_address(handle.address, m.group(2))
+                if m.group(2).isascii() and m.group(2).count("@") == 1 else handle.address), value)
+            if new != value:
+                changes.append(milter_strings(SMFIR_CHGHEADER, name, new, index=index))
+        return changes
+
+    def _remove_all(self, header):
+        """CHGHEADER requests deleting every ``header``, from the last."""
+        count = sum(1 for name, _ in self.headers if name.lower() == header.lower())
+        return [milter_strings(SMFIR_CHGHEADER, header, "", index=index)
                 for index in range(count, 0, -1)]
+
+    def _keep_only_owner_headers(self):
+        """Delete every header not in OWNER_HEADERS."""
+        names = {name.lower(): name for name, _ in self.headers}
+        return [change for lower, name in names.items() if lower not in OWNER_HEADERS
+                for change in self._remove_all(name)]
 
     def _failed_checks(self, owner):
         """The methods (spf, dkim, dmarc) whose result for the owner's domain is a fail, and
@@ -5551,6 +5668,8 @@ class MilterSession:
         # and a "pass" beside this server's "fail" is a forger's
         return ", ".join(method for method, seen in sorted(verdicts.items())
                          if "fail" in seen and (method != "dkim" or "pass" not in seen))
+
+
 class PostfixConnection(_PausingProtocol):
     """One connection of Postfix's to the policy service, the socketmap or the milter: its
     requests answered in order by ``answerer()``'s answer.
@@ -5722,11 +5841,10 @@ class PostfixFront:
 
     def lookup(self, address):
         """The Handle at ``address``, or None: read at once, from the front's own connection."""
-        local, _, domain = address.lower().rpartition("@")
-        if not domain or domain not in self.config.domains:
+        routed = routed_handle(address, self.config.domains)
+        if routed is None:
             return None
-        # an address extension (Postfix's recipient_delimiter: k3v9+shop@...) routes as the handle
-        return self._reader().handle(_HANDLE_PREFIX.match(local).group(), domain)
+        return self._reader().handle(*routed[0].split("@"))
 
     def _reader(self):
         if self._store is None:
@@ -6275,10 +6393,18 @@ def run_check(config, args, out=sys.stdout):
     return 0 if all(r["ok"] for r in results) else 1
 
 
-def postfix_wiring(config, settings):
+# What ``wire`` may set in main.cf
+_WIRED_SETTINGS = ("virtual_alias_maps", "virtual_alias_domains", "smtpd_recipient_restrictions",
+                   "smtpd_milters", "milter_default_action", "recipient_delimiter",
+                   "propagate_unmatched_extensions")
+
+
+def postfix_wiring(config, settings, values):
     """What main.cf needs for this configuration: [(setting, its value now, the value wanted)],
-    keeping what the admin has (other maps, restrictions and milters stay, in their order)."""
-    words, values, queue = settings.words, settings.values, settings.queue
+    keeping what the admin has (other maps, restrictions and milters stay, in their order).
+    ``settings`` tells what Postfix uses; ``values`` are main.cf's own words (``$name``
+    references kept), which a new value extends."""
+    words, queue = settings.words, settings.queue
 
     def endpoint(listen):       # a unix socket in the queue directory: relative, for the chroot
         kind, _, path = listen.partition(":")
@@ -6289,7 +6415,9 @@ def postfix_wiring(config, settings):
         now = words(name)
         if any(_same_endpoint(w, word, queue) or w == word for w in now):
             return values.get(name, "")
-        return ", ".join([word] + now if first else now + [word])
+        if not now:                 # empty, or $references to nothing (virtual_maps)
+            return word
+        return ", ".join([word, values[name]] if first else [values[name], word])
     table = make_table(config)
     wanted = []
     if config.socketmap_listen:
@@ -6328,7 +6456,7 @@ def run_wire(config, args, out=sys.stdout):
     """``wire``: set what Postfix needs for this configuration (postconf -e), after showing
     it and asking; keep a copy of main.cf; reload Postfix; then ``check``."""
     settings = _PostfixSettings(config)
-    changes = postfix_wiring(config, settings)
+    changes = postfix_wiring(config, settings, _postconf(config, _WIRED_SETTINGS, expand=False))
     main_cf = os.path.join(config.postfix_config_dir or "/etc/postfix", "main.cf")
     for name, now, value in changes:
         print("%s\n    now:  %s\n    then: %s" % (name, now or "(empty)", value), file=out)
@@ -6466,6 +6594,12 @@ def _ask_import(client, command, fields):
     handles = _read_export(fields.pop("file"))[::-1]     # the oldest first, as they were made
     if not handles:
         raise BadRequest("the file holds no handles")
+    # the server finds a repeat within one request; one across requests is found here
+    counted = collections.Counter(str(row.get("address", "")).strip().lower() for row in handles
+                                  if isinstance(row, dict))
+    twice = sorted(address for address, count in counted.items() if count > 1)
+    if twice:
+        raise BadRequest("%s is in the file more than once; nothing was imported" % twice[0])
     chunks = [handles[n:n + IMPORT_CHUNK] for n in range(0, len(handles), IMPORT_CHUNK)]
     for dry_run in (True, False):
         for chunk in chunks:

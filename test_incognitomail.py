@@ -3832,13 +3832,16 @@ class MilterAddressesTest(unittest.TestCase):
                 expected = correspondent.rpartition("@")[0] + "@" + correspondent.rpartition("@")[2].lower()
                 self.assertEqual(self.read(address), (self.HANDLE, im.REPLY, expected))
 
-    def test_other_addresses_of_a_handles_domain_and_of_other_domains(self):
+    def test_addresses_are_read_as_postfix_routes_them(self):
         self.assertEqual(self.read(self.HANDLE), (self.HANDLE, im.FORWARD, None))
         self.assertEqual(self.read("K3V9Q0X2M7AB5TS1@Incognito.Test"), (self.HANDLE, im.FORWARD, None))
         self.assertEqual(self.read("k3v9q0x2m7ab5ts1+shopping@incognito.test"), (self.HANDLE, im.FORWARD, None))
         self.assertEqual(self.read("k3v9q0x2m7ab5ts1+x=no_domain@incognito.test").kind, im.FORWARD)
         self.assertIsNone(self.read("k3v9q0x2m7ab5ts1@example.org"))
-        self.assertIsNone(self.read("info-desk@incognito.test"))
+        # quoted, or after another recipient_delimiter character: Postfix routes it to the handle
+        self.assertEqual(self.read('"k3v9q0x2m7ab5ts1"@incognito.test'), (self.HANDLE, im.FORWARD, None))
+        self.assertEqual(self.read("k3v9q0x2m7ab5ts1-news@incognito.test"), (self.HANDLE, im.FORWARD, None))
+        self.assertEqual(self.read("info-desk@incognito.test"), ("info@incognito.test", im.FORWARD, None))
         self.assertIsNone(self.read("+news=shop.example@incognito.test"))
 
 
@@ -5645,7 +5648,7 @@ class JsonRequestFormatTest(unittest.TestCase):
 
     def test_each_front_end_may_call_only_its_operations(self):
         fields = {"token": "t", "address": "a@incognito.test", "handle_ids": [1], "enabled": True,
-                  "count": 1, "handles": [{"address": "a@incognito.test"}], "path": "/tmp/backup"}
+                  "count": 1, "handles": [{"address": "k3v9q0x2m7ab5ts1@incognito.test"}], "path": "/tmp/backup"}
         for name, operation in im.OPERATIONS.items():
             for caller in im.EVERYONE:
                 with self.subTest(operation=name, caller=caller):
@@ -8897,6 +8900,8 @@ MILTER_HANDLE = "k3v9q0x2m7ab5ts1@incognito.test"
 MILTER_OTHER_HANDLE = "zz99yy88xx77ww66@incognito.test"
 MILTER_OWNER = "owner@gmail.example"
 MILTER_CONTINUE = [(b"c", b"")]
+OWNER_ONLY = (b"550 5.7.1 only the owner of k3v9q0x2m7ab5ts1@incognito.test may write through it, "
+              b"from the address it forwards to\0")
 
 
 class MilterSessionTest(unittest.TestCase):
@@ -8976,7 +8981,8 @@ class MilterSessionTest(unittest.TestCase):
             (b"m", b"\0\0\0\x01Reply-To\0k3v9q0x2m7ab5ts1+help=shop.example@incognito.test\0"),
             (b"m", b"\0\0\0\x01To\0k3v9q0x2m7ab5ts1@incognito.test,\n"
                    b"\tk3v9q0x2m7ab5ts1+friend=example.org@incognito.test\0"),
-            (b"m", b"\0\0\0\x01Cc\0Bob <k3v9q0x2m7ab5ts1+bob=example.com@incognito.test>,\n\tme@other.test\0"),
+            (b"m", b"\0\0\0\x01Cc\0Bob <k3v9q0x2m7ab5ts1+bob=example.com@incognito.test>,\n"
+                   b"\tk3v9q0x2m7ab5ts1+me=other.test@incognito.test\0"),
             (b"m", b"\0\0\0\x02Cc\0k3v9q0x2m7ab5ts1+carol=example.net@incognito.test\0"),
             (b"c", b"")])
         self.assertEqual(self.front.counted, [])        # the policy service counts what is received
@@ -9007,15 +9013,53 @@ class MilterSessionTest(unittest.TestCase):
                               session=self.session(front))
         self.assertEqual(end, [(b"e", b"<%s>\0" % self.bounce_address().encode()), (b"c", b"")])
 
-    def test_addresses_that_need_no_reply_address_stay(self):
+    def test_the_handles_own_addresses_stay_and_others_of_its_domains_get_reply_addresses(self):
         _, end = self.message("news@shop.example", [MILTER_HANDLE], [
-            ("To", "undisclosed-recipients:;"), ("Cc", "k3v9q0x2m7ab5ts1@incognito.test, x@other.test"),
-            ("Reply-To", "Jos\u00e9 <jos\u00e9@example.org>")])
-        self.assertEqual([code for code, _ in end], [b"e", b"c"])
+            ("To", "undisclosed-recipients:;"),
+            ("Cc", "k3v9q0x2m7ab5ts1@incognito.test, k3v9q0x2m7ab5ts1+shop@incognito.test, "
+                   "zz99yy88xx77ww66@incognito.test, x@other.test")])
+        self.assertEqual(end[1:], [(b"m", b"\0\0\0\x01Cc\0k3v9q0x2m7ab5ts1@incognito.test,\n\t"
+                                          b"k3v9q0x2m7ab5ts1+shop@incognito.test,\n\t"
+                                          b"k3v9q0x2m7ab5ts1+zz99yy88xx77ww66=incognito.test@incognito.test,\n\t"
+                                          b"k3v9q0x2m7ab5ts1+x=other.test@incognito.test\0"),
+                                   (b"c", b"")])
 
-    def test_an_address_without_a_domain_stays(self):
-        _, end = self.message("news@shop.example", [MILTER_HANDLE], [("Reply-To", "postmaster")])
-        self.assertEqual([code for code, _ in end], [b"e", b"c"])
+    def test_a_sender_no_reply_address_can_hold_becomes_the_envelope_senders(self):
+        for value in ("Jos\u00e9 <jos\u00e9@example.org>", "postmaster"):
+            with self.subTest(value=value):
+                _, end = self.message("news@shop.example", [MILTER_HANDLE], [("Reply-To", value)])
+                self.assertEqual(end[1:], [(b"m", b"\0\0\0\x01Reply-To\0"
+                                                  b"k3v9q0x2m7ab5ts1+news=shop.example@incognito.test\0"),
+                                           (b"c", b"")])
+
+    def test_an_address_header_the_parser_cannot_account_for_is_replaced(self):
+        # what Python reads otherwise than a mail program might: no address is left unread
+        for value in ("Alice (Sales <alice@evil.example>", "<alice@evil.example> Alice",
+                      "(" * 2000 + "alice@evil.example"):
+            with self.subTest(value=value[:40]):
+                _, end = self.message("news@shop.example", [MILTER_HANDLE], [("From", value), ("Cc", value)])
+                self.assertEqual(end[1:], [
+                    (b"m", b"\0\0\0\x01From\0k3v9q0x2m7ab5ts1+news=shop.example@incognito.test\0"),
+                    (b"m", b"\0\0\0\x01Cc\0\0"), (b"c", b"")])
+
+    def test_receipts_and_list_mailto_links_never_reach_the_owners_address(self):
+        _, end = self.message("news@shop.example", [MILTER_HANDLE], [
+            ("Disposition-Notification-To", "news@shop.example"), ("Return-Receipt-To", "news@shop.example"),
+            ("List-Unsubscribe", "<mailto:leave@shop.example?subject=stop>, <https://shop.example/u>"),
+            ("Mail-Followup-To", "list@shop.example")])
+        self.assertEqual(end[1:], [
+            (b"m", b"\0\0\0\x01Disposition-Notification-To\0\0"),
+            (b"m", b"\0\0\0\x01Return-Receipt-To\0\0"),
+            (b"m", b"\0\0\0\x01Mail-Followup-To\0k3v9q0x2m7ab5ts1+list=shop.example@incognito.test\0"),
+            (b"m", b"\0\0\0\x01List-Unsubscribe\0<mailto:k3v9q0x2m7ab5ts1+leave=shop.example@incognito.test"
+                   b"?subject=stop>, <https://shop.example/u>\0"),
+            (b"c", b"")])
+
+    def test_a_display_name_that_is_not_utf8_is_forwarded(self):
+        _, end = self.message("news@shop.example", [MILTER_HANDLE], [("From", "Jos\udce9 <jose@shop.example>")])
+        self.assertEqual(end[1:], [(b"m", b'\0\0\0\x01From\0=?utf-8?q?Jos=EF=BF=BD_-_jose_at_shop=2Eexample?= '
+                                          b"<k3v9q0x2m7ab5ts1+jose=shop.example@incognito.test>\0"),
+                                   (b"c", b"")])
 
     def test_mail_to_other_addresses_is_left_alone(self):
         answers, end = self.message("news@shop.example", ["friend@example.org"], [("From", "news@shop.example")])
@@ -9026,10 +9070,19 @@ class MilterSessionTest(unittest.TestCase):
 
     # -- to a bounce address -----------------------------------------------------------------
 
-    def test_a_bounce_is_counted_and_delivered_unchanged(self):
-        answers, end = self.message("", [self.bounce_address(now=T0 - 3 * DAY)], [
-            ("From", "MAILER-DAEMON@mx.gmail.example"), ("To", self.bounce_address(now=T0 - 3 * DAY))])
-        self.assertEqual((answers, end), ([MILTER_CONTINUE, MILTER_CONTINUE], MILTER_CONTINUE))
+    def test_a_bounce_is_counted_and_goes_to_the_owner_through_reply_addresses(self):
+        bounce = self.bounce_address(now=T0 - 3 * DAY)
+        answers, end = self.message("", [bounce], [("From", "MAILER-DAEMON@mx.gmail.example"), ("To", bounce)])
+        self.assertEqual(answers, [MILTER_CONTINUE, MILTER_CONTINUE])
+        self.assertEqual(end, [(b"m", b'\0\0\0\x01From\0"MAILER-DAEMON at mx.gmail.example" '
+                                      b"<k3v9q0x2m7ab5ts1+MAILER-DAEMON=mx.gmail.example@incognito.test>\0"),
+                               (b"c", b"")])        # no sender to change; the bounce address stays
+        self.assertEqual(self.front.counted, [(MILTER_HANDLE, im.BOUNCED)])
+
+    def test_mail_to_a_bounce_address_with_a_sender_leaves_with_none(self):
+        # else the owner's provider would bounce it, or the owner's auto-reply answer it, to them
+        _, end = self.message("mallory@evil.example", [self.bounce_address()], [("From", "mallory@evil.example")])
+        self.assertEqual(end[0], (b"e", b"<>\0"))
         self.assertEqual(self.front.counted, [(MILTER_HANDLE, im.BOUNCED)])
 
     def test_a_forged_or_expired_bounce_address_is_refused_at_rcpt(self):
@@ -9106,15 +9159,16 @@ class MilterSessionTest(unittest.TestCase):
         self.assertRegex(end[-2][1], rb"^\0\0\0\x01Message-ID\0<[0-9a-f]{32}@incognito\.test>\0$")
         self.assertEqual(self.front.counted, [(MILTER_HANDLE, im.SENT)])
 
-    def test_anyone_but_the_owner_is_refused_at_rcpt(self):
-        for sender in ("mallory@plain.example", "", "owner@gmail.example.evil.example"):
-            with self.subTest(sender=sender):
-                session = self.session()
-                self.say(session, b"M", "<%s>" % sender)
-                [(code, text)] = self.say(session, b"R", "<k3v9q0x2m7ab5ts1+news=shop.example@incognito.test>")
-                self.assertEqual(code, b"y")
-                self.assertEqual(text, b"550 5.7.1 <k3v9q0x2m7ab5ts1+news=shop.example@incognito.test>: "
-                                       b"only the owner of k3v9q0x2m7ab5ts1@incognito.test may write through it\0")
+    def test_anyone_but_the_owner_is_refused_at_the_end_in_the_same_words(self):
+        # not at RCPT: the answer there would tell whoever tries whether they guessed the owner
+        for sender, author in (("mallory@plain.example", "mallory@plain.example"), ("", MILTER_OWNER),
+                               ("owner@gmail.example.evil.example", MILTER_OWNER),
+                               (MILTER_OWNER, "mallory@plain.example")):
+            with self.subTest(sender=sender, author=author):
+                answers, end = self.message(sender, ["k3v9q0x2m7ab5ts1+news=shop.example@incognito.test"],
+                                            [("From", author)])
+                self.assertEqual(answers, [MILTER_CONTINUE, MILTER_CONTINUE])
+                self.assertEqual(end, [(b"y", OWNER_ONLY)])
         self.assertEqual(self.front.counted, [])
 
     def test_the_owners_envelope_with_anothers_from_is_refused_at_the_end(self):
@@ -9139,9 +9193,7 @@ class MilterSessionTest(unittest.TestCase):
         return end
 
     def assert_refused_by_verdict(self, end, method):
-        [(code, text)] = end
-        self.assertEqual(code, b"y")
-        self.assertIn(b"550 5.7.1 this server's %s check" % method.encode(), text)
+        self.assertEqual(end, [(b"y", OWNER_ONLY)], method)     # in the same words as anyone
 
     def test_a_fail_in_this_servers_authentication_results_is_refused(self):
         for result, method in (
@@ -9229,7 +9281,7 @@ class MilterSessionTest(unittest.TestCase):
         self.assertEqual(answers, [MILTER_CONTINUE, MILTER_CONTINUE])
         [(code, text)] = end
         self.assertEqual(code, b"y")
-        self.assertTrue(text.startswith(b"550 5.7.1 <k3v9q0x2m7ab5ts1+news=shop.example@incognito.test>: only"), text)
+        self.assertTrue(text.startswith(b"550 5.7.1 only the owner of k3v9q0x2m7ab5ts1@incognito.test"), text)
 
     # -- limits and failures -------------------------------------------------------------------
 
@@ -9244,6 +9296,25 @@ class MilterSessionTest(unittest.TestCase):
                                                   b"handle takes\0" % MILTER_HANDLE.encode())])
                 else:
                     self.assertEqual(end[-1], (b"c", b""))
+
+    def test_only_headers_of_mail_it_changes_are_kept_and_only_up_to_the_limit(self):
+        for recipient, kept in (("friend@example.org", 0), (MILTER_HANDLE, im.MAX_MILTER_HEADER_BYTES)):
+            with self.subTest(recipient=recipient):
+                session = self.session()
+                self.say(session, b"M", "<news@shop.example>")
+                self.say(session, b"R", "<%s>" % recipient)
+                for _ in range(40):
+                    self.say(session, b"L", "X-Big", "x" * 60000)
+                self.assertLessEqual(sum(len(n) + len(v) for n, v in session.headers), kept)
+
+    def test_an_internal_error_at_the_end_asks_to_try_again_later_and_the_next_message_is_served(self):
+        session = self.session()
+        with mock.patch.object(im, "bounce_address", side_effect=RuntimeError("a bug")), \
+                self.assertLogs("incognitomail", "ERROR"):
+            _, end = self.message("news@shop.example", [MILTER_HANDLE], [], session=session)
+        self.assertEqual(end, [(b"t", b"")])
+        _, end = self.message("news@shop.example", [MILTER_HANDLE], [], session=session)
+        self.assertEqual([code for code, _ in end], [b"e", b"c"])
 
     def test_a_lookup_that_fails_asks_to_try_again_later(self):
         for failure in (im.StoreError("database is locked"), sqlite3.OperationalError("disk I/O error")):
@@ -9322,9 +9393,12 @@ check(mt.eom_check(conn, MT_HDRCHANGE, "From", HANDLE), "From: is not the handle
 check(mt.eom_check(conn, MT_HDRDELETE, "X-Mailer"), "X-Mailer was kept")
 mt.disconnect(conn)
 
--- anyone else writing through the reply address: refused at RCPT
+-- anyone else writing through the reply address: refused at the end of the message
 conn = session("mallory@plain.example")
 check(mt.rcptto(conn, "<" .. REPLY .. ">") == nil, "rcptto")
+check(mt.getreply(conn) == SMFIR_CONTINUE, "a stranger's RCPT was answered otherwise than the owner's")
+check(mt.header(conn, "From", "mallory@plain.example") == nil, "header")
+check(mt.eom(conn) == nil, "eom")
 check(mt.getreply(conn) == SMFIR_REPLYCODE, "a stranger's message through a reply address was taken")
 mt.disconnect(conn)
 mt.echo("MILTERTEST OK")
@@ -9386,7 +9460,7 @@ class MilterListenerTest(PostmapTestCase):
         for _ in range(2):      # two bounces on one connection
             self.assertEqual(client.ask(mta_strings(b"M", "<>")), MILTER_CONTINUE)
             self.assertEqual(client.ask(mta_strings(b"R", "<%s>" % bounce)), MILTER_CONTINUE)
-            client.tell(mta_strings(b"L", "From", "MAILER-DAEMON@mx.gmail.example"))
+            client.tell(mta_strings(b"L", "Subject", "Undelivered Mail Returned to Sender"))
             self.assertEqual(client.ask(mta_packet(b"E")), MILTER_CONTINUE)
             client.send(mta_packet(b"A"))
         forged = bounce[:-len("@incognito.test") - 2] + "aa@incognito.test"
@@ -10117,7 +10191,7 @@ class DeliverabilityTest(MailLabTestCase):
     nor an auto-reply, nor the owner's reply tells the sender the owner's address."""
 
     OWNERS = ("ann.k7q@strict.example", "amy.k7q@gmail.example", "wes.k7q@gmail.example",
-              "max.k7q@gmail.example", "ida.k7q@gmail.example")
+              "max.k7q@gmail.example", "ida.k7q@gmail.example", "ola.k7q@gmail.example")
     OWNER_ALIASES = (("liz.k7q@gmail.example", "liz.k7q@full.example"),)
 
     def test_mail_from_p_reject_senders_passes_spf_and_dmarc_at_a_strict_receiver(self):
@@ -10178,6 +10252,33 @@ class DeliverabilityTest(MailLabTestCase):
         self.wait_count(token, handle, "bounced", 1)
         self.assert_sender_never_learns(owner)
 
+    def test_mail_to_a_bounce_address_with_a_sender_tells_that_sender_nothing(self):
+        owner = "zed.k7q@gmail.example"         # no such mailbox: the owner's provider refuses it
+        token, handle = self.new_owner(owner)
+        # a bounce address is the envelope sender of what the owner sends: anyone may write to it
+        bounce = im.bounce_address(handle, milter_secret(self.site), time.time())
+        mark = uuid.uuid4().hex
+        answers, data = self.send_to_forwarder("news@shop.example", [bounce],
+                                               self.message("news@shop.example", bounce, mark))
+        self.assertEqual((answers[bounce][0], data[0]), (250, 250), (answers, data))
+        self.wait_count(token, handle, "bounced", 1)
+        self.assert_sender_never_learns(owner)
+
+    def test_a_handle_written_as_postfix_also_routes_it_is_rewritten_all_the_same(self):
+        owner = "ola.k7q@gmail.example"
+        token, handle = self.new_owner(owner)
+        local, _, domain = handle.partition("@")
+        for recipient in ('"%s"@%s' % (local, domain), "%s@%s" % (local.upper(), domain.upper())):
+            with self.subTest(recipient=recipient):
+                mark = uuid.uuid4().hex
+                answers, data = self.send_to_forwarder("news@shop.example", [recipient],
+                                                       self.message("news@shop.example", recipient, mark))
+                self.assertEqual(data[0], 250, (answers, data))
+                message = self.delivered(self.receiver, owner, mark)
+                self.assertTrue(message["Return-Path"].startswith("<%s+b." % local), message["Return-Path"])
+                self.assertEqual(email.utils.parseaddr(message["From"])[1],
+                                 im.reply_address(handle, "news@shop.example"))
+
     def test_the_owners_reply_and_first_message_leave_from_the_handle(self):
         owner = "wes.k7q@gmail.example"
         token, handle = self.new_owner(owner)
@@ -10225,9 +10326,8 @@ class DeliverabilityTest(MailLabTestCase):
         mark = uuid.uuid4().hex
         answers, data = self.send_to_forwarder("news@plain.example", [reply],
                                                self.message("news@plain.example", reply, mark))
-        self.assertEqual(answers[reply][0], 550, answers)
-        self.assertIn("5.7.1", answers[reply][1])
-        self.assertIn("only the owner of %s" % handle, answers[reply][1])
+        self.assertEqual((answers[reply][0], data[0]), (250, 550), (answers, data))
+        self.assertIn("5.7.1 only the owner of %s" % handle, data[1])
         # the owner's address in the envelope, another in From:
         answers, data = self.send_to_forwarder(owner, [reply], self.message("news@plain.example", reply, mark))
         self.assertEqual((answers[reply][0], data[0]), (250, 550), (answers, data))
@@ -10925,6 +11025,24 @@ class BulkExportImportBackupTest(PostmapTestCase):
                 self.assertIn(problem, self.run_cli("import", token, path, rc=1).stderr)
         self.assertEqual(listed(self, self.site, token), {})
 
+    def test_a_bad_import_is_refused_saying_why_and_makes_nothing(self):
+        token = new_account(self.site, "bad-import@example.org")
+        path = os.path.join(self.site.folder, "bad.json")
+        rows = [{"address": "c%015d@incognito.test" % n} for n in range(600)]
+        for handles, problem in ((rows + [rows[0]], "c000000000000000@incognito.test is in the file more than once"),
+                                 ([{"address": rows[0]["address"], "expires": 5}], "expires is not a time"),
+                                 ([{"address": rows[0]["address"], "expires": "9999-12-31T23:59:59-23:59"}],
+                                  "out of range"),
+                                 ([{"address": "abuse@incognito.test"}], "abuse@incognito.test is not a handle")):
+            with self.subTest(problem=problem):
+                with open(path, "w") as f:
+                    json.dump(handles, f)
+                self.assertIn(problem, self.run_cli("import", token, path, rc=1).stderr)
+        with self.assertRaisesRegex(im.BadRequest, "in the import twice"):
+            control(self.site, "import_handles", token=token, handles=rows[:2] + rows[:1])
+        self.assertEqual(listed(self, self.site, token), {})
+        self.assertNotIn("Traceback", self.daemon.log())
+
     def test_backup_is_a_consistent_copy_and_refuses_to_overwrite(self):
         token = new_account(self.site, "kept@example.org")
         handle = new_handle(self.site, token)
@@ -11051,6 +11169,16 @@ class WireCommandTest(PostmapTestCase):
             self.assertRegex(done.stdout, r"(?m)^OK +%s" % re.escape(check))
         again = run_cli(self, site, "wire", "--dry-run")
         self.assertIn("needs no change", again.stdout)
+
+    def test_the_admins_references_are_kept_as_written(self):
+        site = self.site()
+        main_cf = os.path.join(site.config.postfix_config_dir, "main.cf")
+        with open(main_cf, "a") as f:
+            f.write("my_milters = inet:127.0.0.1:8891\nsmtpd_milters = $my_milters\n")
+        start_daemon(self, site)
+        run_cli(self, site, "wire", "--yes")
+        self.assertEqual(self.postconf(site, "smtpd_milters"), "%s, $my_milters" % site.config.milter_listen)
+        self.assertEqual(self.postconf(site, "my_milters"), "inet:127.0.0.1:8891")
 
 
 class StatusWhenStoppedTest(unittest.TestCase):
