@@ -3086,6 +3086,23 @@ def element(css):
 HOSTILE_LABEL = "<img src=x onerror=alert(1)>"
 
 
+# What the page looks like at the current viewport: how wide it is, the controls that stick out
+# of it, the body's relative luminance and its text's contrast (WCAG 2 formulas).
+LAYOUT_PROBE = """(() => {
+  const lum = (color) => { const [r, g, b] = color.match(/[0-9.]+/g).slice(0, 3).map((v) => {
+    v = v / 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+  const style = getComputedStyle(document.body), width = innerWidth;
+  const bg = lum(style.backgroundColor), fg = lum(style.color);
+  const outside = [...document.querySelectorAll('button, input, select, summary, code, output')]
+    .filter((e) => e.getClientRects().length).map((e) => [e, e.getBoundingClientRect()])
+    .filter(([e, r]) => r.left < -0.5 || r.right > width + 0.5)
+    .map(([e, r]) => (e.id || e.dataset.test || e.tagName) + ' ' + Math.round(r.right));
+  return {scroll: document.documentElement.scrollWidth, width, outside, background: bg,
+          contrast: (Math.max(bg, fg) + 0.05) / (Math.min(bg, fg) + 0.05)};
+})()"""
+
+
 class OwnerPageDriver:
     """Mixin for a TestCase: one headless Chromium per class, and the owner page used as its
     owner uses it (real clicks and keys), against a daemon the test starts."""
@@ -3181,6 +3198,29 @@ class OwnerPageDriver:
 
     def clipboard(self):
         return self.browser.js("navigator.clipboard.readText()")
+
+    def assert_fits(self, name, shots=((360, False), (360, True), (1280, False), (1280, True))):
+        """The page as it is now fits 360 and 1280 px wide, light and dark: nothing wider than
+        the screen or outside it, the right background, text contrast 7:1 or more. With
+        INCOGNITOMAIL_SCREENSHOTS naming a folder, ``shots`` (width, dark) are saved there."""
+        b = self.browser
+        folder = os.environ.get(SCREENSHOTS_VARIABLE)
+        for width, dark in ((360, False), (360, True), (1280, False), (1280, True)):
+            shot = "%s-%d-%s" % (name, width, "dark" if dark else "light")
+            b.viewport(width, 800, dark)
+            b.js("new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)))")
+            look = b.js(LAYOUT_PROBE)
+            self.assertLessEqual(look["scroll"], width, "%s: wider than the screen" % shot)
+            self.assertEqual(look["outside"], [], "%s: controls outside the screen" % shot)
+            if dark:
+                self.assertLess(look["background"], 0.05, "%s: not dark" % shot)
+            else:
+                self.assertGreater(look["background"], 0.8, "%s: not light" % shot)
+            self.assertGreaterEqual(look["contrast"], 7, shot)
+            if folder and (width, dark) in shots:
+                os.makedirs(folder, exist_ok=True)
+                b.screenshot(os.path.join(folder, "owner-page-%s.png" % shot))
+        b.viewport(1280, 900)
 
     def assert_page_behaved(self, *secrets):
         """No request to another origin, no CSP violation, no uncaught exception, no dialog,
@@ -11964,23 +12004,6 @@ class OwnerPageManyHandlesTest(OwnerPageDriver, unittest.TestCase):
         self.assert_page_behaved(token)
 
 
-# What the page looks like at the current viewport: how wide it is, the controls that stick out
-# of it, the body's relative luminance and its text's contrast (WCAG 2 formulas).
-LAYOUT_PROBE = """(() => {
-  const lum = (color) => { const [r, g, b] = color.match(/[0-9.]+/g).slice(0, 3).map((v) => {
-    v = v / 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
-    return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
-  const style = getComputedStyle(document.body), width = innerWidth;
-  const bg = lum(style.backgroundColor), fg = lum(style.color);
-  const outside = [...document.querySelectorAll('button, input, select, summary, code, output')]
-    .filter((e) => e.getClientRects().length).map((e) => [e, e.getBoundingClientRect()])
-    .filter(([e, r]) => r.left < -0.5 || r.right > width + 0.5)
-    .map(([e, r]) => (e.id || e.dataset.test || e.tagName) + ' ' + Math.round(r.right));
-  return {scroll: document.documentElement.scrollWidth, width, outside, background: bg,
-          contrast: (Math.max(bg, fg) + 0.05) / (Math.min(bg, fg) + 0.05)};
-})()"""
-
-
 class OwnerPageLookTest(OwnerPageDriver, unittest.TestCase):
     """Each handle shows its address, label, state, counts and times, newest first; the page
     fits 360 and 1280 px wide, light and dark (with INCOGNITOMAIL_SCREENSHOTS naming a folder,
@@ -12041,25 +12064,7 @@ class OwnerPageLookTest(OwnerPageDriver, unittest.TestCase):
 
     def test_page_fits_360_and_1280_pixels_wide_in_light_and_dark(self):
         b = self.browser
-        folder = os.environ.get(SCREENSHOTS_VARIABLE)
-
-        def check(name, width, dark, shoot=True):
-            b.viewport(width, 800, dark)
-            b.js("new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)))")
-            look = b.js(LAYOUT_PROBE)
-            self.assertLessEqual(look["scroll"], width, "%s: wider than the screen" % name)
-            self.assertEqual(look["outside"], [], "%s: controls outside the screen" % name)
-            if dark:
-                self.assertLess(look["background"], 0.05, "%s: not dark" % name)
-            else:
-                self.assertGreater(look["background"], 0.8, "%s: not light" % name)
-            self.assertGreaterEqual(look["contrast"], 7, name)
-            if folder and shoot:
-                os.makedirs(folder, exist_ok=True)
-                b.screenshot(os.path.join(folder, "owner-page-%s.png" % name))
-        for width, dark in ((360, False), (360, True), (1280, False), (1280, True)):
-            check("signed-out-%d-%s" % (width, "dark" if dark else "light"), width, dark,
-                  shoot=(width, dark) == (360, False))
+        self.assert_fits("signed-out", shots=((360, False),))
         b.viewport(1280)
         self.sign_in(self.token)
         b.click(element("#new-label"))
@@ -12067,8 +12072,7 @@ class OwnerPageLookTest(OwnerPageDriver, unittest.TestCase):
         self.assertTrue(b.wait_for(element("#created-address") + ".textContent"))
         b.click(self.row("s8f3j2w9c4n7b1t5@incognito.test", "delete"))
         b.js("scrollTo(0, 0)")
-        for width, dark in ((360, False), (360, True), (1280, False), (1280, True)):
-            check("signed-in-%d-%s" % (width, "dark" if dark else "light"), width, dark)
+        self.assert_fits("signed-in")
         self.assert_page_behaved(self.token)
 
 
@@ -12687,26 +12691,6 @@ class OwnerPageOpenPartsLookTest(OwnerPageTools, OwnerPageDriver, unittest.TestC
     editor with its date and time, a mistake in the new handle's options, the bulk
     confirmation and both pagers, and an empty account's first screen (with
     INCOGNITOMAIL_SCREENSHOTS naming a folder, a screenshot of each goes there)."""
-
-    def assert_fits(self, name):
-        b = self.browser
-        folder = os.environ.get(SCREENSHOTS_VARIABLE)
-        for width, dark in ((360, False), (360, True), (1280, False), (1280, True)):
-            shot = "%s-%d-%s" % (name, width, "dark" if dark else "light")
-            b.viewport(width, 800, dark)
-            b.js("new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)))")
-            look = b.js(LAYOUT_PROBE)
-            self.assertLessEqual(look["scroll"], width, "%s: wider than the screen" % shot)
-            self.assertEqual(look["outside"], [], "%s: controls outside the screen" % shot)
-            if dark:
-                self.assertLess(look["background"], 0.05, "%s: not dark" % shot)
-            else:
-                self.assertGreater(look["background"], 0.8, "%s: not light" % shot)
-            self.assertGreaterEqual(look["contrast"], 7, shot)
-            if folder:
-                os.makedirs(folder, exist_ok=True)
-                b.screenshot(os.path.join(folder, "owner-page-%s.png" % shot))
-        b.viewport(1280, 900)
 
     def test_an_open_editor_a_mistake_the_bulk_confirmation_and_the_pagers_fit(self):
         site = policy_page_site(self)
