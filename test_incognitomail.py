@@ -857,6 +857,23 @@ class PostmapTestCase(unittest.TestCase):
         return ServiceFixture(self, site, clock).start()
 
 
+class ServerPerClassTestCase(PostmapTestCase):
+    """Base: one running server for the whole class (each test makes its own accounts), and
+    its command line."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        folder = make_folder()
+        cls.addClassCleanup(shutil.rmtree, folder, True)
+        cls.site = Site(folder, admin_lines=ADMIN_LINES)
+        cls.daemon = DaemonProcess(cls.site).start()
+        cls.addClassCleanup(cls.daemon.stop)
+
+    def run_cli(self, *args, input=None, rc=0):
+        return run_cli(self, self.site, *args, input=input, rc=rc)
+
+
 def run_as_user(uid, function):
     """Run ``function()`` in a forked child that became ``uid``; its result or error as text."""
     read_end, write_end = os.pipe()
@@ -10704,20 +10721,8 @@ class DaemonLifecycleTest(PostmapTestCase):
 # Command line
 ###############################################################################
 
-class CommandLineTest(PostmapTestCase):
+class CommandLineTest(ServerPerClassTestCase):
     """Every command against one running server; each test makes its own accounts."""
-
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        folder = make_folder()
-        cls.addClassCleanup(shutil.rmtree, folder, True)
-        cls.site = Site(folder, admin_lines=ADMIN_LINES)
-        cls.daemon = DaemonProcess(cls.site).start()
-        cls.addClassCleanup(cls.daemon.stop)
-
-    def run_cli(self, *args, input=None, rc=0):
-        return run_cli(self, self.site, *args, input=input, rc=rc)
 
     def new_account(self, address="me@example.org"):
         """Made by the command line under test, as are new_handle's and listed's."""
@@ -11004,20 +11009,8 @@ class CommandLineTest(PostmapTestCase):
             self.assertNotIn(secret, log)
 
 
-class BulkExportImportBackupTest(PostmapTestCase):
+class BulkExportImportBackupTest(ServerPerClassTestCase):
     """new handles --count, export, import and backup against one running server."""
-
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        folder = make_folder()
-        cls.addClassCleanup(shutil.rmtree, folder, True)
-        cls.site = Site(folder, admin_lines=ADMIN_LINES)
-        cls.daemon = DaemonProcess(cls.site).start()
-        cls.addClassCleanup(cls.daemon.stop)
-
-    def run_cli(self, *args, input=None, rc=0):
-        return run_cli(self, self.site, *args, input=input, rc=rc)
 
     def test_new_handles_makes_many_in_one_request_each_routable(self):
         token = new_account(self.site, "bulk@example.org")
