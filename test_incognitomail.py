@@ -2154,7 +2154,30 @@ class _BodyMilterParser(im.MilterParser):
 SMFIP_HDR_LEADSPC = 0x100000    # header values keep their leading space, both ways
 
 
-class LabVerifier:
+class LabServer:
+    """A TCP server on a thread of the test process, at ``ip`` on a free port: each client
+    it accepts goes to ``connected(sock)``."""
+
+    def __init__(self, ip, name):
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.bind((ip, 0))
+        self._listener.listen(16)
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True, name=name).start()
+
+    def close(self):
+        self._listener.close()
+
+    def _accept(self):
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connected(sock)
+
+
+class LabVerifier(LabServer):
     """The receiver's verifier, a milter on a thread of the test process: for each message it
     computes SPF for the connecting IP and envelope sender, DKIM, and DMARC with relaxed
     alignment from the lab's DNS, adds Authentication-Results under ``hostname``, and refuses
@@ -2166,22 +2189,10 @@ class LabVerifier:
         self.dns, self.hostname, self.strict_domains = dns, hostname, set(strict_domains)
         self.verdicts = []
         self.errors = []
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(16)
-        self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True, name="lab-verifier").start()
+        super().__init__("127.0.0.1", "lab-verifier")
 
-    def close(self):
-        self._listener.close()
-
-    def _accept(self):
-        while True:
-            try:
-                sock, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+    def connected(self, sock):
+        threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
 
     def _serve(self, sock):
         parser, state = _BodyMilterParser(), {"ip": "", "helo": ""}
@@ -2277,39 +2288,27 @@ class LabVerifier:
         return found[-1]
 
 
-class Tap:
+class Tap(LabServer):
     """A TCP relay in front of a server that keeps every byte its clients send: what the
     server receives, to search."""
 
     def __init__(self, ip, target):
         self.target = target
         self._received, self._lock = [], threading.Lock()
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.bind((ip, 0))
-        self._listener.listen(16)
-        self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True, name="lab-tap").start()
+        super().__init__(ip, "lab-tap")
 
     def received(self):
         with self._lock:
             return b"".join(self._received)
 
-    def close(self):
-        self._listener.close()
-
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                server = socket.create_connection(self.target, timeout=30)
-            except OSError:
-                client.close()
-                continue
-            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+    def connected(self, client):
+        try:
+            server = socket.create_connection(self.target, timeout=30)
+        except OSError:
+            client.close()
+            return
+        threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+        threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
 
     def _pump(self, source, sink, keep):
         try:
