@@ -874,6 +874,18 @@ class ServerPerClassTestCase(PostmapTestCase):
         return run_cli(self, self.site, *args, input=input, rc=rc)
 
 
+def count_refused(socks):
+    """How many of these connections the web listener refused (503: no descriptor to spare)."""
+    count = 0
+    for sock in socks:
+        sock.setblocking(False)
+        try:
+            count += sock.recv(12, socket.MSG_PEEK).startswith(b"HTTP/1.1 503")
+        except (BlockingIOError, ConnectionResetError):
+            pass
+    return count
+
+
 def run_as_user(uid, function):
     """Run ``function()`` in a forked child that became ``uid``; its result or error as text."""
     read_end, write_end = os.pipe()
@@ -8669,16 +8681,7 @@ class FileDescriptorExhaustionTest(unittest.TestCase):
         try:
             for _ in range(300):
                 held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
-
-            def refused():
-                count = 0
-                for sock in held:
-                    sock.setblocking(False)
-                    try:
-                        count += sock.recv(12, socket.MSG_PEEK).startswith(b"HTTP/1.1 503")
-                    except (BlockingIOError, ConnectionResetError):
-                        pass
-                return count
+            refused = lambda: count_refused(held)
             self.assertGreater(wait_until(lambda: refused() > 100 and refused(), timeout=10), 100,
                                "connections beyond the budget were not refused")
             self.assertEqual(json.loads(cli(site, "--json", "status").stdout)["running"], True)
@@ -8720,16 +8723,7 @@ class DescriptorBudgetTest(HoldingTestCase):
     def test_a_flood_of_web_connections_leaves_the_command_line_and_postfix_answering(self):
         budget = 600 - min(im.RESERVED_DESCRIPTORS, 600 // 2)     # half is kept back at most
         flood = self.flood(budget + 250)
-
-        def refused():
-            count = 0
-            for sock in flood:
-                sock.setblocking(False)
-                try:
-                    count += sock.recv(12, socket.MSG_PEEK).startswith(b"HTTP/1.1 503")
-                except (BlockingIOError, ConnectionResetError):
-                    pass
-            return count
+        refused = lambda: count_refused(flood)
         wait_until(lambda: refused() >= len(flood) - budget, timeout=5)
         self.assertGreaterEqual(refused(), len(flood) - budget, "more connections held than "
                                 "the descriptor budget")
