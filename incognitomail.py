@@ -3418,13 +3418,18 @@ SMFIR_ADDRCPT, SMFIR_DELRCPT = b"+", b"-"
 SMFIF_ADDHDRS, SMFIF_ADDRCPT, SMFIF_DELRCPT, SMFIF_CHGHDRS, SMFIF_CHGFROM = 0x01, 0x04, 0x08, \
     0x10, 0x40
 MILTER_ACTIONS = SMFIF_ADDHDRS | SMFIF_ADDRCPT | SMFIF_DELRCPT | SMFIF_CHGHDRS | SMFIF_CHGFROM
-# ... and what it need not be told (protocol steps). Every command it is told is answered, even
-# where the protocol would let it keep quiet: Postfix does not set TCP_NODELAY, so its next
-# command after an unanswered one would wait for the milter's delayed ACK (40 ms on Linux).
-# DATA is told and answered for the same reason: smtpd sends its macros on their own just before
-# cleanup's first write.
+# ... what it need not be told (protocol steps) ...
 SMFIP_NOHELO, SMFIP_NOBODY, SMFIP_NOEOH, SMFIP_NOUNKNOWN = 0x02, 0x10, 0x40, 0x100
-MILTER_STEPS = SMFIP_NOHELO | SMFIP_NOBODY | SMFIP_NOEOH | SMFIP_NOUNKNOWN
+# ... and the commands it need not answer, as it always lets them continue: each answer costs
+# a write and a wakeup on both sides, a dozen a message. Postfix writes without TCP_NODELAY, so
+# its next command after one left unanswered would wait for the milter's delayed ACK (40 ms on
+# Linux): PostfixConnection acknowledges at once each read it does not answer.
+SMFIP_NR_HDR, SMFIP_NR_CONN, SMFIP_NR_MAIL, SMFIP_NR_DATA = 0x80, 0x1000, 0x4000, 0x10000
+MILTER_NO_REPLY = {SMFIC_CONNECT: SMFIP_NR_CONN, SMFIC_MAIL: SMFIP_NR_MAIL,
+                   SMFIC_DATA: SMFIP_NR_DATA, SMFIC_HEADER: SMFIP_NR_HDR}
+_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)     # Linux's; elsewhere all are answered
+MILTER_STEPS = SMFIP_NOHELO | SMFIP_NOBODY | SMFIP_NOEOH | SMFIP_NOUNKNOWN | \
+    (SMFIP_NR_HDR | SMFIP_NR_CONN | SMFIP_NR_MAIL | SMFIP_NR_DATA if _TCP_QUICKACK else 0)
 # Commands answered with nothing: macros, an abort, quit
 _UNANSWERED = frozenset((SMFIC_MACRO, SMFIC_ABORT, SMFIC_QUIT))
 
@@ -3488,10 +3493,10 @@ def milter_packet(code, payload=b""):
     return struct.pack("!I", len(payload) + 1) + code + payload
 
 
-def milter_negotiation(version=MILTER_VERSION):
-    """The answer to Postfix's OPTNEG: the version, MILTER_ACTIONS and MILTER_STEPS."""
-    return milter_packet(SMFIC_OPTNEG, struct.pack("!III", version, MILTER_ACTIONS,
-                                                   MILTER_STEPS))
+def milter_negotiation(version=MILTER_VERSION, steps=MILTER_STEPS):
+    """The answer to Postfix's OPTNEG: the version, MILTER_ACTIONS and the steps (those of
+    MILTER_STEPS that Postfix offered)."""
+    return milter_packet(SMFIC_OPTNEG, struct.pack("!III", version, MILTER_ACTIONS, steps))
 
 
 def milter_reply(text):
@@ -5402,6 +5407,7 @@ class MilterSession:
         self.front = front
         self.macros = {}
         self.local_port = False     # the connection Postfix made up for locally submitted mail
+        self.steps = 0              # as negotiated: until then, every command is answered
         self._new_message()
 
     def _new_message(self):
@@ -5418,24 +5424,25 @@ class MilterSession:
     def answer(self, command):
         code, args = command
         if code == SMFIC_OPTNEG:
-            return milter_negotiation(min(args[0], MILTER_VERSION))
+            self.steps = MILTER_STEPS & args[2]
+            return milter_negotiation(min(args[0], MILTER_VERSION), self.steps)
         if code == SMFIC_MACRO:
             self.macros.update(args[1])
             return b""
         if code == SMFIC_CONNECT:
             self.local_port = args[2] == 0
-            return _CONTINUE
+            return self._continue(code)
         if code == SMFIC_MAIL:
             self._new_message()
             self.sender = _unbracket(args[0])
             # Postfix sends a local submission's sender without <>, and from port 0
             self.smtp = not (self.local_port and not args[0].startswith("<"))
-            return _CONTINUE
+            return self._continue(code)
         if code == SMFIC_RCPT:
             return self._recipient(_unbracket(args[0]))
         if code == SMFIC_HEADER:
             self._header(*args)
-            return _CONTINUE
+            return self._continue(code)
         if code == SMFIC_BODYEOB:
             try:
                 return self._end()
@@ -5449,7 +5456,11 @@ class MilterSession:
             self._new_message()
         if code in _UNANSWERED:
             return b""
-        return _CONTINUE
+        return self._continue(code)
+
+    def _continue(self, code):
+        """Continue: said, unless Postfix agreed not to wait for it."""
+        return b"" if self.steps & MILTER_NO_REPLY.get(code, 0) else _CONTINUE
 
     def _header(self, name, value):
         """Keep a header of mail the milter changes, while the message stays within its
@@ -5693,25 +5704,43 @@ class PostfixConnection(_PausingProtocol):
     def data_received(self, data):
         self.clients.active(self)
         self.parser.feed(data)
-        self._answer_all()
+        if not self._answer_all():
+            self._acknowledge()
 
     def _answer_all(self):
+        """Answer the requests read so far; whether anything was written."""
+        wrote = False
         while "answer" not in self._paused_by and not self.transport.is_closing():
             try:
                 request = self.parser.next_request()
             except PostfixProtocolError as e:
                 log.warning("%s: closing a connection: %s", self.clients.name, e)
                 self.close()
-                return
+                break
             if request is None:
-                return
+                break
             reply = self.answer(request)
             if not isinstance(reply, bytes):
                 self._wait_for(reply)
-                return
-            self.transport.write(reply)
+                break
+            if reply:
+                self.transport.write(reply)
+                wrote = True
             if request == (SMFIC_QUIT, ()):
                 self.close()
+        return wrote
+
+    def _acknowledge(self):
+        """Acknowledge what was read now, not after the delayed-ACK timer: Postfix holds its
+        next write until then (it writes without TCP_NODELAY), and a read answered with
+        nothing (a milter command that needs no answer) sends no ACK along with an answer."""
+        sock = self.transport.get_extra_info("socket")
+        if _TCP_QUICKACK is not None and sock is not None and \
+                sock.family in (socket.AF_INET, socket.AF_INET6) and not self.transport.is_closing():
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+            except OSError:
+                pass
 
     def _wait_for(self, reply):
         self.front.answering += 1
