@@ -1991,9 +1991,20 @@ def _map_problems(config, table, settings):
                  % (where, wanted, wanted))]
     missing = [d for d in config.domains if d not in domains]
     setting = "virtual_alias_domains" if role == "virtual_alias_maps" else "mydestination"
-    return [("Postfix uses the map (%s)" % role, None),
-            ("Postfix routes every domain", "%s not in %s (%s); add them there, then postfix "
-             "reload" % (", ".join(missing), setting, where) if missing else None)]
+    problems = [("Postfix uses the map (%s)" % role, None),
+                ("Postfix routes every domain", "%s not in %s (%s); add them there, then "
+                 "postfix reload" % (", ".join(missing), setting, where) if missing else None)]
+    # canonical maps rewrite envelope senders too, the milter's among them (cleanup(8) maps a
+    # sender a milter sets as it maps the client's)
+    senders = [name for name in ("canonical_maps", "sender_canonical_maps")
+               if any(ours(w) for w in words(name))
+               and "envelope_sender" in words(name.replace("maps", "classes"))]
+    if config.milter_listen:
+        problems.append(("Postfix keeps the milter's senders", "%s in %s lists %s: Postfix "
+                         "would turn a handle's bounce address, the sender of mail from the "
+                         "handle, into its owner's address; list it in recipient_canonical_maps"
+                         " instead" % (senders[0], where, wanted) if senders else None))
+    return problems
 
 
 def postfix_config_problems(config, table, store=None):

@@ -11421,6 +11421,25 @@ class MilterCheckTest(PostmapTestCase):
         self.assertIn("Postfix runs the milter", self.failures("queue_directory = /var/spool/postfix",
                                                                milter="unix:run/milter.sock"))
 
+    def test_a_canonical_map_that_rewrites_senders_fails(self):
+        # cleanup(8) maps the envelope sender a milter sets as it maps the client's: with the
+        # handles in canonical_maps, mail to a handle arrived with Return-Path:
+        # <alice+b.j2.3aztff5n7z@mbox.test>, and the owner's replies would leave with it
+        table = "hash:%s" % self.site.map_path
+        for name in ("canonical_maps", "sender_canonical_maps"):
+            with self.subTest(setting=name):
+                failed = self.failures("%s = %s" % (name, table), "%s = envelope_sender, envelope_recipient"
+                                       % name.replace("maps", "classes"))
+                self.assertEqual(list(failed), ["Postfix keeps the milter's senders"])
+                self.assertIn(name, failed["Postfix keeps the milter's senders"])
+                self.assertIn("recipient_canonical_maps", failed["Postfix keeps the milter's senders"])
+        self.assertEqual(self.failures("recipient_canonical_maps = " + table,
+                                       "recipient_canonical_classes = envelope_recipient"), {})
+        self.assertEqual(self.failures("canonical_maps = " + table,
+                                       "canonical_classes = envelope_recipient"), {})
+        self.assertEqual(self.failures("canonical_maps = hash:/etc/postfix/admins-own",
+                                       "canonical_classes = envelope_sender"), {})
+
     def test_another_milter_before_ours_fails(self):
         failed = self.failures(milter="inet:127.0.0.1:8891, {ours}")
         self.assertEqual(list(failed), ["the milter comes before other milters"])
