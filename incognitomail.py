@@ -4403,7 +4403,8 @@ def owner_page(request, config):
     host = request.headers.get("host", "")
     sockets = " ws://%s wss://%s" % (host, host) if _HOST.fullmatch(host) else ""
     body = OWNER_PAGE.replace("{{LISTEN_PATH}}", html.escape(config.listen_path)).replace(
-        "{{DOMAINS}}", html.escape(",".join(config.domains)))
+        "{{DOMAINS}}", html.escape(",".join(config.domains))).replace(
+        "{{LIFETIME}}", str(config.handle_lifetime or ""))
     return [("Content-Type", "text/html; charset=utf-8"),
             ("Content-Security-Policy", PAGE_POLICY % sockets),
             ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
@@ -7223,6 +7224,8 @@ PAGE_SCRIPT = """
     : body.dataset.listenPath;
   let domains = unfilled(body.dataset.domains) ? []
     : body.dataset.domains.split(",").map((d) => d.trim()).filter(Boolean);
+  // HandleLifetime in seconds; 0: handles end only when their owner says
+  const LIFETIME = unfilled(body.dataset.lifetime) ? 0 : Number(body.dataset.lifetime) || 0;
   const nf = new Intl.NumberFormat("en-US");
   const rtf = new Intl.RelativeTimeFormat("en", { numeric: "auto" });
   const rows = new Map(); // alias id -> alias object, for the rows on screen
@@ -7319,6 +7322,11 @@ PAGE_SCRIPT = """
     if (node.problem && !(found && found[1]())) { unmark(node); setErr(node, ""); }
   }
   // the "Ends" choices: never, a duration in seconds, or "date" (the date input says when)
+  function lifetimeText(seconds) { // 2592000 -> "30 days", as HandleLifetime is written
+    const [size, unit] = [[604800, "week"], [86400, "day"], [3600, "hour"], [60, "minute"],
+      [1, "second"]].find(([n]) => seconds % n === 0);
+    return nf.format(seconds / size) + " " + unit + (seconds === size ? "" : "s");
+  }
   function endsValue(sel, at) {
     const v = sel.value;
     if (v === "" || v === "never") return null;
@@ -7537,6 +7545,11 @@ PAGE_SCRIPT = """
     newForm.reset(); $("#new-options").open = false; $("#new-expires-at-field").hidden = true;
     unmark(createErr); setErr(createErr, "");
   }
+  if (LIFETIME) { // the server ends new handles unless told otherwise: say so, offer Never
+    const first = $("#new-expires").options[0];
+    first.textContent = "In " + lifetimeText(LIFETIME) + " (this server's default)";
+    first.after(new Option("Never", "never"));
+  }
   $("#new-expires").addEventListener("change", () => {
     showDate($("#new-expires"), $("#new-expires-at"), $("#new-expires-at-field"));
   });
@@ -7552,7 +7565,7 @@ PAGE_SCRIPT = """
     const label = $("#new-label").value.trim(), raw = maxIn.value.trim();
     if (label) req.description = label;
     const ends = endsValue($("#new-expires"), $("#new-expires-at"));
-    if (ends) req.expires_at = ends;
+    if (ends || $("#new-expires").value === "never") req.expires_at = ends; // "": the default
     if (raw) req.max_messages = Number(raw);
     creating = true; btn.setAttribute("aria-busy", "true");
     try {
@@ -8143,7 +8156,7 @@ PAGE_MARKUP = """<!doctype html>
 <title>IncognitoMail</title>
 <style>{{STYLE}}</style>
 </head>
-<body data-listen-path="{{LISTEN_PATH}}" data-domains="{{DOMAINS}}">
+<body data-listen-path="{{LISTEN_PATH}}" data-domains="{{DOMAINS}}" data-lifetime="{{LIFETIME}}">
 <main id="signin-view" class="center" hidden>
   <form id="signin-form" class="card signin" novalidate>
     <div>

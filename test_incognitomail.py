@@ -12113,6 +12113,15 @@ class OwnerPageTools:
         return (node["role"]["value"], (node.get("name") or {}).get("value"),
                 {p["name"]: p["value"].get("value") for p in node.get("properties", [])})
 
+    def create(self, before=""):
+        """Click "Create handle"; the address it shows."""
+        b = self.browser
+        b.click(element("#create"))
+        address = b.wait_for("%s.textContent !== %s && %s.textContent" % (
+            element("#created-address"), json.dumps(before), element("#created-address")))
+        self.assertTrue(address, self.text("#create-error"))
+        return address
+
     def set_value(self, expression, value):
         """As a date picker or a select's list sets a control: its value, then input and
         change."""
@@ -12189,15 +12198,6 @@ class OwnerPageNewHandleTest(OwnerPageTools, OwnerPageDriver, unittest.TestCase)
                                    element("#new-label"), element("#new-expires"),
                                    element("#new-max"), element("#new-form details"),
                                    element("#new-expires-at")))
-
-    def create(self, before=""):
-        """Click "Create handle"; the address it shows."""
-        b = self.browser
-        b.click(element("#create"))
-        address = b.wait_for("%s.textContent !== %s && %s.textContent" % (
-            element("#created-address"), json.dumps(before), element("#created-address")))
-        self.assertTrue(address, self.text("#create-error"))
-        return address
 
     def test_after_create_the_form_is_as_a_new_visitor_sees_it(self):
         b = self.browser
@@ -12288,6 +12288,35 @@ class OwnerPageNewHandleTest(OwnerPageTools, OwnerPageDriver, unittest.TestCase)
                         "the deleted handle is still offered as the new address")
         self.assertEqual(self.text("#created-address"), "")
         self.assertEqual(listed(self, self.site, self.token), {})
+        self.assert_page_behaved(self.token)
+
+
+class OwnerPageDefaultLifetimeTest(OwnerPageTools, OwnerPageDriver, unittest.TestCase):
+    """With HandleLifetime set, "Ends" offers the server's default first, as what a handle made
+    without a choice gets, and "Never" after it, kept as chosen."""
+
+    def setUp(self):
+        super().setUp()
+        sections = self.listen_sections()
+        sections["PostfixConfig"] = {"HandleLifetime": "30d"}
+        self.site = socketmap_site(self, sections=sections)
+        start_daemon(self, self.site)
+        self.token = new_account(self.site)
+        self.open_page()
+        self.sign_in(self.token)
+
+    def test_ends_offers_the_servers_default_first_then_never(self):
+        b = self.browser
+        options = b.js("[...%s.options].map((o) => [o.value, o.textContent])" % element("#new-expires"))
+        self.assertEqual(options[:2], [["", "In 30 days (this server's default)"], ["never", "Never"]])
+        by_default = self.create()
+        b.click(element("#new-form summary"))
+        self.set_value(element("#new-expires"), "never")
+        never = self.create(by_default)
+        handles = listed(self, self.site, self.token)
+        self.assertAlmostEqual(from_iso(handles[by_default]["expires"]), time.time() + 30 * DAY, delta=120)
+        self.assertIsNone(handles[never]["expires"])
+        self.assertEqual(b.js(element("#new-expires") + ".value"), "")   # the default again
         self.assert_page_behaved(self.token)
 
 
