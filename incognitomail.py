@@ -7623,6 +7623,15 @@ PAGE_SCRIPT = """
     return parts.length ? [parts, "warn"] : [["Active"], "ok"];
   }
 
+  function replies(a) { // what came back through the milter, where anything did
+    const bounced = a.emails_bounced || 0, sent = a.emails_replied || 0;
+    if (!bounced && !sent) return null;
+    return el("div", { class: "label", "data-test": "replies" },
+      bounced ? nf.format(bounced) + " bounced, last " : null,
+      bounced ? when(a.last_bounced) : null, bounced && sent ? " · " : null,
+      sent ? nf.format(sent) + " sent from it" : null);
+  }
+
   function renderRow(a) {
     const id = String(a.id);
     rows.set(id, a);
@@ -7642,7 +7651,8 @@ PAGE_SCRIPT = """
             el("span", { class: "addr", "data-test": "address" },
               email.slice(0, at), el("wbr"), email.slice(at)),
             button("copy", "Copy " + email, "Copy", "btn ghost icon")),
-          el("div", { class: "label", "data-test": "label" }, a.description || "")),
+          el("div", { class: "label", "data-test": "label" }, a.description || ""),
+          replies(a)),
         el("td", { class: "st-cell", "data-label": "State" },
           el("span", { class: "state", "data-test": "state", title: ends }, ...chips),
           ended ? button("revive", (expired ? "Extend " : "Raise the message limit of ") + email,

@@ -12700,6 +12700,29 @@ class OwnerPageGuidanceTest(OwnerPageTools, OwnerPageDriver, unittest.TestCase):
         self.assert_page_behaved(self.token)
 
 
+class OwnerPageRowCountsTest(OwnerPageTools, OwnerPageDriver, unittest.TestCase):
+    """A row tells what went through the milter: how many bounces came back (and when the
+    last did) and how many messages its owner sent from it; a row with neither is silent."""
+
+    def test_a_row_tells_its_bounces_and_what_was_sent_from_it(self):
+        site = self.page_site()
+        now = int(time.time())
+        token = seed_account(site, [dict(local="r%015d" % n, domain="incognito.test", created=now - n)
+                                    for n in range(1, 4)])
+        set_seeded_columns(site, "r000000000000001", bounced=1234, last_bounced=now - 3 * DAY, sent=3)
+        set_seeded_columns(site, "r000000000000002", sent=1)
+        start_daemon(self, site)
+        self.open_page()
+        self.sign_in(token)
+        said = self.browser.js("Object.fromEntries([...document.querySelectorAll('#handles tbody')].map("
+                               "(t) => [t.querySelector('[data-test=address]').textContent, "
+                               "t.querySelector('[data-test=replies]')?.textContent ?? null]))")
+        self.assertEqual(said, {"r000000000000001@incognito.test": "1,234 bounced, last 3 days ago · 3 sent from it",
+                                "r000000000000002@incognito.test": "1 sent from it",
+                                "r000000000000003@incognito.test": None})
+        self.assert_page_behaved(token)
+
+
 class OwnerPageExportTest(OwnerPageTools, OwnerPageDriver, unittest.TestCase):
     """"Download CSV" and "Download JSON" save every handle, exactly as the command line's
     export writes them (which import reads back), read page by page over the WebSocket, under
