@@ -4079,10 +4079,12 @@ def _addy_list(request, token, match, site):
         last = max(1, -(-page.total // page.limit))
         current = page.offset // page.limit + 1
         path = request.path
+        kept = [(name, value) for name, value in request.query.items()
+                if name not in ("page[number]", "page[size]")]    # the filters and the order
 
         def link(number):
-            return None if number < 1 or number > last else \
-                "%s?page[number]=%d&page[size]=%d" % (path, number, page.limit)
+            return None if number < 1 or number > last else "%s?%s" % (path, urllib.parse.urlencode(
+                [("page[number]", number), ("page[size]", page.limit)] + kept, safe="[]"))
         first = page.offset + 1 if page.handles else None
         return _reply(200, {
             "data": [addy_alias(h, site.now) for h in page.handles],

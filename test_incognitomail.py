@@ -101,6 +101,7 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.parse
 import urllib.request
 import uuid
 import warnings
@@ -7912,6 +7913,20 @@ class AddyDialectTest(HttpApiTestCase):
         self.assertIsNone(last["links"]["next"])
         everything = self.addy("GET", "/api/v1/aliases?page[size]=100").json()
         self.assertEqual([a["id"] for a in everything["data"]], made[::-1])
+
+    def test_links_keep_the_filters_and_the_order(self):
+        made = [self.new_alias("site %d" % n)["id"] for n in range(5)]
+        body = self.addy("GET", "/api/v1/aliases?sort=created_at&filter%5Bsearch%5D=site%20&"
+                                "filter[active]=true&page[size]=2").json()
+        self.assertEqual([a["id"] for a in body["data"]], made[:2])
+        following = urllib.parse.urlsplit(body["links"]["next"])
+        self.assertEqual(following.path, "/api/v1/aliases")
+        self.assertEqual(dict(urllib.parse.parse_qsl(following.query)), {
+            "page[number]": "2", "page[size]": "2", "sort": "created_at", "filter[search]": "site ",
+            "filter[active]": "true"})
+        second = self.addy("GET", body["links"]["next"]).json()
+        self.assertEqual([a["id"] for a in second["data"]], made[2:4])
+        self.assertEqual(self.addy("GET", second["links"]["last"]).json()["data"][0]["id"], made[4])
 
     def test_list_filters_by_active_and_searches_address_and_label(self):
         shop, bank = self.new_alias("My Shop"), self.new_alias("bank")
