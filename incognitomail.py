@@ -3431,10 +3431,11 @@ SMFIF_ADDHDRS, SMFIF_ADDRCPT, SMFIF_DELRCPT, SMFIF_CHGHDRS, SMFIF_CHGFROM = 0x01
 MILTER_ACTIONS = SMFIF_ADDHDRS | SMFIF_ADDRCPT | SMFIF_DELRCPT | SMFIF_CHGHDRS | SMFIF_CHGFROM
 # ... what it need not be told (protocol steps) ...
 SMFIP_NOHELO, SMFIP_NOBODY, SMFIP_NOEOH, SMFIP_NOUNKNOWN = 0x02, 0x10, 0x40, 0x100
-# ... and the commands it need not answer, as it always lets them continue: each answer costs
-# a write and a wakeup on both sides, a dozen a message. Postfix writes without TCP_NODELAY, so
-# its next command after one left unanswered would wait for the milter's delayed ACK (40 ms on
-# Linux): PostfixConnection acknowledges at once each read it does not answer.
+# ... and the commands it need not answer, as it always lets them continue: Postfix then writes
+# a message's envelope at once and its headers at once, not a command per answer. Postfix writes
+# without TCP_NODELAY, so its next write after one left unanswered would wait for the milter's
+# delayed ACK (40 ms on Linux): PostfixConnection acknowledges at once each read it does not
+# answer.
 SMFIP_NR_HDR, SMFIP_NR_CONN, SMFIP_NR_MAIL, SMFIP_NR_DATA = 0x80, 0x1000, 0x4000, 0x10000
 MILTER_NO_REPLY = {SMFIC_CONNECT: SMFIP_NR_CONN, SMFIC_MAIL: SMFIP_NR_MAIL,
                    SMFIC_DATA: SMFIP_NR_DATA, SMFIC_HEADER: SMFIP_NR_HDR}
@@ -5699,7 +5700,7 @@ class PostfixConnection(_PausingProtocol):
     """One connection of Postfix's to the policy service, the socketmap or the milter: its
     requests answered in order by ``answerer()``'s answer.
 
-    A bare Protocol, as the milter talks a dozen times for every message: each request is
+    A bare Protocol, as Postfix asks the milter several times a message: each request is
     answered within the read that brought it, with no task or stream between. An answer is
     bytes (none for a milter command that gets none), or a coroutine of them when it must wait
     (a burner handle's count): the connection then reads nothing more until it is written, and
