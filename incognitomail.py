@@ -1943,11 +1943,20 @@ def _milter_problems(config, settings, store):
     problems = [("Postfix runs the milter", None if ours else
                  "smtpd_milters in %s lacks %s; add it, then postfix reload"
                  % (where, config.milter_listen))]
+    # each milter reads the message as those before it left it: a verifier goes before ours
+    # (the owner's mail as it came), a signer after (what ours made of it)
     if ours and milters[:ours[0]]:
-        problems.append(("the milter comes before other milters", "smtpd_milters lists %s "
-                         "before IncognitoMail's: a DKIM signer there signs what the milter "
-                         "then changes; list IncognitoMail's first" % milters[0]))
-    elif ours:
+        problems.append(("milters before IncognitoMail's only verify", Note(
+            "smtpd_milters lists %s before IncognitoMail's: right for a verifier (OpenDMARC, "
+            "OpenDKIM in mode v), whose verdict the milter reads; a DKIM signer there would sign "
+            "what the milter then changes: list signers after it" % ", ".join(milters[:ours[0]]))))
+    elif ours and config.reply_addresses:
+        problems.append(("a verifier checks the owners' mail", Note(
+            "no milter before IncognitoMail's: unless a verifier writes Authentication-Results "
+            "first (OpenDMARC or OpenDKIM in mode v listed before it, or policyd-spf with "
+            "Header_Type = AR), anyone who knows an owner's address can write as their handles;"
+            " see README.md, \"Privacy and deliverability\"")))
+    if ours:
         problems.append(("a DKIM signer follows the milter", None if milters[ours[0] + 1:] else
                          Note("no milter after IncognitoMail's: forwarded mail passes DMARC by "
                               "SPF alone; list a DKIM signer (OpenDKIM, rspamd) after it to "

@@ -11455,10 +11455,19 @@ class MilterCheckTest(PostmapTestCase):
         self.assertEqual(self.failures("canonical_maps = hash:/etc/postfix/admins-own",
                                        "canonical_classes = envelope_sender"), {})
 
-    def test_another_milter_before_ours_fails(self):
-        failed = self.failures(milter="inet:127.0.0.1:8891, {ours}")
-        self.assertEqual(list(failed), ["the milter comes before other milters"])
-        self.assertIn("inet:127.0.0.1:8891", failed["the milter comes before other milters"])
+    def test_a_milter_before_ours_is_noted_as_a_verifiers_place_and_none_as_a_forgers_chance(self):
+        # each milter reads what those before it left: README.md puts a verifier before ours
+        problems = self.problems(milter="inet:127.0.0.1:8893, {ours}, inet:127.0.0.1:8891")
+        self.assertEqual(self.failures(milter="inet:127.0.0.1:8893, {ours}, inet:127.0.0.1:8891"), {})
+        before = problems["milters before IncognitoMail's only verify"]
+        self.assertIsInstance(before, im.Note)
+        self.assertIn("inet:127.0.0.1:8893", before)
+        self.assertIn("signer", before)
+        self.assertNotIn("a verifier checks the owners' mail", problems)
+        self.assertIsNone(problems["a DKIM signer follows the milter"])
+        alone = self.problems()["a verifier checks the owners' mail"]
+        self.assertIsInstance(alone, im.Note)
+        self.assertIn("anyone who knows an owner's address can write as their handles", alone)
 
     def test_a_default_action_other_than_tempfail_fails(self):
         for action in ("accept", "reject", "quarantine"):
