@@ -1849,7 +1849,8 @@ _POSTFIX_SETTINGS = (
     "smtpd_relay_restrictions smtpd_milters non_smtpd_milters milter_default_action "
     "recipient_delimiter propagate_unmatched_extensions header_checks mime_header_checks "
     "nested_header_checks body_checks smtp_header_checks smtp_mime_header_checks "
-    "smtp_nested_header_checks smtp_body_checks smtp_generic_maps masquerade_domains").split()
+    "smtp_nested_header_checks smtp_body_checks smtp_generic_maps masquerade_domains "
+    "internal_mail_filter_classes").split()
 _CONTENT_CHECKS = [name for name in _POSTFIX_SETTINGS if name.endswith("_checks")]
 
 
@@ -1961,6 +1962,15 @@ def _milter_problems(config, settings, store):
                          Note("no milter after IncognitoMail's: forwarded mail passes DMARC by "
                               "SPF alone; list a DKIM signer (OpenDKIM, rspamd) after it to "
                               "sign for the handles' domains")))
+    # Postfix's own bounces (the owner's provider refusing a forwarded message, the commonest
+    # kind) pass a milter only as locally made mail of the bounce class
+    counted = any(_same_endpoint(w, config.milter_listen, settings.queue)
+                  for w in words("non_smtpd_milters")) and \
+        "bounce" in words("internal_mail_filter_classes")
+    problems.append(("Postfix's own bounces are counted", None if counted else Note(
+        "a bounce Postfix writes itself, as when the owner's provider refuses a forwarded "
+        "message, reaches the owner uncounted: add %s to non_smtpd_milters and bounce to "
+        "internal_mail_filter_classes in %s" % (config.milter_listen, where))))
     if (values.get("milter_default_action") or "tempfail") != "tempfail":
         problems.append(("Postfix waits while the milter is away", "milter_default_action = %s:"
                          " mail would pass unchanged while the daemon is down; use tempfail"
@@ -6448,7 +6458,8 @@ def run_check(config, args, out=sys.stdout):
 
 # What ``wire`` may set in main.cf
 _WIRED_SETTINGS = ("virtual_alias_maps", "virtual_alias_domains", "smtpd_recipient_restrictions",
-                   "smtpd_milters", "milter_default_action", "recipient_delimiter",
+                   "smtpd_milters", "non_smtpd_milters", "internal_mail_filter_classes",
+                   "milter_default_action", "recipient_delimiter",
                    "propagate_unmatched_extensions")
 
 
@@ -6496,6 +6507,10 @@ def postfix_wiring(config, settings, values):
     if config.milter_listen:
         wanted += [("smtpd_milters", adding("smtpd_milters", endpoint(config.milter_listen),
                                             first=True)),
+                   ("non_smtpd_milters", adding("non_smtpd_milters",
+                                                endpoint(config.milter_listen), first=True)),
+                   ("internal_mail_filter_classes",
+                    adding("internal_mail_filter_classes", "bounce")),
                    ("milter_default_action", "tempfail"),
                    ("recipient_delimiter", "+" + values.get("recipient_delimiter", "")
                     if "+" not in values.get("recipient_delimiter", "") else

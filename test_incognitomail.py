@@ -2489,6 +2489,8 @@ class MailLabTestCase(unittest.TestCase):
                                        "recipient_delimiter = +",
                                        "propagate_unmatched_extensions = canonical",
                                        "smtpd_milters = inet:127.0.0.1:%d" % milter_port,
+                                       "non_smtpd_milters = inet:127.0.0.1:%d" % milter_port,
+                                       "internal_mail_filter_classes = bounce",
                                        "milter_default_action = tempfail",
                                        "smtpd_recipient_restrictions = check_policy_service inet:127.0.0.1:%d"
                                        % policy_port])
@@ -10295,7 +10297,7 @@ class DeliverabilityTest(MailLabTestCase):
                 self.assertIn("dmarc=pass header.from=incognito.test", message["Authentication-Results"])
         wait_counted(self, self.site, token, handle, received=2)
 
-    def test_a_receiver_refusing_the_owner_at_rcpt_tells_the_sender_nothing(self):
+    def test_a_receiver_refusing_the_owner_at_rcpt_tells_the_sender_nothing_and_counts_the_bounce(self):
         owner = "gus.k7q@gmail.example"         # no such mailbox at the receiver
         token, handle = self.new_owner(owner)
         mark = self.forward(owner, handle)
@@ -10304,6 +10306,8 @@ class DeliverabilityTest(MailLabTestCase):
         self.assertTrue(wait_until(refused, 20), self.forwarder.maillog()[-3000:])
         self.assert_sender_never_learns(owner)
         self.assertNotIn(mark.encode(), self.tap.received())
+        # Postfix's own bounce passed the milter (non_smtpd_milters, internal_mail_filter_classes)
+        self.wait_count(token, handle, "bounced", 1, timeout=20)
 
     def test_a_receiver_accepting_then_bouncing_tells_the_sender_nothing_and_counts_the_bounce(self):
         owner = "liz.k7q@gmail.example"         # an alias to a mailbox that is full
@@ -11221,10 +11225,12 @@ class WireCommandTest(PostmapTestCase):
         self.assertEqual(self.postconf(site, "virtual_alias_maps"), "hash:%s" % site.map_path)
         self.assertEqual(self.postconf(site, "recipient_delimiter"), "+")
         self.assertTrue(self.postconf(site, "smtpd_milters").startswith(site.config.milter_listen))
+        self.assertTrue(self.postconf(site, "non_smtpd_milters").startswith(site.config.milter_listen))
+        self.assertIn("bounce", self.postconf(site, "internal_mail_filter_classes"))
         copies = [n for n in os.listdir(site.config.postfix_config_dir) if n.startswith("main.cf.incognitomail-")]
         self.assertEqual(len(copies), 1)
         for check in ("Postfix uses the map", "Postfix routes every domain", "Postfix asks the policy service",
-                      "Postfix runs the milter"):
+                      "Postfix runs the milter", "Postfix's own bounces are counted"):
             self.assertRegex(done.stdout, r"(?m)^OK +%s" % re.escape(check))
         again = run_cli(self, site, "wire", "--dry-run")
         self.assertIn("needs no change", again.stdout)
@@ -11379,6 +11385,8 @@ class MilterCheckTest(PostmapTestCase):
                 "smtpd_recipient_restrictions = check_policy_service inet:127.0.0.1:%d" % self.policy_port,
                 "myhostname = mail.example.org",
                 "smtpd_milters = " + milter.format(ours="inet:127.0.0.1:%d" % self.port),
+                "non_smtpd_milters = inet:127.0.0.1:%d" % self.port,
+                "internal_mail_filter_classes = bounce",
                 "milter_default_action = tempfail",
                 "recipient_delimiter = +",
                 "propagate_unmatched_extensions = canonical"]
@@ -11468,6 +11476,16 @@ class MilterCheckTest(PostmapTestCase):
         alone = self.problems()["a verifier checks the owners' mail"]
         self.assertIsInstance(alone, im.Note)
         self.assertIn("anyone who knows an owner's address can write as their handles", alone)
+
+    def test_postfixs_own_bounces_left_out_of_the_milter_are_noted(self):
+        self.assertIsNone(self.problems()["Postfix's own bounces are counted"])
+        for leave_out in (("non_smtpd_milters",), ("internal_mail_filter_classes",)):
+            with self.subTest(leave_out=leave_out):
+                note = self.problems(leave_out=leave_out)["Postfix's own bounces are counted"]
+                self.assertIsInstance(note, im.Note)
+                self.assertIn("non_smtpd_milters", note)
+                self.assertIn("internal_mail_filter_classes", note)
+                self.assertEqual(self.failures(leave_out=leave_out), {})
 
     def test_a_default_action_other_than_tempfail_fails(self):
         for action in ("accept", "reject", "quarantine"):
