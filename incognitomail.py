@@ -5769,12 +5769,9 @@ class PostfixConnection(_PausingProtocol):
         next write until then (it writes without TCP_NODELAY), and a read answered with
         nothing (a milter command that needs no answer) sends no ACK along with an answer."""
         sock = self.transport.get_extra_info("socket")
-        if _TCP_QUICKACK is not None and sock is not None and \
-                sock.family in (socket.AF_INET, socket.AF_INET6) and not self.transport.is_closing():
-            try:
+        if _TCP_QUICKACK and sock is not None and sock.family != socket.AF_UNIX:
+            with contextlib.suppress(OSError):      # the connection is gone already
                 sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
-            except OSError:
-                pass
 
     def _wait_for(self, reply):
         self.front.answering += 1
