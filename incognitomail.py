@@ -6527,13 +6527,13 @@ def run_wire(config, args, out=sys.stdout):
         print("%s\n    now:  %s\n    then: %s" % (name, now or "(empty)", value), file=out)
     if not changes:
         print("%s needs no change" % main_cf, file=out)
-    elif args.dry_run:
+    if args.dry_run:
         return 0
-    elif not args.yes and not (sys.stdin.isatty() and input(
+    if changes and not args.yes and not (sys.stdin.isatty() and input(
             "Write these to %s? [y/N] " % main_cf).strip().lower() in ("y", "yes")):
         print("nothing was changed", file=sys.stderr)
         return 1
-    else:
+    if changes:
         saved = "%s.incognitomail-%s" % (main_cf, time.strftime("%Y%m%dT%H%M%S"))
         shutil.copy2(main_cf, saved)
         command = [find_postfix_command("postconf")]

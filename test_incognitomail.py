@@ -11217,6 +11217,15 @@ class WireCommandTest(PostmapTestCase):
             self.assertIn(name, done.stdout)
         self.assertEqual(read_text(main_cf), before)
 
+    def test_a_dry_run_with_nothing_to_change_creates_no_folder_either(self):
+        folder = os.path.join(make_folder(self), "sockets")
+        site = make_site(self, sections={"General": {"MilterListen": "unix:%s/milter.sock" % folder}})
+        cli(site, "wire", "--yes")                  # check then fails: no server is running
+        self.assertTrue(os.path.isdir(folder))
+        os.rmdir(folder)
+        self.assertIn("needs no change", run_cli(self, site, "wire", "--dry-run").stdout)
+        self.assertFalse(os.path.exists(folder))
+
     def test_yes_writes_the_settings_keeps_a_copy_and_check_finds_postfix_wired(self):
         site = self.site()
         start_daemon(self, site)
