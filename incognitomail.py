@@ -5808,6 +5808,16 @@ class PostfixConnection(_PausingProtocol):
         self.transport.close()
 
 
+def _local_domains(config):
+    """Postfix's mydestination: a handle there is routed by a canonical map, and an unknown
+    address in it is "User unknown in local recipient table" (empty if postconf cannot say)."""
+    try:
+        value = _postconf(config, ["mydestination"], expand=True).get("mydestination", "")
+    except PostfixError:
+        return frozenset()
+    return frozenset(w.lower() for w in re.split(r"[\s,]+", value) if w)
+
+
 class PostfixFront:
     """Postfix's questions: the policy service (PolicyListen), the socketmap (SocketmapListen)
     and the milter (MilterListen, see MilterSession).
@@ -5820,6 +5830,7 @@ class PostfixFront:
 
     def __init__(self, config, service, clock=time.time):
         self.config, self.service, self.clock = config, service, clock
+        self._local_domains = _local_domains(config)
         self._store = None              # read-only, for lookups: opened in the front's thread
         self._received = []             # (address, time, column) to count, not yet written
         self._secret = None             # the milter's key (HMAC of bounce addresses)
@@ -6037,7 +6048,8 @@ class PostfixFront:
             return "550 5.1.1 <%s>: %s" % (recipient, REFUSALS[state])
         routable = handle.in_map(self.service.swept_until) and \
             (state != EXPIRED or not self.config.socketmap_listen)
-        return "550 5.1.1 User unknown in virtual alias table" if routable else "DUNNO"
+        table = "local recipient" if handle.domain in self._local_domains else "virtual alias"
+        return "550 5.1.1 User unknown in %s table" % table if routable else "DUNNO"
 
     def _remember(self, request, recipient, answer):
         instance = request.get("instance")

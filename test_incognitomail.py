@@ -9841,10 +9841,12 @@ class RefuseAsUnknownTest(PostmapTestCase):
     """RefuseAsUnknown (server-wide) and refuse_as_unknown (a handle's own): a switched-off or
     ended handle is refused exactly as an address that does not exist, and still counted."""
 
-    def front(self, server_wide):
+    def front(self, server_wide, main_cf=None):
         self.now = [T0]
         site = make_site(self, sections={"General": {"PolicyListen": "inet:127.0.0.1:%d" % free_port(),
                                                      "RefuseAsUnknown": server_wide}})
+        if main_cf is not None:
+            write_postfix_config_dir(site.config.postfix_config_dir, main_cf)
         self.fixture = ServiceFixture(self, site, clock=lambda: self.now[0]).start()
         self.token = self.fixture.new_account()
         return im.PostfixFront(site.config, self.fixture.service, clock=lambda: self.now[0])
@@ -9863,6 +9865,15 @@ class RefuseAsUnknownTest(PostmapTestCase):
         self.assertEqual(self.ask(front, expiring), "550 5.1.1 User unknown in virtual alias table")
         asyncio.run(front._flush_received())
         self.assertEqual(self.fixture.handle(self.token, disabled)["blocked"], 1)
+
+    def test_a_local_domain_gets_the_words_of_the_local_recipient_table(self):
+        # a canonical map (README.md's local delivery): the domain is in mydestination, and
+        # Postfix says "User unknown in local recipient table" of an address it does not know
+        front = self.front("yes", main_cf="mydestination = localhost, incognito.test\n"
+                                          "recipient_canonical_maps = hash:/nonexistent\n")
+        expiring = self.fixture.new_handle(self.token, expires="1h")
+        self.now[0] += 2 * 3600
+        self.assertEqual(self.ask(front, expiring), "550 5.1.1 User unknown in local recipient table")
 
     def test_a_handle_may_choose_otherwise_than_the_server(self):
         front = self.front("no")
