@@ -1978,9 +1978,13 @@ def _milter_problems(config, settings, store):
     if "+" not in values.get("recipient_delimiter", ""):
         problems.append(("Postfix takes the milter's addresses (handle+...@)", "%s needs "
                          "recipient_delimiter = +" % where))
-    if "virtual" in words("propagate_unmatched_extensions"):
+    # the map's own kind of lookup must not hand a milter address's +extension on to the owner
+    local = any(domain in words("mydestination") for domain in config.domains)
+    spread, keep = ("canonical", "empty") if local else ("virtual", "canonical (or empty)")
+    if spread in words("propagate_unmatched_extensions"):
         problems.append(("bounces reach the owner's own address", "propagate_unmatched_extensions"
-                         " includes virtual: set it to canonical (or empty) in %s" % where))
+                         " includes %s: Postfix adds a bounce address's +extension to the "
+                         "owner's address; set it to %s in %s" % (spread, keep, where)))
     problems += _rewriter_problems(settings)
     spf = "v=spf1 a:%s -all" % (values.get("myhostname") or "mail.example.org")
     problems += [("SPF record of %s" % domain, Note(
@@ -6524,7 +6528,7 @@ def postfix_wiring(config, settings, values):
                    ("recipient_delimiter", "+" + values.get("recipient_delimiter", "")
                     if "+" not in values.get("recipient_delimiter", "") else
                     values["recipient_delimiter"]),
-                   ("propagate_unmatched_extensions", "canonical")]
+                   ("propagate_unmatched_extensions", "" if canonical else "canonical")]
     return [(name, values.get(name, ""), value) for name, value in wanted
             if values.get(name, "") != value]
 
@@ -6536,7 +6540,8 @@ def run_wire(config, args, out=sys.stdout):
     changes = postfix_wiring(config, settings, _postconf(config, _WIRED_SETTINGS, expand=False))
     main_cf = os.path.join(config.postfix_config_dir or "/etc/postfix", "main.cf")
     for name, now, value in changes:
-        print("%s\n    now:  %s\n    then: %s" % (name, now or "(empty)", value), file=out)
+        print("%s\n    now:  %s\n    then: %s" % (name, now or "(empty)", value or "(empty)"),
+              file=out)
     if not changes:
         print("%s needs no change" % main_cf, file=out)
     if args.dry_run:

@@ -11255,6 +11255,15 @@ class WireCommandTest(PostmapTestCase):
         again = run_cli(self, site, "wire", "--dry-run")
         self.assertIn("needs no change", again.stdout)
 
+    def test_a_canonical_map_gets_no_extension_handed_on(self):
+        site = self.site()
+        with open(os.path.join(site.config.postfix_config_dir, "main.cf"), "a") as f:
+            f.write("mydestination = localhost, incognito.test\nrecipient_canonical_maps = hash:%s\n"
+                    "recipient_canonical_classes = envelope_recipient\n" % site.map_path)
+        shown = run_cli(self, site, "wire", "--dry-run").stdout
+        self.assertIn("propagate_unmatched_extensions\n    now:  canonical, virtual\n    then: (empty)", shown)
+        self.assertNotIn("virtual_alias_maps", shown)
+
     def test_the_admins_references_are_kept_as_written(self):
         site = self.site()
         main_cf = os.path.join(site.config.postfix_config_dir, "main.cf")
@@ -11496,6 +11505,19 @@ class MilterCheckTest(PostmapTestCase):
         alone = self.problems()["a verifier checks the owners' mail"]
         self.assertIsInstance(alone, im.Note)
         self.assertIn("anyone who knows an owner's address can write as their handles", alone)
+
+    def test_extensions_handed_on_by_the_maps_own_kind_of_lookup_fail(self):
+        self.assertEqual(self.failures("propagate_unmatched_extensions = canonical"), {})
+        failed = self.failures("propagate_unmatched_extensions = canonical, virtual")
+        self.assertIn("includes virtual", failed["bounces reach the owner's own address"])
+        # a canonical map (local delivery): canonical must go too
+        local = ("mydestination = localhost, incognito.test, other.test", "virtual_alias_maps =",
+                 "virtual_alias_domains =", "recipient_canonical_maps = hash:%s" % self.site.map_path,
+                 "recipient_canonical_classes = envelope_recipient")
+        failed = self.failures(*local + ("propagate_unmatched_extensions = canonical",))
+        self.assertEqual(list(failed), ["bounces reach the owner's own address"])
+        self.assertIn("includes canonical", failed["bounces reach the owner's own address"])
+        self.assertEqual(self.failures(*local + ("propagate_unmatched_extensions =",)), {})
 
     def test_postfixs_own_bounces_left_out_of_the_milter_are_noted(self):
         self.assertIsNone(self.problems()["Postfix's own bounces are counted"])
