@@ -1923,7 +1923,9 @@ def _rewriter_problems(settings):
             changing.append(name)
     problems.append(("nothing rewrites forwarded mail", "%s in %s change forwarded headers or "
                      "bodies: the sender's DKIM signature breaks, and a rewrite may undo the "
-                     "milter's; remove them" % (", ".join(changing), where) if changing else None))
+                     "milter's; remove them (a *canonical_classes: set it to its envelope_ "
+                     "classes only, as leaving it out means header classes too)"
+                     % (", ".join(changing), where) if changing else None))
     return problems
 
 

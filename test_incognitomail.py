@@ -11585,8 +11585,13 @@ class MilterCheckTest(PostmapTestCase):
                 failed = self.failures(*lines)
                 self.assertEqual(list(failed), ["nothing rewrites forwarded mail"])
                 self.assertIn(named, failed["nothing rewrites forwarded mail"])
+                if named.endswith("_classes"):      # leaving the line out keeps header classes
+                    self.assertIn("envelope_ classes only", failed["nothing rewrites forwarded mail"])
         self.assertEqual(self.failures("header_checks = regexp:%s" % harmless,
                                        "recipient_canonical_maps = hash:%s/rc" % self.folder,
+                                       "recipient_canonical_classes = envelope_recipient"), {})
+        # postsrsd's reverse map, kept for 21 days as README.md says
+        self.assertEqual(self.failures("recipient_canonical_maps = tcp:localhost:10002",
                                        "recipient_canonical_classes = envelope_recipient"), {})
 
     def test_without_the_milter_a_note_names_the_providers_that_see_the_owners_address(self):
