@@ -1850,7 +1850,7 @@ _POSTFIX_SETTINGS = (
     "recipient_delimiter propagate_unmatched_extensions header_checks mime_header_checks "
     "nested_header_checks body_checks smtp_header_checks smtp_mime_header_checks "
     "smtp_nested_header_checks smtp_body_checks smtp_generic_maps masquerade_domains "
-    "internal_mail_filter_classes").split()
+    "internal_mail_filter_classes smtpd_policy_service_default_action").split()
 _CONTENT_CHECKS = [name for name in _POSTFIX_SETTINGS if name.endswith("_checks")]
 
 
@@ -2049,6 +2049,11 @@ def postfix_config_problems(config, table, store=None):
         problems.append(("Postfix asks the policy service", None if referenced else
                          "smtpd_recipient_restrictions in %s lacks check_policy_service %s; "
                          "see README.md" % (settings.where, endpoint)))
+        default = settings.values.get("smtpd_policy_service_default_action", "")
+        problems.append(("mail flows while the daemon is down", None if default == "DUNNO" else
+                         Note("smtpd_policy_service_default_action = %s: Postfix answers so "
+                              "for every recipient, not only handles, while the daemon is down "
+                              "or restarting; set it to DUNNO in %s" % (default, settings.where))))
     return problems + _milter_problems(config, settings, store)
 
 
@@ -6473,6 +6478,7 @@ def run_check(config, args, out=sys.stdout):
 
 # What ``wire`` may set in main.cf
 _WIRED_SETTINGS = ("virtual_alias_maps", "virtual_alias_domains", "smtpd_recipient_restrictions",
+                   "smtpd_policy_service_default_action",
                    "smtpd_milters", "non_smtpd_milters", "internal_mail_filter_classes",
                    "milter_default_action", "recipient_delimiter",
                    "propagate_unmatched_extensions")
@@ -6518,7 +6524,8 @@ def postfix_wiring(config, settings, values):
         if endpoint(config.policy_listen) not in now and config.policy_listen not in now:
             now = ", ".join(w for w in (now or "permit_mynetworks, reject_unauth_destination",
                                         check) if w)
-        wanted.append(("smtpd_recipient_restrictions", now))
+        wanted += [("smtpd_recipient_restrictions", now),
+                   ("smtpd_policy_service_default_action", "DUNNO")]
     if config.milter_listen:
         wanted += [("smtpd_milters", adding("smtpd_milters", endpoint(config.milter_listen),
                                             first=True)),

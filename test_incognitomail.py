@@ -11247,10 +11247,12 @@ class WireCommandTest(PostmapTestCase):
         self.assertTrue(self.postconf(site, "smtpd_milters").startswith(site.config.milter_listen))
         self.assertTrue(self.postconf(site, "non_smtpd_milters").startswith(site.config.milter_listen))
         self.assertIn("bounce", self.postconf(site, "internal_mail_filter_classes"))
+        self.assertEqual(self.postconf(site, "smtpd_policy_service_default_action"), "DUNNO")
         copies = [n for n in os.listdir(site.config.postfix_config_dir) if n.startswith("main.cf.incognitomail-")]
         self.assertEqual(len(copies), 1)
         for check in ("Postfix uses the map", "Postfix routes every domain", "Postfix asks the policy service",
-                      "Postfix runs the milter", "Postfix's own bounces are counted"):
+                      "Postfix runs the milter", "Postfix's own bounces are counted",
+                      "mail flows while the daemon is down"):
             self.assertRegex(done.stdout, r"(?m)^OK +%s" % re.escape(check))
         again = run_cli(self, site, "wire", "--dry-run")
         self.assertIn("needs no change", again.stdout)
@@ -11412,6 +11414,7 @@ class MilterCheckTest(PostmapTestCase):
         good = ["virtual_alias_domains = incognito.test, other.test",
                 "virtual_alias_maps = hash:%s" % self.site.map_path,
                 "smtpd_recipient_restrictions = check_policy_service inet:127.0.0.1:%d" % self.policy_port,
+                "smtpd_policy_service_default_action = DUNNO",
                 "myhostname = mail.example.org",
                 "smtpd_milters = " + milter.format(ours="inet:127.0.0.1:%d" % self.port),
                 "non_smtpd_milters = inet:127.0.0.1:%d" % self.port,
@@ -11518,6 +11521,14 @@ class MilterCheckTest(PostmapTestCase):
         self.assertEqual(list(failed), ["bounces reach the owner's own address"])
         self.assertIn("includes canonical", failed["bounces reach the owner's own address"])
         self.assertEqual(self.failures(*local + ("propagate_unmatched_extensions =",)), {})
+
+    def test_a_policy_service_that_holds_all_mail_while_the_daemon_is_down_is_noted(self):
+        self.assertIsNone(self.problems()["mail flows while the daemon is down"])
+        note = self.problems(leave_out=("smtpd_policy_service_default_action",))[
+            "mail flows while the daemon is down"]
+        self.assertIsInstance(note, im.Note)
+        self.assertIn("451 4.3.5 Server configuration problem", note)
+        self.assertIn("DUNNO", note)
 
     def test_postfixs_own_bounces_left_out_of_the_milter_are_noted(self):
         self.assertIsNone(self.problems()["Postfix's own bounces are counted"])
