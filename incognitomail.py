@@ -1995,6 +1995,25 @@ def _milter_problems(config, settings, store):
     return problems
 
 
+def _stale_map_problem(config, settings):
+    """With the socketmap, the map file the daemon wrote before is no longer kept in step:
+    Postfix must not read handles from it."""
+    old = PostfixMap(config)
+    listed = [name for name in ("virtual_alias_maps", "canonical_maps", "recipient_canonical_maps")
+              if any(w in (old.name, old.path) for w in settings.words(name))]
+    handles = False
+    with contextlib.suppress(OSError), open(old.path, "rb") as f:
+        below = False
+        for line in f:
+            handles = handles or below and map_line_key(line) is not None
+            below = below or is_marker(line)
+    return ("Postfix reads no stale handles", "%s in %s lists %s, whose handles below the "
+            "marker the daemon no longer keeps in step (with SocketmapListen): deleted and "
+            "switched-off handles stay live through it; move your own lines above the marker to "
+            "a map of their own, then remove it" % (listed[0], settings.where, old.name)
+            if listed and handles else None)
+
+
 def _map_problems(config, table, settings):
     words, queue, where = settings.words, settings.queue, settings.where
     if config.socketmap_listen:
@@ -2024,6 +2043,8 @@ def _map_problems(config, table, settings):
     senders = [name for name in ("canonical_maps", "sender_canonical_maps")
                if any(ours(w) for w in words(name))
                and "envelope_sender" in words(name.replace("maps", "classes"))]
+    if config.socketmap_listen:
+        problems.append(_stale_map_problem(config, settings))
     if config.milter_listen:
         problems.append(("Postfix keeps the milter's senders", "%s in %s lists %s: Postfix "
                          "would turn a handle's bounce address, the sender of mail from the "

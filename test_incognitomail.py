@@ -11389,6 +11389,25 @@ class CheckCommandTest(PostmapTestCase):
         self.assertEqual(len(failed), 1, failed)
         self.assertIn("check_policy_service", failed[0])
 
+    def test_check_names_an_old_map_file_still_listed_beside_the_socketmap(self):
+        socket_path = os.path.join(make_folder(self), "socketmap.sock")
+        site = self.make_site(sections={"General": {"SocketmapListen": "unix:" + socket_path}})
+        write_postfix_config_dir(site.config.postfix_config_dir, (
+            "virtual_alias_domains = incognito.test, other.test\n"
+            "virtual_alias_maps = hash:%s, socketmap:unix:%s:virtual\n" % (site.map_path, socket_path)))
+        own = b"postmaster@incognito.test root@example.org\n" + im.MAP_MARKER
+
+        def problem(text):
+            with open(site.map_path, "wb") as f:
+                f.write(text)
+            problems = dict(im.postfix_config_problems(site.config, im.make_table(site.config)))
+            return problems["Postfix reads no stale handles"]
+        stale = problem(own + b"k3v9q0x2m7ab5ts1@incognito.test me@example.org\n")
+        self.assertIn("virtual_alias_maps", stale)
+        self.assertIn("hash:%s" % site.map_path, stale)
+        self.assertIn("deleted and switched-off handles stay live", stale)
+        self.assertIsNone(problem(own))                 # only the admin's own lines: their map
+
     def test_check_names_a_server_that_is_not_running(self):
         daemon, token, handles = self.start_with_handles()
         daemon.stop()
