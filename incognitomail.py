@@ -1837,6 +1837,14 @@ def _same_endpoint(written, ours, queue_directory):
             and ours == "unix:" + os.path.normpath(os.path.join(queue_directory, path)))
 
 
+def _wired_endpoint(listen, queue_directory):
+    """How main.cf should name our listener: a unix socket in the queue directory by its path
+    relative to it, which chrooted daemons reach too."""
+    kind, _, path = listen.partition(":")
+    inside = kind == "unix" and path.startswith(queue_directory.rstrip("/") + "/")
+    return "unix:" + os.path.relpath(path, queue_directory) if inside else listen
+
+
 class Note(str):
     """A finding of ``check`` that is advice, not a failure."""
 
@@ -1852,16 +1860,35 @@ _POSTFIX_SETTINGS = (
     "smtp_nested_header_checks smtp_body_checks smtp_generic_maps masquerade_domains "
     "internal_mail_filter_classes smtpd_policy_service_default_action").split()
 _CONTENT_CHECKS = [name for name in _POSTFIX_SETTINGS if name.endswith("_checks")]
+# where main.cf names our sockets
+_SOCKET_SETTINGS = ("smtpd_recipient_restrictions", "smtpd_relay_restrictions",
+                    "virtual_alias_maps", "canonical_maps", "recipient_canonical_maps",
+                    "smtpd_milters", "non_smtpd_milters")
+
+
+def _postconf_command(config):
+    command = [find_postfix_command("postconf")]
+    return command + ["-c", config.postfix_config_dir] if config.postfix_config_dir else command
+
+
+def _chrooted(config):
+    """Which of the daemons that use our sockets (smtpd, cleanup) master.cf runs chrooted in
+    the queue directory (Debian's default: both; a "-" is Postfix 3's default, no chroot)."""
+    try:
+        done = subprocess.run(_postconf_command(config) + ["-M"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return set()
+    rows = (line.split() for line in done.stdout.decode("utf-8", "replace").splitlines())
+    return {row[7] for row in rows if len(row) > 7 and row[4] == "y"
+            and row[7] in ("smtpd", "cleanup")}
 
 
 def _postconf(config, names, expand):
     """{name: value} of Postfix's settings ``names``: with ``$name`` references replaced
     (``postconf -x``: what Postfix uses), or as main.cf writes them (what to write back)."""
-    command = [find_postfix_command("postconf")]
-    if config.postfix_config_dir:
-        command += ["-c", config.postfix_config_dir]
     try:
-        done = subprocess.run(command + (["-x"] if expand else []) + list(names),
+        done = subprocess.run(_postconf_command(config) + (["-x"] if expand else []) + list(names),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise PostfixError(str(e))
@@ -1881,6 +1908,7 @@ class _PostfixSettings:
         self.values = _postconf(config, _POSTFIX_SETTINGS, expand=True)
         self.queue = self.values.get("queue_directory", "/var/spool/postfix")
         self.where = "main.cf in %s" % (config.postfix_config_dir or "/etc/postfix")
+        self.chrooted = _chrooted(config)
 
     def words(self, name):
         return [w for w in re.split(r"[\s,{}]+", self.values.get(name, "")) if w]
@@ -1945,7 +1973,7 @@ def _milter_problems(config, settings, store):
             % ", ".join(foreign)) if foreign else None)]
     problems = [("Postfix runs the milter", None if ours else
                  "smtpd_milters in %s lacks %s; add it, then postfix reload"
-                 % (where, config.milter_listen))]
+                 % (where, _wired_endpoint(config.milter_listen, settings.queue)))]
     # each milter reads the message as those before it left it: a verifier goes before ours
     # (the owner's mail as it came), a signer after (what ours made of it)
     if ours and milters[:ours[0]]:
@@ -2019,7 +2047,7 @@ def _map_problems(config, table, settings):
     if config.socketmap_listen:
         ours = lambda w: w.startswith("socketmap:") and _same_endpoint(
             w.removeprefix("socketmap:").rpartition(":")[0], config.socketmap_listen, queue)
-        wanted = "socketmap:%s:virtual" % config.socketmap_listen
+        wanted = "socketmap:%s:virtual" % _wired_endpoint(config.socketmap_listen, queue)
     else:
         ours = lambda w: w == table.name or (table.type == "hash" and w == table.path)
         wanted = table.name
@@ -2053,6 +2081,21 @@ def _map_problems(config, table, settings):
     return problems
 
 
+def _chroot_problems(config, settings):
+    """A socket main.cf names by its absolute path is out of a chrooted daemon's reach, though
+    ``check``'s own lookups (and unchrooted tools such as postmap) find it."""
+    if not settings.chrooted:
+        return []
+    found = ["%s (write %s)" % (listen, _wired_endpoint(listen, settings.queue))
+             for listen in (config.policy_listen, config.socketmap_listen, config.milter_listen)
+             if listen and _wired_endpoint(listen, settings.queue) != listen
+             and any(listen in settings.values.get(name, "") for name in _SOCKET_SETTINGS)]
+    return [("Postfix reaches its sockets from the chroot", "master.cf runs %s chrooted in %s, "
+             "where a socket's absolute path leads nowhere: %s" % (
+                 " and ".join(sorted(settings.chrooted)), settings.queue, "; ".join(found))
+             if found else None)]
+
+
 def postfix_config_problems(config, table, store=None):
     """What Postfix's own configuration lacks for our map, domains, policy service and milter,
     and what in it would undo the milter's work: (what was checked, problem, Note or None)."""
@@ -2069,13 +2112,14 @@ def postfix_config_problems(config, table, store=None):
                          for before, word in zip(words(n), words(n)[1:]))
         problems.append(("Postfix asks the policy service", None if referenced else
                          "smtpd_recipient_restrictions in %s lacks check_policy_service %s; "
-                         "see README.md" % (settings.where, endpoint)))
+                         "see README.md" % (settings.where,
+                                            _wired_endpoint(endpoint, settings.queue))))
         default = settings.values.get("smtpd_policy_service_default_action", "")
         problems.append(("mail flows while the daemon is down", None if default == "DUNNO" else
                          Note("smtpd_policy_service_default_action = %s: Postfix answers so "
                               "for every recipient, not only handles, while the daemon is down "
                               "or restarting; set it to DUNNO in %s" % (default, settings.where))))
-    return problems + _milter_problems(config, settings, store)
+    return problems + _chroot_problems(config, settings) + _milter_problems(config, settings, store)
 
 
 class SocketmapTable(LookupTable):
@@ -6512,10 +6556,8 @@ def postfix_wiring(config, settings, values):
     references kept), which a new value extends."""
     words, queue = settings.words, settings.queue
 
-    def endpoint(listen):       # a unix socket in the queue directory: relative, for the chroot
-        kind, _, path = listen.partition(":")
-        inside = kind == "unix" and path.startswith(queue.rstrip("/") + "/")
-        return "unix:" + os.path.relpath(path, queue) if inside else listen
+    def endpoint(listen):
+        return _wired_endpoint(listen, queue)
 
     def adding(name, word, first=False):
         now = words(name)

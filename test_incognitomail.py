@@ -11426,10 +11426,10 @@ class MilterCheckTest(PostmapTestCase):
             "MilterListen": "inet:127.0.0.1:%d" % self.port, "PolicyListen": "inet:127.0.0.1:%d" % self.policy_port}})
         self.folder = self.site.config.postfix_config_dir
 
-    def main_cf(self, *lines, milter="{ours}", leave_out=()):
+    def main_cf(self, *lines, milter="{ours}", leave_out=(), master=""):
         """main.cf: the map and the policy service as they should be, the milter wired as
         README.md says (``milter``: smtpd_milters' value) but for the settings named in
-        ``leave_out``, then ``lines`` (later lines win)."""
+        ``leave_out``, then ``lines`` (later lines win); ``master``: master.cf."""
         good = ["virtual_alias_domains = incognito.test, other.test",
                 "virtual_alias_maps = hash:%s" % self.site.map_path,
                 "smtpd_recipient_restrictions = check_policy_service inet:127.0.0.1:%d" % self.policy_port,
@@ -11443,6 +11443,8 @@ class MilterCheckTest(PostmapTestCase):
                 "propagate_unmatched_extensions = canonical"]
         good = [line for line in good if line.partition(" =")[0] not in leave_out]
         write_postfix_config_dir(self.folder, "\n".join(good + list(lines)) + "\n")
+        with open(os.path.join(self.folder, "master.cf"), "w") as f:
+            f.write(master)
 
     def problems(self, *lines, **kwargs):
         """{what was checked: its problem (None: OK; a Note: NOTE; text: FAIL)} for that main.cf."""
@@ -11513,6 +11515,25 @@ class MilterCheckTest(PostmapTestCase):
                                        "canonical_classes = envelope_recipient"), {})
         self.assertEqual(self.failures("canonical_maps = hash:/etc/postfix/admins-own",
                                        "canonical_classes = envelope_sender"), {})
+
+    def test_an_absolute_socket_path_fails_where_postfix_runs_chrooted(self):
+        folder = make_folder(self)
+        path = os.path.join(folder, "run", "milter.sock")
+        self.site = Site(folder, sections={"General": {"MilterListen": "unix:" + path}})
+        self.folder = self.site.config.postfix_config_dir
+        debian = "smtp inet n - y - - smtpd\ncleanup unix n - y - 0 cleanup\n"   # as Debian ships it
+        failed = self.failures("queue_directory = %s" % folder, milter="unix:" + path, master=debian)
+        self.assertEqual(list(failed), ["Postfix reaches its sockets from the chroot"])
+        self.assertIn("write unix:run/milter.sock", failed["Postfix reaches its sockets from the chroot"])
+        self.assertIn("cleanup and smtpd", failed["Postfix reaches its sockets from the chroot"])
+        self.assertEqual(self.failures("queue_directory = %s" % folder, milter="unix:run/milter.sock",
+                                       master=debian), {})
+        unchrooted = debian.replace(" y ", " n ")
+        self.assertEqual(self.failures("queue_directory = %s" % folder, milter="unix:" + path,
+                                       master=unchrooted), {})
+        # the fix a missing milter is told names the socket as the chroot needs it
+        failed = self.failures("queue_directory = %s" % folder, milter="", master=debian)
+        self.assertIn("lacks unix:run/milter.sock", failed["Postfix runs the milter"])
 
     def test_a_milter_before_ours_is_noted_as_a_verifiers_place_and_none_as_a_forgers_chance(self):
         # each milter reads what those before it left: README.md puts a verifier before ours
