@@ -1858,7 +1858,8 @@ _POSTFIX_SETTINGS = (
     "recipient_delimiter propagate_unmatched_extensions header_checks mime_header_checks "
     "nested_header_checks body_checks smtp_header_checks smtp_mime_header_checks "
     "smtp_nested_header_checks smtp_body_checks smtp_generic_maps masquerade_domains "
-    "internal_mail_filter_classes smtpd_policy_service_default_action").split()
+    "internal_mail_filter_classes smtpd_policy_service_default_action virtual_mailbox_domains"
+    ).split()
 _CONTENT_CHECKS = [name for name in _POSTFIX_SETTINGS if name.endswith("_checks")]
 # where main.cf names our sockets
 _SOCKET_SETTINGS = ("smtpd_recipient_restrictions", "smtpd_relay_restrictions",
@@ -1965,7 +1966,7 @@ def _milter_problems(config, settings, store):
     if not config.milter_listen:
         foreign = sorted({address.rpartition("@")[2] for address in
                           (store.target_addresses() if store is not None else ())}
-                         - set(words("mydestination")))
+                         - set(words("mydestination")) - set(words("virtual_mailbox_domains")))
         return [("mail leaves with the owner's privacy kept", Note(
             "without the milter ([General] MilterListen), mail forwarded to %s keeps its "
             "sender's envelope: SPF fails there, and a bounce or an auto-reply shows the sender "
@@ -6585,8 +6586,10 @@ def postfix_wiring(config, settings, values):
         check = "check_policy_service %s" % endpoint(config.policy_listen)
         now = values.get("smtpd_recipient_restrictions", "")
         if endpoint(config.policy_listen) not in now and config.policy_listen not in now:
-            now = ", ".join(w for w in (now or "permit_mynetworks, reject_unauth_destination",
-                                        check) if w)
+            # relay control in smtpd_relay_restrictions (Postfix 2.10+): every client is asked
+            relay = "" if words("smtpd_relay_restrictions") else \
+                "permit_mynetworks, reject_unauth_destination"
+            now = ", ".join(w for w in (now or relay, check) if w)
         wanted += [("smtpd_recipient_restrictions", now),
                    ("smtpd_policy_service_default_action", "DUNNO")]
     if config.milter_listen:

@@ -11266,6 +11266,17 @@ class WireCommandTest(PostmapTestCase):
         self.assertIn("propagate_unmatched_extensions\n    now:  canonical, virtual\n    then: (empty)", shown)
         self.assertNotIn("virtual_alias_maps", shown)
 
+    def test_relay_control_elsewhere_lets_the_policy_service_ask_every_client(self):
+        site = self.site()
+        main_cf = os.path.join(site.config.postfix_config_dir, "main.cf")
+        shown = run_cli(self, site, "wire", "--dry-run").stdout   # compatibility level 0: none
+        self.assertIn("then: permit_mynetworks, reject_unauth_destination, check_policy_service %s\n"
+                      % site.config.policy_listen, shown)
+        with open(main_cf, "a") as f:
+            f.write("compatibility_level = 3.6\n")          # as Debian's main.cf: relay defaults
+        shown = run_cli(self, site, "wire", "--dry-run").stdout
+        self.assertIn("then: check_policy_service %s\n" % site.config.policy_listen, shown)
+
     def test_the_admins_references_are_kept_as_written(self):
         site = self.site()
         main_cf = os.path.join(site.config.postfix_config_dir, "main.cf")
@@ -11659,6 +11670,8 @@ class MilterCheckTest(PostmapTestCase):
         self.assertNotIn("Postfix runs the milter", problems)
         # every target delivered here: nothing to say
         self.assertIsNone(self.problems("mydestination = localhost, gmail.example",
+                                        milter="")["mail leaves with the owner's privacy kept"])
+        self.assertIsNone(self.problems("mydestination = localhost", "virtual_mailbox_domains = gmail.example",
                                         milter="")["mail leaves with the owner's privacy kept"])
 
     def test_the_command_prints_notes_and_exits_0_then_1_on_a_failure(self):
