@@ -1958,20 +1958,26 @@ def _rewriter_problems(settings):
     return problems
 
 
-def _milter_problems(config, settings, store):
-    words, where, values = settings.words, settings.where, settings.values
+def _unmilted_note(settings, store):
+    """Without the milter: the providers of owners' addresses elsewhere learn of it."""
+    words = settings.words
+    foreign = sorted({address.rpartition("@")[2] for address in
+                      (store.target_addresses() if store is not None else ())}
+                     - set(words("mydestination")) - set(words("virtual_mailbox_domains")))
+    return [("mail leaves with the owner's privacy kept", Note(
+        "without the milter ([General] MilterListen), mail forwarded to %s keeps its "
+        "sender's envelope: SPF fails there, and a bounce or an auto-reply shows the sender "
+        "the owner's address; see README.md, \"Privacy and deliverability\""
+        % ", ".join(foreign)) if foreign else None)]
+
+
+def _milter_place_problems(config, settings):
+    """Where Postfix runs the milter: for mail from outside, between a verifier and a signer,
+    and for its own bounces."""
+    words, where = settings.words, settings.where
     milters = words("smtpd_milters")
     ours = [i for i, w in enumerate(milters)
-            if config.milter_listen and _same_endpoint(w, config.milter_listen, settings.queue)]
-    if not config.milter_listen:
-        foreign = sorted({address.rpartition("@")[2] for address in
-                          (store.target_addresses() if store is not None else ())}
-                         - set(words("mydestination")) - set(words("virtual_mailbox_domains")))
-        return [("mail leaves with the owner's privacy kept", Note(
-            "without the milter ([General] MilterListen), mail forwarded to %s keeps its "
-            "sender's envelope: SPF fails there, and a bounce or an auto-reply shows the sender "
-            "the owner's address; see README.md, \"Privacy and deliverability\""
-            % ", ".join(foreign)) if foreign else None)]
+            if _same_endpoint(w, config.milter_listen, settings.queue)]
     problems = [("Postfix runs the milter", None if ours else
                  "smtpd_milters in %s lacks %s; add it, then postfix reload"
                  % (where, _wired_endpoint(config.milter_listen, settings.queue)))]
@@ -2002,6 +2008,14 @@ def _milter_problems(config, settings, store):
         "a bounce Postfix writes itself, as when the owner's provider refuses a forwarded "
         "message, reaches the owner uncounted: add %s to non_smtpd_milters and bounce to "
         "internal_mail_filter_classes in %s" % (config.milter_listen, where))))
+    return problems
+
+
+def _milter_problems(config, settings, store):
+    if not config.milter_listen:
+        return _unmilted_note(settings, store)
+    words, where, values = settings.words, settings.where, settings.values
+    problems = _milter_place_problems(config, settings)
     if (values.get("milter_default_action") or "tempfail") != "tempfail":
         problems.append(("Postfix waits while the milter is away", "milter_default_action = %s:"
                          " mail would pass unchanged while the daemon is down; use tempfail"
