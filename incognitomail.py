@@ -2081,14 +2081,14 @@ def _map_problems(config, table, settings):
     problems = [("Postfix uses the map (%s)" % role, None),
                 ("Postfix routes every domain", "%s not in %s (%s); add them there, then "
                  "postfix reload" % (", ".join(missing), setting, where) if missing else None)]
-    # canonical maps rewrite envelope senders too, the milter's among them (cleanup(8) maps a
-    # sender a milter sets as it maps the client's)
-    senders = [name for name in ("canonical_maps", "sender_canonical_maps")
-               if any(ours(w) for w in words(name))
-               and "envelope_sender" in words(name.replace("maps", "classes"))]
     if config.socketmap_listen:
         problems.append(_stale_map_problem(config, settings))
     if config.milter_listen:
+        # canonical maps rewrite envelope senders too, the milter's among them (cleanup(8)
+        # maps a sender a milter sets as it maps the client's)
+        senders = [name for name in ("canonical_maps", "sender_canonical_maps")
+                   if any(ours(w) for w in words(name))
+                   and "envelope_sender" in words(name.replace("maps", "classes"))]
         problems.append(("Postfix keeps the milter's senders", "%s in %s lists %s: Postfix "
                          "would turn a handle's bounce address, the sender of mail from the "
                          "handle, into its owner's address; list it in recipient_canonical_maps"
@@ -7753,7 +7753,7 @@ PAGE_SCRIPT = """
     return parts.length ? [parts, "warn"] : [["Active"], "ok"];
   }
 
-  function replies(a) { // what came back through the milter, where anything did
+  function replies(a) { // what went through the milter (bounces, the owner's mail), if any
     const bounced = a.emails_bounced || 0, sent = a.emails_replied || 0;
     if (!bounced && !sent) return null;
     return el("div", { class: "label", "data-test": "replies" },
