@@ -4565,16 +4565,20 @@ class RollbackTest(PostmapTestCase):
             open(self.fail_flag, "w").close()
             raise sqlite3.OperationalError("database or disk is full")
         os.unlink(self.fail_flag)
-        with self.failing_postmap(), self.assertLogs(im.log, logging.ERROR), \
+        with self.failing_postmap(), self.assertLogs(im.log, logging.ERROR) as logged, \
                 mock.patch.object(im, "new_handle_name", side_effect=["strayhandle00001"]), \
                 mock.patch.object(self.fixture.store, "commit", side_effect=commit_fails):
             with self.assertRaises(im.StoreError):
                 self.fixture.new_handle(self.token)
+            # the worker tries a rebuild right after the batch it answered: while postmap fails
+            self.assertTrue(wait_until(lambda: any("stays in doubt" in line for line in logged.output),
+                                       timeout=10), logged.output)
         os.unlink(self.fail_flag)
         self.assertEqual(self.site.query("strayhandle00001@incognito.test"), "me@example.org")   # in doubt
         with self.failing_postmap():
             later = self.fixture.new_handle(self.token)        # the batch after it rebuilds
-        self.assertIsNone(self.site.query("strayhandle00001@incognito.test"))
+            self.assertTrue(wait_until(lambda: self.site.query("strayhandle00001@incognito.test") is None,
+                                       timeout=10), "the stray handle outlived the rebuild")
         self.assertEqual(self.site.query(later), "me@example.org")
         self.assertEqual(self.handles_in_store(), sorted([self.handle, later]))
 
